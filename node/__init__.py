@@ -1,0 +1,1 @@
+"""umm node: processes, DHT, peer-to-peer transport, disk state and the `umm` CLI."""

@@ -1,0 +1,1 @@
+"""umm protocol: messages, signatures, codecs and verification rules (no sockets)."""
