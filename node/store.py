@@ -1,0 +1,189 @@
+"""A content-addressed chunk store on disk: SQLite index + one blob file per chunk.
+
+Layout under `root`:
+    index.sqlite            table `chunks(digest TEXT PRIMARY KEY, size INTEGER)`
+    blobs/ab/abcdef...      the chunk's bytes, named by their sha256 (hex)
+    tmp/                    partial writes; emptied on open
+
+A write goes: hash -> temp file -> fsync -> rename into blobs/ -> fsync the folder -> index row.
+A read verifies the sha256 again; a blob that no longer matches is removed and reported.
+A kill at any moment leaves either no trace of the chunk, a stray temp file (removed on the next
+open), or a blob without an index row (verified and indexed on the next open); never a row that
+points at wrong or partial bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from node.errors import ChunkHashMismatchError, ChunkNotFoundError, InvalidDigestError
+
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_hex(data: bytes | memoryview) -> str:
+    """The lowercase hex sha256 of `data`: the chunk's address."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_digest(digest: str) -> str:
+    """Return `digest` if it is 64 lowercase hex characters, else raise InvalidDigestError."""
+    if not isinstance(digest, str) or _DIGEST_RE.fullmatch(digest) is None:
+        raise InvalidDigestError(f"expected a sha256 digest of 64 lowercase hex characters, got {digest!r}")
+    return digest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ContentStore:
+    """Chunks addressed by sha256, checked on write and on read; safe across threads and kills."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._blobs = self.root / "blobs"
+        self._tmp = self.root / "tmp"
+        for folder in (self.root, self._blobs, self._tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS chunks (digest TEXT PRIMARY KEY, size INTEGER NOT NULL)")
+        self._recover()
+
+    # ------------------------------------------------------------------ paths and recovery
+    def _blob_path(self, digest: str) -> Path:
+        return self._blobs / digest[:2] / digest
+
+    def _recover(self) -> None:
+        """Bring index and blobs back in line after a crash (see the module docstring)."""
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        indexed = {row[0] for row in self._db.execute("SELECT digest FROM chunks")}
+        on_disk: set[str] = set()
+        for shard in self._blobs.iterdir():
+            for blob in shard.iterdir():
+                if _DIGEST_RE.fullmatch(blob.name) is None:
+                    blob.unlink(missing_ok=True)
+                    continue
+                on_disk.add(blob.name)
+                if blob.name not in indexed:
+                    data = blob.read_bytes()
+                    if sha256_hex(data) == blob.name:
+                        self._db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (blob.name, len(data)))
+                    else:
+                        blob.unlink(missing_ok=True)
+        for digest in indexed - on_disk:
+            self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
+
+    # ------------------------------------------------------------------ writes
+    def put(self, data: bytes | memoryview, digest: str | None = None) -> str:
+        """Store `data` and return its digest; if `digest` is given, the bytes must hash to it."""
+        actual = sha256_hex(data)
+        if digest is not None and check_digest(digest) != actual:
+            raise ChunkHashMismatchError(f"expected bytes hashing to {digest}, got bytes hashing to {actual}")
+        if self.has(actual):
+            return actual
+        final = self._blob_path(actual)
+        final.parent.mkdir(exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=actual[:16] + ".")
+        try:
+            with os.fdopen(fd, "wb") as tmp_file:
+                tmp_file.write(data)
+                tmp_file.flush()
+                os.fsync(tmp_file.fileno())
+            os.replace(tmp_name, final)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (actual, len(data)))
+        return actual
+
+    def delete(self, digest: str) -> None:
+        """Remove a chunk (index row first, then the blob); absent chunks are ignored."""
+        check_digest(digest)
+        with self._lock:
+            self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
+        self._blob_path(digest).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ reads
+    def has(self, digest: str) -> bool:
+        """Whether the index lists `digest`."""
+        check_digest(digest)
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM chunks WHERE digest = ?", (digest,)).fetchone()
+        return row is not None
+
+    def size(self, digest: str) -> int:
+        """The stored chunk's length in bytes."""
+        check_digest(digest)
+        with self._lock:
+            row = self._db.execute("SELECT size FROM chunks WHERE digest = ?", (digest,)).fetchone()
+        if row is None:
+            raise ChunkNotFoundError(f"expected chunk {digest} in the store, got no such chunk")
+        return int(row[0])
+
+    def get(self, digest: str) -> bytes:
+        """The chunk's bytes, verified against `digest`; a corrupted blob is removed and reported."""
+        if not self.has(digest):
+            raise ChunkNotFoundError(f"expected chunk {digest} in the store, got no such chunk")
+        try:
+            data = self._blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            self.delete(digest)
+            raise ChunkNotFoundError(f"expected chunk {digest} on disk, got a missing blob file") from None
+        actual = sha256_hex(data)
+        if actual != digest:
+            self.delete(digest)
+            raise ChunkHashMismatchError(f"expected stored chunk to hash to {digest}, got {actual}")
+        return data
+
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        """The digests of `digests` (in order, without repeats) that the store does not hold."""
+        seen: set[str] = set()
+        result = []
+        for digest in digests:
+            if digest not in seen and not self.has(digest):
+                result.append(digest)
+            seen.add(digest)
+        return result
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT digest FROM chunks ORDER BY digest").fetchall()
+        return iter(row[0] for row in rows)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0])
+
+    def total_bytes(self) -> int:
+        """The sum of the stored chunks' sizes."""
+        with self._lock:
+            return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the index; the store must not be used afterwards."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> ContentStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
