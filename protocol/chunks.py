@@ -1,0 +1,146 @@
+"""Tensors as content-addressed chunks: encode into `TensorEntry` + chunks, decode with every check.
+
+A tensor's encoded bytes are cut into pieces of the manifest's ``chunk_size`` (the last may be
+shorter); each piece is addressed by its sha256. Decoding verifies each chunk's hash and size, the
+reassembled length and digest, then decodes with the entry's codec (shape, dtype, NaN/Inf checks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+
+import torch
+
+from protocol.codecs import DTYPE_NAMES, CodecChoice, CodecSpec, decode_tensor, encode_tensor
+from protocol.encoding import sha256_hex
+from protocol.errors import HashMismatchError, OversizeError, TensorMismatchError
+from protocol.messages import CHUNK_SIZE_LIMIT, DEFAULT_CHUNK_SIZE, TensorEntry
+
+ChunkSource = Mapping[str, bytes] | Callable[[str], bytes]
+
+
+def verify_chunk(address: str, data: bytes, *, max_size: int = CHUNK_SIZE_LIMIT) -> None:
+    """Raise OversizeError or HashMismatchError unless `data` (<= `max_size` bytes) hashes to `address`."""
+    if len(data) > max_size:
+        raise OversizeError(f"expected a chunk of at most {max_size} bytes, got {len(data)}")
+    actual = sha256_hex(data)
+    if actual != address:
+        raise HashMismatchError(f"expected chunk {address}, got bytes hashing to {actual}")
+
+
+def check_chunk(address: str, data: bytes, *, max_size: int = CHUNK_SIZE_LIMIT) -> bool:
+    """True when `data` is a valid chunk for `address` (the non-raising form of `verify_chunk`)."""
+    return len(data) <= max_size and sha256_hex(data) == address
+
+
+def encode_entry(
+    name: str, tensor: torch.Tensor, spec: CodecSpec, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[TensorEntry, dict[str, bytes]]:
+    """Encode one tensor: its entry and its chunks by address."""
+    data = encode_tensor(tensor, spec)
+    pieces = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    chunks = {sha256_hex(piece): piece for piece in pieces}
+    entry = TensorEntry(
+        name=name,
+        shape=tuple(tensor.shape),
+        dtype=DTYPE_NAMES[tensor.dtype],
+        codec=spec,
+        nbytes=len(data),
+        digest=sha256_hex(data),
+        chunks=tuple(sha256_hex(piece) for piece in pieces),
+    )
+    return entry, chunks
+
+
+def encode_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    codec: CodecChoice | CodecSpec,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[tuple[TensorEntry, ...], dict[str, bytes]]:
+    """Encode every tensor (sorted by name) with `codec`: the entries and all chunks by address."""
+    entries = []
+    chunks: dict[str, bytes] = {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        spec = codec.spec_for(tuple(tensor.shape)) if isinstance(codec, CodecChoice) else codec
+        entry, pieces = encode_entry(name, tensor, spec, chunk_size)
+        entries.append(entry)
+        chunks.update(pieces)
+    return tuple(entries), chunks
+
+
+def encode_deltas(
+    base: Mapping[str, torch.Tensor],
+    expert: Mapping[str, torch.Tensor],
+    codec: CodecChoice,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[tuple[TensorEntry, ...], dict[str, bytes]]:
+    """Encode (expert - base) per tensor in float32; entries keep the expert tensor's dtype."""
+    if set(base) != set(expert):
+        missing = sorted(set(base) ^ set(expert))[0]
+        raise TensorMismatchError(
+            f"expected the same tensor names in base and expert, got {missing!r} in one only"
+        )
+    entries = []
+    chunks: dict[str, bytes] = {}
+    for name in sorted(expert):
+        check_matches(name, tuple(expert[name].shape), DTYPE_NAMES.get(expert[name].dtype), base[name])
+        delta = expert[name].float() - base[name].float()
+        spec = codec.spec_for(tuple(delta.shape))
+        entry, pieces = encode_entry(name, delta, spec, chunk_size)
+        entry = TensorEntry.from_dict({**entry.to_dict(), "dtype": DTYPE_NAMES[expert[name].dtype]})
+        entries.append(entry)
+        chunks.update(pieces)
+    return tuple(entries), chunks
+
+
+def check_matches(name: str, shape: tuple[int, ...], dtype: str | None, tensor: torch.Tensor) -> None:
+    """Raise TensorMismatchError unless `tensor` has `shape` and `dtype`."""
+    if tuple(tensor.shape) != tuple(shape) or DTYPE_NAMES.get(tensor.dtype) != dtype:
+        raise TensorMismatchError(
+            f"expected {name} of shape {list(shape)} and dtype {dtype}, "
+            f"got shape {list(tensor.shape)} and dtype {DTYPE_NAMES.get(tensor.dtype, tensor.dtype)}"
+        )
+
+
+def read_entry_bytes(entry: TensorEntry, source: ChunkSource, chunk_size: int) -> bytes:
+    """The entry's encoded bytes from verified chunks (hash, size, total length and digest)."""
+    get = source.__getitem__ if isinstance(source, Mapping) else source
+    pieces = []
+    for index, address in enumerate(entry.chunks):
+        try:
+            piece = get(address)
+        except KeyError:
+            raise HashMismatchError(f"expected chunk {address} of {entry.name}, got none") from None
+        verify_chunk(address, piece, max_size=chunk_size)
+        if index < len(entry.chunks) - 1 and len(piece) != chunk_size:
+            raise TensorMismatchError(
+                f"expected chunk {index} of {entry.name} to be {chunk_size} bytes, got {len(piece)}"
+            )
+        pieces.append(piece)
+    data = b"".join(pieces)
+    if len(data) != entry.nbytes:
+        raise TensorMismatchError(f"expected {entry.nbytes} bytes for {entry.name}, got {len(data)}")
+    if hashlib.sha256(data).hexdigest() != entry.digest:
+        raise HashMismatchError(f"expected {entry.name} bytes to hash to {entry.digest}, got another hash")
+    return data
+
+
+def decode_entry(entry: TensorEntry, source: ChunkSource, chunk_size: int) -> torch.Tensor:
+    """The decoded tensor of `entry` (float32 for delta codecs, the entry dtype for raw)."""
+    data = read_entry_bytes(entry, source, chunk_size)
+    return decode_tensor(data, entry.codec, entry.shape, entry.dtype)
+
+
+def decode_tensors(
+    entries: tuple[TensorEntry, ...], source: ChunkSource, chunk_size: int
+) -> dict[str, torch.Tensor]:
+    """Decode every entry from verified chunks."""
+    return {entry.name: decode_entry(entry, source, chunk_size) for entry in entries}
+
+
+def apply_delta(base: torch.Tensor, entry: TensorEntry, delta: torch.Tensor) -> torch.Tensor:
+    """base + delta in float32 (the expert's weights as the engine sees them); checks base vs entry."""
+    check_matches(entry.name, entry.shape, entry.dtype, base)
+    return base.float() + delta

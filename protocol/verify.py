@@ -1,0 +1,277 @@
+"""Verification rules: pure functions (a raising form and a result-object form) and `TrustedState`.
+
+Pure functions:
+
+- `verify_message` (raises) / `check_message` (returns `Verification`): one signed envelope;
+- `verify_quorum` (raises) / `check_quorum` (returns `QuorumCheck`): attestations of a result;
+- chunk checks live in protocol.chunks (`verify_chunk` / `check_chunk`).
+
+`TrustedState` holds what a verifier has accepted and applies the replay and rollback rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from protocol.envelope import DEFAULT_MAX_CLOCK_SKEW, Signed, open_envelope
+from protocol.errors import (
+    FutureTimeError,
+    ProtocolError,
+    QuorumError,
+    RollbackError,
+    SchemaError,
+    StaleRoundError,
+    UnknownSignerError,
+)
+from protocol.messages import (
+    Attestation,
+    DeltaManifest,
+    DistributionSummary,
+    ExpertCard,
+    MergeResult,
+    SignedMessage,
+)
+
+
+def verify_message(
+    data: bytes,
+    expected: type[SignedMessage] | None = None,
+    *,
+    network_id: str,
+    now: int | None = None,
+    max_clock_skew: int = DEFAULT_MAX_CLOCK_SKEW,
+) -> Signed:
+    """Verify one envelope (see `open_envelope` for the checks); raise a ProtocolError."""
+    return open_envelope(data, expected, network_id=network_id, now=now, max_clock_skew=max_clock_skew)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Outcome of `check_message`: ``ok``, and otherwise the error's ``reason`` and sentence."""
+
+    ok: bool
+    signed: Signed | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+def check_message(
+    data: bytes,
+    expected: type[SignedMessage] | None = None,
+    *,
+    network_id: str,
+    now: int | None = None,
+    max_clock_skew: int = DEFAULT_MAX_CLOCK_SKEW,
+) -> Verification:
+    """The non-raising form of `verify_message`."""
+    try:
+        signed = verify_message(data, expected, network_id=network_id, now=now, max_clock_skew=max_clock_skew)
+    except ProtocolError as exc:
+        return Verification(ok=False, reason=exc.reason, detail=str(exc))
+    return Verification(ok=True, signed=signed)
+
+
+@dataclass(frozen=True)
+class QuorumCheck:
+    """Outcome of `check_quorum`: the distinct valid signers, the rejected attestations and why."""
+
+    ok: bool
+    quorum: int
+    signers: frozenset[bytes]
+    rejected: tuple[tuple[int, str], ...]
+
+    @property
+    def missing(self) -> int:
+        """How many more distinct valid attestations the quorum needs."""
+        return max(0, self.quorum - len(self.signers))
+
+
+def check_quorum(
+    result: Signed,
+    attestations: Iterable[bytes],
+    *,
+    quorum: int,
+    network_id: str,
+    allowed_signers: frozenset[bytes] | None = None,
+    now: int | None = None,
+) -> QuorumCheck:
+    """Count distinct signers of valid attestations for `result` (a verified MergeResult).
+
+    An attestation counts when it verifies, names this result's id, recipe id, round and merged
+    fingerprint, and (with an allowlist) comes from an allowed signer. Each signer counts once.
+    """
+    if quorum < 1:
+        raise RuntimeError("check_quorum: quorum must be at least 1")
+    message = result.message
+    if not isinstance(message, MergeResult):
+        raise RuntimeError("check_quorum: result must be a verified MergeResult")
+    signers: set[bytes] = set()
+    rejected: list[tuple[int, str]] = []
+    for index, data in enumerate(attestations):
+        try:
+            att = verify_message(data, Attestation, network_id=network_id, now=now).message
+            _check_attestation_matches(att, result)
+            if allowed_signers is not None and att.signer not in allowed_signers:
+                raise UnknownSignerError(f"expected an allowed signer, got {att.peer_id}")
+        except ProtocolError as exc:
+            rejected.append((index, f"{exc.reason}: {exc}"))
+            continue
+        signers.add(att.signer)
+    return QuorumCheck(len(signers) >= quorum, quorum, frozenset(signers), tuple(rejected))
+
+
+def verify_quorum(
+    result: Signed,
+    attestations: Iterable[bytes],
+    *,
+    quorum: int,
+    network_id: str,
+    allowed_signers: frozenset[bytes] | None = None,
+    now: int | None = None,
+) -> QuorumCheck:
+    """The raising form of `check_quorum`: QuorumError when too few distinct valid signers attest."""
+    outcome = check_quorum(
+        result, attestations, quorum=quorum, network_id=network_id, allowed_signers=allowed_signers, now=now
+    )
+    if not outcome.ok:
+        raise QuorumError(
+            f"expected attestations from at least {quorum} distinct signers, got {len(outcome.signers)}"
+        )
+    return outcome
+
+
+def _check_attestation_matches(att: Attestation, result: Signed) -> None:
+    message: MergeResult = result.message
+    if att.result_id != result.id:
+        raise SchemaError(f"expected an attestation of result {result.id}, got one of {att.result_id}")
+    if (att.recipe_id, att.round, att.merged_fingerprint) != (
+        message.recipe.id,
+        message.round,
+        message.merged_fingerprint,
+    ):
+        raise SchemaError("expected the attestation's recipe, round and fingerprint to equal the result's")
+
+
+@dataclass
+class TrustedState:
+    """What one verifier has accepted on one network, and the replay/rollback rules it enforces.
+
+    No I/O: the caller passes bytes and the current time. Rules, applied by the `update_*` methods
+    (in this order of dependence: round, cards, manifests/summaries, results):
+
+    1. Every message must verify (`verify_message`) for this ``network_id``; other networks are
+       rejected (`NetworkMismatchError`), as are times beyond ``now + max_clock_skew``
+       (`FutureTimeError`) and, with an allowlist, unknown signers (`UnknownSignerError`).
+    2. `update_round`: the current round only moves forward (`RollbackError`).
+    3. `update_card`: per signer, a card replaces the held one only if strictly newer
+       (``created_at``); an older or conflicting card is a `RollbackError`; the same bytes are a no-op.
+    4. `update_manifest` / `update_summary`: needs the signer's card (`UnknownSignerError`), its
+       ``card_id`` must be that card; rounds below the current round are stale (`StaleRoundError`),
+       rounds beyond ``current + max_rounds_ahead`` are refused (`FutureTimeError`); per (signer,
+       round) the newest ``created_at`` wins, older or conflicting ones are `RollbackError`.
+    5. `update_result`: the result must carry a quorum of distinct valid attestations
+       (`QuorumError`); a result for a round older than the held latest, or a different result for
+       the same round, is a `RollbackError`; stale rounds as in 4.
+    """
+
+    network_id: str
+    allowed_signers: frozenset[bytes] | None = None
+    max_clock_skew: int = DEFAULT_MAX_CLOCK_SKEW
+    max_rounds_ahead: int = 1
+    current_round: int = 0
+    cards: dict[bytes, Signed] = field(default_factory=dict)
+    manifests: dict[tuple[bytes, int], Signed] = field(default_factory=dict)
+    summaries: dict[tuple[bytes, int], Signed] = field(default_factory=dict)
+    latest_result: Signed | None = None
+
+    def update_round(self, round_number: int) -> None:
+        """Move to `round_number` (never backwards)."""
+        if round_number < self.current_round:
+            raise RollbackError(f"expected a round >= {self.current_round}, got {round_number}")
+        self.current_round = round_number
+
+    def update_card(self, data: bytes, *, now: int) -> Signed:
+        """Accept an ExpertCard (newest per signer)."""
+        signed = self._open(data, ExpertCard, now)
+        held = self.cards.get(signed.message.signer)
+        if held is not None and held.raw != data and signed.message.created_at <= held.message.created_at:
+            raise RollbackError(
+                f"expected a card newer than {held.message.created_at} from {signed.message.peer_id}, "
+                f"got created_at {signed.message.created_at}"
+            )
+        self.cards[signed.message.signer] = signed
+        return signed
+
+    def update_manifest(self, data: bytes, *, now: int) -> Signed:
+        """Accept a DeltaManifest for the current (or next allowed) round."""
+        return self._update_contribution(data, DeltaManifest, self.manifests, now)
+
+    def update_summary(self, data: bytes, *, now: int) -> Signed:
+        """Accept a DistributionSummary for the current (or next allowed) round."""
+        return self._update_contribution(data, DistributionSummary, self.summaries, now)
+
+    def update_result(self, data: bytes, attestations: Sequence[bytes], *, quorum: int, now: int) -> Signed:
+        """Accept a MergeResult with a quorum of attestations as the latest result."""
+        signed = self._open(data, MergeResult, now)
+        self._check_round(signed.message.round)
+        held = self.latest_result
+        if held is not None:
+            if held.raw == data:
+                return held
+            if signed.message.round <= held.message.round:
+                raise RollbackError(
+                    f"expected a result for a round after {held.message.round}, "
+                    f"got round {signed.message.round}"
+                )
+        verify_quorum(
+            signed,
+            attestations,
+            quorum=quorum,
+            network_id=self.network_id,
+            allowed_signers=self.allowed_signers,
+            now=now,
+        )
+        self.latest_result = signed
+        return signed
+
+    def _open(self, data: bytes, cls: type[SignedMessage], now: int) -> Signed:
+        signed = verify_message(
+            data, cls, network_id=self.network_id, now=now, max_clock_skew=self.max_clock_skew
+        )
+        if self.allowed_signers is not None and signed.message.signer not in self.allowed_signers:
+            raise UnknownSignerError(
+                f"expected a signer on the network's allowlist, got {signed.message.peer_id}"
+            )
+        return signed
+
+    def _check_round(self, round_number: int) -> None:
+        if round_number < self.current_round:
+            raise StaleRoundError(f"expected round >= {self.current_round}, got stale round {round_number}")
+        if round_number > self.current_round + self.max_rounds_ahead:
+            raise FutureTimeError(
+                f"expected round <= {self.current_round + self.max_rounds_ahead}, got round {round_number}"
+            )
+
+    def _update_contribution(
+        self, data: bytes, cls: type[SignedMessage], held_by_key: dict[tuple[bytes, int], Signed], now: int
+    ) -> Signed:
+        signed = self._open(data, cls, now)
+        message = signed.message
+        card = self.cards.get(message.signer)
+        if card is None:
+            raise UnknownSignerError(
+                f"expected an accepted expert card from {message.peer_id} first, got none"
+            )
+        if message.card_id != card.id:
+            raise SchemaError(f"expected card_id {card.id} (the signer's card), got {message.card_id}")
+        self._check_round(message.round)
+        key = (message.signer, message.round)
+        held = held_by_key.get(key)
+        if held is not None and held.raw != data and message.created_at <= held.message.created_at:
+            raise RollbackError(
+                f"expected a {cls.TYPE} newer than {held.message.created_at} from {message.peer_id} "
+                f"for round {message.round}, got created_at {message.created_at}"
+            )
+        held_by_key[key] = signed
+        return signed
