@@ -1,0 +1,165 @@
+"""The node's hivemind DHT: a child process that dies with its parent, and owner-only small records.
+
+`start_dht` starts hivemind's DHT (a forked child that runs the go-libp2p daemon `p2pd`) on
+127.0.0.1 with NAT traversal off. The child asks the kernel for SIGTERM when its parent dies and,
+on SIGTERM, terminates its own children (`p2pd`) before exiting, so a SIGKILLed node leaves nothing.
+
+`RecordBoard` stores and reads small values (a few KiB) under a key with one subkey per owner:
+the subkey carries the owner's RSA public key and the value its signature (hivemind's
+`RSASignatureValidator`), so no peer can overwrite another's record. Every call has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from node.errors import DHTError
+from node.process import child_pids
+
+MAX_VALUE_BYTES = 8 * 1024
+DEFAULT_DHT_TIMEOUT = 15.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_children_and_exit(signum: int, _frame: object) -> None:
+    for child in child_pids(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGTERM)
+    os._exit(128 + signum)
+
+
+class NodeDHT(hivemind.DHT):
+    """hivemind's DHT whose child process (and its `p2pd`) dies with the parent."""
+
+    def run(self) -> None:  # runs in the forked child
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        signal.signal(signal.SIGTERM, _terminate_children_and_exit)
+        if os.getppid() != self._parent_pid:  # the parent died before prctl took effect
+            _terminate_children_and_exit(signal.SIGTERM, None)
+        super().run()
+
+
+def load_or_create_rsa_key(path: str | Path) -> RSAPrivateKey:
+    """The node's DHT signing key, kept in `path` (DER, mode 0600) so a restart keeps its records."""
+    path = Path(path)
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    if path.exists():
+        der = path.read_bytes()
+        key.__setstate__({"_private_key": der})
+        return key
+    fresh = RSAPrivateKey()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(fresh.to_bytes())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return fresh
+
+
+def start_dht(
+    *,
+    initial_peers: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 0,
+    rsa_key: RSAPrivateKey | None = None,
+    identity_path: str | Path | None = None,
+    start_timeout: float = 60.0,
+) -> tuple[NodeDHT, RSASignatureValidator]:
+    """Start a DHT node on `host:port` joined to `initial_peers`; returns it and its record validator."""
+    validator = RSASignatureValidator(rsa_key if rsa_key is not None else RSAPrivateKey())
+    dht = NodeDHT(
+        initial_peers=list(initial_peers),
+        start=False,
+        host_maddrs=[f"/ip4/{host}/tcp/{port}"],
+        nat_port_map=False,
+        auto_nat=False,
+        record_validators=[validator],
+        identity_path=str(identity_path) if identity_path is not None else None,
+    )
+    try:
+        dht.run_in_background(await_ready=True, timeout=start_timeout)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            dht.shutdown()
+        raise DHTError(
+            f"expected a DHT node to start on {host}:{port}, got {type(exc).__name__}: {exc}"
+        ) from exc
+    return dht, validator
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """The multiaddrs other peers can bootstrap from (with the /p2p/ peer id)."""
+    return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+class RecordBoard:
+    """Owner-only records of a few KiB under shared keys, on a DHT started by `start_dht`."""
+
+    def __init__(
+        self, dht: hivemind.DHT, validator: RSASignatureValidator, *, timeout: float = DEFAULT_DHT_TIMEOUT
+    ):
+        self.dht = dht
+        self.validator = validator
+        self.timeout = timeout
+
+    @property
+    def owner(self) -> bytes:
+        """This node's subkey: its RSA public key in hivemind's owner tag."""
+        return self.validator.local_public_key
+
+    def publish(self, key: str, value: bytes, *, ttl: float) -> bool:
+        """Store `value` under `key` in this node's subkey for `ttl` seconds; False if no peer took it."""
+        if not isinstance(value, bytes):
+            raise DHTError(f"expected a bytes value, got {type(value).__name__}")
+        if len(value) > MAX_VALUE_BYTES:
+            raise DHTError(f"expected a DHT value of at most {MAX_VALUE_BYTES} bytes, got {len(value)}")
+        future = self.dht.store(key, value, get_dht_time() + ttl, subkey=self.owner, return_future=True)
+        return bool(self._wait(future, f"store under {key!r}"))
+
+    def read(self, key: str, *, latest: bool = True) -> dict[bytes, bytes]:
+        """Every owner's current value under `key` as {owner subkey: value}, validated by hivemind."""
+        future = self.dht.get(key, latest=latest, return_future=True)
+        found = self._wait(future, f"get of {key!r}")
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        records: dict[bytes, bytes] = {}
+        for subkey, item in found.value.items():
+            if isinstance(subkey, bytes) and isinstance(item.value, bytes):
+                records[subkey] = item.value
+        return records
+
+    async def apublish(self, key: str, value: bytes, *, ttl: float) -> bool:
+        """`publish` without blocking the event loop."""
+        return await asyncio.to_thread(self.publish, key, value, ttl=ttl)
+
+    async def aread(self, key: str, *, latest: bool = True) -> dict[bytes, bytes]:
+        """`read` without blocking the event loop."""
+        return await asyncio.to_thread(self.read, key, latest=latest)
+
+    def _wait(self, future, what: str):
+        started = time.monotonic()
+        try:
+            return future.result(timeout=self.timeout)
+        except TimeoutError:
+            future.cancel()
+            raise DHTError(f"expected the DHT {what} within {self.timeout:g} s, got no answer") from None
+        except Exception as exc:
+            raise DHTError(
+                f"expected the DHT {what} to succeed, "
+                f"got {type(exc).__name__} after {time.monotonic() - started:.1f} s"
+            ) from exc

@@ -1,0 +1,218 @@
+"""Chunk transfer over hivemind's P2P: framing, parallel fetch, and peers that lie, die or stall."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from node.errors import ChunkNotFoundError, ErrorCode, FetchError, FramingError, RemoteTimeoutError
+from node.framing import HEADER, read_frame, write_frame
+from node.store import ContentStore
+from node.transport import HANDLER_NAME, ChunkServer, ChunkStream, fetch_chunks
+
+pytestmark = pytest.mark.network
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FaultyServer(ChunkServer):
+    """A chunk server whose misbehaviour is chosen per test: corrupt bytes, a cut stream, silence."""
+
+    mode = "honest"
+
+    async def _answer_get(self, writer, digest):
+        if self.mode == "honest":
+            return await super()._answer_get(writer, digest)
+        data = self.source.get(digest)
+        if self.mode == "corrupt":
+            await write_frame(writer, ErrorCode.OK, data[:-1] + bytes([data[-1] ^ 1]), timeout=5)
+        elif self.mode == "cut":  # dies mid-chunk: half of the announced payload, then the stream closes
+            writer.write(HEADER.pack(ErrorCode.OK, len(data)) + data[: len(data) // 2])
+            await writer.drain()
+            raise ConnectionError("simulated death mid-transfer")
+        elif self.mode == "silent":  # longer than the client's timeout
+            await asyncio.sleep(3)
+
+
+@pytest.fixture(scope="module")
+def servers(dht_peers, loop, tmp_path_factory):
+    """Peer 0 serves honestly, peer 1 runs a FaultyServer, peer 2 is the fetching client."""
+    root = tmp_path_factory.mktemp("transport")
+    stores = [ContentStore(root / f"store{i}") for i in range(3)]
+    honest, faulty = ChunkServer(stores[0]), FaultyServer(stores[1], timeout=5)
+
+    async def setup():
+        p2ps = [await peer.dht.replicate_p2p() for peer in dht_peers]
+        await honest.start(p2ps[0])
+        await faulty.start(p2ps[1])
+        return p2ps
+
+    p2ps = loop.run_until_complete(setup())
+    yield p2ps, stores, faulty
+    faulty.mode = "honest"
+
+    async def teardown():
+        await honest.stop(p2ps[0])
+        await faulty.stop(p2ps[1])
+        for p2p in p2ps:
+            await p2p.shutdown()
+
+    loop.run_until_complete(teardown())
+    for store in stores:
+        store.close()
+
+
+def _fresh_sink(tmp_path):
+    return ContentStore(tmp_path / "sink")
+
+
+def _chunks(count: int, size: int = 256 * 1024) -> list[bytes]:
+    return [os.urandom(size) for _ in range(count)]
+
+
+def test_parallel_fetch_takes_different_chunks_from_several_peers(servers, loop, tmp_path):
+    (p0, p1, client), stores, faulty = servers
+    faulty.mode = "honest"
+    chunks = _chunks(10)
+    digests = [_digest(c) for c in chunks]
+    for c in chunks[:6]:
+        stores[0].put(c)
+    for c in chunks[3:]:
+        stores[1].put(c)
+    with _fresh_sink(tmp_path) as sink:
+        report = loop.run_until_complete(fetch_chunks(client, digests, [p0.peer_id, p1.peer_id], sink))
+        assert report.fetched == 10 and report.already_held == 0
+        assert report.bytes_received == sum(map(len, chunks))
+        assert report.bytes_by_peer[str(p0.peer_id)] >= 3 * len(chunks[0])  # chunks 0-2 exist only there
+        assert report.bytes_by_peer[str(p1.peer_id)] >= 4 * len(chunks[0])  # chunks 6-9 exist only there
+        assert [sink.get(d) for d in digests] == chunks
+
+
+def test_have_reports_which_chunks_a_peer_holds(servers, loop):
+    (p0, _, client), stores, _ = servers
+    held = stores[0].put(b"held by peer 0")
+
+    async def ask():
+        async with ChunkStream(client, p0.peer_id, timeout=10) as stream:
+            return await stream.call_have([held, _digest(b"absent")])
+
+    assert loop.run_until_complete(ask()) == [True, False]
+
+
+def test_corrupt_chunks_drop_the_peer_and_come_from_another(servers, loop, tmp_path):
+    (p0, p1, client), stores, faulty = servers
+    faulty.mode = "corrupt"
+    chunks = _chunks(4)
+    for c in chunks:
+        stores[0].put(c)
+        stores[1].put(c)
+    digests = [_digest(c) for c in chunks]
+    with _fresh_sink(tmp_path) as sink:
+        report = loop.run_until_complete(fetch_chunks(client, digests, [p1.peer_id, p0.peer_id], sink))
+        assert "served a corrupt chunk" in report.dropped_peers[str(p1.peer_id)]
+        assert str(p1.peer_id) not in report.bytes_by_peer
+        assert [sink.get(d) for d in digests] == chunks
+
+
+def test_peer_dying_mid_transfer_is_replaced(servers, loop, tmp_path):
+    (p0, p1, client), stores, faulty = servers
+    faulty.mode = "cut"
+    chunks = _chunks(4, size=2 << 20)
+    for c in chunks:
+        stores[0].put(c)
+        stores[1].put(c)
+    digests = [_digest(c) for c in chunks]
+    with _fresh_sink(tmp_path) as sink:
+        report = loop.run_until_complete(
+            fetch_chunks(client, digests, [p1.peer_id, p0.peer_id], sink, timeout=5)
+        )
+        assert str(p1.peer_id) in report.dropped_peers
+        assert [sink.get(d) for d in digests] == chunks
+
+
+def test_silent_peer_times_out(servers, loop, tmp_path):
+    (_, p1, client), stores, faulty = servers
+    faulty.mode = "silent"
+    chunk = _chunks(1)[0]
+    stores[1].put(chunk)
+    with _fresh_sink(tmp_path) as sink:
+        with pytest.raises(FetchError) as caught:
+            loop.run_until_complete(fetch_chunks(client, [_digest(chunk)], [p1.peer_id], sink, timeout=1.0))
+        assert caught.value.missing == (_digest(chunk),)
+        assert "RemoteTimeoutError" in str(caught.value)
+
+
+def test_missing_chunk_fails_then_fetch_resumes(servers, loop, tmp_path):
+    (p0, _, client), stores, _ = servers
+    chunks = _chunks(3)
+    digests = [_digest(c) for c in chunks]
+    stores[0].put(chunks[0])
+    stores[0].put(chunks[1])
+    with _fresh_sink(tmp_path) as sink:
+        with pytest.raises(FetchError) as caught:
+            loop.run_until_complete(fetch_chunks(client, digests, [p0.peer_id], sink))
+        assert caught.value.missing == (digests[2],)
+        assert sink.missing(digests) == [digests[2]]
+        stores[0].put(chunks[2])
+        report = loop.run_until_complete(fetch_chunks(client, digests, [p0.peer_id], sink))
+        assert (report.already_held, report.fetched) == (2, 1)
+        assert sink.get(digests[2]) == chunks[2]
+
+
+def test_server_answers_bad_requests_with_a_code(servers, loop):
+    (p0, _, client), _, _ = servers
+
+    async def raw(kind: int, payload: bytes):
+        _, reader, writer = await client.call_binary_stream_handler(p0.peer_id, HANDLER_NAME)
+        try:
+            await write_frame(writer, kind, payload, timeout=5)
+            return await read_frame(reader, timeout=5)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+    code, message = loop.run_until_complete(raw(9, b"\0" * 32))
+    assert (code, message) == (ErrorCode.BAD_REQUEST, b"expected a request kind 1 or 2, got 9")
+    code, message = loop.run_until_complete(raw(1, b"\0" * 31))
+    assert code == ErrorCode.BAD_REQUEST
+    assert message == b"expected 1..256 digests of 32 bytes, got a 31-byte payload"
+    code, message = loop.run_until_complete(raw(1, bytes(32)))
+    assert code == ErrorCode.NOT_FOUND
+
+
+def _reader_with(data: bytes, *, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+def test_framing_rejects_truncation_oversize_and_silence():
+    async def scenario():
+        assert await read_frame(_reader_with(b""), timeout=1) is None
+        assert await read_frame(_reader_with(HEADER.pack(3, 2) + b"ok"), timeout=1) == (3, b"ok")
+        with pytest.raises(FramingError, match="5-byte frame header, got 2 bytes"):
+            await read_frame(_reader_with(b"\0\0"), timeout=1)
+        with pytest.raises(FramingError, match="10-byte frame payload, got 4 bytes"):
+            await read_frame(_reader_with(HEADER.pack(0, 10) + b"abcd"), timeout=1)
+        with pytest.raises(FramingError, match="at most 100 bytes, got a header announcing 101"):
+            await read_frame(_reader_with(HEADER.pack(0, 101)), timeout=1, max_bytes=100)
+        with pytest.raises(RemoteTimeoutError, match="frame header within 0.05 s"):
+            await read_frame(_reader_with(b"", eof=False), timeout=0.05)
+
+    asyncio.run(scenario())
+
+
+def test_server_reports_not_found_from_a_plain_source():
+    class EmptySource:
+        def get(self, digest):
+            raise ChunkNotFoundError(f"no {digest}")
+
+    server = ChunkServer(EmptySource())
+    assert server._has(_digest(b"x")) is False
