@@ -203,7 +203,7 @@ def test_framing_rejects_truncation_oversize_and_silence():
             await read_frame(_reader_with(HEADER.pack(0, 10) + b"abcd"), timeout=1)
         with pytest.raises(FramingError, match="at most 100 bytes, got a header announcing 101"):
             await read_frame(_reader_with(HEADER.pack(0, 101)), timeout=1, max_bytes=100)
-        with pytest.raises(RemoteTimeoutError, match="frame header within 0.05 s"):
+        with pytest.raises(RemoteTimeoutError, match=r"frame header within 0\.05 s"):
             await read_frame(_reader_with(b"", eof=False), timeout=0.05)
 
     asyncio.run(scenario())
