@@ -28,9 +28,7 @@ def test_a_peer_cannot_overwrite_another_owners_record(dht_peers):
     a, b, c = dht_peers
     assert a.board.publish("umm/test/owned", b"original", ttl=60)
     # b signs with its own key, so a value under a's subkey fails validation everywhere.
-    future = b.dht.store(
-        "umm/test/owned", b"forged", 10**10, subkey=a.board.owner, return_future=True
-    )
+    future = b.dht.store("umm/test/owned", b"forged", 10**10, subkey=a.board.owner, return_future=True)
     assert future.result(timeout=15) is False
     assert c.board.read("umm/test/owned") == {a.board.owner: b"original"}
 
