@@ -160,6 +160,8 @@ def _decompress(data: bytes, expected: int) -> bytes:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
         raise CodecError("expected a zstd frame, got bytes without a valid frame header") from None
+    if declared < 0:
+        raise CodecError("expected a zstd frame declaring its size, got one without a content size")
     if declared != expected:
         raise TensorMismatchError(f"expected a zstd frame of {expected} bytes, got one declaring {declared}")
     decompressor = zstandard.ZstdDecompressor().decompressobj()
