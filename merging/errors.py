@@ -12,3 +12,19 @@ class UmmError(Exception):
 
 class MergeError(UmmError):
     """A merge cannot be carried out as configured."""
+
+
+class ConfigError(MergeError):
+    """A merge configuration is malformed: an unknown key, method or parameter, or a bad value."""
+
+
+class ShapeMismatchError(MergeError):
+    """Input models disagree on a tensor's shape, or on their architecture."""
+
+
+class MissingTensorError(MergeError):
+    """A tensor the merge needs is absent from an input model."""
+
+
+class NonFiniteError(MergeError):
+    """A NaN or infinite value was found in an input or an output tensor."""

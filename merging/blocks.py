@@ -1,0 +1,118 @@
+"""One output tensor's inputs, read in row blocks as float32, and thread-count-independent sums.
+
+Every tensor is seen as a matrix `[rows, width]` (dim 0 by the rest; a vector or scalar is one
+row). Operators loop over row blocks of at most `BLOCK_ELEMENTS` values per input, so memory grows
+with one block of the largest tensor times the number of inputs, never with the model. Whole-tensor
+statistics are summed per row in float64 by numpy (pairwise, single-threaded) and the row sums are
+added with `math.fsum` (exactly rounded), so they do not depend on the block size or torch's threads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from merging.errors import NonFiniteError
+
+BLOCK_ELEMENTS = 1 << 23  # values per input per block: 32 MiB in float32
+
+Reader = Callable[[int, int], torch.Tensor]  # rows [start, end) of the [rows, width] view, stored dtype
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The `[rows, width]` view of a tensor shape."""
+    if len(shape) <= 1:
+        return 1, int(math.prod(shape))
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+class TensorStack:
+    """The inputs of one output tensor (`inputs[i]` read by `readers[i]`), in row blocks of float32."""
+
+    def __init__(
+        self,
+        tensor: str,
+        shape: Sequence[int],
+        inputs: Sequence[str],
+        readers: Sequence[Reader],
+        base: str | None = None,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.tensor = tensor
+        self.shape = tuple(shape)
+        self.inputs = list(inputs)
+        self.readers = list(readers)
+        self.base_index = self.inputs.index(base) if base is not None else None
+        self.rows, self.width = matrix_shape(self.shape)
+        self.numel = self.rows * self.width
+        step = max(1, BLOCK_ELEMENTS // max(1, self.width))
+        self.ranges = [(start, min(self.rows, start + step)) for start in range(0, self.rows, step)]
+        self._executor = executor
+        self._checked: set[int] = set()
+        self._cached: list[torch.Tensor] | None = None
+
+    @property
+    def others(self) -> list[int]:
+        """Indices of the inputs that are not the base model, in config order."""
+        return [i for i in range(len(self.inputs)) if i != self.base_index]
+
+    def load(self, start: int, end: int) -> list[torch.Tensor]:
+        """Rows `[start, end)` of every input as float32 `[end - start, width]` (never modify them)."""
+        if self._cached is not None:
+            return self._cached
+        block = []
+        for model, reader in zip(self.inputs, self.readers, strict=True):
+            raw = reader(start, end)
+            if start not in self._checked and raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
+                raise NonFiniteError(
+                    f"tensor {self.tensor!r} of model {model!r} contains NaN or infinite values"
+                )
+            block.append(raw.reshape(end - start, self.width).to(torch.float32))
+        self._checked.add(start)
+        if len(self.ranges) == 1:
+            self._cached = block
+        return block
+
+    def blocks(self) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
+        """Every row block in order, the next one read ahead on the executor while this one is used."""
+        pending: Future | None = None
+        for number, (start, end) in enumerate(self.ranges):
+            block = pending.result() if pending is not None else self.load(start, end)
+            pending = None
+            if self._executor is not None and number + 1 < len(self.ranges):
+                pending = self._executor.submit(self.load, *self.ranges[number + 1])
+            yield start, end, block
+
+    def release(self) -> None:
+        """Drop a cached single block."""
+        self._cached = None
+
+
+def row_sums(x: torch.Tensor) -> np.ndarray:
+    """Per-row float64 sums of a 2-D block, independent of torch's thread count."""
+    return np.add.reduce(x.to(torch.float64).numpy(), axis=1)
+
+
+class ExactSum:
+    """Collects row sums over blocks; `value()` is their exactly rounded total."""
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        self._parts.append(row_sums(x))
+
+    def value(self) -> float:
+        return math.fsum(np.concatenate(self._parts).tolist()) if self._parts else 0.0
+
+
+def fixed_order_sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Elementwise sum of tensors, added one after another in the given order."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total

@@ -1,0 +1,105 @@
+"""The merge engine: plan the output tensors, run the operator over each, in memory or to files.
+
+`merge_state_dicts` (in memory, for search loops) and `merge` (Hugging Face folders, out of core)
+share `merge_tensor`, so they produce the same bytes for the same inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.blocks import Reader, TensorStack
+from merging.config import MergeConfig, load_config
+from merging.errors import ConfigError, NonFiniteError
+from merging.layout import TensorInfo, TensorPlan, plan_tensors
+from merging.operators import OPERATORS
+from merging.parameters import ResolvedParameters, resolve_parameters
+
+__all__ = ["merge", "merge_state_dicts", "merge_tensor", "resolve_parameters"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
+    """The config's `out_dtype`/`dtype`, else the reference input's dtype; non-float tensors keep theirs."""
+    stored = getattr(torch, plan.dtype)
+    if not stored.is_floating_point or config.output_dtype is None:
+        return stored
+    return DTYPES[config.output_dtype]
+
+
+def merge_tensor(
+    config: MergeConfig,
+    plan: TensorPlan,
+    readers: list[Reader],
+    parameters: ResolvedParameters,
+    executor: ThreadPoolExecutor | None = None,
+) -> Iterator[torch.Tensor]:
+    """The merged rows of one output tensor, block by block, in the output dtype (`[rows, width]`)."""
+    out_dtype = output_dtype(config, plan)
+    base = config.base_model if config.base_model in plan.inputs else None
+    stack = TensorStack(plan.name, plan.shape, plan.inputs, readers, base=base, executor=executor)
+    if not getattr(torch, plan.dtype).is_floating_point:
+        for start, end in stack.ranges:
+            yield readers[0](start, end).reshape(end - start, stack.width)
+        return
+    operator = OPERATORS[config.merge_method]
+    for rows in operator(stack, parameters[plan.name], config.seed):
+        if not bool(torch.isfinite(rows).all()):
+            raise NonFiniteError(
+                f"merged tensor {plan.name!r} contains NaN or infinite values (check the parameters)"
+            )
+        yield rows.to(out_dtype)
+    stack.release()
+
+
+def _memory_reader(tensor: torch.Tensor) -> Reader:
+    if tensor.dim() <= 1:
+        return lambda start, end: tensor.reshape(1, -1)
+    return lambda start, end: tensor[start:end]
+
+
+def merge_state_dicts(
+    config: MergeConfig | Mapping[str, Any],
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    parameters: ResolvedParameters | None = None,
+) -> dict[str, torch.Tensor]:
+    """Merge in memory. `tensors` maps each model name of the config to its state dict."""
+    config = load_config(config)
+    catalog = {
+        model: {name: TensorInfo(tuple(t.shape), dtype_name(t.dtype)) for name, t in state.items()}
+        for model, state in tensors.items()
+    }
+    plans = plan_tensors(config, catalog)
+    if parameters is None:
+        parameters = resolve_parameters(config, [p.name for p in plans])
+    missing = [p.name for p in plans if p.name not in parameters]
+    if missing:
+        raise ConfigError(f"the given parameters have no entry for tensor {missing[0]!r}")
+    merged = {}
+    for plan in plans:
+        readers = [_memory_reader(tensors[m][s]) for m, s in zip(plan.inputs, plan.sources, strict=True)]
+        rows = list(merge_tensor(config, plan, readers, parameters))
+        merged[plan.name] = (
+            torch.cat(rows).reshape(plan.shape) if len(rows) > 1 else rows[0].reshape(plan.shape)
+        )
+    return merged
+
+
+def merge(
+    config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, *, progress: bool = True
+) -> Path:
+    """Merge Hugging Face model folders into `out_dir` (written atomically); returns `out_dir`."""
+    from merging.checkpoint import merge_to_folder
+
+    return merge_to_folder(load_config(config), Path(out_dir), progress=progress)

@@ -1,0 +1,325 @@
+"""The merge operators: one function per method over one output tensor's stack of inputs.
+
+Each operator reads a `TensorStack` (base and models, float32 row blocks), makes any statistics
+pass it needs over the whole tensor first, then yields the merged float32 rows block by block.
+Sums over models run in the config's order with plain adds (no fused multiply-add), statistics in
+float64 (see `merging.blocks`), so results are the same for any thread count or block size.
+Random dropping draws from one `torch.Generator` per (seed, tensor, model position).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from merging.blocks import ExactSum, TensorStack, fixed_order_sum, row_sums
+from merging.errors import MergeError
+from merging.methods import METHODS
+from merging.parameters import TensorParameters
+from merging.select import WindowMasker, order_statistics, window_from_ranks, window_ranks
+
+Operator = Callable[[TensorStack, TensorParameters, int], Iterator[torch.Tensor]]
+SLERP_DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
+
+
+def generator_for(seed: int, tensor: str, position: int) -> torch.Generator:
+    """The random stream of one model's task vector in one tensor: seeded by sha256(seed, name, position)."""
+    digest = hashlib.sha256(f"umm-merge\0{seed}\0{tensor}\0{position}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def linear(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+    """Weighted average of the models (model soups, https://arxiv.org/abs/2203.05482)."""
+    members = [i for i in range(len(stack.inputs)) if stack.inputs[i] in params.models]
+    weights = [params.models[stack.inputs[i]]["weight"] for i in members]
+    total = math.fsum(weights)
+    if params.globals["normalize"] and total == 0:
+        raise MergeError(f"the weights of tensor {params.tensor!r} sum to zero, so they cannot be normalized")
+    for _, _, block in stack.blocks():
+        merged = fixed_order_sum([block[i] * w for i, w in zip(members, weights, strict=True)])
+        yield merged / total if params.globals["normalize"] else merged
+
+
+def passthrough(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+    """The single input, multiplied by its `scale`."""
+    scale = params.models[stack.inputs[0]]["scale"]
+    for _, _, block in stack.blocks():
+        yield block[0] * scale
+
+
+def _magnitude_windows(stack: TensorStack, densities: list[float], gammas: list[float] | None) -> list:
+    """Per model, which ascending |delta| ranks survive: top `density` (TIES) or the breadcrumbs window."""
+    n = stack.numel
+    bounds = []
+    for j, density in enumerate(densities):
+        keep = int(density * n)
+        if gammas is None:
+            bounds.append((n - keep, n))
+            continue
+        top = int(gammas[j] * n)
+        bottom = n - keep - top
+        if bottom < 0:
+            top, bottom = top + bottom, 0
+        bounds.append((bottom, n - top))
+    others, base = stack.others, stack.base_index
+
+    def blocks():
+        for _, _, block in stack.blocks():
+            yield [(block[i] - block[base]).abs().flatten() for i in others]
+
+    stats = order_statistics(
+        blocks, lambda j, count, zeros: window_ranks(count, *bounds[j]), len(stack.ranges) == 1
+    )
+    return [window_from_ranks(n, lo, hi, stats[j]) for j, (lo, hi) in enumerate(bounds)]
+
+
+def _della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Keep probabilities: density - epsilon for a row's smallest |delta| up to density + epsilon."""
+    rows, width = delta.shape
+    order = torch.argsort(delta.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(width).expand(rows, width))
+    spread = ranks.to(torch.float32) / (width - 1) if width > 1 else torch.zeros(rows, width)
+    return (density - epsilon) + spread * (2 * epsilon)
+
+
+def _sparsify(
+    delta: torch.Tensor,
+    kind: str | None,
+    values: dict,
+    rescale: bool,
+    masker: WindowMasker | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    density = values.get("density", 1.0)
+    if kind is None or density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return torch.zeros_like(delta)
+    if kind in ("magnitude", "outliers"):
+        keep = masker(delta.abs().flatten()).view_as(delta)
+        kept = torch.where(keep, delta, 0.0)
+        return kept / density if rescale else kept
+    if kind == "random":
+        keep = torch.rand(delta.shape, generator=generator) < density
+        kept = torch.where(keep, delta, 0.0)
+        return kept / density if rescale else kept
+    probabilities = _della_probabilities(delta, density, values["epsilon"])
+    keep = torch.rand(delta.shape, generator=generator) < probabilities
+    kept = torch.where(keep, delta, 0.0)
+    return kept / probabilities if rescale else kept
+
+
+def _elect(weighted: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """TIES sign election: keep each entry whose sign matches the sign of the sum (zero sum counts as +)."""
+    positive = fixed_order_sum(weighted) >= 0
+    mixed, divisor = [], []
+    for delta, weight in zip(weighted, weights, strict=True):
+        agree = torch.where(positive, delta > 0, delta < 0)
+        mixed.append(torch.where(agree, delta, 0.0))
+        divisor.append(torch.where(agree, weight, 0.0))
+    divisor_sum = fixed_order_sum(divisor)
+    return fixed_order_sum(mixed), torch.where(divisor_sum == 0, 1.0, divisor_sum)
+
+
+def generalized_task_arithmetic(
+    stack: TensorStack, params: TensorParameters, seed: int, sparsify: str | None, consensus: bool
+) -> Iterator[torch.Tensor]:
+    """Task vectors -> sparsify -> optional sign election -> weighted sum, added to the base.
+
+    Task arithmetic https://arxiv.org/abs/2212.04089, TIES https://arxiv.org/abs/2306.01708,
+    DARE https://arxiv.org/abs/2311.03099, breadcrumbs https://arxiv.org/abs/2312.06795,
+    DELLA https://arxiv.org/abs/2406.11617.
+    """
+    others, base = stack.others, stack.base_index
+    values = [params.models[stack.inputs[i]] for i in others]
+    weights = [v["weight"] for v in values]
+    glob = params.globals
+    rescale = glob.get("rescale", False)
+    maskers: list[WindowMasker | None] = [None] * len(others)
+    if sparsify in ("magnitude", "outliers") and any(v["density"] < 1.0 for v in values):
+        gammas = [v["gamma"] for v in values] if sparsify == "outliers" else None
+        windows = _magnitude_windows(stack, [v["density"] for v in values], gammas)
+        maskers = [WindowMasker(w) for w in windows]
+    generators = [generator_for(seed, stack.tensor, j) for j in range(len(others))]
+    plain_divisor = math.fsum(weights)
+    plain_divisor = 1.0 if abs(plain_divisor) < 1e-8 else plain_divisor
+    for _, _, block in stack.blocks():
+        weighted = []
+        for j, i in enumerate(others):
+            delta = block[i] - block[base]  # [rows, width]
+            delta = _sparsify(delta, sparsify, values[j], rescale, maskers[j], generators[j])
+            weighted.append(delta * weights[j])
+        if consensus:
+            mixed, divisor = _elect(weighted, weights)
+        else:
+            mixed, divisor = fixed_order_sum(weighted), plain_divisor
+        if glob["normalize"]:
+            mixed = mixed / divisor
+        yield block[base] + mixed * glob["lambda"]
+
+
+def slerp(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+    """Spherical interpolation from the base (t=0) to the other model (t=1); lerp when near-colinear."""
+    t = params.globals["t"]
+    base, other = stack.base_index, stack.others[0]
+    sums = [ExactSum(), ExactSum(), ExactSum()]
+    for _, _, block in stack.blocks():
+        v0, v1 = block[base].to(torch.float64), block[other].to(torch.float64)
+        sums[0].add(v0 * v0)
+        sums[1].add(v1 * v1)
+        sums[2].add(v0 * v1)
+    norm0, norm1 = math.sqrt(sums[0].value()), math.sqrt(sums[1].value())
+    dot = sums[2].value() / ((norm0 if norm0 > SLERP_EPS else 1.0) * (norm1 if norm1 > SLERP_EPS else 1.0))
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        scale0, scale1 = 1.0 - t, t
+    else:
+        theta = math.acos(dot)
+        scale0 = math.sin(theta - theta * t) / math.sin(theta)
+        scale1 = math.sin(theta * t) / math.sin(theta)
+    for _, _, block in stack.blocks():
+        yield block[base] * scale0 + block[other] * scale1
+
+
+def _stock_ratio(cosine: torch.Tensor | float, count: int):
+    return (count * cosine) / (1 + (count - 1) * cosine)
+
+
+def model_stock(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+    """Interpolate the base toward the models' mean by a ratio from their task vectors' mean pairwise cosine.
+
+    https://arxiv.org/abs/2403.19522; with `filter_wise` the cosine is taken per row.
+    """
+    others, base = stack.others, stack.base_index
+    count = len(others)
+    pairs = [(a, b) for a in range(count) for b in range(a + 1, count)]
+    ratio = None
+    if not params.globals["filter_wise"]:
+        norms = [ExactSum() for _ in others]
+        dots = [ExactSum() for _ in pairs]
+        for _, _, block in stack.blocks():
+            offsets = [(block[i] - block[base]).to(torch.float64) for i in others]
+            for j, offset in enumerate(offsets):
+                norms[j].add(offset * offset)
+            for p, (a, b) in enumerate(pairs):
+                dots[p].add(offsets[a] * offsets[b])
+        lengths = [math.sqrt(s.value()) for s in norms]
+        cosines = [
+            min(1.0, max(-1.0, dots[p].value() / max(lengths[a] * lengths[b], 1e-6)))
+            for p, (a, b) in enumerate(pairs)
+        ]
+        ratio = _stock_ratio(math.fsum(cosines) / len(cosines), count)
+    for _, _, block in stack.blocks():
+        mean = fixed_order_sum([block[i] for i in others]) / count
+        if ratio is None:
+            offsets = [(block[i] - block[base]).to(torch.float64) for i in others]
+            lengths = [torch.from_numpy(row_sums(o * o)).sqrt() for o in offsets]
+            cosines = [
+                (
+                    torch.from_numpy(row_sums(offsets[a] * offsets[b]))
+                    / (lengths[a] * lengths[b]).clamp(min=1e-6)
+                ).clamp(-1, 1)
+                for a, b in pairs
+            ]
+            row_ratio = _stock_ratio(fixed_order_sum(cosines) / len(cosines), count)
+            row_ratio = row_ratio.to(torch.float32).unsqueeze(1)
+            yield mean * row_ratio + block[base] * (1 - row_ratio)
+        else:
+            yield mean * ratio + block[base] * (1 - ratio)
+
+
+def sce(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+    """Select top-variance positions, weight models by mean squared delta, erase minority signs.
+
+    FuseChat, https://arxiv.org/abs/2408.07990.
+    """
+    others, base = stack.others, stack.base_index
+    topk = params.globals["select_topk"]
+    count = len(others)
+
+    def deltas_of(block):
+        return [block[i] - block[base] for i in others]
+
+    def variance(deltas):
+        mean = fixed_order_sum(deltas) / count
+        return fixed_order_sum([(d - mean) * (d - mean) for d in deltas]) / count
+
+    masker = None
+    if topk < 1.0:
+        n = stack.numel
+
+        def blocks():
+            for _, _, block in stack.blocks():
+                yield [variance(deltas_of(block)).flatten()]
+
+        bounds: list[tuple[int, int]] = []
+
+        def ranks(_, total, zeros):
+            keep = int(topk * (total - zeros))  # of the positions whose variance is not zero
+            bounds.append((total - keep, total))
+            return window_ranks(total, total - keep, total)
+
+        stats = order_statistics(blocks, ranks, len(stack.ranges) == 1)
+        masker = WindowMasker(window_from_ranks(n, *bounds[0], stats[0]))
+
+    def selected(block, masker):
+        deltas = deltas_of(block)
+        if masker is None:
+            return deltas
+        keep = masker(variance(deltas).flatten()).view(block[base].shape)
+        return [torch.where(keep, d, 0.0) for d in deltas]
+
+    squares = [ExactSum() for _ in others]
+    stat_masker = WindowMasker(masker.window) if masker is not None else None
+    for _, _, block in stack.blocks():
+        for j, d in enumerate(selected(block, stat_masker)):
+            squares[j].add(d.to(torch.float64) * d.to(torch.float64))
+    energy = [s.value() / stack.numel for s in squares]
+    total = math.fsum(energy)
+    weights = [1.0 / count] * count if total == 0 else [e / total for e in energy]
+    for _, _, block in stack.blocks():
+        deltas = selected(block, masker)
+        positive = fixed_order_sum(deltas) >= 0
+        mixed, divisor = [], []
+        for d, w in zip(deltas, weights, strict=True):
+            agree = torch.where(positive, d > 0, d < 0)
+            mixed.append(torch.where(agree, d * w, 0.0))
+            divisor.append(torch.where(agree, w, 0.0))
+        divisor_sum = fixed_order_sum(divisor)
+        yield block[base] + fixed_order_sum(mixed) / torch.where(divisor_sum == 0, 1.0, divisor_sum)
+
+
+def _task_arithmetic_operator(name: str) -> Operator:
+    spec = METHODS[name]
+
+    def operator(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+        return generalized_task_arithmetic(stack, params, seed, spec.sparsify, spec.consensus)
+
+    operator.__name__ = name
+    return operator
+
+
+OPERATORS: dict[str, Operator] = {
+    "linear": linear,
+    "passthrough": passthrough,
+    "slerp": slerp,
+    "model_stock": model_stock,
+    "sce": sce,
+    **{
+        name: _task_arithmetic_operator(name)
+        for name in (
+            "task_arithmetic",
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+        )
+    },
+}

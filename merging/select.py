@@ -1,0 +1,164 @@
+"""Exact order statistics of non-negative float32 values seen in blocks, and rank-window masks.
+
+Ranks are ascending positions in the stable order by (value, flat index): equal values are ranked
+in the order they appear. A tensor held in one block uses `torch.kthvalue`; a tensor seen in
+several blocks uses a two-pass radix select on the float32 bit patterns (non-negative floats sort
+like their bits), so both find the same exact value and the merge does not depend on block size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+HIGH_BINS = 1 << 15  # bits 16..30 of a non-negative float32
+LOW_BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class OrderStatistic:
+    """The value at an ascending rank and how many values are strictly smaller."""
+
+    rank: int
+    value: float
+    less: int
+
+
+@dataclass(frozen=True)
+class RankWindow:
+    """Keep the values whose ascending rank lies in `[lo, hi)` among `n`."""
+
+    n: int
+    lo: int
+    hi: int
+    low: OrderStatistic | None  # the value at rank lo (None when lo == 0)
+    high: OrderStatistic | None  # the value at rank hi - 1 (None when hi == n)
+
+
+class WindowMasker:
+    """Feed the blocks of one series in flat order; returns the keep mask of each block."""
+
+    def __init__(self, window: RankWindow) -> None:
+        self.window = window
+        self._equal_low = 0
+        self._equal_high = 0
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        window = self.window
+        if window.lo >= window.hi:
+            return torch.zeros_like(values, dtype=torch.bool)
+        keep = torch.ones_like(values, dtype=torch.bool)
+        if window.low is not None:
+            keep &= values >= window.low.value
+            equal = values == window.low.value
+            ranks = window.low.less + self._equal_low + torch.cumsum(equal, 0) - 1
+            keep &= ~equal | (ranks >= window.lo)
+            self._equal_low += int(equal.sum())
+        if window.high is not None:
+            keep &= values <= window.high.value
+            equal = values == window.high.value
+            ranks = window.high.less + self._equal_high + torch.cumsum(equal, 0) - 1
+            keep &= ~equal | (ranks < window.hi)
+            self._equal_high += int(equal.sum())
+        return keep
+
+
+def window_from_ranks(n: int, lo: int, hi: int, stats: dict[int, OrderStatistic]) -> RankWindow:
+    lo, hi = max(0, lo), min(n, hi)
+    return RankWindow(
+        n=n,
+        lo=lo,
+        hi=hi,
+        low=stats.get(lo) if 0 < lo < hi else None,
+        high=stats.get(hi - 1) if lo < hi < n else None,
+    )
+
+
+def window_ranks(n: int, lo: int, hi: int) -> list[int]:
+    """The ranks whose values `window_from_ranks` needs."""
+    lo, hi = max(0, lo), min(n, hi)
+    if lo >= hi:
+        return []
+    return ([lo] if lo > 0 else []) + ([hi - 1] if hi < n else [])
+
+
+def order_statistics(
+    blocks: Callable[[], Iterable[list[torch.Tensor]]],
+    rank_fn: Callable[[int, int, int], Sequence[int]],
+    single_block: bool,
+) -> list[dict[int, OrderStatistic]]:
+    """Order statistics of several series at once.
+
+    `blocks()` yields, per block, one flat non-negative float32 tensor per series (all series
+    advance together). `rank_fn(series, n, zeros)` names the ranks wanted for a series given its
+    count of values and of exact zeros. Returns, per series, rank -> statistic.
+    """
+    if single_block:
+        series = next(iter(blocks()))
+        return [
+            _in_memory(values, rank_fn(i, values.numel(), _zeros(values))) for i, values in enumerate(series)
+        ]
+    high_hist: list[torch.Tensor] = []
+    zeros: list[int] = []
+    total: list[int] = []
+    for series in blocks():
+        if not high_hist:
+            high_hist = [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in series]
+            zeros = [0] * len(series)
+            total = [0] * len(series)
+        for i, values in enumerate(series):
+            high_hist[i] += torch.bincount(_bits(values) >> 16, minlength=HIGH_BINS)
+            zeros[i] += _zeros(values)
+            total[i] += values.numel()
+    wanted = [sorted(set(rank_fn(i, total[i], zeros[i]))) for i in range(len(high_hist))]
+    cumulative = [torch.cumsum(h, 0) for h in high_hist]
+    bins = []  # per series: rank -> (bin, count of values in lower bins)
+    for i, ranks in enumerate(wanted):
+        located = {}
+        for rank in ranks:
+            b = int(torch.searchsorted(cumulative[i], rank, right=True))
+            located[rank] = (b, int(cumulative[i][b - 1]) if b > 0 else 0)
+        bins.append(located)
+    needed = [sorted({b for b, _ in located.values()}) for located in bins]
+    low_hist = [{b: torch.zeros(LOW_BINS, dtype=torch.int64) for b in series_bins} for series_bins in needed]
+    if any(needed):
+        for series in blocks():
+            for i, values in enumerate(series):
+                if not needed[i]:
+                    continue
+                bits = _bits(values)
+                high = bits >> 16
+                for b in needed[i]:
+                    low_hist[i][b] += torch.bincount(bits[high == b] & 0xFFFF, minlength=LOW_BINS)
+    result = []
+    for i, located in enumerate(bins):
+        stats = {}
+        for rank, (b, before) in located.items():
+            low_cumulative = torch.cumsum(low_hist[i][b], 0)
+            low = int(torch.searchsorted(low_cumulative, rank - before, right=True))
+            less = before + (int(low_cumulative[low - 1]) if low > 0 else 0)
+            stats[rank] = OrderStatistic(rank, _float_from_bits((b << 16) | low), less)
+        result.append(stats)
+    return result
+
+
+def _in_memory(values: torch.Tensor, ranks: Sequence[int]) -> dict[int, OrderStatistic]:
+    stats = {}
+    for rank in sorted(set(ranks)):
+        value = torch.kthvalue(values, rank + 1).values
+        stats[rank] = OrderStatistic(rank, float(value), int((values < value).sum()))
+    return stats
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    return values.contiguous().view(torch.int32)
+
+
+def _zeros(values: torch.Tensor) -> int:
+    return int((values == 0).sum())
+
+
+def _float_from_bits(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
