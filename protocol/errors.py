@@ -115,3 +115,9 @@ class ModelFolderError(ProtocolError):
     """A local model folder cannot be fingerprinted (missing or malformed files)."""
 
     reason = "model-folder"
+
+
+class RecipeError(ProtocolError):
+    """A merge recipe cannot be carried out (bad method or parameters, inputs that do not fit)."""
+
+    reason = "recipe"
