@@ -1,0 +1,254 @@
+"""Chunk throughput over hivemind's P2P vs a plain TCP socket floor, measured in the same run.
+
+Every server is its own process (as every node is), holding the same seeded chunks in memory;
+the client (this process) fetches all of them and verifies every sha256. Reported:
+
+    tcp floor        one asyncio TCP connection, 1 MiB writes, no hashing (the floor)
+    tcp framed       the same connection carrying the chunks in `node.framing` frames, each chunk
+                     sha256-verified into memory (the chunk protocol's work minus libp2p)
+    p2p x N          `node.transport.fetch_chunks` from N peers at once, into memory (verified)
+    p2p x N + store  the same into a `ContentStore` on disk (verified, fsynced)
+
+Usage: python benchmarks/bench_network.py [--mib 128] [--chunk-kib 1024] [--peers 1,3] [--repeat 3]
+                                          [--streams 2] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import multiprocessing as mp
+import os
+import random
+import shutil
+import signal
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+os.environ.setdefault("GOLOG_LOG_LEVEL", "error")
+
+MiB = 1 << 20
+
+
+def make_chunks(seed: int, total: int, chunk: int) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    chunks = [rng.randbytes(min(chunk, total - start)) for start in range(0, total, chunk)]
+    return {hashlib.sha256(c).hexdigest(): c for c in chunks}
+
+
+class MemorySink:
+    """A verifying in-memory sink (what a fetch into RAM costs)."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, bytes] = {}
+
+    def missing(self, digests):
+        return [d for d in digests if d not in self.chunks]
+
+    def put(self, data: bytes, digest: str | None = None) -> str:
+        actual = hashlib.sha256(data).hexdigest()
+        if digest is not None and actual != digest:
+            from node.errors import ChunkHashMismatchError
+
+            raise ChunkHashMismatchError(f"expected {digest}, got {actual}")
+        self.chunks[actual] = data
+        return actual
+
+
+class DictSource:
+    def __init__(self, chunks: dict[str, bytes]) -> None:
+        self.chunks = chunks
+
+    def get(self, digest: str) -> bytes:
+        from node.errors import ChunkNotFoundError
+
+        try:
+            return self.chunks[digest]
+        except KeyError:
+            raise ChunkNotFoundError(f"no chunk {digest}") from None
+
+
+# ---------------------------------------------------------------- server processes
+def p2p_server(initial_peers, seed, total, chunk, conn) -> None:
+    from node.dht import start_dht, visible_maddrs
+    from node.transport import ChunkServer
+
+    chunks = make_chunks(seed, total, chunk)
+    dht, _ = start_dht(initial_peers=initial_peers)
+
+    async def serve():
+        p2p = await dht.replicate_p2p()
+        server = ChunkServer(DictSource(chunks), max_concurrent=16)
+        await server.start(p2p)
+        conn.send((visible_maddrs(dht), str(p2p.peer_id)))
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # wait for "stop"
+        await server.stop(p2p)
+        await p2p.shutdown()
+
+    asyncio.run(serve())
+    dht.shutdown()
+
+
+def tcp_server(seed, total, chunk, conn) -> None:
+    from node.framing import write_frame
+
+    chunks = list(make_chunks(seed, total, chunk).values())
+    payload = b"".join(chunks)
+
+    async def handle(reader, writer):
+        mode = await reader.readexactly(1)
+        if mode == b"f":
+            for data in chunks:
+                await write_frame(writer, 0, data, timeout=30)
+        else:
+            view = memoryview(payload)
+            for start in range(0, len(view), MiB):
+                writer.write(view[start : start + MiB])
+                await writer.drain()
+        writer.close()
+
+    async def serve():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        conn.send(server.sockets[0].getsockname()[1])
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        server.close()
+
+    asyncio.run(serve())
+
+
+def start_process(target, *args):
+    parent, child = mp.Pipe()
+    proc = mp.get_context("fork").Process(target=target, args=(*args, child))
+    proc.start()
+    return proc, parent
+
+
+def stop_process(proc, conn) -> None:
+    conn.send("stop")
+    proc.join(20)
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(5)
+
+
+# ---------------------------------------------------------------- measurements
+async def tcp_floor(port: int, total: int) -> float:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    started = time.perf_counter()
+    writer.write(b"g")
+    received = 0
+    while received < total:
+        block = await reader.read(4 * MiB)
+        if not block:
+            break
+        received += len(block)
+    elapsed = time.perf_counter() - started
+    writer.close()
+    if received != total:
+        raise RuntimeError(f"tcp floor received {received} of {total} bytes")
+    return total / elapsed / MiB
+
+
+async def tcp_framed(port: int, digests: list[str]) -> float:
+    from node.framing import read_frame
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sink = MemorySink()
+    started = time.perf_counter()
+    writer.write(b"f")
+    for digest in digests:
+        frame = await read_frame(reader, timeout=30)
+        if frame is None:
+            raise RuntimeError("tcp framed: the server closed early")
+        await asyncio.to_thread(sink.put, frame[1], digest)
+    elapsed = time.perf_counter() - started
+    writer.close()
+    return sum(map(len, sink.chunks.values())) / elapsed / MiB
+
+
+async def p2p_fetch(p2p, peer_ids, digests, sink, streams: int, batch: int) -> tuple[float, dict]:
+    from node.transport import fetch_chunks
+
+    started = time.perf_counter()
+    report = await fetch_chunks(p2p, digests, peer_ids, sink, streams_per_peer=streams, batch=batch)
+    elapsed = time.perf_counter() - started
+    return report.bytes_received / elapsed / MiB, report.bytes_by_peer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=128, help="bytes to move per measurement, MiB")
+    parser.add_argument("--chunk-kib", type=int, default=1024, help="chunk size, KiB")
+    parser.add_argument("--peers", default="1,3", help="comma-separated server counts")
+    parser.add_argument("--streams", type=int, default=2, help="streams per peer")
+    parser.add_argument("--batch", type=int, default=4, help="chunks per request")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; medians are reported")
+    args = parser.parse_args()
+    total, chunk, seed = args.mib * MiB, args.chunk_kib * 1024, 7
+    peer_counts = [int(x) for x in args.peers.split(",")]
+
+    tcp_proc, tcp_conn = start_process(tcp_server, seed, total, chunk)
+    port = tcp_conn.recv()
+    servers = []
+    first_proc, first_conn = start_process(p2p_server, [], seed, total, chunk)
+    first_maddrs, first_id = first_conn.recv()
+    servers.append((first_proc, first_conn, first_id))
+    for _ in range(max(peer_counts) - 1):
+        proc, conn = start_process(p2p_server, first_maddrs, seed, total, chunk)
+        servers.append((proc, conn, conn.recv()[1]))
+    digests = list(make_chunks(seed, total, chunk))
+
+    from hivemind.p2p import PeerID
+
+    from node.dht import start_dht
+    from node.store import ContentStore
+
+    dht, _ = start_dht(initial_peers=first_maddrs)
+    samples: dict[str, list[tuple[float, float]]] = {}  # row -> [(MiB/s, ratio to that repeat's floor)]
+
+    def record(name: str, rate: float, floor: float) -> None:
+        samples.setdefault(name, []).append((rate, rate / floor))
+
+    async def run_all():
+        p2p = await dht.replicate_p2p()
+        for _ in range(args.repeat):  # interleaved, so load changes hit floor and p2p alike
+            floor = await tcp_floor(port, total)
+            record("tcp floor (1 connection)", floor, floor)
+            record("tcp framed + sha256", await tcp_framed(port, digests), floor)
+            for count in peer_counts:
+                ids = [PeerID.from_base58(s[2]) for s in servers[:count]]
+                rate, _ = await p2p_fetch(p2p, ids, digests, MemorySink(), args.streams, args.batch)
+                record(f"p2p x {count} peer(s), memory", rate, floor)
+                folder = tempfile.mkdtemp(prefix="umm-bench-store-")
+                try:
+                    with ContentStore(folder) as store:
+                        rate, _ = await p2p_fetch(p2p, ids, digests, store, args.streams, args.batch)
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+                record(f"p2p x {count} peer(s), store", rate, floor)
+        await p2p.shutdown()
+
+    try:
+        asyncio.run(run_all())
+    finally:
+        dht.shutdown()
+        for proc, conn, _ in servers:
+            stop_process(proc, conn)
+        stop_process(tcp_proc, tcp_conn)
+    print(
+        f"{args.mib} MiB in {args.chunk_kib} KiB chunks, {args.streams} streams/peer x "
+        f"{args.batch} chunks/request, median of {args.repeat} interleaved repeats, 127.0.0.1"
+    )
+    print(f"{'path':34} {'MiB/s':>8} {'vs floor':>9}")
+    for name, values in samples.items():
+        rate = statistics.median(v[0] for v in values)
+        ratio = statistics.median(v[1] for v in values)
+        print(f"{name:34} {rate:8.1f} {ratio:8.0%}")
+
+
+if __name__ == "__main__":
+    main()
