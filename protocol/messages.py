@@ -165,16 +165,18 @@ class DeltaManifest(SignedMessage):
             raise SchemaError(f"expected total_bytes {total} (sum of tensors), got {self.total_bytes}")
 
 
-SUMMARY_TENSORS = ("logprobs", "offsets", "token_ids", "token_strings")
+SUMMARY_TENSORS = ("input_ids", "logprobs", "offsets", "token_ids", "token_strings")
 
 
 @dataclass(frozen=True)
 class DistributionSummary(SignedMessage):
     """Top-k next-token distributions of an expert on the network's probe set (FuseLLM-style).
 
-    Tensors (raw codec): ``offsets`` int64 [examples + 1] (token positions per example),
-    ``token_ids`` int32 [positions, k], ``logprobs`` float32 [positions, k] and ``token_strings``
-    uint8 [n] (canonical msgpack list of [id, string] for every id used, for vocabulary alignment).
+    Tensors (raw codec, zstd allowed): ``offsets`` int64 [examples + 1] (where each example's
+    positions start), ``input_ids`` int32 [positions] (the probe text's tokens), ``token_ids`` int32
+    [positions, k] and ``logprobs`` float32 [positions, k] (the top-k next tokens after each position,
+    most likely first) and ``token_strings`` uint8 [n] (canonical msgpack list of [id, string] for
+    every id used, for vocabulary alignment across tokenizers).
     """
 
     TYPE: ClassVar[str] = "distribution_summary"
@@ -191,7 +193,7 @@ class DistributionSummary(SignedMessage):
     k: int = field(integer(1, 1024))
     num_examples: int = field(integer(1, 2**32))
     chunk_size: int = field(integer(MIN_CHUNK_SIZE, CHUNK_SIZE_LIMIT))
-    tensors: tuple[TensorEntry, ...] = field(sequence(nested(TensorEntry), 4, min_items=4))
+    tensors: tuple[TensorEntry, ...] = field(sequence(nested(TensorEntry), 5, min_items=5))
 
     def _validate(self) -> None:
         _check_tensors(self.tensors, self.chunk_size, "DistributionSummary")
@@ -200,6 +202,7 @@ class DistributionSummary(SignedMessage):
             raise SchemaError(f"expected summary tensors {SUMMARY_TENSORS}, got {tuple(by_name)}")
         expected = {
             "offsets": ("int64", 1),
+            "input_ids": ("int32", 1),
             "token_ids": ("int32", 2),
             "logprobs": ("float32", 2),
             "token_strings": ("uint8", 1),
@@ -214,6 +217,10 @@ class DistributionSummary(SignedMessage):
         positions = by_name["token_ids"].shape
         if positions[1] != self.k or by_name["logprobs"].shape != positions:
             raise SchemaError(f"expected token_ids and logprobs of shape [n, {self.k}], got others")
+        if by_name["input_ids"].shape != positions[:1]:
+            raise SchemaError(
+                f"expected input_ids of shape [{positions[0]}], got {list(by_name['input_ids'].shape)}"
+            )
 
 
 @dataclass(frozen=True)
