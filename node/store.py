@@ -3,7 +3,8 @@
 Layout under `root`:
     index.sqlite            table `chunks(digest TEXT PRIMARY KEY, size INTEGER)`
     blobs/ab/abcdef...      the chunk's bytes, named by their sha256 (hex)
-    tmp/                    partial writes; emptied on open
+    tmp/                    partial writes, named after the writing process; a dead writer's are
+                            removed on open (several processes may share one store)
 
 A write goes: hash -> temp file -> fsync -> rename into blobs/ -> fsync the folder -> index row.
 A read verifies the sha256 again; a blob that no longer matches is removed and reported.
@@ -40,6 +41,16 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -58,7 +69,9 @@ class ContentStore:
         for folder in (self.root, self._blobs, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.root / "index.sqlite", check_same_thread=False, isolation_level=None, timeout=60
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS chunks (digest TEXT PRIMARY KEY, size INTEGER NOT NULL)")
@@ -71,7 +84,9 @@ class ContentStore:
     def _recover(self) -> None:
         """Bring index and blobs back in line after a crash (see the module docstring)."""
         for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
+            writer = leftover.name.split(".", 1)[0]
+            if not writer.isdigit() or not _pid_alive(int(writer)) or int(writer) == os.getpid():
+                leftover.unlink(missing_ok=True)
         indexed = {row[0] for row in self._db.execute("SELECT digest FROM chunks")}
         on_disk: set[str] = set()
         for shard in self._blobs.iterdir():
@@ -99,7 +114,7 @@ class ContentStore:
             return actual
         final = self._blob_path(actual)
         final.parent.mkdir(exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=actual[:16] + ".")
+        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=f"{os.getpid()}.{actual[:16]}.")
         try:
             with os.fdopen(fd, "wb") as tmp_file:
                 tmp_file.write(data)

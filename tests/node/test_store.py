@@ -176,3 +176,14 @@ def test_sigkill_during_writes_keeps_every_indexed_chunk_valid(tmp_path):
             for digest in held:
                 assert _digest(store.get(digest)) == digest
             assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_partial_write_of_a_live_process_is_kept_on_open(tmp_path):
+    ContentStore(tmp_path).close()
+    live = tmp_path / "tmp" / "1.0123456789abcdef.partial"  # pid 1 is alive and is not us
+    live.write_bytes(b"in progress")
+    dead = tmp_path / "tmp" / f"{2**22 + 7}.0123456789abcdef.partial"  # above Linux's pid_max
+    dead.write_bytes(b"abandoned")
+    with ContentStore(tmp_path):
+        assert live.exists()
+        assert not dead.exists()
