@@ -54,6 +54,7 @@ class TensorStack:
         self._executor = executor
         self._checked: set[int] = set()
         self._cached: list[torch.Tensor] | None = None
+        self._first: list[torch.Tensor] | None = None
 
     @property
     def others(self) -> list[int]:
@@ -77,19 +78,28 @@ class TensorStack:
             self._cached = block
         return block
 
+    def prefetch(self) -> None:
+        """Read the first block now (on a reader thread) so the first pass need not wait for it."""
+        if self.ranges:
+            self._first = self.load(*self.ranges[0])
+
     def blocks(self) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
         """Every row block in order, the next one read ahead on the executor while this one is used."""
         pending: Future | None = None
         for number, (start, end) in enumerate(self.ranges):
-            block = pending.result() if pending is not None else self.load(start, end)
+            if number == 0 and self._first is not None:
+                block, self._first = self._first, None
+            else:
+                block = pending.result() if pending is not None else self.load(start, end)
             pending = None
             if self._executor is not None and number + 1 < len(self.ranges):
                 pending = self._executor.submit(self.load, *self.ranges[number + 1])
             yield start, end, block
 
     def release(self) -> None:
-        """Drop a cached single block."""
+        """Drop cached blocks."""
         self._cached = None
+        self._first = None
 
 
 def row_sums(x: torch.Tensor) -> np.ndarray:

@@ -20,7 +20,7 @@ from merging.layout import TensorInfo, TensorPlan, plan_tensors
 from merging.operators import OPERATORS
 from merging.parameters import ResolvedParameters, resolve_parameters
 
-__all__ = ["merge", "merge_state_dicts", "merge_tensor", "resolve_parameters"]
+__all__ = ["merge", "merge_state_dicts", "resolve_parameters"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,20 +37,22 @@ def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
     return DTYPES[config.output_dtype]
 
 
-def merge_tensor(
-    config: MergeConfig,
-    plan: TensorPlan,
-    readers: list[Reader],
-    parameters: ResolvedParameters,
-    executor: ThreadPoolExecutor | None = None,
+def make_stack(
+    config: MergeConfig, plan: TensorPlan, readers: list[Reader], executor: ThreadPoolExecutor | None = None
+) -> TensorStack:
+    """The inputs of one output tensor, ready to be read in row blocks."""
+    base = config.base_model if config.base_model in plan.inputs else None
+    return TensorStack(plan.name, plan.shape, plan.inputs, readers, base=base, executor=executor)
+
+
+def merge_stack(
+    config: MergeConfig, plan: TensorPlan, stack: TensorStack, parameters: ResolvedParameters
 ) -> Iterator[torch.Tensor]:
     """The merged rows of one output tensor, block by block, in the output dtype (`[rows, width]`)."""
     out_dtype = output_dtype(config, plan)
-    base = config.base_model if config.base_model in plan.inputs else None
-    stack = TensorStack(plan.name, plan.shape, plan.inputs, readers, base=base, executor=executor)
-    if not getattr(torch, plan.dtype).is_floating_point:
+    if not getattr(torch, plan.dtype).is_floating_point:  # integer buffers: copied from the first input
         for start, end in stack.ranges:
-            yield readers[0](start, end).reshape(end - start, stack.width)
+            yield stack.readers[0](start, end).reshape(end - start, stack.width)
         return
     operator = OPERATORS[config.merge_method]
     for rows in operator(stack, parameters[plan.name], config.seed):
@@ -89,7 +91,7 @@ def merge_state_dicts(
     merged = {}
     for plan in plans:
         readers = [_memory_reader(tensors[m][s]) for m, s in zip(plan.inputs, plan.sources, strict=True)]
-        rows = list(merge_tensor(config, plan, readers, parameters))
+        rows = list(merge_stack(config, plan, make_stack(config, plan, readers), parameters))
         merged[plan.name] = (
             torch.cat(rows).reshape(plan.shape) if len(rows) > 1 else rows[0].reshape(plan.shape)
         )
@@ -97,9 +99,22 @@ def merge_state_dicts(
 
 
 def merge(
-    config: MergeConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, *, progress: bool = True
+    config: MergeConfig | Mapping[str, Any] | str | Path,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    max_shard_bytes: int | None = None,
 ) -> Path:
-    """Merge Hugging Face model folders into `out_dir` (written atomically); returns `out_dir`."""
-    from merging.checkpoint import merge_to_folder
+    """Merge Hugging Face model folders into `out_dir` (written atomically); returns `out_dir`.
 
-    return merge_to_folder(load_config(config), Path(out_dir), progress=progress)
+    Output shards hold at most `max_shard_bytes` (default 5 GB) each.
+    """
+    from merging.checkpoint import merge_to_folder
+    from merging.folders import DEFAULT_SHARD_BYTES
+
+    return merge_to_folder(
+        load_config(config),
+        Path(out_dir),
+        progress=progress,
+        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
+    )

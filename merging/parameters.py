@@ -101,7 +101,7 @@ def resolve_parameters(config: MergeConfig, tensor_names: Sequence[str]) -> Reso
         models_params: list[tuple[str, dict[str, Any]]]
         if config.slices:
             index = layer_index(tensor)
-            slice_no, offset = _slice_of(slice_starts, index, len(config.slices))
+            slice_no, offset = _slice_of(slice_starts, index, len(config.slices), tensor)
             source = config.slices[slice_no][0]
             length = source.layer_range[1] - source.layer_range[0]
             if index is None:
@@ -140,10 +140,10 @@ def _slice_starts(config: MergeConfig) -> list[int]:
     return starts
 
 
-def _slice_of(starts: list[int], index: int | None, count: int) -> tuple[int, int]:
+def _slice_of(starts: list[int], index: int | None, count: int, tensor: str) -> tuple[int, int]:
     """(slice number, offset inside it) of an output layer; pre-layer tensors -> first, others -> last."""
     if index is None:
-        return (count - 1, 0)
+        return (0 if layer_position(tensor, 0) == 0.0 else count - 1, 0)
     for number in range(count):
         if starts[number] <= index < starts[number + 1]:
             return number, index - starts[number]

@@ -1,0 +1,257 @@
+"""Hugging Face model folders: lazy tensor reads in, sharded safetensors out.
+
+Reading opens every `*.safetensors` shard with `safe_open` and reads a tensor's rows only when an
+operator asks for them. Writing streams row blocks straight into preallocated shard files: the
+safetensors header is written first (every output shape and dtype is known before merging), so an
+output tensor never has to be whole in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from merging.blocks import Reader
+from merging.errors import MergeError, MissingTensorError, ShapeMismatchError
+from merging.layout import TensorInfo
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+class ModelFolder:
+    """A local Hugging Face model folder opened for lazy reads (use as a context manager)."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        if not path.is_dir():
+            raise MergeError(f"model {name!r} is not a local folder ({str(path)!r} does not exist)")
+        config_path = path / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise MergeError(f"model {name!r} has no config.json in {str(path)!r}") from None
+        except (OSError, ValueError) as exc:
+            raise MergeError(f"cannot read config.json of model {name!r}: {exc}") from None
+        self.shards = self._shard_files()
+        self._handles = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._file_of: dict[str, Path] = {}
+        for shard in self.shards:
+            try:
+                handle = safe_open(str(shard), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise MergeError(f"cannot open {shard.name} of model {name!r}: {exc}") from None
+            self._handles[shard] = handle
+            for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                tensor_slice = handle.get_slice(key)
+                dtype = TORCH_DTYPES.get(tensor_slice.get_dtype())
+                if dtype is None:
+                    raise MergeError(
+                        f"tensor {key!r} of model {name!r} has unsupported dtype {tensor_slice.get_dtype()}"
+                    )
+                self.tensors[key] = TensorInfo(tuple(tensor_slice.get_shape()), dtype)
+                self._file_of[key] = shard
+
+    def _shard_files(self) -> list[Path]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise MergeError(f"cannot read {INDEX_FILE} of model {self.name!r}: {exc}") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.path / f).is_file()]
+            if missing:
+                raise MissingTensorError(
+                    f"model {self.name!r} lacks the shard {missing[0]!r} its index lists"
+                )
+            return [self.path / f for f in files]
+        shards = sorted(self.path.glob("*.safetensors"))
+        if not shards:
+            raise MissingTensorError(f"model {self.name!r} has no *.safetensors file in {str(self.path)!r}")
+        return shards
+
+    def input_files(self) -> list[Path]:
+        """Every file the merge reads from this folder (for the provenance record)."""
+        files = [self.path / "config.json", *self.shards]
+        if (self.path / INDEX_FILE).is_file():
+            files.append(self.path / INDEX_FILE)
+        return sorted(files)
+
+    def reader(self, tensor: str) -> Reader:
+        """Rows `[start, end)` of a tensor's `[rows, width]` view, read from the file on demand."""
+        tensor_slice = self._handles[self._file_of[tensor]].get_slice(tensor)
+        if len(self.tensors[tensor].shape) <= 1:
+            return lambda start, end: tensor_slice[:].reshape(1, -1)
+        return lambda start, end: tensor_slice[start:end]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> ModelFolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_architectures(folders: Sequence[ModelFolder]) -> None:
+    """Inputs must declare the same architecture and model type in config.json."""
+    reference = folders[0]
+    for key in ("architectures", "model_type"):
+        for folder in folders[1:]:
+            if folder.config.get(key) != reference.config.get(key):
+                raise ShapeMismatchError(
+                    f"model {folder.name!r} has {key} {folder.config.get(key)!r}, expected "
+                    f"{reference.config.get(key)!r} as in model {reference.name!r}"
+                )
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def assign_shards(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def _header(tensors: Sequence[OutputTensor]) -> bytes:
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        entries[tensor.name] = {
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.nbytes],
+        }
+        offset += tensor.nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+class ShardWriter:
+    """Writes tensors, in the order given at construction, into sharded safetensors files in `folder`."""
+
+    def __init__(self, folder: Path, tensors: Sequence[OutputTensor], max_shard_bytes: int) -> None:
+        self.folder = folder
+        self.shards = assign_shards(tensors, max_shard_bytes)
+        self.files = shard_names(len(self.shards))
+        self._queue = [(shard_no, t) for shard_no, shard in enumerate(self.shards) for t in shard]
+        self._position = 0
+        self._written = 0  # bytes of the current tensor so far
+        self._shard_no = -1
+        self._file = None
+
+    def write(self, name: str, rows: torch.Tensor) -> None:
+        """Append the next block of rows of tensor `name` (blocks arrive in order)."""
+        shard_no, tensor = self._queue[self._position]
+        if tensor.name != name or rows.dtype != tensor.dtype:
+            raise RuntimeError(f"expected rows of {tensor.name} ({tensor.dtype}), got {name} ({rows.dtype})")
+        if shard_no != self._shard_no:
+            self._open(shard_no)
+        data = rows.contiguous().view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._written += data.nbytes
+        if self._written == tensor.nbytes:
+            self._position += 1
+            self._written = 0
+
+    def _open(self, shard_no: int) -> None:
+        self._close_file()
+        self._shard_no = shard_no
+        self._file = open(self.folder / self.files[shard_no], "wb")  # noqa: SIM115 - closed in _close_file
+        self._file.write(_header(self.shards[shard_no]))
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> None:
+        """Close the last shard and write the index when there are several shards."""
+        if self._position != len(self._queue):
+            raise RuntimeError(f"only {self._position} of {len(self._queue)} tensors were written")
+        self._close_file()
+        if len(self.shards) > 1:
+            weight_map = {t.name: self.files[n] for n, shard in enumerate(self.shards) for t in shard}
+            total = sum(t.nbytes for shard in self.shards for t in shard)
+            write_json(
+                self.folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+            )
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON and fsync it (inside a temp folder that is renamed later)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
