@@ -4,8 +4,9 @@ A layer delta is (expert - base) per tensor. Codecs (all little-endian, optional
 
 - ``raw``: the tensor's exact bytes in its own dtype (base weights, merge results; lossless);
 - ``bf16`` / ``fp16``: dense half precision;
-- ``topk``: the ``k`` largest-magnitude entries: ``k`` uint32 flat indices (strictly increasing),
-  then ``k`` bf16 values; ties broken by the lower index;
+- ``topk``: the ``k`` largest-magnitude entries: their flat indices in increasing order as ``k``
+  uint32 gaps (the first index, then each index minus the previous one, so >= 1; small numbers
+  that zstd compresses well), then ``k`` bf16 values; ties broken by the lower index;
 - ``int8``: blockwise absmax: one float32 scale per block of ``block_size`` flat entries
   (scale = absmax / 127), then one int8 in [-127, 127] per entry; value = q * scale.
 
@@ -176,15 +177,19 @@ def _decompress(data: bytes, expected: int) -> bytes:
 
 def _encode_topk(flat: torch.Tensor, k: int) -> bytes:
     order = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]  # ties: lower index first
-    indices = torch.sort(order).values
-    return _to_bytes(indices.to(torch.int64).to(torch.int32)) + _to_bytes(flat[indices].to(torch.bfloat16))
+    indices = torch.sort(order).values  # [k], increasing
+    gaps = torch.diff(indices, prepend=torch.zeros(1, dtype=indices.dtype))
+    return _to_bytes(gaps.to(torch.int32)) + _to_bytes(flat[indices].to(torch.bfloat16))
 
 
 def _decode_topk(data: bytes, k: int, numel: int) -> torch.Tensor:
-    indices = _from_bytes(data[: 4 * k], torch.int32).to(torch.int64) & 0xFFFFFFFF  # uint32 on the wire
+    gaps = _from_bytes(data[: 4 * k], torch.int32).to(torch.int64) & 0xFFFFFFFF  # uint32 on the wire
     values = _from_bytes(data[4 * k :], torch.bfloat16).float()
-    if k and (int(indices[-1]) >= numel or bool((indices[1:] <= indices[:-1]).any())):
-        raise CodecError(f"expected strictly increasing topk indices below {numel}, got others")
+    if bool((gaps[1:] < 1).any()):
+        raise CodecError("expected topk index gaps >= 1 (strictly increasing indices), got a zero gap")
+    indices = torch.cumsum(gaps, dim=0)  # [k], fits int64: k * 2**32 < 2**63
+    if int(indices[-1]) >= numel:
+        raise CodecError(f"expected topk indices below {numel}, got {int(indices[-1])}")
     out = torch.zeros(numel, dtype=torch.float32)
     out[indices] = values
     return out

@@ -73,7 +73,7 @@ def test_topk_keeps_largest_entries(zstd):
 def test_topk_layout_by_hand():
     t = torch.tensor([[0.5, -3.0], [2.0, 0.25]])
     data = encode_tensor(t, spec("topk", k=2))
-    assert data[:8] == struct.pack("<II", 1, 2)  # indices of -3.0 and 2.0, increasing
+    assert data[:8] == struct.pack("<II", 1, 1)  # indices 1 (-3.0) and 2 (2.0) as gaps: 1, then 2 - 1
     assert data[8:] == bytes([0x40, 0xC0, 0x00, 0x40])  # bf16 -3.0 = 0xc040, 2.0 = 0x4000
 
 
@@ -135,12 +135,18 @@ def test_decode_rejects_wrong_length_and_values():
 
 def test_decode_rejects_bad_topk_and_int8():
     values = bytes([0x80, 0x3F]) * 2
+    assert decode_tensor(
+        struct.pack("<II", 0, 3) + values, spec("topk", k=2), (2, 2), "float32"
+    ).tolist() == [
+        [1.0, 0.0],
+        [0.0, 1.0],
+    ]
     with pytest.raises(CodecError, match="strictly increasing"):
-        decode_tensor(struct.pack("<II", 2, 1) + values, spec("topk", k=2), (2, 2), "float32")
-    with pytest.raises(CodecError, match="strictly increasing"):
-        decode_tensor(struct.pack("<II", 1, 1) + values, spec("topk", k=2), (2, 2), "float32")
+        decode_tensor(struct.pack("<II", 1, 0) + values, spec("topk", k=2), (2, 2), "float32")
+    with pytest.raises(CodecError, match="below 4, got 4"):
+        decode_tensor(struct.pack("<II", 1, 3) + values, spec("topk", k=2), (2, 2), "float32")
     with pytest.raises(CodecError, match="below 4"):
-        decode_tensor(struct.pack("<II", 1, 4) + values, spec("topk", k=2), (2, 2), "float32")
+        decode_tensor(struct.pack("<II", 2**32 - 1, 1) + values, spec("topk", k=2), (2, 2), "float32")
     with pytest.raises(CodecError, match="-128"):
         decode_tensor(struct.pack("<f", 0.1) + bytes([0x80, 1]), spec("int8", block_size=2), (2,), "float32")
     with pytest.raises(NonFiniteValuesError, match="scales"):
