@@ -1,0 +1,1 @@
+"""The reasoning test bed: task suite (`tasks`), evaluation harness (`harness`), tiny expert zoo (`zoo`)."""

@@ -1,0 +1,248 @@
+"""Evaluation harness: batched greedy decoding, answer extraction, exact-match accuracy.
+
+`evaluate` takes an in-memory model and tokenizer, so a merge search can call it hundreds of times
+without touching disk. Prompts are sorted by length and left-padded into batches; decoding is
+greedy with the KV cache and stops at end-of-sequence (tiny zoo models) or once every row has
+written its ``Answer:`` line (chat models).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from merging.testbed.tasks import DOMAINS, TASKS, Example, generate, resolve_tasks
+
+# Appended to the instruction for chat models; tiny zoo models learned the format directly.
+CHAT_INSTRUCTION = (
+    "Solve it with a few short steps, then end with a final line of the form 'Answer: <answer>', "
+    "where <answer> is {hint}."
+)
+_ANSWER_LINE = re.compile(r"answer\s*[:：]\s*(.*)", re.IGNORECASE)
+_TRUE = {"true", "t", "yes"}
+_FALSE = {"false", "f", "no"}
+
+
+def plain_prompt(instruction: str) -> str:
+    """The prompt format the tiny zoo models are trained on: the instruction, then a newline."""
+    return instruction + "\n"
+
+
+def chat_prompt(tokenizer: Any, task: str, instruction: str) -> str:
+    """The instruction as one user turn in the tokenizer's chat template, generation prompt added."""
+    content = f"{instruction}\n{CHAT_INSTRUCTION.format(hint=TASKS[task].answer_hint)}"
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def extract_answer(text: str) -> str | None:
+    """The text after the last ``Answer:`` in ``text`` (to the end of that line), or None."""
+    matches = list(_ANSWER_LINE.finditer(text))
+    if not matches:
+        return None
+    return matches[-1].group(1).split("\n", 1)[0].strip()
+
+
+def normalize_answer(answer: str | None) -> str | None:
+    """Canonical form for comparison: markdown, trailing dots and inner spacing removed,
+    booleans as ``True``/``False``, integers without leading zeros or thousands separators."""
+    if answer is None:
+        return None
+    text = answer.strip().strip("*`$ ").rstrip(".").strip().strip("*`$ ")
+    text = re.sub(r"\\boxed\{(.*)\}", r"\1", text).strip()
+    low = text.lower()
+    if low in _TRUE:
+        return "True"
+    if low in _FALSE:
+        return "False"
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+|[-+]?\d+", text):
+        return str(int(text.replace(",", "")))
+    if text.startswith("[") and text.endswith("]"):
+        items = [item.strip() for item in text[1:-1].split(",") if item.strip()]
+        return "[" + ", ".join(normalize_answer(item) or "" for item in items) + "]"
+    return re.sub(r"\s+", " ", text)
+
+
+def score(output: str, expected: str) -> bool:
+    """Exact match of the extracted, normalized final answer against the expected one."""
+    got = normalize_answer(extract_answer(output))
+    return bool(got) and got == normalize_answer(expected)
+
+
+@dataclass
+class EvalResult:
+    """Accuracy per task and on average, with every generated output kept for inspection."""
+
+    accuracy: dict[str, float]
+    counts: dict[str, int]
+    outputs: dict[str, list[str]] = field(repr=False)
+    seconds: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracy.values()) / len(self.accuracy) if self.accuracy else 0.0
+
+    @property
+    def prompts_per_second(self) -> float:
+        return sum(self.counts.values()) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accuracy": dict(self.accuracy),
+            "mean": self.mean,
+            "counts": dict(self.counts),
+            "seconds": self.seconds,
+        }
+
+
+def _uses_chat(tokenizer: Any, prompt_style: str) -> bool:
+    if prompt_style not in ("auto", "plain", "chat"):
+        raise ValueError(f"expected prompt_style auto, plain or chat, got {prompt_style!r}")
+    if prompt_style == "auto":
+        return bool(getattr(tokenizer, "chat_template", None))
+    return prompt_style == "chat"
+
+
+def _max_new_tokens(tokenizer: Any, examples: Sequence[Example], chat: bool) -> int:
+    longest = max(len(tokenizer(ex.response, add_special_tokens=False)["input_ids"]) for ex in examples)
+    return int(longest * 3 + 64) if chat else longest + 4
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, *, stop_at_answer: bool = False
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (one left-padded batch, KV cache), decoded to text."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(model, tokenizer)
+    enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    width = max(len(ids) for ids in enc)
+    input_ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for row, ids in enumerate(enc):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+    device = next(model.parameters()).device
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    done = torch.zeros(len(enc), dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    generated: list[torch.Tensor] = []
+    cache = None
+    step_ids, step_pos = input_ids, positions
+    for step in range(max_new_tokens):
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=step_pos,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.cache
+        next_ids = out.logits[:, -1, :].argmax(-1)
+        next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
+        generated.append(next_ids)
+        done |= torch.isin(next_ids, eos)
+        if stop_at_answer and step % 8 == 7:
+            done |= _answer_complete(tokenizer, torch.stack(generated, 1), done)
+        if bool(done.all()):
+            break
+        step_ids = next_ids[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    tokens = torch.stack(generated, 1).tolist() if generated else [[] for _ in enc]
+    texts = []
+    for row in tokens:
+        cut = next((i for i, tok in enumerate(row) if tok in eos_ids), len(row))
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _answer_complete(tokenizer: Any, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+    """Rows whose text so far holds an ``Answer:`` line ended by a newline."""
+    flags = done.clone()
+    for row in torch.nonzero(~done).flatten().tolist():
+        text = tokenizer.decode(tokens[row], skip_special_tokens=True)
+        flags[row] = bool(re.search(r"answer\s*[:：][^\n]*\S[^\n]*\n", text, re.IGNORECASE))
+    return flags
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    tasks: Iterable[str] | str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    *,
+    batch_size: int = 256,
+    prompt_style: str = "auto",
+    seed: int = 0,
+) -> EvalResult:
+    """Exact-match accuracy of ``model`` on each task's ``split`` (first ``limit`` examples)."""
+    names = resolve_tasks(tasks)
+    chat = _uses_chat(tokenizer, prompt_style)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    accuracy, counts, outputs = {}, {}, {}
+    try:
+        for name in names:
+            examples = generate(name, split, seed=seed)[: limit if limit is not None else None]
+            prompts = [
+                chat_prompt(tokenizer, name, ex.prompt) if chat else plain_prompt(ex.prompt)
+                for ex in examples
+            ]
+            budget = _max_new_tokens(tokenizer, examples, chat)
+            texts = _generate_sorted(model, tokenizer, prompts, budget, batch_size, chat)
+            accuracy[name] = sum(score(t, ex.answer) for t, ex in zip(texts, examples, strict=True)) / len(
+                examples
+            )
+            counts[name] = len(examples)
+            outputs[name] = texts
+    finally:
+        model.train(was_training)
+    return EvalResult(accuracy, counts, outputs, time.perf_counter() - start)
+
+
+def _generate_sorted(
+    model: Any, tokenizer: Any, prompts: Sequence[str], budget: int, batch_size: int, chat: bool
+) -> list[str]:
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    texts: list[str] = [""] * len(prompts)
+    for lo in range(0, len(order), batch_size):
+        chunk = order[lo : lo + batch_size]
+        for i, text in zip(
+            chunk,
+            greedy_generate(model, tokenizer, [prompts[i] for i in chunk], budget, stop_at_answer=chat),
+            strict=True,
+        ):
+            texts[i] = text
+    return texts
+
+
+def gain_retention(
+    scores: Mapping[str, float], base: Mapping[str, float], experts: Mapping[str, float]
+) -> dict[str, float | None]:
+    """Per domain, (model - base) / (domain expert - base); None where the expert gains nothing."""
+    out: dict[str, float | None] = {}
+    for domain in DOMAINS:
+        if domain not in scores or domain not in base or domain not in experts:
+            continue
+        gain = experts[domain] - base[domain]
+        out[domain] = (scores[domain] - base[domain]) / gain if gain > 0 else None
+    return out

@@ -1,0 +1,118 @@
+"""Task suite: deterministic generators, disjoint splits, correct answers, JSONL export."""
+
+import json
+import re
+
+import pytest
+
+from merging.testbed.tasks import (
+    COMPOSITIONAL,
+    DOMAINS,
+    SPLIT_SIZES,
+    SPLITS,
+    TASKS,
+    TaskError,
+    column_addition,
+    export_jsonl,
+    generate,
+    resolve_tasks,
+    split_of,
+)
+
+
+def _literal(token: str) -> str:
+    return {"T": "True", "F": "False"}.get(token, token)
+
+
+def _reference_answer(task: str, prompt: str) -> str:
+    """Recompute the answer from the prompt text with plain Python."""
+    if task == "arithmetic":
+        a, b = map(int, re.fullmatch(r"Compute (\d+) \+ (\d+)\.", prompt).groups())
+        return str(a + b)
+    if task in ("lists", "list_arith"):
+        values = json.loads(re.search(r"\[.*\]", prompt).group(0))
+        if task == "list_arith":
+            return str(max(values) + min(values))
+        if prompt.startswith("Reverse"):
+            return "[" + ", ".join(map(str, reversed(values))) + "]"
+        return str(max(values) if "max" in prompt else min(values))
+    if task == "logic":
+        expr = re.fullmatch(r"Evaluate (.*)\.", prompt).group(1)
+        return str(eval(" ".join(_literal(tok) for tok in re.findall(r"\(|\)|\w+", expr))))
+    code, asked = re.fullmatch(r"Run (.*)\. What is (\w)\?", prompt).groups()
+    env: dict[str, object] = {}
+    for statement in code.split("; "):
+        target, expr = statement.split("=", 1)
+        env[target] = eval(" ".join(_literal(tok) for tok in re.findall(r"\w+|[+-]", expr)), {}, env)
+    return str(env[asked])
+
+
+def test_suite_has_four_domains_and_two_compositional_tasks():
+    assert set(DOMAINS) <= set(TASKS) and len(DOMAINS) >= 4
+    assert len(COMPOSITIONAL) >= 2
+    for name in COMPOSITIONAL:
+        assert len(set(TASKS[name].domains) & set(DOMAINS)) == 2
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_generation_is_deterministic_and_seeded(task):
+    first = generate(task, "dev")
+    assert first == generate(task, "dev")
+    assert [ex.prompt for ex in first] != [ex.prompt for ex in generate(task, "dev", seed=1)]
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_splits_have_fixed_sizes_and_never_share_a_prompt(task):
+    prompts = {split: [ex.prompt for ex in generate(task, split)] for split in SPLITS}
+    for split in SPLITS:
+        assert len(prompts[split]) == SPLIT_SIZES[split]
+        assert len(set(prompts[split])) == SPLIT_SIZES[split]
+        assert all(split_of(p) == split for p in prompts[split])
+    assert not set(prompts["train"]) & set(prompts["test"])
+    assert not set(prompts["train"]) & set(prompts["dev"])
+    assert not set(prompts["dev"]) & set(prompts["test"])
+    # A larger training draw stays inside the train split too.
+    assert not {ex.prompt for ex in generate(task, "train", n=6000)} & set(prompts["test"])
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_answers_match_a_plain_reference_and_end_the_response(task):
+    for ex in generate(task, "test"):
+        assert ex.answer == _reference_answer(task, ex.prompt), ex.prompt
+        lines = ex.response.split("\n")
+        assert lines[-1] == f"Answer: {ex.answer}"
+        assert len(lines) >= 2  # at least one scratchpad step
+
+
+def test_arithmetic_scratchpad_is_column_addition():
+    assert column_addition(347, 85) == ["7+5+0=12: 2 carry 1", "4+8+1=13: 32 carry 1", "3+0+1=4: 432 carry 0"]
+    assert column_addition(10, 90) == ["0+0+0=0: 0 carry 0", "1+9+0=10: 00 carry 1"]
+
+
+def test_first_dev_examples_show_their_work():
+    logic, tracing, lists = (generate(task, "dev")[0] for task in ("logic", "tracing", "lists"))
+    assert (logic.prompt, logic.response) == (
+        "Evaluate F and (F or F).",
+        "F or F = F\nF and F = F\nAnswer: False",
+    )
+    assert tracing.prompt == "Run x=4; b=x+6; b=b+3; x=b-8. What is b?"
+    assert tracing.response == "x=4\nb=4+6=10\nb=10+3=13\nx=13-8=5\nAnswer: 13"
+    assert lists.response == "max so far: 76 77 77 77 94\nAnswer: 94"
+
+
+def test_export_jsonl_writes_every_split(tmp_path):
+    paths = export_jsonl(tmp_path, ["logic"])
+    assert sorted(p.name for p in paths) == ["logic.dev.jsonl", "logic.test.jsonl", "logic.train.jsonl"]
+    rows = [json.loads(line) for line in (tmp_path / "logic.test.jsonl").read_text().splitlines()]
+    assert rows == [ex.to_dict() for ex in generate("logic", "test")]
+
+
+def test_bad_names_raise_typed_errors():
+    with pytest.raises(TaskError, match="expected a task among"):
+        generate("poetry")
+    with pytest.raises(TaskError, match="expected a split among"):
+        generate("logic", "validation")
+    with pytest.raises(TaskError, match="expected a task among"):
+        resolve_tasks("logic,poetry")
+    assert resolve_tasks("logic, lists") == ["logic", "lists"]
+    assert resolve_tasks(None) == list(TASKS)
