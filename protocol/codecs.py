@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import zstandard
 
@@ -176,8 +177,12 @@ def _decompress(data: bytes, expected: int) -> bytes:
 
 
 def _encode_topk(flat: torch.Tensor, k: int) -> bytes:
-    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]  # ties: lower index first
-    indices = torch.sort(order).values  # [k], increasing
+    magnitude = flat.abs()
+    numel = magnitude.numel()
+    threshold = float(np.partition(magnitude.numpy(), numel - k)[numel - k])  # the k-th largest magnitude
+    above = torch.nonzero(magnitude > threshold).flatten()  # fewer than k, all kept
+    at = torch.nonzero(magnitude == threshold).flatten()[: k - above.numel()]  # ties: lower index first
+    indices = torch.sort(torch.cat([above, at])).values  # [k], increasing
     gaps = torch.diff(indices, prepend=torch.zeros(1, dtype=indices.dtype))
     return _to_bytes(gaps.to(torch.int32)) + _to_bytes(flat[indices].to(torch.bfloat16))
 
