@@ -79,6 +79,7 @@ def start_dht(
     rsa_key: RSAPrivateKey | None = None,
     identity_path: str | Path | None = None,
     start_timeout: float = 60.0,
+    client_mode: bool = False,
 ) -> tuple[NodeDHT, RSASignatureValidator]:
     """Start a DHT node on `host:port` joined to `initial_peers`; returns it and its record validator."""
     validator = RSASignatureValidator(rsa_key if rsa_key is not None else RSAPrivateKey())
@@ -90,6 +91,7 @@ def start_dht(
         auto_nat=False,
         record_validators=[validator],
         identity_path=str(identity_path) if identity_path is not None else None,
+        client_mode=client_mode,
     )
     try:
         dht.run_in_background(await_ready=True, timeout=start_timeout)

@@ -14,7 +14,12 @@ import click
 from merging import __version__
 from merging.errors import UmmError
 
-COMMAND_MODULES: tuple[str, ...] = ("node.cli.keys_cmd", "node.cli.merge_cmd")
+COMMAND_MODULES: tuple[str, ...] = (
+    "node.cli.keys_cmd",
+    "node.cli.merge_cmd",
+    "node.cli.network_cmd",
+    "node.cli.node_cmd",
+)
 
 
 class UmmGroup(click.Group):

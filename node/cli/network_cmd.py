@@ -1,0 +1,208 @@
+"""`umm network create`: write a signed genesis; `umm status`: the network as a rich table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import click
+import yaml
+
+from node.dht import RecordBoard, start_dht
+from node.errors import NodeError
+from node.genesis import create_genesis, write_atomic
+from node.records import contrib_key, parse_record, peers_key, result_key
+from node.service import claimed_latest_rounds, load_or_create_identity, read_genesis_from
+from node.state import NodeState
+from node.store import ContentStore
+from protocol.envelope import open_envelope
+from protocol.errors import ProtocolError
+from protocol.identity import peer_id_from_public_key, public_key_from_peer_id
+from protocol.messages import Attestation, ExpertCard
+
+
+def _members(value: str) -> tuple[bytes, ...] | None:
+    if value == "open":
+        return None
+    return tuple(public_key_from_peer_id(p.strip()) for p in value.split(",") if p.strip())
+
+
+@click.group("network")
+def network() -> None:
+    """Create and inspect networks."""
+
+
+@network.command("create")
+@click.argument("name")
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="The base model folder (safetensors + config + tokenizer).",
+)
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The creating node's data folder (its identity signs the genesis).",
+)
+@click.option("--method", default="ties", show_default=True, help="Default merge method.")
+@click.option(
+    "--params",
+    default='{"density": 0.5, "weight": 1.0}',
+    show_default=True,
+    help="Method parameters as JSON or YAML (layer-wise lists allowed).",
+)
+@click.option("--dtype", default="float32", show_default=True, help="Merged model dtype.")
+@click.option(
+    "--quorum", default=0, show_default=True, help="Attestations needed; 0 = majority of contributors (>= 2)."
+)
+@click.option(
+    "--members",
+    default="open",
+    show_default=True,
+    help="Comma-separated peer ids allowed to sign, or 'open'.",
+)
+@click.option("--min-contributions", default=2, show_default=True, help="Contributions a round needs.")
+@click.option(
+    "--outlier-factor", default=3.0, show_default=True, help="Reject deltas with norm > factor x median."
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the genesis record here.",
+)
+def create(
+    name, base_dir, data_dir, method, params, dtype, quorum, members, min_contributions, outlier_factor, out
+):
+    """Write a signed genesis for a new network and print its network id.
+
+    Example: umm network create demo --base zoo/base --data-dir node1 --method ties --quorum 2
+    """
+    try:
+        parameters = yaml.safe_load(params)
+    except yaml.YAMLError as exc:
+        raise NodeError(f"expected --params as JSON or YAML, got unparsable text: {exc}") from None
+    if not isinstance(parameters, dict):
+        raise NodeError(f"expected --params to be a map, got {type(parameters).__name__}")
+    identity = load_or_create_identity(data_dir)
+    with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
+        genesis, record = create_genesis(
+            name,
+            base_dir,
+            identity,
+            store,
+            method=method,
+            parameters=parameters,
+            dtype=dtype,
+            quorum=quorum,
+            members=_members(members),
+            outlier_factor=outlier_factor,
+            min_contributions=min_contributions,
+        )
+        state.set("genesis", record)
+    if out is not None:
+        write_atomic(out, record)
+    click.echo(f"network: {genesis.network_id}")
+    click.echo(f"genesis: {genesis.id}")
+    click.echo(f"creator: {identity.peer_id}")
+
+
+async def _collect(network_id: str, initial_peers: list[str]) -> dict:
+    dht, validator = await asyncio.to_thread(start_dht, initial_peers=initial_peers, client_mode=True)
+    board = RecordBoard(dht, validator)
+    try:
+        found = await asyncio.to_thread(read_genesis_from, board, network_id)
+        peers = [parse_record("peers", v) for v in (await board.aread(peers_key(network_id))).values()]
+        claims = await asyncio.to_thread(claimed_latest_rounds, board, network_id)
+        current = (claims[0] + 1) if claims else 0
+        rounds = sorted({current, *claims[:1]})
+        contribs = {
+            r: [parse_record("contrib", v) for v in (await board.aread(contrib_key(network_id, r))).values()]
+            for r in rounds
+        }
+        results = {
+            r: [parse_record("result", v) for v in (await board.aread(result_key(network_id, r))).values()]
+            for r in rounds
+        }
+    finally:
+        await asyncio.to_thread(dht.shutdown)
+    return {"genesis": found, "peers": [p for p in peers if p], "contribs": contribs, "results": results}
+
+
+@click.command("status")
+@click.option("--network", "network_id", required=True, help="Network id (NAME.<16 hex>).")
+@click.option("--initial-peers", multiple=True, required=True, help="A multiaddr of any node (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> None:
+    """Show peers, their expert cards, contributions per round and the latest results.
+
+    Example: umm status --network demo.0123456789abcdef --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    data = asyncio.run(_collect(network_id, list(initial_peers)))
+    peers = [
+        {"p2p": p["p2p"], "peer": peer_id_from_public_key(p["signer"]), "latest": p["latest"]}
+        for p in data["peers"]
+    ]
+    rounds = {}
+    for r, records in data["contribs"].items():
+        rows = []
+        for rec in records:
+            if rec is None:
+                continue
+            try:
+                card = open_envelope(rec["card"], ExpertCard, network_id=network_id).message
+                rows.append(
+                    {
+                        "expert": card.name,
+                        "peer": card.peer_id,
+                        "domains": list(card.domains),
+                        "manifest": rec["manifest"],
+                    }
+                )
+            except ProtocolError:
+                continue
+        atts = []
+        for rec in data["results"][r]:
+            if rec is None:
+                continue
+            try:
+                att = open_envelope(rec["attestation"], Attestation, network_id=network_id).message
+                atts.append(
+                    {"peer": att.peer_id, "result": att.result_id, "fingerprint": att.merged_fingerprint}
+                )
+            except ProtocolError:
+                continue
+        rounds[r] = {"contributions": rows, "attestations": atts}
+    if as_json:
+        click.echo(
+            json.dumps({"network": network_id, "peers": peers, "rounds": rounds}, indent=2, sort_keys=True)
+        )
+        return
+    console = Console()
+    console.print(f"network {network_id} (genesis {'found' if data['genesis'] else 'not found'})")
+    table = Table("libp2p peer", "umm peer id", "latest round")
+    for p in peers:
+        table.add_row(p["p2p"], p["peer"], str(p["latest"]))
+    console.print(table)
+    for r, info in rounds.items():
+        table = Table("expert", "peer", "domains", "manifest", title=f"round {r}: contributions")
+        for row in info["contributions"]:
+            table.add_row(row["expert"], row["peer"][:20], ",".join(row["domains"]), row["manifest"][:16])
+        console.print(table)
+        table = Table("attested by", "result", "merged fingerprint", title=f"round {r}: attestations")
+        for row in info["attestations"]:
+            table.add_row(row["peer"][:20], row["result"][:16], row["fingerprint"][:16])
+        console.print(table)
+
+
+def register(group: click.Group) -> None:
+    """Add `network` and `status` to the `umm` command group."""
+    group.add_command(network)
+    group.add_command(status)

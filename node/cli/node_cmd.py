@@ -1,0 +1,167 @@
+"""`umm node start`, `umm contribute` and `umm pull`: run a node, offer an expert, fetch the merge."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+from node.errors import NodeError
+
+
+@click.group("node")
+def node() -> None:
+    """Run a network node."""
+
+
+@node.command("start")
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Store, state and keys of this node (a restart resumes from it).",
+)
+@click.option(
+    "--network", "network_id", help="Network id to join (NAME.<16 hex>); not needed by the creator."
+)
+@click.option(
+    "--genesis",
+    "genesis_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A genesis record file (instead of fetching it from the initial peers).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=0, show_default=True, help="TCP port (0 = any free port).")
+@click.option("--initial-peers", multiple=True, help="Multiaddr of a running node (repeatable).")
+@click.option("--poll", default=1.0, show_default=True, help="Seconds between round steps.")
+@click.option("--log-level", default="INFO", show_default=True, help="Python log level of the node.")
+def start(data_dir, network_id, genesis_file, host, port, initial_peers, poll, log_level) -> None:
+    """Start a node: DHT, chunk server, store and rounds, until SIGINT/SIGTERM.
+
+    Example: umm node start --data-dir node2 --network demo.0123456789abcdef \
+        --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
+    """
+    from node.service import NodeService
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def ready(service: NodeService) -> None:
+        click.echo(f"network: {service.network_id}", nl=True)
+        click.echo(f"peer id: {service.identity.peer_id}")
+        for maddr in service.maddrs:
+            click.echo(f"multiaddr: {maddr}")
+        click.echo("ready", nl=True)
+
+    service = NodeService(
+        data_dir,
+        network_id=network_id,
+        genesis_record=genesis_file.read_bytes() if genesis_file else None,
+        host=host,
+        port=port,
+        initial_peers=list(initial_peers),
+        poll=poll,
+        on_ready=ready,
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+
+    asyncio.run(main())
+    click.echo("stopped")
+
+
+@click.command("contribute")
+@click.argument("expert_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--data-dir",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="The data folder of the node that will announce the contribution.",
+)
+@click.option("--network", "network_id", help="Check that the node belongs to this network id.")
+@click.option(
+    "--codec",
+    default="bf16",
+    show_default=True,
+    help="Delta codec: bf16, fp16, topk:DENSITY, int8:BLOCK, +zstd.",
+)
+@click.option("--name", help="Expert name on its card (default: the folder name).")
+@click.option("--domain", "domains", multiple=True, help="Domain tag (repeatable).")
+@click.option(
+    "--license", "license_", default="unknown", show_default=True, help="License on the expert card."
+)
+@click.option(
+    "--round", "round_number", type=int, help="Round to contribute to (default: the node's current round)."
+)
+def contribute_command(
+    expert_dir, data_dir, network_id, codec, name, domains, license_, round_number
+) -> None:
+    """Sign and store an expert's deltas; the node in --data-dir announces them.
+
+    Example: umm contribute zoo/experts/math --data-dir node1 --codec int8+zstd --domain math
+    """
+    from node.contribute import contribute
+    from node.genesis import open_genesis
+    from node.state import NodeState
+
+    if network_id is not None:
+        with NodeState(data_dir) as state:
+            record = state.get("genesis")
+        if record is None or open_genesis(record).network_id != network_id:
+            raise NodeError(f"expected the node in {data_dir} to belong to {network_id}, got another network")
+    done = contribute(
+        data_dir,
+        expert_dir,
+        codec=codec,
+        name=name,
+        domains=tuple(domains),
+        license=license_,
+        round_number=round_number,
+    )
+    click.echo(
+        f"round {done.round}: manifest {done.manifest_id} ({done.total_bytes} bytes in {done.chunks} chunks)"
+    )
+
+
+@click.command("pull")
+@click.option("--network", "network_id", required=True, help="Network id (NAME.<16 hex>).")
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output HF folder."
+)
+@click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any node (repeatable).")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for an attested result.")
+def pull_command(network_id, out, initial_peers, timeout) -> None:
+    """Download the latest attested merged model into a loadable folder (resumable).
+
+    Example: umm pull --network demo.0123456789abcdef --out merged \
+        --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
+    """
+    from rich.progress import Progress
+
+    from node.pull import pull
+
+    with Progress(transient=True) as bars:
+        task = bars.add_task("chunks", total=None)
+
+        def progress(_what: str, done: int, total: int) -> None:
+            bars.update(task, completed=done, total=total)
+
+        outcome = asyncio.run(
+            pull(network_id, out, initial_peers=list(initial_peers), timeout=timeout, progress=progress)
+        )
+    click.echo(f"round {outcome.round}: {outcome.merged_fingerprint} attested by {outcome.attested_by} keys")
+    click.echo(f"wrote {outcome.out} ({outcome.bytes_fetched} bytes fetched)")
+
+
+def register(group: click.Group) -> None:
+    """Add `node`, `contribute` and `pull` to the `umm` command group."""
+    group.add_command(node)
+    group.add_command(contribute_command)
+    group.add_command(pull_command)

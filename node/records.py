@@ -1,0 +1,73 @@
+"""The network's DHT layout: which small record lives under which key, and how to read it safely.
+
+Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
+
+    umm/<network id>/genesis         the signed genesis record
+    umm/<network id>/peers           {"p2p": libp2p peer id, "signer": Ed25519 key, "latest": round or -1}
+    umm/<network id>/contrib/<r>     {"card": ExpertCard envelope, "manifest": DeltaManifest envelope id,
+                                      "p2p": the holder's libp2p peer id}
+    umm/<network id>/result/<r>      {"result": MergeResult envelope id, "attestation": Attestation
+                                      envelope, "p2p": the holder's libp2p peer id}
+
+Large things (manifests, results, tensors) are chunks addressed by sha256 and fetched peer to peer.
+Every record is untrusted input: `parse_record` returns None for anything but a map with exactly
+the expected fields of the expected types; envelopes inside are verified by protocol/.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.encoding import pack, unpack
+from protocol.errors import ProtocolError
+
+MAX_RECORD_BYTES = 8 * 1024
+_HEX = frozenset("0123456789abcdef")
+
+RECORD_FIELDS: dict[str, dict[str, type]] = {
+    "peers": {"p2p": str, "signer": bytes, "latest": int},
+    "contrib": {"card": bytes, "manifest": str, "p2p": str},
+    "result": {"result": str, "attestation": bytes, "p2p": str},
+}
+
+
+def genesis_key(network_id: str) -> str:
+    return f"umm/{network_id}/genesis"
+
+
+def peers_key(network_id: str) -> str:
+    return f"umm/{network_id}/peers"
+
+
+def contrib_key(network_id: str, round_number: int) -> str:
+    return f"umm/{network_id}/contrib/{round_number}"
+
+
+def result_key(network_id: str, round_number: int) -> str:
+    return f"umm/{network_id}/result/{round_number}"
+
+
+def make_record(kind: str, **fields: Any) -> bytes:
+    """A record's bytes; RuntimeError if the fields do not match the layout (a programming error)."""
+    if parse_record(kind, pack(fields)) is None:
+        raise RuntimeError(f"make_record: fields {sorted(fields)} do not form a valid {kind} record")
+    return pack(fields)
+
+
+def parse_record(kind: str, data: bytes) -> dict[str, Any] | None:
+    """The record's fields, or None if `data` is not a well-formed record of `kind`."""
+    expected = RECORD_FIELDS[kind]
+    try:
+        value = unpack(data, max_size=MAX_RECORD_BYTES)
+    except ProtocolError:
+        return None
+    if not isinstance(value, dict) or set(value) != set(expected):
+        return None
+    for name, kind_type in expected.items():
+        if type(value[name]) is not kind_type:
+            return None
+    for digest_field in ("manifest", "result"):
+        digest = value.get(digest_field)
+        if digest is not None and (len(digest) != 64 or not set(digest) <= _HEX):
+            return None
+    return value

@@ -1,0 +1,139 @@
+"""The deterministic rules of a round, applied identically by every node (no I/O here).
+
+1. `select_contributions`: from every (card, manifest) pair seen for a round, keep those whose
+   manifest is signed by the card's signer, names that card, targets this round, applies to the
+   genesis base and architecture, and (with an allowlist) comes from a member; one per signer —
+   the newest ``created_at``, ties broken by the smaller manifest id.
+2. `admit`: decode every selected contribution (codec checks reject malformed bytes and NaN/Inf);
+   its tensors must be exactly the base's names and shapes; then, with three or more decodable
+   contributions, exclude any whose delta L2 norm exceeds ``outlier_factor`` x the median norm.
+3. The recipe is `Genesis.recipe(round, admitted ids)` (sorted ids, content-derived seed), so two
+   nodes that saw the same contributions build byte-identical recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from node.genesis import Genesis
+from protocol.envelope import Signed
+from protocol.errors import ProtocolError
+from protocol.messages import DeltaManifest, ExpertCard, TensorEntry
+
+
+@dataclasses.dataclass(frozen=True)
+class Contribution:
+    """A verified expert card and the delta manifest it backs."""
+
+    card: Signed
+    manifest: Signed
+
+    @property
+    def id(self) -> str:
+        """The contribution id a recipe lists: the manifest envelope's sha256."""
+        return self.manifest.id
+
+    @property
+    def signer(self) -> bytes:
+        return self.manifest.message.signer
+
+
+def contribution_problem(genesis: Genesis, round_number: int, card: Signed, manifest: Signed) -> str | None:
+    """Why a (card, manifest) pair cannot count in this round, or None if it can."""
+    c: ExpertCard = card.message
+    m: DeltaManifest = manifest.message
+    if not isinstance(c, ExpertCard) or not isinstance(m, DeltaManifest):
+        return "expected an expert card and a delta manifest"
+    if m.signer != c.signer:
+        return "expected the manifest signed by the card's signer"
+    if m.card_id != card.id:
+        return f"expected card_id {card.id}, got {m.card_id}"
+    if m.round != round_number:
+        return f"expected round {round_number}, got {m.round}"
+    if (m.base_fingerprint, m.architecture_fingerprint) != (
+        genesis.base_fingerprint,
+        genesis.architecture_fingerprint,
+    ):
+        return "expected the genesis base and architecture fingerprints"
+    if m.chunk_size != genesis.chunk_size:
+        return f"expected chunk size {genesis.chunk_size}, got {m.chunk_size}"
+    if genesis.members is not None and m.signer not in genesis.members:
+        return "expected a member of the network's allowlist"
+    return None
+
+
+def select_contributions(
+    genesis: Genesis, round_number: int, pairs: Iterable[tuple[Signed, Signed]]
+) -> list[Contribution]:
+    """Rule 1 of the module docstring; the result is sorted by contribution id."""
+    best: dict[bytes, Contribution] = {}
+    for card, manifest in pairs:
+        if contribution_problem(genesis, round_number, card, manifest) is not None:
+            continue
+        candidate = Contribution(card, manifest)
+        held = best.get(candidate.signer)
+        key = (-candidate.manifest.message.created_at, candidate.id)
+        if held is None or key < (-held.manifest.message.created_at, held.id):
+            best[candidate.signer] = candidate
+    return sorted(best.values(), key=lambda c: c.id)
+
+
+def delta_norm(deltas: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm over all tensors, summed in float64 in sorted name order."""
+    total = 0.0
+    for name in sorted(deltas):
+        total += float(deltas[name].double().pow(2).sum())
+    return math.sqrt(total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """Rule 2's outcome: admitted contribution ids (sorted), rejected ones with reasons, and norms."""
+
+    admitted: tuple[str, ...]
+    rejected: dict[str, str]
+    norms: dict[str, float]
+
+
+def admit(
+    genesis: Genesis,
+    contributions: Iterable[Contribution],
+    base_entries: Iterable[TensorEntry],
+    decode: Callable[[Contribution], Mapping[str, torch.Tensor]],
+) -> tuple[Admission, dict[str, Mapping[str, torch.Tensor]]]:
+    """Rule 2 of the module docstring; also returns the decoded deltas of the admitted contributions."""
+    expected = {e.name: tuple(e.shape) for e in base_entries}
+    rejected: dict[str, str] = {}
+    decoded: dict[str, Mapping[str, torch.Tensor]] = {}
+    norms: dict[str, float] = {}
+    for contribution in contributions:
+        shapes = {t.name: tuple(t.shape) for t in contribution.manifest.message.tensors}
+        if shapes != expected:
+            rejected[contribution.id] = "expected exactly the base's tensor names and shapes"
+            continue
+        try:
+            deltas = decode(contribution)
+        except ProtocolError as exc:
+            rejected[contribution.id] = f"{type(exc).__name__}: {exc}"
+            continue
+        norm = delta_norm(deltas)
+        if not math.isfinite(norm):
+            rejected[contribution.id] = "expected a finite delta norm"
+            continue
+        decoded[contribution.id] = deltas
+        norms[contribution.id] = norm
+    if len(norms) >= 3:
+        median = statistics.median(norms.values())
+        for cid, norm in norms.items():
+            if norm > genesis.outlier_factor * median:
+                rejected[cid] = (
+                    f"expected a delta norm <= {genesis.outlier_factor:g} x median {median:.4g}, "
+                    f"got {norm:.4g}"
+                )
+    admitted = tuple(sorted(cid for cid in decoded if cid not in rejected))
+    return Admission(admitted, rejected, norms), {cid: decoded[cid] for cid in admitted}
