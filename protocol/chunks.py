@@ -144,3 +144,35 @@ def apply_delta(base: torch.Tensor, entry: TensorEntry, delta: torch.Tensor) -> 
     """base + delta in float32 (the expert's weights as the engine sees them); checks base vs entry."""
     check_matches(entry.name, entry.shape, entry.dtype, base)
     return base.float() + delta
+
+
+def split_blob(
+    data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[str, tuple[str, ...], dict[str, bytes]]:
+    """Cut any bytes (e.g. a large signed envelope) into chunks: (sha256 of all, addresses, chunks).
+
+    DHT values must stay small, so a node announces a large message by its id and chunk addresses
+    and peers fetch the chunks; `join_blob` reassembles and checks them.
+    """
+    pieces = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    return sha256_hex(data), tuple(sha256_hex(p) for p in pieces), {sha256_hex(p): p for p in pieces}
+
+
+def join_blob(digest: str, addresses: tuple[str, ...], source: ChunkSource, *, max_size: int) -> bytes:
+    """The bytes `split_blob` cut, from verified chunks; OversizeError beyond `max_size` bytes."""
+    get = source.__getitem__ if isinstance(source, Mapping) else source
+    pieces, total = [], 0
+    for address in addresses:
+        try:
+            piece = get(address)
+        except KeyError:
+            raise HashMismatchError(f"expected chunk {address}, got none") from None
+        verify_chunk(address, piece)
+        total += len(piece)
+        if total > max_size:
+            raise OversizeError(f"expected at most {max_size} bytes in all, got more")
+        pieces.append(piece)
+    data = b"".join(pieces)
+    if sha256_hex(data) != digest:
+        raise HashMismatchError(f"expected the chunks to join into {digest}, got other bytes")
+    return data

@@ -1,3 +1,4 @@
+import hashlib
 import struct
 
 import numpy as np
@@ -221,3 +222,19 @@ def test_deltas_reconstruct_expert_within_int8_bound():
 def test_entry_dtype_and_shape_come_from_tensor():
     entry, chunks = encode_entry("x", torch.zeros(2, 3, dtype=torch.float16), spec("raw"))
     assert (entry.shape, entry.dtype, entry.nbytes, len(chunks)) == ((2, 3), "float16", 12, 1)
+
+
+def test_blobs_split_and_join():
+    from protocol.chunks import join_blob, split_blob
+    from protocol.errors import OversizeError
+
+    data = bytes(range(256)) * 50  # 12800 bytes
+    digest, addresses, chunks = split_blob(data, 4096)
+    assert len(addresses) == 4 and digest == hashlib.sha256(data).hexdigest()
+    assert join_blob(digest, addresses, chunks, max_size=len(data)) == data
+    with pytest.raises(OversizeError):
+        join_blob(digest, addresses, chunks, max_size=len(data) - 1)
+    with pytest.raises(HashMismatchError, match="join into"):
+        join_blob(digest, addresses[::-1], chunks, max_size=len(data))
+    with pytest.raises(HashMismatchError, match="got none"):
+        join_blob(digest, addresses, {}, max_size=len(data))
