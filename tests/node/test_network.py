@@ -1,0 +1,216 @@
+"""A local network of node processes: convergence, late pull, a killed peer, a poisoned expert, restart.
+
+Four `umm node start` processes on 127.0.0.1 (each in its own process group, p2pd included):
+n1 creates the network; n1-n3 contribute honest experts; n4 contributes a poisoned delta
+(100x the others' norm) that robust admission must exclude.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from node_models import make_base, make_expert
+from safetensors.torch import load_file, save_file
+
+from merging.engine import merge
+from node.contribute import contribute
+from node.genesis import create_genesis, read_base_manifest
+from node.process import process_tree, spawn_in_new_session, stop_process_group, wait_gone
+from node.service import load_or_create_identity
+from node.state import NodeState
+from node.store import ContentStore
+from protocol.chunks import decode_tensors
+from protocol.envelope import open_envelope
+from protocol.fingerprint import weights_fingerprint
+from protocol.messages import DeltaManifest, MergeResult
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+NODES = ("n1", "n2", "n3", "n4")
+HONEST = ("n1", "n2", "n3")
+
+
+class Network:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.bootstrap: str = ""
+        self.network_id: str = ""
+        self.started: dict[str, int] = {}
+
+    def start(self, name: str, *extra: str) -> subprocess.Popen:
+        log = self.root / f"{name}.log"
+        command = [sys.executable, "-m", "node.cli", "node", "start", "--data-dir", str(self.root / name)]
+        proc = spawn_in_new_session([*command, "--poll", "0.5", *extra], log_path=log)
+        self.procs[name] = proc
+        self.started[name] = self.started.get(name, 0) + 1
+        return proc
+
+    def wait_ready(self, name: str, timeout: float = 90.0) -> list[str]:
+        log = self.root / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = log.read_text().splitlines()
+            if lines.count("ready") >= self.started[name]:
+                return [line.split(": ", 1)[1] for line in lines if line.startswith("multiaddr: ")]
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"{name} not ready within {timeout} s:\n{log.read_text()[-3000:]}")
+
+    def join(self, name: str) -> subprocess.Popen:
+        return self.start(name, "--network", self.network_id, "--initial-peers", self.bootstrap)
+
+    def latest(self, name: str):
+        with NodeState(self.root / name) as state:
+            return state.get("latest")
+
+    def wait_latest(self, names, timeout: float = 120.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = {n: self.latest(n) for n in names}
+            if all(found.values()):
+                return found
+            time.sleep(0.25)
+        raise AssertionError(f"no attested result on every node within {timeout} s: {found}")
+
+    def pull(self, out: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "node.cli", "pull", "--network", self.network_id]
+        command += ["--out", str(out), "--initial-peers", self.bootstrap, "--timeout", "60"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    root = tmp_path_factory.mktemp("network")
+    make_base(root / "base")
+    for index, name in enumerate(HONEST):
+        make_expert(root / "base", root / f"expert-{name}", seed=100 + index)
+    make_expert(root / "base", root / "expert-n4", seed=999, scale=2.0)  # the poisoned delta
+    identity = load_or_create_identity(root / "n1")
+    with ContentStore(root / "n1" / "store") as store, NodeState(root / "n1") as state:
+        genesis, record = create_genesis("tiny", root / "base", identity, store, method="ties")
+        state.set("genesis", record)
+    net = Network(root)
+    net.network_id = genesis.network_id
+    net.genesis = genesis
+    try:
+        net.start("n1")
+        net.bootstrap = net.wait_ready("n1")[0]
+        for name in NODES[1:]:
+            net.join(name)
+        for name in NODES[1:]:
+            net.wait_ready(name)
+        for name in NODES:
+            contribute(root / name, root / f"expert-{name}", codec="bf16")
+        net.converged = net.wait_latest(NODES)
+        yield net
+    finally:
+        for proc in net.procs.values():
+            stop_process_group(proc.pid, grace=10.0)
+
+
+def _manifest(store: ContentStore, digest: str, network_id: str) -> DeltaManifest:
+    return open_envelope(store.get(digest), DeltaManifest, network_id=network_id).message
+
+
+def test_nodes_converge_on_the_offline_merge_without_the_poisoned_expert(network, tmp_path):
+    fingerprints = {latest["fingerprint"] for latest in network.converged.values()}
+    assert len(fingerprints) == 1
+    (fingerprint,) = fingerprints
+    with ContentStore(network.root / "n1" / "store") as store, NodeState(network.root / "n1") as state:
+        result = open_envelope(
+            store.get(network.converged["n1"]["result"]), MergeResult, network_id=network.network_id
+        ).message
+        honest = {state_name: None for state_name in HONEST}
+        for name in NODES:
+            with NodeState(network.root / name) as node_state:
+                honest[name] = node_state.get("contribution/0")["manifest"]
+        assert sorted(result.recipe.contributions) == sorted(honest[n] for n in HONEST)
+        assert honest["n4"] not in result.recipe.contributions
+        # Offline: rebuild each admitted expert as base + decoded delta, merge the folders with the engine.
+        genesis = network.genesis
+        base_entries = read_base_manifest(store.get(genesis.base_manifest))
+        base = decode_tensors(base_entries, store.get, genesis.chunk_size)
+        folders = []
+        for contribution in result.recipe.contributions:  # the recipe's (sorted) order
+            manifest = _manifest(store, contribution, network.network_id)
+            deltas = decode_tensors(manifest.tensors, store.get, manifest.chunk_size)
+            folder = tmp_path / contribution[:12]
+            folder.mkdir()
+            expert = {k: (base[k].float() + deltas[k]).contiguous() for k in base}
+            save_file(expert, folder / "model.safetensors", metadata={"format": "pt"})
+            (folder / "config.json").write_bytes((network.root / "base" / "config.json").read_bytes())
+            folders.append(folder)
+        del state
+    config = {
+        "merge_method": result.recipe.method,
+        "base_model": str(network.root / "base"),
+        "models": [{"model": str(f)} for f in folders],
+        "parameters": result.recipe.parameters,
+        "dtype": result.recipe.dtype,
+        "seed": result.recipe.seed,
+    }
+    offline = merge(config, tmp_path / "offline", progress=False)
+    assert weights_fingerprint(offline) == fingerprint
+
+
+def test_late_joiner_pulls_byte_identical_loadable_weights(network, tmp_path):
+    done = network.pull(tmp_path / "merged")
+    assert done.returncode == 0, done.stderr[-3000:]
+    fingerprint = network.converged["n1"]["fingerprint"]
+    assert f"round 0: {fingerprint}" in done.stdout
+    assert weights_fingerprint(tmp_path / "merged") == fingerprint
+    with ContentStore(network.root / "n2" / "store") as store:
+        result = open_envelope(
+            store.get(network.converged["n2"]["result"]), MergeResult, network_id=network.network_id
+        ).message
+        expected = decode_tensors(result.tensors, store.get, result.chunk_size)
+    pulled = load_file(tmp_path / "merged" / "model.safetensors")
+    assert sorted(pulled) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(pulled[name], tensor), name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(model.state_dict()["model.norm.weight"], expected["model.norm.weight"])
+    assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())  # no partial folders left
+
+
+def test_pull_completes_after_a_peer_is_killed(network, tmp_path):
+    victim = network.procs["n2"]
+    tree = process_tree(victim.pid)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=10)
+    assert wait_gone(tree, 15.0) == []
+    done = network.pull(tmp_path / "merged")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert weights_fingerprint(tmp_path / "merged") == network.converged["n1"]["fingerprint"]
+
+
+def test_restart_keeps_store_and_state(network):
+    name = "n3"
+    data = network.root / name
+    with ContentStore(data / "store") as store:
+        chunks_before = sorted(store)
+    identity_before = load_or_create_identity(data).peer_id
+    proc = network.procs[name]
+    tree = process_tree(proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert wait_gone(tree, 10.0) == []
+    assert "stopped" in (network.root / f"{name}.log").read_text()
+    network.join(name)
+    network.wait_ready(name)
+    log = (network.root / f"{name}.log").read_text()
+    assert log.count(f"peer id: {identity_before}") == 2
+    assert network.latest(name) == network.converged[name]
+    with ContentStore(data / "store") as store:
+        assert sorted(store) == chunks_before
