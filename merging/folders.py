@@ -1,9 +1,11 @@
 """Hugging Face model folders: lazy tensor reads in, sharded safetensors out.
 
-Reading opens every `*.safetensors` shard with `safe_open` and reads a tensor's rows only when an
-operator asks for them. Writing streams row blocks straight into preallocated shard files: the
-safetensors header is written first (every output shape and dtype is known before merging), so an
-output tensor never has to be whole in memory.
+Reading validates every `*.safetensors` shard's header with `safe_open`, then reads a tensor's rows
+with `os.preadv` into a fresh buffer only when an operator asks for them. Plain reads rather than a
+memory map keep the process's resident memory at the blocks in use: pages of a mapped input file
+would count toward it until the file is closed. Writing streams row blocks straight into shard
+files whose safetensors header is written first (every output shape and dtype is known before
+merging), so an output tensor never has to be whole in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from merging.blocks import Reader
+from merging.blocks import Reader, matrix_shape
 from merging.errors import MergeError, MissingTensorError, ShapeMismatchError
 from merging.layout import TensorInfo
 
@@ -52,6 +54,15 @@ TORCH_DTYPES = {
 }
 
 
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(first data byte, tensor entries) of a safetensors file."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        entries = json.loads(handle.read(length))
+    entries.pop("__metadata__", None)
+    return 8 + length, entries
+
+
 class ModelFolder:
     """A local Hugging Face model folder opened for lazy reads (use as a context manager)."""
 
@@ -68,24 +79,25 @@ class ModelFolder:
         except (OSError, ValueError) as exc:
             raise MergeError(f"cannot read config.json of model {name!r}: {exc}") from None
         self.shards = self._shard_files()
-        self._handles = {}
+        self._descriptors: dict[Path, int] = {}
         self.tensors: dict[str, TensorInfo] = {}
-        self._file_of: dict[str, Path] = {}
+        self._location: dict[str, tuple[Path, int]] = {}  # tensor -> (shard, absolute byte offset)
         for shard in self.shards:
             try:
-                handle = safe_open(str(shard), framework="pt")
+                with safe_open(str(shard), framework="pt"):
+                    pass  # validates the header: offsets, dtypes, shapes
             except Exception as exc:  # safetensors raises its own error types for bad headers
                 raise MergeError(f"cannot open {shard.name} of model {name!r}: {exc}") from None
-            self._handles[shard] = handle
-            for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-                tensor_slice = handle.get_slice(key)
-                dtype = TORCH_DTYPES.get(tensor_slice.get_dtype())
+            data_start, entries = _read_header(shard)
+            for key, entry in entries.items():
+                dtype = TORCH_DTYPES.get(entry["dtype"])
                 if dtype is None:
                     raise MergeError(
-                        f"tensor {key!r} of model {name!r} has unsupported dtype {tensor_slice.get_dtype()}"
+                        f"tensor {key!r} of model {name!r} has unsupported dtype {entry['dtype']}"
                     )
-                self.tensors[key] = TensorInfo(tuple(tensor_slice.get_shape()), dtype)
-                self._file_of[key] = shard
+                self.tensors[key] = TensorInfo(tuple(entry["shape"]), dtype)
+                self._location[key] = (shard, data_start + entry["data_offsets"][0])
+            self._descriptors[shard] = os.open(shard, os.O_RDONLY)
 
     def _shard_files(self) -> list[Path]:
         index = self.path / INDEX_FILE
@@ -115,13 +127,30 @@ class ModelFolder:
 
     def reader(self, tensor: str) -> Reader:
         """Rows `[start, end)` of a tensor's `[rows, width]` view, read from the file on demand."""
-        tensor_slice = self._handles[self._file_of[tensor]].get_slice(tensor)
-        if len(self.tensors[tensor].shape) <= 1:
-            return lambda start, end: tensor_slice[:].reshape(1, -1)
-        return lambda start, end: tensor_slice[start:end]
+        info = self.tensors[tensor]
+        shard, offset = self._location[tensor]
+        descriptor = self._descriptors[shard]
+        dtype = getattr(torch, info.dtype)
+        width = matrix_shape(info.shape)[1]
+        row_bytes = width * torch.empty((), dtype=dtype).element_size()
+
+        def read(start: int, end: int) -> torch.Tensor:
+            if len(info.shape) <= 1:
+                start, end = 0, 1
+            size = (end - start) * row_bytes
+            buffer = torch.empty(size, dtype=torch.uint8)
+            if size and os.preadv(descriptor, [buffer.numpy()], offset + start * row_bytes) != size:
+                raise MergeError(
+                    f"shard {shard.name} of model {self.name!r} is truncated at tensor {tensor!r}"
+                )
+            return buffer.view(dtype).reshape(end - start, width)
+
+        return read
 
     def close(self) -> None:
-        self._handles.clear()
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors.clear()
 
     def __enter__(self) -> ModelFolder:
         return self

@@ -100,30 +100,40 @@ def _sparsify(
         return delta
     if density <= 0.0:
         return torch.zeros_like(delta)
+    # `delta` is scratch: masks multiply in place (a dropped entry becomes a signed zero)
     if kind in ("magnitude", "outliers"):
-        keep = masker(delta.abs().flatten()).view_as(delta)
-        kept = torch.where(keep, delta, 0.0)
-        return kept / density if rescale else kept
+        delta.mul_(masker(delta.abs().flatten()).view_as(delta))
+        return delta.div_(density) if rescale else delta
     if kind == "random":
-        keep = torch.rand(delta.shape, generator=generator) < density
-        kept = torch.where(keep, delta, 0.0)
-        return kept / density if rescale else kept
+        delta.mul_(torch.rand(delta.shape, generator=generator) < density)
+        return delta.div_(density) if rescale else delta
     probabilities = _della_probabilities(delta, density, values["epsilon"])
-    keep = torch.rand(delta.shape, generator=generator) < probabilities
-    kept = torch.where(keep, delta, 0.0)
-    return kept / probabilities if rescale else kept
+    delta.mul_(torch.rand(delta.shape, generator=generator) < probabilities)
+    return delta.div_(probabilities) if rescale else delta
 
 
 def _elect(weighted: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """TIES sign election: keep each entry whose sign matches the sign of the sum (zero sum counts as +)."""
-    positive = fixed_order_sum(weighted) >= 0
-    mixed, divisor = [], []
+    """TIES sign election: keep each entry whose sign matches the sign of the sum (zero sum counts as +).
+
+    Consumes `weighted` (scratch tensors); returns the elected sum and the sum of elected weights.
+    """
+    majority = torch.where(accumulate(weighted) >= 0, 1.0, -1.0)
+    mixed = divisor = None
     for delta, weight in zip(weighted, weights, strict=True):
-        agree = torch.where(positive, delta > 0, delta < 0)
-        mixed.append(torch.where(agree, delta, 0.0))
-        divisor.append(torch.where(agree, weight, 0.0))
-    divisor_sum = fixed_order_sum(divisor)
-    return fixed_order_sum(mixed), torch.where(divisor_sum == 0, 1.0, divisor_sum)
+        agree = (delta * majority) > 0
+        term = delta.mul_(agree)
+        share = agree * weight
+        mixed = term if mixed is None else mixed.add_(term)
+        divisor = share if divisor is None else divisor.add_(share)
+    return mixed, divisor.masked_fill_(divisor == 0, 1.0)
+
+
+def accumulate(terms: list[torch.Tensor], copy: bool = True) -> torch.Tensor:
+    """Elementwise sum in the given order; with `copy=False` the first term is summed into in place."""
+    total = terms[0].clone() if copy else terms[0]
+    for term in terms[1:]:
+        total.add_(term)
+    return total
 
 
 def generalized_task_arithmetic(
@@ -151,16 +161,18 @@ def generalized_task_arithmetic(
     for _, _, block in stack.blocks():
         weighted = []
         for j, i in enumerate(others):
-            delta = block[i] - block[base]  # [rows, width]
+            delta = block[i] - block[base]  # [rows, width], scratch
             delta = _sparsify(delta, sparsify, values[j], rescale, maskers[j], generators[j])
-            weighted.append(delta * weights[j])
+            weighted.append(delta.mul_(weights[j]))
         if consensus:
             mixed, divisor = _elect(weighted, weights)
         else:
-            mixed, divisor = fixed_order_sum(weighted), plain_divisor
+            mixed, divisor = accumulate(weighted, copy=False), plain_divisor
         if glob["normalize"]:
-            mixed = mixed / divisor
-        yield block[base] + mixed * glob["lambda"]
+            mixed = mixed.div_(divisor)
+        if glob["lambda"] != 1.0:  # x * 1.0 == x, so skipping it changes no bit
+            mixed = mixed.mul_(glob["lambda"])
+        yield mixed.add_(block[base])
 
 
 def slerp(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
@@ -263,7 +275,7 @@ def sce(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[tor
             bounds.append((total - keep, total))
             return window_ranks(total, total - keep, total)
 
-        stats = order_statistics(blocks, ranks, len(stack.ranges) == 1)
+        stats = order_statistics(blocks, ranks, len(stack.ranges) == 1, count_zeros=True)
         masker = WindowMasker(window_from_ranks(n, *bounds[0], stats[0]))
 
     def selected(block, masker):

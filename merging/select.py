@@ -15,6 +15,7 @@ import torch
 
 HIGH_BINS = 1 << 15  # bits 16..30 of a non-negative float32
 LOW_BINS = 1 << 16
+SMALL = 1 << 16  # below this many values, kthvalue beats two histogram passes
 
 
 @dataclass(frozen=True)
@@ -49,19 +50,23 @@ class WindowMasker:
         window = self.window
         if window.lo >= window.hi:
             return torch.zeros_like(values, dtype=torch.bool)
-        keep = torch.ones_like(values, dtype=torch.bool)
-        if window.low is not None:
-            keep &= values >= window.low.value
-            equal = values == window.low.value
-            ranks = window.low.less + self._equal_low + torch.cumsum(equal, 0) - 1
-            keep &= ~equal | (ranks >= window.lo)
-            self._equal_low += int(equal.sum())
-        if window.high is not None:
-            keep &= values <= window.high.value
-            equal = values == window.high.value
-            ranks = window.high.less + self._equal_high + torch.cumsum(equal, 0) - 1
-            keep &= ~equal | (ranks < window.hi)
-            self._equal_high += int(equal.sum())
+        low, high = window.low, window.high
+        if low is None and high is None:
+            return torch.ones_like(values, dtype=torch.bool)
+        keep = values >= low.value if low is not None else values <= high.value
+        if low is not None and high is not None:
+            keep &= values <= high.value
+        if low is not None:
+            # equal values have ranks less, less + 1, ... in flat order; those below lo are dropped
+            positions = (values == low.value).nonzero().flatten()
+            drop = min(positions.numel(), max(0, window.lo - low.less - self._equal_low))
+            keep[positions[:drop]] = False
+            self._equal_low += positions.numel()
+        if high is not None:
+            positions = (values == high.value).nonzero().flatten()
+            first_dropped = max(0, window.hi - high.less - self._equal_high)
+            keep[positions[first_dropped:]] = False
+            self._equal_high += positions.numel()
         return keep
 
 
@@ -88,18 +93,23 @@ def order_statistics(
     blocks: Callable[[], Iterable[list[torch.Tensor]]],
     rank_fn: Callable[[int, int, int], Sequence[int]],
     single_block: bool,
+    count_zeros: bool = False,
 ) -> list[dict[int, OrderStatistic]]:
     """Order statistics of several series at once.
 
     `blocks()` yields, per block, one flat non-negative float32 tensor per series (all series
     advance together). `rank_fn(series, n, zeros)` names the ranks wanted for a series given its
-    count of values and of exact zeros. Returns, per series, rank -> statistic.
+    count of values and, with `count_zeros`, of exact zeros (else 0). Returns, per series,
+    rank -> statistic. A single block is read once and kept for both radix passes.
     """
     if single_block:
         series = next(iter(blocks()))
-        return [
-            _in_memory(values, rank_fn(i, values.numel(), _zeros(values))) for i, values in enumerate(series)
-        ]
+        if series and series[0].numel() <= SMALL:
+            return [
+                _in_memory(values, rank_fn(i, values.numel(), _zeros(values) if count_zeros else 0))
+                for i, values in enumerate(series)
+            ]
+        blocks = lambda: [series]  # noqa: E731
     high_hist: list[torch.Tensor] = []
     zeros: list[int] = []
     total: list[int] = []
@@ -110,7 +120,7 @@ def order_statistics(
             total = [0] * len(series)
         for i, values in enumerate(series):
             high_hist[i] += torch.bincount(_bits(values) >> 16, minlength=HIGH_BINS)
-            zeros[i] += _zeros(values)
+            zeros[i] += _zeros(values) if count_zeros else 0
             total[i] += values.numel()
     wanted = [sorted(set(rank_fn(i, total[i], zeros[i]))) for i in range(len(high_hist))]
     cumulative = [torch.cumsum(h, 0) for h in high_hist]

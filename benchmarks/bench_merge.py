@@ -1,0 +1,198 @@
+"""Merge-engine benchmark: wall time and peak RSS against an I/O floor measured in the same run.
+
+Builds synthetic bf16 checkpoints of a Qwen2-0.5B-like shape (hidden 896, 24 layers, intermediate
+4864, vocab 151936, tied embeddings: a random base plus experts = base + small perturbations) in a
+temp folder, then runs, each in its own process:
+
+- the floor: read every input tensor once with safetensors, add them in float32, write one bf16
+  output of the same size with safetensors `save_file`;
+- `umm`'s merge for each method.
+
+Wall time is the merge call inside the child process (imports excluded), peak RSS is the child's
+`ru_maxrss` from `wait4`. Usage:
+
+    python benchmarks/bench_merge.py --experts 8 --methods ties,dare_ties,task_arithmetic,linear
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QWEN2_05B = {"hidden": 896, "layers": 24, "intermediate": 4864, "vocab": 151936, "kv_heads": 2, "heads": 14}
+
+
+def tensor_shapes(shape: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    hidden, inter = shape["hidden"], shape["intermediate"]
+    kv = hidden // shape["heads"] * shape["kv_heads"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape["vocab"], hidden)}
+    for i in range(shape["layers"]):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.q_proj.bias": (hidden,),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
+    shapes["model.norm.weight"] = (hidden,)
+    return shapes
+
+
+def build_checkpoints(root: Path, experts: int, shape: dict[str, int]) -> list[Path]:
+    """A random bf16 base and `experts` perturbed copies, each a single-file HF folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": shape["hidden"],
+        "intermediate_size": shape["intermediate"],
+        "num_hidden_layers": shape["layers"],
+        "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv_heads"],
+        "vocab_size": shape["vocab"],
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    }
+    shapes = tensor_shapes(shape)
+    generator = torch.Generator().manual_seed(0)
+    base = {
+        name: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for name, s in shapes.items()
+    }
+    folders = []
+    for number in range(experts + 1):
+        folder = root / ("base" if number == 0 else f"expert{number}")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config))
+        if number == 0:
+            state = base
+        else:
+            state = {
+                name: (t.float() + torch.randn(t.shape, generator=generator) * 0.002).to(torch.bfloat16)
+                for name, t in base.items()
+            }
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        del state
+        folders.append(folder)
+    return folders
+
+
+def floor(inputs: list[str], out: str) -> float:
+    """Read every input tensor once, add in float32, write one bf16 output; returns seconds."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    start = time.perf_counter()
+    handles = [safe_open(path, framework="pt") for path in inputs]
+    result = {}
+    for name in handles[0].keys():  # noqa: SIM118 - a safe_open handle is not iterable
+        total = handles[0].get_tensor(name).float()
+        for handle in handles[1:]:
+            total += handle.get_tensor(name).float()
+        result[name] = total.to(torch.bfloat16)
+    save_file(result, out, metadata={"format": "pt"})
+    return time.perf_counter() - start
+
+
+def merge_child(method: str, folders: list[str], out: str) -> float:
+    """One umm merge; returns seconds."""
+    from merging.engine import merge
+
+    base, experts = folders[0], folders[1:]
+    per_model = {"weight": 1.0 / len(experts)}
+    if method in ("ties", "dare_ties", "dare_linear", "della", "breadcrumbs", "breadcrumbs_ties"):
+        per_model["density"] = 0.5
+    config = {
+        "merge_method": method,
+        "base_model": base,
+        "models": [{"model": e, "parameters": dict(per_model)} for e in experts],
+        "dtype": "bfloat16",
+    }
+    if method == "linear":
+        config["models"].insert(0, {"model": base, "parameters": dict(per_model)})
+    start = time.perf_counter()
+    merge(config, out, progress=False)
+    return time.perf_counter() - start
+
+
+def run_child(args: list[str]) -> tuple[float, float]:
+    """(seconds reported by the child, its peak RSS in GB)."""
+    process = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    output = process.stdout.read()
+    process.stdout.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"child {args} failed")
+    return float(output.strip().splitlines()[-1]), usage.ru_maxrss / 1024**2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--methods", default="ties,dare_ties,task_arithmetic,linear")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep checkpoints here (default: a temp dir)"
+    )
+    parser.add_argument("--layers", type=int, default=QWEN2_05B["layers"])
+    parser.add_argument("--vocab", type=int, default=QWEN2_05B["vocab"])
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        seconds = floor(rest[:-1], rest[-1]) if kind == "floor" else merge_child(kind, rest[:-1], rest[-1])
+        print(f"{seconds:.3f}")
+        return
+    shape = {**QWEN2_05B, "layers": args.layers, "vocab": args.vocab}
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="umm-bench-"))
+    try:
+        folders = sorted(root.glob("expert*"))
+        if (root / "base").is_dir() and len(folders) >= args.experts:
+            folders = [root / "base", *[root / f"expert{i + 1}" for i in range(args.experts)]]
+        else:
+            folders = build_checkpoints(root, args.experts, shape)
+        inputs = [str(f / "model.safetensors") for f in folders]
+        for path in inputs:  # warm the page cache so every run reads the same way
+            with open(path, "rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+        size = sum(os.path.getsize(p) for p in inputs) / 1e9
+        floor_s, floor_rss = run_child(["--child", "floor", *inputs, str(root / "floor.safetensors")])
+        rows = [("floor (read + add + write)", floor_s, 1.0, floor_rss)]
+        for method in args.methods.split(","):
+            out = root / f"out-{method}"
+            seconds, rss = run_child(["--child", method, *[str(f) for f in folders], str(out)])
+            rows.append((method, seconds, seconds / floor_s, rss))
+            shutil.rmtree(out, ignore_errors=True)
+        print(
+            f"\nshape: {shape['layers']} layers, vocab {shape['vocab']}; base + {args.experts} experts, "
+            f"bf16, {size:.2f} GB of inputs; torch threads: {os.cpu_count()} cores"
+        )
+        print("| run | wall s | x floor | peak RSS GB |\n|---|---|---|---|")
+        for name, seconds, ratio, rss in rows:
+            print(f"| {name} | {seconds:.1f} | {ratio:.2f} | {rss:.2f} |")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
