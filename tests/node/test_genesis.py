@@ -1,0 +1,160 @@
+"""Genesis records, DHT record parsing, node state; the node CLI's help and one-line errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+from node_models import make_base
+
+from node.cli import cli
+from node.genesis import GenesisError, create_genesis, open_genesis, read_base_manifest
+from node.records import make_record, parse_record
+from node.state import NodeState
+from node.store import ContentStore
+from protocol.chunks import decode_tensors
+from protocol.encoding import pack, unpack
+from protocol.identity import Identity
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("genesis") / "base"
+    make_base(folder)
+    return folder
+
+
+def test_genesis_roundtrip_serves_the_base_as_chunks(base_dir, tmp_path):
+    creator = Identity.from_seed(b"\x01" * 32)
+    with ContentStore(tmp_path / "store") as store:
+        genesis, record = create_genesis("unit-net", base_dir, creator, store, quorum=2)
+        assert open_genesis(record) == genesis
+        assert re.fullmatch(r"unit-net\.[0-9a-f]{16}", genesis.network_id)
+        assert genesis.network_id.endswith(genesis.id[:16])
+        entries = read_base_manifest(store.get(genesis.base_manifest))
+        from safetensors.torch import load_file
+
+        original = load_file(base_dir / "model.safetensors")
+        rebuilt = decode_tensors(entries, store.get, genesis.chunk_size)
+        assert sorted(rebuilt) == sorted(original)
+        assert all((rebuilt[k] == original[k]).all() for k in original)
+        assert set(genesis.base_files) == {
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        }
+        assert store.get(genesis.base_files["config.json"]) == (base_dir / "config.json").read_bytes()
+
+
+def test_tampered_or_foreign_genesis_is_rejected(base_dir, tmp_path):
+    creator = Identity.from_seed(b"\x02" * 32)
+    with ContentStore(tmp_path / "store") as store:
+        genesis, record = create_genesis("unit-net", base_dir, creator, store)
+    fields = unpack(record, max_size=1 << 20)
+    body = unpack(fields["body"], max_size=1 << 20)
+    body["quorum"] = 1
+    forged = pack({"body": pack(body), "signature": fields["signature"]})
+    with pytest.raises(
+        GenesisError, match="expected a valid genesis record, got: expected a valid signature"
+    ):
+        open_genesis(forged)
+    with pytest.raises(GenesisError, match=f"expected genesis 0000, got genesis {genesis.id}"):
+        open_genesis(record, expected_id="0000")
+    with pytest.raises(GenesisError, match="exactly 'body' and 'signature'"):
+        open_genesis(pack({"body": fields["body"]}))
+
+
+def test_genesis_settings_are_checked(base_dir, tmp_path):
+    creator = Identity.from_seed(b"\x03" * 32)
+    with ContentStore(tmp_path / "store") as store:
+        with pytest.raises(GenesisError, match="merge settings the engine accepts"):
+            create_genesis("unit-net", base_dir, creator, store, method="no_such_method")
+        with pytest.raises(GenesisError, match="network name matching"):
+            create_genesis("Bad Name", base_dir, creator, store)
+        with pytest.raises(GenesisError, match=r"outlier factor > 1\.0, got 0\.5"):
+            create_genesis("unit-net", base_dir, creator, store, outlier_factor=0.5)
+
+
+def test_records_accept_only_their_exact_layout():
+    good = make_record("contrib", card=b"env", manifest="ab" * 32, p2p="Qm")
+    assert parse_record("contrib", good) == {"card": b"env", "manifest": "ab" * 32, "p2p": "Qm"}
+    assert parse_record("contrib", pack({"card": b"env", "manifest": "AB" * 32, "p2p": "Qm"})) is None
+    assert parse_record("contrib", pack({"card": b"env", "manifest": "ab" * 32, "p2p": "Qm", "x": 1})) is None
+    assert parse_record("peers", pack({"p2p": "Qm", "signer": b"k", "latest": "0"})) is None
+    assert parse_record("peers", b"\xc1 not msgpack") is None
+    with pytest.raises(RuntimeError, match="do not form a valid result record"):
+        make_record("result", result="short", attestation=b"", p2p="Qm")
+
+
+def test_state_persists_values(tmp_path):
+    with NodeState(tmp_path) as state:
+        state.set("round", 3)
+        state.set("contribution/3", {"card": b"c", "manifest": "m"})
+    with NodeState(tmp_path) as state:
+        assert state.get("round") == 3
+        assert state.get("contribution/3") == {"card": b"c", "manifest": "m"}
+        assert state.get("absent", "default") == "default"
+        assert state.keys("contribution/") == ["contribution/3"]
+
+
+NODE_COMMANDS = [["network", "create"], ["node", "start"], ["contribute"], ["pull"], ["status"]]
+
+
+@pytest.mark.parametrize("command", NODE_COMMANDS, ids=" ".join)
+def test_every_node_command_has_help_with_an_example(command):
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Example: umm " in result.output
+
+
+def test_network_create_prints_the_network_id(base_dir, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "network",
+            "create",
+            "cli-net",
+            "--base",
+            str(base_dir),
+            "--data-dir",
+            str(tmp_path / "n1"),
+            "--out",
+            str(tmp_path / "genesis.bin"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert re.fullmatch(r"network: cli-net\.[0-9a-f]{16}", lines[0])
+    genesis = open_genesis((tmp_path / "genesis.bin").read_bytes())
+    assert lines == [f"network: {genesis.network_id}", f"genesis: {genesis.id}", lines[2]]
+    assert lines[2].startswith("creator: umm1")
+
+
+def test_bad_params_are_one_error_line(base_dir, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "network",
+            "create",
+            "cli-net",
+            "--base",
+            str(base_dir),
+            "--data-dir",
+            str(tmp_path),
+            "--params",
+            "[1, 2]",
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.output == "Error: expected --params to be a map, got list\n"
+
+
+def test_contribute_without_a_network_is_one_error_line(base_dir, tmp_path):
+    result = CliRunner().invoke(cli, ["contribute", str(base_dir), "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert (
+        result.output
+        == f"Error: expected a node data folder with a network genesis at {tmp_path}, got none\n"
+    )

@@ -1,0 +1,221 @@
+"""The deterministic round rules: which contributions count, robust admission, and the recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from node.genesis import Genesis
+from node.rounds import Contribution, admit, contribution_problem, delta_norm, select_contributions
+from protocol.chunks import decode_tensors, encode_tensors
+from protocol.codecs import parse_codec
+from protocol.envelope import sign_message
+from protocol.errors import NonFiniteValuesError
+from protocol.identity import Identity
+from protocol.messages import DeltaManifest, ExpertCard
+
+CHUNK = 4096
+NOW = 1_800_000_000
+
+
+def _genesis(**changes) -> Genesis:
+    fields = dict(
+        name="unit",
+        created_at=NOW - 1000,
+        creator=Identity.from_seed(b"\x09" * 32).public_key,
+        base_fingerprint="ba" * 32,
+        architecture_fingerprint="ac" * 32,
+        tokenizer_fingerprint="70" * 32,
+        base_manifest="bb" * 32,
+        base_files={},
+        chunk_size=CHUNK,
+        method="ties",
+        parameters={"density": 0.5, "weight": 1.0},
+        dtype="float32",
+        quorum=0,
+        members=None,
+        outlier_factor=3.0,
+        min_contributions=2,
+        probe_set_fingerprint="",
+    )
+    fields.update(changes)
+    return Genesis(**fields)
+
+
+GENESIS = _genesis()
+BASE = {"a.weight": torch.zeros(8, 16), "b.weight": torch.zeros(16)}
+BASE_ENTRIES = encode_tensors(BASE, parse_codec("bf16"), CHUNK)[0]
+
+
+def _who(n: int) -> Identity:
+    return Identity.from_seed(bytes([n]) * 32)
+
+
+def _contribution(
+    who: Identity, *, scale: float = 0.01, seed: int = 0, genesis: Genesis = GENESIS, **changes
+):
+    card = sign_message(
+        ExpertCard(
+            v=1,
+            network_id=genesis.network_id,
+            signer=who.public_key,
+            created_at=NOW - 100,
+            name="expert",
+            base_fingerprint=genesis.base_fingerprint,
+            architecture_fingerprint=genesis.architecture_fingerprint,
+            tokenizer_fingerprint=genesis.tokenizer_fingerprint,
+            domains=("math",),
+            license="mit",
+        ),
+        who,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    deltas = {k: torch.randn(v.shape, generator=gen) * scale for k, v in BASE.items()}
+    entries, chunks = encode_tensors(deltas, parse_codec("bf16"), CHUNK)
+    fields = dict(
+        v=1,
+        network_id=genesis.network_id,
+        signer=who.public_key,
+        created_at=NOW - 50,
+        round=0,
+        card_id=card.id,
+        base_fingerprint=genesis.base_fingerprint,
+        architecture_fingerprint=genesis.architecture_fingerprint,
+        chunk_size=CHUNK,
+        total_bytes=sum(e.nbytes for e in entries),
+        tensors=entries,
+    )
+    fields.update(changes)
+    manifest = sign_message(DeltaManifest(**fields), who)
+    return card, manifest, chunks
+
+
+def test_valid_pairs_are_selected_in_id_order():
+    pairs = [_contribution(_who(n), seed=n)[:2] for n in (1, 2, 3)]
+    chosen = select_contributions(GENESIS, 0, pairs)
+    assert [c.id for c in chosen] == sorted(m.id for _, m in pairs)
+
+
+def test_forged_manifest_for_another_signers_card_is_ignored():
+    victim_card, _, _ = _contribution(_who(1))
+    attacker = _who(66)
+    _, forged, _ = _contribution(
+        attacker, card_id=victim_card.id
+    )  # signed by the attacker, names the victim's card
+    assert (
+        contribution_problem(GENESIS, 0, victim_card, forged)
+        == "expected the manifest signed by the card's signer"
+    )
+    assert select_contributions(GENESIS, 0, [(victim_card, forged)]) == []
+
+
+def test_manifest_naming_another_card_is_ignored():
+    card, _, _ = _contribution(_who(1))
+    other_card = sign_message(dataclasses.replace(card.message, name="other"), _who(1))
+    _, manifest, _ = _contribution(_who(1), card_id=other_card.id)
+    assert contribution_problem(GENESIS, 0, card, manifest).startswith("expected card_id")
+
+
+def test_replayed_manifest_from_another_round_is_ignored():
+    card, manifest, _ = _contribution(_who(1), round=3)
+    assert contribution_problem(GENESIS, 4, card, manifest) == "expected round 4, got 3"
+    assert select_contributions(GENESIS, 4, [(card, manifest)]) == []
+
+
+def test_manifest_for_another_base_or_chunk_size_is_ignored():
+    card, manifest, _ = _contribution(_who(1), base_fingerprint="cd" * 32)
+    assert (
+        contribution_problem(GENESIS, 0, card, manifest)
+        == "expected the genesis base and architecture fingerprints"
+    )
+    card, manifest, _ = _contribution(_who(1), chunk_size=8192)
+    assert contribution_problem(GENESIS, 0, card, manifest) == f"expected chunk size {CHUNK}, got 8192"
+
+
+def test_allowlist_excludes_non_members():
+    members = _genesis(members=(_who(1).public_key,))
+    ok = _contribution(_who(1), genesis=members)[:2]
+    outsider = _contribution(_who(2), genesis=members)[:2]
+    assert contribution_problem(members, 0, *outsider) == "expected a member of the network's allowlist"
+    assert [c.signer for c in select_contributions(members, 0, [ok, outsider])] == [_who(1).public_key]
+
+
+def test_one_contribution_per_signer_newest_wins():
+    card, older, _ = _contribution(_who(1), created_at=NOW - 60)
+    _, newer, _ = _contribution(_who(1), created_at=NOW - 30, seed=9)
+    chosen = select_contributions(GENESIS, 0, [(card, newer), (card, older)])
+    assert [c.id for c in chosen] == [newer.id]
+    _, twin, _ = _contribution(_who(1), created_at=NOW - 30, seed=10)  # same time: the smaller id wins
+    chosen = select_contributions(GENESIS, 0, [(card, newer), (card, twin)])
+    assert [c.id for c in chosen] == [min(newer.id, twin.id)]
+
+
+def test_delta_norm_is_the_l2_norm_over_all_tensors():
+    assert delta_norm({"x": torch.tensor([3.0]), "y": torch.tensor([[4.0]])}) == 5.0
+
+
+def _decoder(chunks_by_id):
+    def decode(contribution: Contribution):
+        manifest = contribution.manifest.message
+        return decode_tensors(
+            manifest.tensors, chunks_by_id[contribution.id].__getitem__, manifest.chunk_size
+        )
+
+    return decode
+
+
+def test_admission_excludes_an_outlier_norm():
+    made = [_contribution(_who(n), seed=n) for n in (1, 2, 3)] + [_contribution(_who(4), seed=4, scale=1.0)]
+    contributions = select_contributions(GENESIS, 0, [m[:2] for m in made])
+    chunks = {m[1].id: m[2] for m in made}
+    admission, deltas = admit(GENESIS, contributions, BASE_ENTRIES, _decoder(chunks))
+    poisoned = made[3][1].id
+    assert admission.admitted == tuple(sorted(m[1].id for m in made[:3]))
+    assert admission.rejected[poisoned].startswith("expected a delta norm <= 3 x median")
+    assert set(deltas) == set(admission.admitted)
+    assert admission.norms[poisoned] > 3 * sorted(admission.norms.values())[1]
+
+
+def test_with_two_contributions_no_norm_is_an_outlier():
+    made = [_contribution(_who(1), seed=1), _contribution(_who(2), seed=2, scale=1.0)]
+    contributions = select_contributions(GENESIS, 0, [m[:2] for m in made])
+    admission, _ = admit(GENESIS, contributions, BASE_ENTRIES, _decoder({m[1].id: m[2] for m in made}))
+    assert admission.admitted == tuple(sorted(m[1].id for m in made))
+
+
+def test_undecodable_and_misshapen_contributions_are_rejected():
+    good = [_contribution(_who(n), seed=n) for n in (1, 2)]
+    nan = _contribution(_who(3), seed=3)
+    contributions = select_contributions(GENESIS, 0, [m[:2] for m in [*good, nan]])
+    chunks = {m[1].id: m[2] for m in [*good, nan]}
+    decode = _decoder(chunks)
+
+    def decode_with_nan(contribution):
+        if contribution.id == nan[1].id:
+            raise NonFiniteValuesError("expected finite values, got NaN")
+        return decode(contribution)
+
+    admission, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_with_nan)
+    assert admission.rejected == {nan[1].id: "NonFiniteValuesError: expected finite values, got NaN"}
+    other_base = encode_tensors({"a.weight": torch.zeros(8, 16)}, parse_codec("bf16"), CHUNK)[0]
+    admission, _ = admit(GENESIS, contributions[:1], other_base, decode)
+    assert admission.admitted == ()
+    assert list(admission.rejected.values()) == ["expected exactly the base's tensor names and shapes"]
+
+
+def test_recipe_is_identical_for_the_same_contributions_in_any_order():
+    ids = ["22" * 32, "11" * 32, "33" * 32]
+    first = GENESIS.recipe(0, ids)
+    second = GENESIS.recipe(0, list(reversed(ids)))
+    assert first.to_bytes() == second.to_bytes()
+    assert first.contributions == tuple(sorted(ids))
+    assert GENESIS.recipe(1, ids).id != first.id
+
+
+@pytest.mark.parametrize(
+    ("quorum", "contributors", "needed"), [(0, 1, 2), (0, 3, 2), (0, 4, 3), (0, 5, 3), (3, 9, 3)]
+)
+def test_quorum_is_a_majority_of_contributors_at_least_two(quorum, contributors, needed):
+    assert _genesis(quorum=quorum).quorum_for(contributors) == needed
