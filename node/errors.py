@@ -64,6 +64,7 @@ class DHTError(NodeError):
 class FetchError(TransportError):
     """Some chunks could not be fetched from any of the given peers."""
 
-    def __init__(self, message: str, missing: tuple[str, ...]) -> None:
+    def __init__(self, message: str, missing: tuple[str, ...], bytes_received: int = 0) -> None:
         super().__init__(message)
         self.missing = missing
+        self.bytes_received = bytes_received

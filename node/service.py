@@ -215,6 +215,7 @@ class NodeService:
         self._seen: dict[int, tuple[str, ...]] = {}
         self._missing_polls: dict[str, int] = {}
         self._last_published: dict[str, tuple[bytes, float]] = {}
+        self.bytes_received = 0
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -306,9 +307,11 @@ class NodeService:
                         extra.append(PeerID.from_base58(holder))
             candidates = sorted(set(peers) | set(extra), key=str)
             try:
-                await fetch_chunks(self.p2p, digests, candidates, self.store, timeout=20.0)
+                report = await fetch_chunks(self.p2p, digests, candidates, self.store, timeout=20.0)
+                self.bytes_received += report.bytes_received
                 return
             except FetchError as exc:
+                self.bytes_received += exc.bytes_received
                 error = exc
                 await asyncio.sleep(0.5)
         raise error
@@ -357,6 +360,7 @@ class NodeService:
         if self.aggregate_rounds:
             await self._aggregate(r)
         await self._check_quorum(r)
+        self.state.set("stats", {"bytes_sent": self.server.bytes_sent, "bytes_received": self.bytes_received})
 
     async def _contributions(self, r: int) -> list[Contribution]:
         now = int(time.time())

@@ -340,6 +340,7 @@ async def fetch_chunks(
             f"expected all {len(todo)} chunks from {len(names)} peers, got {len(todo) - len(missing)}; "
             f"peers dropped: {report.dropped_peers or 'none'}",
             missing,
+            report.bytes_received,
         )
     return report
 

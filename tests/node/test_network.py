@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +16,9 @@ from node_models import make_base, make_expert
 from safetensors.torch import load_file, save_file
 
 from merging.engine import merge
-from node.contribute import contribute
-from node.genesis import create_genesis, read_base_manifest
-from node.process import process_tree, spawn_in_new_session, stop_process_group, wait_gone
+from node.genesis import read_base_manifest
+from node.local import LocalNetwork
+from node.process import process_tree, wait_gone
 from node.service import load_or_create_identity
 from node.state import NodeState
 from node.store import ContentStore
@@ -37,56 +33,6 @@ NODES = ("n1", "n2", "n3", "n4")
 HONEST = ("n1", "n2", "n3")
 
 
-class Network:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.bootstrap: str = ""
-        self.network_id: str = ""
-        self.started: dict[str, int] = {}
-
-    def start(self, name: str, *extra: str) -> subprocess.Popen:
-        log = self.root / f"{name}.log"
-        command = [sys.executable, "-m", "node.cli", "node", "start", "--data-dir", str(self.root / name)]
-        proc = spawn_in_new_session([*command, "--poll", "0.5", *extra], log_path=log)
-        self.procs[name] = proc
-        self.started[name] = self.started.get(name, 0) + 1
-        return proc
-
-    def wait_ready(self, name: str, timeout: float = 90.0) -> list[str]:
-        log = self.root / f"{name}.log"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = log.read_text().splitlines()
-            if lines.count("ready") >= self.started[name]:
-                return [line.split(": ", 1)[1] for line in lines if line.startswith("multiaddr: ")]
-            if self.procs[name].poll() is not None:
-                raise AssertionError(f"{name} exited:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"{name} not ready within {timeout} s:\n{log.read_text()[-3000:]}")
-
-    def join(self, name: str) -> subprocess.Popen:
-        return self.start(name, "--network", self.network_id, "--initial-peers", self.bootstrap)
-
-    def latest(self, name: str):
-        with NodeState(self.root / name) as state:
-            return state.get("latest")
-
-    def wait_latest(self, names, timeout: float = 120.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = {n: self.latest(n) for n in names}
-            if all(found.values()):
-                return found
-            time.sleep(0.25)
-        raise AssertionError(f"no attested result on every node within {timeout} s: {found}")
-
-    def pull(self, out: Path) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "node.cli", "pull", "--network", self.network_id]
-        command += ["--out", str(out), "--initial-peers", self.bootstrap, "--timeout", "60"]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120)
-
-
 @pytest.fixture(scope="module")
 def network(tmp_path_factory):
     root = tmp_path_factory.mktemp("network")
@@ -94,27 +40,13 @@ def network(tmp_path_factory):
     for index, name in enumerate(HONEST):
         make_expert(root / "base", root / f"expert-{name}", seed=100 + index)
     make_expert(root / "base", root / "expert-n4", seed=999, scale=2.0)  # the poisoned delta
-    identity = load_or_create_identity(root / "n1")
-    with ContentStore(root / "n1" / "store") as store, NodeState(root / "n1") as state:
-        genesis, record = create_genesis("tiny", root / "base", identity, store, method="ties")
-        state.set("genesis", record)
-    net = Network(root)
-    net.network_id = genesis.network_id
-    net.genesis = genesis
-    try:
-        net.start("n1")
-        net.bootstrap = net.wait_ready("n1")[0]
-        for name in NODES[1:]:
-            net.join(name)
-        for name in NODES[1:]:
-            net.wait_ready(name)
+    with LocalNetwork(root) as net:
+        net.create("n1", root / "base", network_name="tiny", method="ties")
+        net.start_all(NODES)
         for name in NODES:
-            contribute(root / name, root / f"expert-{name}", codec="bf16")
-        net.converged = net.wait_latest(NODES)
+            net.contribute(name, root / f"expert-{name}", codec="bf16")
+        net.converged = net.wait_converged(NODES)
         yield net
-    finally:
-        for proc in net.procs.values():
-            stop_process_group(proc.pid, grace=10.0)
 
 
 def _manifest(store: ContentStore, digest: str, network_id: str) -> DeltaManifest:
@@ -207,10 +139,10 @@ def test_restart_keeps_store_and_state(network):
     assert proc.wait(timeout=30) == 0
     assert wait_gone(tree, 10.0) == []
     assert "stopped" in (network.root / f"{name}.log").read_text()
-    network.join(name)
+    network.start(name)
     network.wait_ready(name)
     log = (network.root / f"{name}.log").read_text()
     assert log.count(f"peer id: {identity_before}") == 2
-    assert network.latest(name) == network.converged[name]
+    assert network.state(name, "latest") == network.converged[name]
     with ContentStore(data / "store") as store:
         assert sorted(store) == chunks_before

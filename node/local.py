@@ -1,0 +1,135 @@
+"""A network of node processes on 127.0.0.1 under one folder (for `umm demo`, benchmarks and tests).
+
+Each node is a `umm node start` process in its own session and process group, with its data in
+``<root>/<name>`` and its output in ``<root>/<name>.log``; `close` stops every group (p2pd included).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from node.contribute import PreparedContribution, contribute
+from node.errors import NodeError
+from node.genesis import Genesis, create_genesis
+from node.process import spawn_in_new_session, stop_process_group
+from node.service import load_or_create_identity
+from node.state import NodeState
+from node.store import ContentStore
+
+
+class LocalNetwork:
+    """Node processes sharing one network (see the module docstring)."""
+
+    def __init__(self, root: str | Path, *, poll: float = 0.5) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.poll = poll
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.started: dict[str, int] = {}
+        self.genesis: Genesis | None = None
+        self.bootstrap = ""
+
+    @property
+    def network_id(self) -> str:
+        if self.genesis is None:
+            raise RuntimeError("LocalNetwork.create must run first")
+        return self.genesis.network_id
+
+    def create(
+        self, node: str, base_dir: str | Path, network_name: str = "local", **settings: Any
+    ) -> Genesis:
+        """Write the genesis into node `node`'s data folder (start that node first: it is the bootstrap)."""
+        data = self.root / node
+        identity = load_or_create_identity(data)
+        with ContentStore(data / "store") as store, NodeState(data) as state:
+            self.genesis, record = create_genesis(network_name, base_dir, identity, store, **settings)
+            state.set("genesis", record)
+        return self.genesis
+
+    def start(self, name: str) -> subprocess.Popen:
+        """Start node `name`; every node but the first joins through the bootstrap's address."""
+        command = [sys.executable, "-m", "node.cli", "node", "start", "--data-dir", str(self.root / name)]
+        command += ["--poll", str(self.poll)]
+        if self.bootstrap:
+            command += ["--network", self.network_id, "--initial-peers", self.bootstrap]
+        proc = spawn_in_new_session(command, log_path=self.root / f"{name}.log")
+        self.procs[name] = proc
+        self.started[name] = self.started.get(name, 0) + 1
+        return proc
+
+    def wait_ready(self, name: str, timeout: float = 120.0) -> list[str]:
+        """Wait for node `name` to print ``ready``; its multiaddrs (the first node's become the bootstrap)."""
+        log = self.root / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = log.read_text().splitlines()
+            if lines.count("ready") >= self.started[name]:
+                maddrs = [line.split(": ", 1)[1] for line in lines if line.startswith("multiaddr: ")]
+                if not self.bootstrap:
+                    self.bootstrap = maddrs[0]
+                return maddrs
+            if self.procs[name].poll() is not None:
+                code = self.procs[name].returncode
+                raise NodeError(f"expected node {name} to start, got exit code {code}: {self.tail(name)}")
+            time.sleep(0.1)
+        raise NodeError(f"expected node {name} ready within {timeout:g} s, got: {self.tail(name)}")
+
+    def start_all(self, names: Iterable[str], timeout: float = 180.0) -> None:
+        """Start the first node, wait for it, then start the rest together and wait for them."""
+        names = list(names)
+        self.start(names[0])
+        self.wait_ready(names[0], timeout)
+        for name in names[1:]:
+            self.start(name)
+        for name in names[1:]:
+            self.wait_ready(name, timeout)
+
+    def tail(self, name: str, size: int = 2000) -> str:
+        return (self.root / f"{name}.log").read_text()[-size:]
+
+    def contribute(self, name: str, expert_dir: str | Path, **options: Any) -> PreparedContribution:
+        """Sign and store an expert in node `name`'s folder; the node announces it."""
+        return contribute(self.root / name, expert_dir, **options)
+
+    def state(self, name: str, key: str) -> Any:
+        with NodeState(self.root / name) as state:
+            return state.get(key)
+
+    def wait_converged(
+        self, names: Iterable[str], timeout: float = 180.0, round_number: int = 0
+    ) -> dict[str, dict]:
+        """Wait until every node in `names` holds an attested result for `round_number`; their latest."""
+        names = list(names)
+        deadline = time.monotonic() + timeout
+        found: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            found = {n: self.state(n, "latest") for n in names}
+            if all(v is not None and v["round"] >= round_number for v in found.values()):
+                return found
+            time.sleep(0.2)
+        raise NodeError(f"expected an attested result on every node within {timeout:g} s, got {found}")
+
+    def pull(self, out: str | Path, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """Run `umm pull` for this network in a separate process."""
+        command = [sys.executable, "-m", "node.cli", "pull", "--network", self.network_id, "--out", str(out)]
+        command += ["--initial-peers", self.bootstrap, "--timeout", str(timeout)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout + 60)
+
+    def stop(self, name: str, grace: float = 10.0) -> None:
+        stop_process_group(self.procs[name].pid, grace=grace)
+
+    def close(self) -> None:
+        """Stop every node's process group."""
+        for proc in self.procs.values():
+            stop_process_group(proc.pid, grace=10.0)
+
+    def __enter__(self) -> LocalNetwork:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
