@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from merging.folders import TORCH_DTYPES
 from protocol.codecs import DTYPE_NAMES
 from protocol.encoding import pack, sha256_hex
 from protocol.errors import ModelFolderError
@@ -45,18 +46,6 @@ ARCHITECTURE_FIELDS = (
     "attention_bias",
     "mlp_bias",
 )
-SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
 MAX_HEADER_SIZE = 100 * 1024 * 1024
 _READ_SIZE = 16 * 1024 * 1024
 LEGACY_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.model", "vocab.txt")
@@ -120,7 +109,7 @@ def _read_header(file: Path) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = SAFETENSORS_DTYPES.get(meta["dtype"], meta["dtype"].lower())
+            dtype = TORCH_DTYPES.get(meta["dtype"], meta["dtype"].lower())
             start, end = (int(x) for x in meta["data_offsets"])
             shape = tuple(int(x) for x in meta["shape"])
         except (KeyError, TypeError, ValueError, AttributeError):

@@ -102,19 +102,30 @@ def state_fingerprint(tensors: Any) -> str:
     return sha256_hex(pack(["umm-state-v1", rows]))
 
 
+@dataclass(frozen=True)
 class SignedMessage(Record):
-    """Base of signed message types: `TYPE` names the envelope type, `MAX_SIZE` bounds the payload."""
+    """Base of signed message types: the common fields; `TYPE` names the envelope type, `MAX_SIZE`
+    bounds the payload."""
 
     TYPE: ClassVar[str]
     MAX_SIZE: ClassVar[int]
-    network_id: str
-    signer: bytes
-    created_at: int
+
+    v: int = field(version)
+    network_id: str = field(network_id)
+    signer: bytes = field(signer_key)
+    created_at: int = field(timestamp)
 
     @property
     def peer_id(self) -> str:
         """The printable peer id of the signer."""
         return peer_id_from_public_key(self.signer)
+
+
+@dataclass(frozen=True)
+class RoundMessage(SignedMessage):
+    """A signed message that belongs to one aggregation round."""
+
+    round: int = field(round_number)
 
 
 @dataclass(frozen=True)
@@ -124,10 +135,6 @@ class ExpertCard(SignedMessage):
     TYPE: ClassVar[str] = "expert_card"
     MAX_SIZE: ClassVar[int] = 16 * KiB
 
-    v: int = field(version)
-    network_id: str = field(network_id)
-    signer: bytes = field(signer_key)
-    created_at: int = field(timestamp)
     name: str = field(text(128))
     base_fingerprint: str = field(hex64)
     architecture_fingerprint: str = field(hex64)
@@ -137,17 +144,12 @@ class ExpertCard(SignedMessage):
 
 
 @dataclass(frozen=True)
-class DeltaManifest(SignedMessage):
+class DeltaManifest(RoundMessage):
     """An expert's layer deltas (expert - base) for one round: every tensor's entry and chunk hashes."""
 
     TYPE: ClassVar[str] = "delta_manifest"
     MAX_SIZE: ClassVar[int] = 8 * MiB
 
-    v: int = field(version)
-    network_id: str = field(network_id)
-    signer: bytes = field(signer_key)
-    created_at: int = field(timestamp)
-    round: int = field(round_number)
     card_id: str = field(hex64)
     base_fingerprint: str = field(hex64)
     architecture_fingerprint: str = field(hex64)
@@ -169,7 +171,7 @@ SUMMARY_TENSORS = ("input_ids", "logprobs", "offsets", "token_ids", "token_strin
 
 
 @dataclass(frozen=True)
-class DistributionSummary(SignedMessage):
+class DistributionSummary(RoundMessage):
     """Top-k next-token distributions of an expert on the network's probe set (FuseLLM-style).
 
     Tensors (raw codec, zstd allowed): ``offsets`` int64 [examples + 1] (where each example's
@@ -182,11 +184,6 @@ class DistributionSummary(SignedMessage):
     TYPE: ClassVar[str] = "distribution_summary"
     MAX_SIZE: ClassVar[int] = 64 * KiB
 
-    v: int = field(version)
-    network_id: str = field(network_id)
-    signer: bytes = field(signer_key)
-    created_at: int = field(timestamp)
-    round: int = field(round_number)
     card_id: str = field(hex64)
     probe_set_fingerprint: str = field(hex64)
     tokenizer_fingerprint: str = field(hex64)
@@ -281,17 +278,12 @@ recipe_value = nested(MergeRecipe)
 
 
 @dataclass(frozen=True)
-class MergeResult(SignedMessage):
+class MergeResult(RoundMessage):
     """A node's merge output for a recipe: every output tensor (raw codec) and the merged fingerprint."""
 
     TYPE: ClassVar[str] = "merge_result"
     MAX_SIZE: ClassVar[int] = 16 * MiB
 
-    v: int = field(version)
-    network_id: str = field(network_id)
-    signer: bytes = field(signer_key)
-    created_at: int = field(timestamp)
-    round: int = field(round_number)
     recipe: MergeRecipe = field(recipe_value)  # noqa: RUF009 (a dataclasses.field)
     chunk_size: int = field(integer(MIN_CHUNK_SIZE, CHUNK_SIZE_LIMIT))
     tensors: tuple[TensorEntry, ...] = field(sequence(nested(TensorEntry), MAX_TENSORS, min_items=1))
@@ -313,17 +305,12 @@ class MergeResult(SignedMessage):
 
 
 @dataclass(frozen=True)
-class Attestation(SignedMessage):
+class Attestation(RoundMessage):
     """A signer who recomputed a recipe and got this merged fingerprint."""
 
     TYPE: ClassVar[str] = "attestation"
     MAX_SIZE: ClassVar[int] = 4 * KiB
 
-    v: int = field(version)
-    network_id: str = field(network_id)
-    signer: bytes = field(signer_key)
-    created_at: int = field(timestamp)
-    round: int = field(round_number)
     recipe_id: str = field(hex64)
     result_id: str = field(hex64)
     merged_fingerprint: str = field(hex64)
