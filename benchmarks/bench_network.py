@@ -11,6 +11,8 @@ the client (this process) fetches all of them and verifies every sha256. Reporte
 
 Usage: python benchmarks/bench_network.py [--mib 128] [--chunk-kib 1024] [--peers 1,3] [--repeat 3]
                                           [--streams 2] [--batch 4]
+       python benchmarks/bench_network.py --converge 3,5,8 [--hidden 256] [--layers 4]
+       (time to converge and bytes per node; see benchmarks/network_converge.py)
 """
 
 from __future__ import annotations
@@ -179,11 +181,27 @@ async def p2p_fetch(p2p, peer_ids, digests, sink, streams: int, batch: int) -> t
     return report.bytes_received / elapsed / MiB, report.bytes_by_peer
 
 
+def run_converge(args, port: int, total: int, tcp_proc, tcp_conn) -> None:
+    from network_converge import measure, report
+
+    try:
+        floor = max(asyncio.run(tcp_floor(port, total)) for _ in range(args.repeat))
+    finally:
+        stop_process(tcp_proc, tcp_conn)
+    rows = [measure(int(n), args.hidden, args.layers, floor) for n in args.converge.split(",")]
+    report(rows, floor)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=128, help="bytes to move per measurement, MiB")
     parser.add_argument("--chunk-kib", type=int, default=1024, help="chunk size, KiB")
     parser.add_argument("--peers", default="1,3", help="comma-separated server counts")
+    parser.add_argument(
+        "--converge", default="", help="instead: time to converge for these node counts, e.g. 3,5,8"
+    )
+    parser.add_argument("--hidden", type=int, default=256, help="converge: hidden size of the random Llama")
+    parser.add_argument("--layers", type=int, default=4, help="converge: layers of the random Llama")
     parser.add_argument("--streams", type=int, default=2, help="streams per peer")
     parser.add_argument("--batch", type=int, default=4, help="chunks per request")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; medians are reported")
@@ -193,6 +211,9 @@ def main() -> None:
 
     tcp_proc, tcp_conn = start_process(tcp_server, seed, total, chunk)
     port = tcp_conn.recv()
+    if args.converge:
+        run_converge(args, port, total, tcp_proc, tcp_conn)
+        return
     servers = []
     first_proc, first_conn = start_process(p2p_server, [], seed, total, chunk)
     first_maddrs, first_id = first_conn.recv()
