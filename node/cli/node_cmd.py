@@ -5,16 +5,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from pathlib import Path
 
 import click
 
 from node.errors import NodeError
+from node.genesis import write_atomic
 
 
 @click.group("node")
 def node() -> None:
     """Run a network node."""
+
+
+def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise NodeError(f"expected a multiaddr file at {path} within {timeout:g} s, got none")
+        time.sleep(0.5)
+    maddrs = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not maddrs:
+        raise NodeError(f"expected multiaddrs in {path}, got an empty file")
+    return maddrs
 
 
 @node.command("start")
@@ -36,9 +50,30 @@ def node() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=0, show_default=True, help="TCP port (0 = any free port).")
 @click.option("--initial-peers", multiple=True, help="Multiaddr of a running node (repeatable).")
+@click.option(
+    "--initial-peers-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file of multiaddrs, one a line (waits up to 120 s for it to appear).",
+)
+@click.option(
+    "--write-maddrs",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write this node's multiaddrs to a file once it is ready (for joiners).",
+)
 @click.option("--poll", default=1.0, show_default=True, help="Seconds between round steps.")
 @click.option("--log-level", default="INFO", show_default=True, help="Python log level of the node.")
-def start(data_dir, network_id, genesis_file, host, port, initial_peers, poll, log_level) -> None:
+def start(
+    data_dir,
+    network_id,
+    genesis_file,
+    host,
+    port,
+    initial_peers,
+    initial_peers_file,
+    write_maddrs,
+    poll,
+    log_level,
+) -> None:
     """Start a node: DHT, chunk server, store and rounds, until SIGINT/SIGTERM.
 
     Example: umm node start --data-dir node2 --network demo.0123456789abcdef \
@@ -48,7 +83,13 @@ def start(data_dir, network_id, genesis_file, host, port, initial_peers, poll, l
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    peers = list(initial_peers)
+    if initial_peers_file is not None:
+        peers += _read_maddrs_file(initial_peers_file, timeout=120.0)
+
     def ready(service: NodeService) -> None:
+        if write_maddrs is not None:
+            write_atomic(write_maddrs, "".join(f"{m}\n" for m in service.maddrs).encode())
         click.echo(f"network: {service.network_id}", nl=True)
         click.echo(f"peer id: {service.identity.peer_id}")
         for maddr in service.maddrs:
@@ -61,7 +102,7 @@ def start(data_dir, network_id, genesis_file, host, port, initial_peers, poll, l
         genesis_record=genesis_file.read_bytes() if genesis_file else None,
         host=host,
         port=port,
-        initial_peers=list(initial_peers),
+        initial_peers=peers,
         poll=poll,
         on_ready=ready,
     )

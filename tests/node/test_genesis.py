@@ -158,3 +158,20 @@ def test_contribute_without_a_network_is_one_error_line(base_dir, tmp_path):
         result.output
         == f"Error: expected a node data folder with a network genesis at {tmp_path}, got none\n"
     )
+
+
+def test_maddrs_file_is_read_or_reported_missing(tmp_path):
+    from node.cli.node_cmd import _read_maddrs_file
+    from node.errors import NodeError
+
+    path = tmp_path / "maddrs"
+    with pytest.raises(NodeError, match=f"expected a multiaddr file at {path} within 0.1 s, got none"):
+        _read_maddrs_file(path, timeout=0.1)
+    path.write_text("\n")
+    with pytest.raises(NodeError, match="got an empty file"):
+        _read_maddrs_file(path, timeout=0.1)
+    path.write_text("/ip4/10.0.0.2/tcp/4001/p2p/QmA\n\n/ip4/127.0.0.1/tcp/4001/p2p/QmA\n")
+    assert _read_maddrs_file(path, timeout=0.1) == [
+        "/ip4/10.0.0.2/tcp/4001/p2p/QmA",
+        "/ip4/127.0.0.1/tcp/4001/p2p/QmA",
+    ]
