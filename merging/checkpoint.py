@@ -140,13 +140,14 @@ def _background_writer(writer: ShardWriter) -> Iterator:
     """A writer thread fed through a small queue; its error is raised in the caller."""
     blocks: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
+    cancelled = threading.Event()
 
     def run() -> None:
         while True:
             item = blocks.get()
             if item is None:
                 return
-            if failure:
+            if failure or cancelled.is_set():
                 continue
             try:
                 writer.write(*item)
@@ -161,16 +162,18 @@ def _background_writer(writer: ShardWriter) -> Iterator:
             raise failure[0]
         blocks.put((name, rows))
 
+    finished = False
     try:
         yield put
-    except BaseException:
-        writer.abort()
-        raise
+        finished = True
     finally:
+        if not finished:
+            cancelled.set()
         blocks.put(None)
         thread.join()
+        if not finished or failure:
+            writer.abort()
     if failure:
-        writer.abort()
         raise failure[0]
 
 
