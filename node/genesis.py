@@ -14,9 +14,7 @@ pack(["umm-genesis-v1", body bytes])})``; `open_genesis` checks the signature an
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -259,19 +257,3 @@ def create_genesis(
     _check_settings(genesis)
     return genesis, sign_genesis(genesis, identity)
 
-
-def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` through a temp file, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -59,6 +59,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(
+    path: str | Path,
+    data: bytes | memoryview,
+    *,
+    temp_dir: Path | None = None,
+    temp_prefix: str | None = None,
+) -> Path:
+    """Write `data` to `path` through a temp file (in `temp_dir`, default the target's folder):
+    write, fsync, rename over `path`, fsync the folder. A crash leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=temp_dir or path.parent, prefix=temp_prefix or f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as tmp_file:
+            tmp_file.write(data)
+            tmp_file.flush()
+            os.fsync(tmp_file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 class ContentStore:
     """Chunks addressed by sha256, checked on write and on read; safe across threads and kills."""
 
@@ -114,17 +139,7 @@ class ContentStore:
             return actual
         final = self._blob_path(actual)
         final.parent.mkdir(exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp, prefix=f"{os.getpid()}.{actual[:16]}.")
-        try:
-            with os.fdopen(fd, "wb") as tmp_file:
-                tmp_file.write(data)
-                tmp_file.flush()
-                os.fsync(tmp_file.fileno())
-            os.replace(tmp_name, final)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(final.parent)
+        write_atomic(final, data, temp_dir=self._tmp, temp_prefix=f"{os.getpid()}.{actual[:16]}.")
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (actual, len(data)))
         return actual

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from node.errors import NodeError
-from node.genesis import write_atomic
+from node.store import write_atomic
 
 
 @click.group("node")
