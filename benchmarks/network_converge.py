@@ -1,9 +1,10 @@
 """Time to converge and bytes per node for N node processes on 127.0.0.1 (used by bench_network.py).
 
 For each N: a random Llama base (``--hidden``, ``--layers``) and N experts (base + seeded noise),
-N `umm node start` processes, one contribution each (bf16 deltas); the clock runs from the last
-contribution stored to every node holding the attested result. Then a separate `pull()` fetches
-the result; its time is compared with moving the same bytes over one plain TCP connection.
+N `umm node start` processes, one contribution each (bf16 deltas; the genesis asks for N); the
+clock runs from the last contribution stored to every node holding the attested result. Then a
+separate `pull()` fetches the result; its time is compared with moving the same bytes over one
+plain TCP connection.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def measure(peers: int, hidden: int, layers: int, tcp_rate: float) -> dict[str, 
         model_mib = (base / "model.safetensors").stat().st_size / MiB
         names = [f"n{i}" for i in range(peers)]
         with LocalNetwork(root / "net", poll=0.5) as net:
-            net.create(names[0], base, network_name="bench", method="ties")
+            net.create(names[0], base, network_name="bench", method="ties", min_contributions=peers)
             net.start_all(names)
             for name, expert in zip(names, experts, strict=True):
                 net.contribute(name, expert, codec="bf16")

@@ -64,6 +64,7 @@ class Genesis:
     members: tuple[bytes, ...] | None
     outlier_factor: float
     min_contributions: int
+    settle_seconds: float
     probe_set_fingerprint: str
     v: int = GENESIS_VERSION
 
@@ -164,6 +165,8 @@ def _check_settings(genesis: Genesis) -> None:
         raise GenesisError(f"expected a quorum >= 0 (0 = majority of contributors), got {genesis.quorum!r}")
     if not isinstance(genesis.min_contributions, int) or genesis.min_contributions < 1:
         raise GenesisError(f"expected min_contributions >= 1, got {genesis.min_contributions!r}")
+    if not isinstance(genesis.settle_seconds, float) or not 0.0 <= genesis.settle_seconds <= 3600.0:
+        raise GenesisError(f"expected settle_seconds in [0, 3600], got {genesis.settle_seconds!r}")
     if not isinstance(genesis.outlier_factor, float) or genesis.outlier_factor <= 1.0:
         raise GenesisError(f"expected an outlier factor > 1.0, got {genesis.outlier_factor!r}")
     try:
@@ -229,6 +232,7 @@ def create_genesis(
     members: tuple[bytes, ...] | None = None,
     outlier_factor: float = 3.0,
     min_contributions: int = 2,
+    settle_seconds: float = 2.0,
     probe_set_fingerprint: str = "",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Genesis, bytes]:
@@ -252,8 +256,8 @@ def create_genesis(
         members=tuple(sorted(members)) if members is not None else None,
         outlier_factor=float(outlier_factor),
         min_contributions=min_contributions,
+        settle_seconds=float(settle_seconds),
         probe_set_fingerprint=probe_set_fingerprint,
     )
     _check_settings(genesis)
     return genesis, sign_genesis(genesis, identity)
-

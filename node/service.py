@@ -212,7 +212,7 @@ class NodeService:
         self.p2p: P2P | None = None
         self.server = ChunkServer(self.store)
         self.maddrs: list[str] = []
-        self._seen: dict[int, tuple[str, ...]] = {}
+        self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
         self._missing_polls: dict[str, int] = {}
         self._last_published: dict[str, tuple[bytes, float]] = {}
         self.bytes_received = 0
@@ -386,8 +386,11 @@ class NodeService:
         if len(contributions) < self.genesis.min_contributions:
             return
         ids = tuple(c.id for c in contributions)
-        if self._seen.get(r) != ids:  # let the set settle for one poll
-            self._seen[r] = ids
+        seen = self._seen.get(r)
+        if seen is None or seen[0] != ids:  # a new set: wait until it has been stable for settle_seconds
+            self._seen[r] = (ids, time.monotonic())
+            return
+        if time.monotonic() - seen[1] < self.genesis.settle_seconds:
             return
         available = []
         for c in contributions:
@@ -404,7 +407,7 @@ class NodeService:
         admission, deltas = await asyncio.to_thread(
             admit, self.genesis, available, self._base_entries(), self._decode
         )
-        if len(admission.admitted) < self.genesis.min_contributions:
+        if not admission.admitted:
             return
         recipe = self.genesis.recipe(r, list(admission.admitted))
         if own is None or own["recipe"] != recipe.id:
@@ -495,6 +498,21 @@ class NodeService:
             ),
         )
 
+    def _carry_over(self, r: int, included: tuple[str, ...]) -> None:
+        """Re-sign our contribution for round r + 1 if round r was decided without it."""
+        own = self.state.get(f"contribution/{r}")
+        if own is None or own["manifest"] in included or self.state.get(f"contribution/{r + 1}") is not None:
+            return
+        try:
+            old = verify_message(self.store.get(own["manifest"]), DeltaManifest, network_id=self.network_id)
+        except (NodeError, ProtocolError):
+            return
+        fields = {**old.message.to_dict(), "round": r + 1, "created_at": int(time.time())}
+        manifest = sign_message(DeltaManifest.from_dict(fields), self.identity)
+        self.store.put(manifest.raw, manifest.id)
+        self.state.set(f"contribution/{r + 1}", {"card": own["card"], "manifest": manifest.id})
+        logger.info("round %d was decided without our contribution; offered again for round %d", r, r + 1)
+
     async def _check_quorum(self, r: int) -> None:
         found = await find_attested_result(self.board, self.genesis, r, self.fetch, self.store)
         if found is None:
@@ -516,6 +534,7 @@ class NodeService:
             },
         )
         self.state.set("round", r + 1)
+        self._carry_over(r, found.result.message.recipe.contributions)
         logger.info(
             "round %d: result %s attested by %d keys",
             r,

@@ -67,6 +67,12 @@ def network() -> None:
 )
 @click.option("--min-contributions", default=2, show_default=True, help="Contributions a round needs.")
 @click.option(
+    "--settle-seconds",
+    default=2.0,
+    show_default=True,
+    help="A round merges once its contributions are unchanged this long.",
+)
+@click.option(
     "--outlier-factor", default=3.0, show_default=True, help="Reject deltas with norm > factor x median."
 )
 @click.option(
@@ -76,7 +82,18 @@ def network() -> None:
     help="Also write the genesis record here.",
 )
 def create(
-    name, base_dir, data_dir, method, params, dtype, quorum, members, min_contributions, outlier_factor, out
+    name,
+    base_dir,
+    data_dir,
+    method,
+    params,
+    dtype,
+    quorum,
+    members,
+    min_contributions,
+    settle_seconds,
+    outlier_factor,
+    out,
 ):
     """Write a signed genesis for a new network and print its network id.
 
@@ -102,6 +119,7 @@ def create(
             members=_members(members),
             outlier_factor=outlier_factor,
             min_contributions=min_contributions,
+            settle_seconds=settle_seconds,
         )
         state.set("genesis", record)
     if out is not None:

@@ -41,7 +41,7 @@ def network(tmp_path_factory):
         make_expert(root / "base", root / f"expert-{name}", seed=100 + index)
     make_expert(root / "base", root / "expert-n4", seed=999, scale=2.0)  # the poisoned delta
     with LocalNetwork(root) as net:
-        net.create("n1", root / "base", network_name="tiny", method="ties")
+        net.create("n1", root / "base", network_name="tiny", method="ties", min_contributions=len(NODES))
         net.start_all(NODES)
         for name in NODES:
             net.contribute(name, root / f"expert-{name}", codec="bf16")
@@ -146,3 +146,24 @@ def test_restart_keeps_store_and_state(network):
     assert network.state(name, "latest") == network.converged[name]
     with ContentStore(data / "store") as store:
         assert sorted(store) == chunks_before
+
+
+def test_status_lists_peers_cards_and_attestations(network):
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "node.cli", "status", "--network", network.network_id, "--json"]
+    done = subprocess.run(
+        [*command, "--initial-peers", network.bootstrap], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = json.loads(done.stdout)
+    assert len(status["peers"]) >= 3  # every running node announced itself
+    assert {p["latest"] for p in status["peers"]} == {0}
+    experts = {c["expert"] for c in status["rounds"]["0"]["contributions"]}
+    assert experts == {f"expert-{n}" for n in NODES}
+    fingerprint = network.converged["n1"]["fingerprint"]
+    attestations = status["rounds"]["0"]["attestations"]
+    assert len(attestations) >= 3
+    assert {a["fingerprint"] for a in attestations} == {fingerprint}

@@ -38,6 +38,7 @@ def _genesis(**changes) -> Genesis:
         members=None,
         outlier_factor=3.0,
         min_contributions=2,
+        settle_seconds=2.0,
         probe_set_fingerprint="",
     )
     fields.update(changes)
