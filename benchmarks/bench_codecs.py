@@ -36,6 +36,8 @@ DEFAULT_CODECS = (
     "int8",
     "int8+zstd",
     "int8:256+zstd",
+    "int4+zstd",
+    "int4:256+zstd",
     "topk:0.25+zstd",
     "topk:0.1",
     "topk:0.1+zstd",

@@ -293,7 +293,7 @@ def make_properties(cases: int):
                 name=name,
                 zstd=zstd,
                 k=size if name == "topk" else 0,
-                block_size=size if name == "int8" else 0,
+                block_size=size if name in ("int8", "int4") else 0,
             )
             if which == 0:
                 decode_tensor(data, spec, tuple(shape), dtype)

@@ -8,7 +8,9 @@ A layer delta is (expert - base) per tensor. Codecs (all little-endian, optional
   uint32 gaps (the first index, then each index minus the previous one, so >= 1; small numbers
   that zstd compresses well), then ``k`` bf16 values; ties broken by the lower index;
 - ``int8``: blockwise absmax: one float32 scale per block of ``block_size`` flat entries
-  (scale = absmax / 127), then one int8 in [-127, 127] per entry; value = q * scale.
+  (scale = absmax / 127), then one int8 in [-127, 127] per entry; value = q * scale;
+- ``int4``: the same with scale = absmax / 7 and q in [-7, 7], two entries per byte stored as
+  q + 8 (1..15), the first entry in the low nibble; an odd count leaves a zero high nibble.
 
 Decoding returns float32 for the delta codecs and the entry's dtype for ``raw``; every length,
 index, range and finiteness rule is checked and violations raise `CodecError`,
@@ -40,15 +42,17 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
-CODEC_NAMES = ("raw", "bf16", "fp16", "topk", "int8")
+CODEC_NAMES = ("raw", "bf16", "fp16", "topk", "int8", "int4")
+_LEVELS = {"int8": 127, "int4": 7}
 ZSTD_LEVEL = 3
 MAX_BLOCK_SIZE = 1 << 16
+DEFAULT_BLOCK_SIZE = 64
 _DENSE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
 class CodecSpec(Record):
-    """How one tensor is encoded: codec name, zstd on/off, ``k`` (topk only), ``block_size`` (int8 only)."""
+    """How one tensor is encoded: codec name, zstd on/off, ``k`` (topk only), ``block_size`` (int8/int4)."""
 
     name: str = field(text(8))
     zstd: bool = field(boolean)
@@ -60,9 +64,9 @@ class CodecSpec(Record):
             raise SchemaError(f"expected codec name in {CODEC_NAMES}, got {self.name!r}")
         if (self.name == "topk") != (self.k > 0):
             raise SchemaError(f"expected k > 0 exactly for topk, got k={self.k} for {self.name}")
-        if (self.name == "int8") != (self.block_size > 0):
+        if (self.name in _LEVELS) != (self.block_size > 0):
             raise SchemaError(
-                f"expected block_size > 0 exactly for int8, got block_size={self.block_size} for {self.name}"
+                f"expected block_size > 0 exactly for int8/int4, got {self.block_size} for {self.name}"
             )
 
     def __str__(self) -> str:
@@ -84,7 +88,7 @@ def raw_size(spec: CodecSpec, numel: int, dtype: str) -> int:
     if spec.name == "topk":
         return spec.k * 6
     blocks = -(-numel // spec.block_size)
-    return blocks * 4 + numel
+    return blocks * 4 + (numel if spec.name == "int8" else -(-numel // 2))
 
 
 def check_compatible(spec: CodecSpec, shape: tuple[int, ...], dtype: str) -> None:
@@ -117,7 +121,7 @@ def encode_tensor(tensor: torch.Tensor, spec: CodecSpec) -> bytes:
     elif spec.name == "topk":
         data = _encode_topk(flat.float(), spec.k)
     else:
-        data = _encode_int8(flat.float(), spec.block_size)
+        data = _encode_blocks(flat.float(), spec.block_size, spec.name)
     if spec.zstd:
         data = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(data)
     return data
@@ -141,7 +145,7 @@ def decode_tensor(data: bytes, spec: CodecSpec, shape: tuple[int, ...], dtype: s
     elif spec.name == "topk":
         out = _decode_topk(data, spec.k, numel)
     else:
-        out = _decode_int8(data, spec.block_size, numel)
+        out = _decode_blocks(data, spec.block_size, numel, spec.name)
     if out.is_floating_point() and not bool(torch.isfinite(out).all()):
         raise NonFiniteValuesError(f"expected finite decoded values for {spec}, got NaN or Inf")
     return out.reshape(shape)
@@ -200,26 +204,39 @@ def _decode_topk(data: bytes, k: int, numel: int) -> torch.Tensor:
     return out
 
 
-def _encode_int8(flat: torch.Tensor, block_size: int) -> bytes:
+def _encode_blocks(flat: torch.Tensor, block_size: int, name: str) -> bytes:
+    levels = _LEVELS[name]
     numel = flat.numel()
     blocks = -(-numel // block_size)
     padded = torch.zeros(blocks * block_size, dtype=torch.float32)
     padded[:numel] = flat
     grid = padded.view(blocks, block_size)  # [blocks, block_size]
-    scales = grid.abs().amax(dim=1) / 127.0  # [blocks]
+    scales = grid.abs().amax(dim=1) / levels  # [blocks]
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(grid / safe[:, None]).clamp_(-127, 127).to(torch.int8).reshape(-1)[:numel]
-    return _to_bytes(scales) + _to_bytes(q)
+    q = torch.round(grid / safe[:, None]).clamp_(-levels, levels).to(torch.int8).reshape(-1)[:numel]
+    if name == "int8":
+        return _to_bytes(scales) + _to_bytes(q)
+    nibbles = torch.zeros(numel + numel % 2, dtype=torch.uint8)
+    nibbles[:numel] = (q + 8).to(torch.uint8)  # 1..15; a padding nibble stays 0
+    return _to_bytes(scales) + _to_bytes(nibbles[0::2] | (nibbles[1::2] << 4))
 
 
-def _decode_int8(data: bytes, block_size: int, numel: int) -> torch.Tensor:
+def _decode_blocks(data: bytes, block_size: int, numel: int, name: str) -> torch.Tensor:
+    levels = _LEVELS[name]
     blocks = -(-numel // block_size)
     scales = _from_bytes(data[: 4 * blocks], torch.float32)
-    q = _from_bytes(data[4 * blocks :], torch.int8)
     if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
-        raise NonFiniteValuesError("expected finite non-negative int8 block scales, got others")
-    if bool((q == -128).any()):
-        raise CodecError("expected int8 values in [-127, 127], got -128")
+        raise NonFiniteValuesError(f"expected finite non-negative {name} block scales, got others")
+    if name == "int8":
+        q = _from_bytes(data[4 * blocks :], torch.int8)
+    else:
+        packed = _from_bytes(data[4 * blocks :], torch.uint8)
+        nibbles = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)  # [2 * bytes]
+        if numel % 2 and int(nibbles[-1]) != 0:
+            raise CodecError("expected a zero padding nibble after an odd count of int4 values, got another")
+        q = nibbles[:numel].to(torch.int8) - 8
+    if bool((q < -levels).any()) or bool((q > levels).any()):
+        raise CodecError(f"expected {name} values in [-{levels}, {levels}], got others")
     padded = torch.zeros(blocks * block_size, dtype=torch.float32)
     padded[:numel] = q.float()
     return (padded.view(blocks, block_size) * scales[:, None]).reshape(-1)[:numel]
@@ -236,7 +253,11 @@ class CodecChoice:
     name: str
     zstd: bool = False
     density: float = 0.1
-    block_size: int = 64
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name in _LEVELS and not self.block_size:
+            object.__setattr__(self, "block_size", DEFAULT_BLOCK_SIZE)
 
     def spec_for(self, shape: tuple[int, ...]) -> CodecSpec:
         """The `CodecSpec` for one tensor of `shape`."""
@@ -246,22 +267,18 @@ class CodecChoice:
                 return CodecSpec(name="bf16", zstd=self.zstd, k=0, block_size=0)
             k = max(1, math.ceil(self.density * numel))
             return CodecSpec(name="topk", zstd=self.zstd, k=min(k, numel), block_size=0)
-        block = self.block_size if self.name == "int8" else 0
+        block = self.block_size if self.name in _LEVELS else 0
         return CodecSpec(name=self.name, zstd=self.zstd, k=0, block_size=block)
 
     def __str__(self) -> str:
         option = (
-            f":{self.density}"
-            if self.name == "topk"
-            else f":{self.block_size}"
-            if self.name == "int8"
-            else ""
+            f":{self.density}" if self.name == "topk" else f":{self.block_size}" if self.block_size else ""
         )
         return f"{self.name}{option}{'+zstd' if self.zstd else ''}"
 
 
 def parse_codec(text_value: str) -> CodecChoice:
-    """Parse ``NAME[:OPTION][+zstd]``: ``raw``, ``bf16``, ``fp16``, ``topk:DENSITY``, ``int8:BLOCK``."""
+    """Parse ``NAME[:OPTION][+zstd]``: ``raw``, ``bf16``, ``fp16``, ``topk:DENSITY``, ``int8|int4:BLOCK``."""
     body, plus, suffix = text_value.strip().partition("+")
     if plus and suffix != "zstd":
         raise CodecError(f"expected '+zstd' as the only codec suffix, got {text_value!r}")
@@ -277,7 +294,7 @@ def parse_codec(text_value: str) -> CodecChoice:
             if not 0.0 < density <= 1.0:
                 raise ValueError
             return CodecChoice(name=name, zstd=bool(plus), density=density)
-        if name == "int8":
+        if name in _LEVELS:
             block = int(option)
             if not 1 <= block <= MAX_BLOCK_SIZE:
                 raise ValueError
@@ -285,5 +302,5 @@ def parse_codec(text_value: str) -> CodecChoice:
     except ValueError:
         pass
     raise CodecError(
-        f"expected topk:DENSITY in (0, 1] or int8:BLOCK in [1, {MAX_BLOCK_SIZE}], got {text_value!r}"
+        f"expected topk:DENSITY in (0, 1] or int8/int4:BLOCK in [1, {MAX_BLOCK_SIZE}], got {text_value!r}"
     )

@@ -148,7 +148,7 @@ def test_decode_rejects_bad_topk_and_int8():
         decode_tensor(struct.pack("<II", 1, 3) + values, spec("topk", k=2), (2, 2), "float32")
     with pytest.raises(CodecError, match="below 4"):
         decode_tensor(struct.pack("<II", 2**32 - 1, 1) + values, spec("topk", k=2), (2, 2), "float32")
-    with pytest.raises(CodecError, match="-128"):
+    with pytest.raises(CodecError, match=r"int8 values in \[-127, 127\]"):
         decode_tensor(struct.pack("<f", 0.1) + bytes([0x80, 1]), spec("int8", block_size=2), (2,), "float32")
     with pytest.raises(NonFiniteValuesError, match="scales"):
         decode_tensor(struct.pack("<f", -0.1) + bytes([1, 1]), spec("int8", block_size=2), (2,), "float32")
@@ -238,3 +238,38 @@ def test_blobs_split_and_join():
         join_blob(digest, addresses[::-1], chunks, max_size=len(data))
     with pytest.raises(HashMismatchError, match="got none"):
         join_blob(digest, addresses, {}, max_size=len(data))
+
+
+@pytest.mark.parametrize("zstd", [False, True])
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+def test_int4_error_bound(zstd, block):
+    t = sample((41, 50), seed=block)  # odd count: a padding nibble
+    s = spec("int4", zstd, block_size=block)
+    out = decode_tensor(encode_tensor(t, s), s, (41, 50), "float32")
+    flat = t.flatten()
+    padded = torch.cat([flat, torch.zeros(-flat.numel() % block)])
+    absmax = padded.view(-1, block).abs().amax(1).repeat_interleave(block)[: flat.numel()]
+    assert bool(((out.flatten() - flat).abs() <= absmax / 14 * (1 + 1e-5)).all())
+
+
+def test_int4_layout_by_hand():
+    t = torch.tensor([0.7, -0.35, 0.0, 0.1, -0.7])
+    data = encode_tensor(t, spec("int4", block_size=8))
+    assert np.allclose(np.frombuffer(data[:4], dtype="<f4"), [0.1])
+    # q = [7, -4 (round half to even of -3.5), 0, 1, -7] -> nibbles q + 8 = [15, 4, 8, 9, 1], padding 0
+    assert data[4:] == bytes([15 | 4 << 4, 8 | 9 << 4, 1 | 0 << 4])
+    out = decode_tensor(data, spec("int4", block_size=8), (5,), "float32")
+    assert torch.allclose(out, torch.tensor([0.7, -0.4, 0.0, 0.1, -0.7]), atol=1e-6)
+
+
+def test_int4_rejects_bad_nibbles():
+    scale = struct.pack("<f", 0.1)
+    with pytest.raises(CodecError, match=r"int4 values in \[-7, 7\]"):
+        decode_tensor(scale + bytes([0x80]), spec("int4", block_size=2), (2,), "float32")  # low nibble 0
+    with pytest.raises(CodecError, match="padding nibble"):
+        decode_tensor(scale + bytes([0x18, 0x18]), spec("int4", block_size=4), (3,), "float32")
+    assert decode_tensor(
+        scale + bytes([0x98]), spec("int4", block_size=2), (2,), "float32"
+    ).tolist() == pytest.approx([0.0, 0.1])
+    assert str(parse_codec("int4+zstd")) == "int4:64+zstd"
+    assert parse_codec("int4:32").spec_for((4, 4)) == spec("int4", block_size=32)
