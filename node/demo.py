@@ -55,7 +55,14 @@ def run_demo(
     names = [f"node{i + 1}" for i in range(nodes)]
     with LocalNetwork(workdir / "network") as net:
         tick = time.perf_counter()
-        net.create(names[0], zoo.base, network_name="demo", method=method, parameters=parameters)
+        net.create(
+            names[0],
+            zoo.base,
+            network_name="demo",
+            method=method,
+            parameters=parameters,
+            min_contributions=nodes,
+        )
         say(f"network {net.network_id}: starting {nodes} nodes")
         net.start_all(names)
         seconds["start"] = time.perf_counter() - tick

@@ -92,9 +92,9 @@ class LocalNetwork:
     def tail(self, name: str, size: int = 2000) -> str:
         return (self.root / f"{name}.log").read_text()[-size:]
 
-    def contribute(self, name: str, expert_dir: str | Path, **options: Any) -> PreparedContribution:
-        """Sign and store an expert in node `name`'s folder; the node announces it."""
-        return contribute(self.root / name, expert_dir, **options)
+    def contribute(self, node: str, expert_dir: str | Path, **options: Any) -> PreparedContribution:
+        """Sign and store an expert in node `node`'s folder; the node announces it."""
+        return contribute(self.root / node, expert_dir, **options)
 
     def state(self, name: str, key: str) -> Any:
         with NodeState(self.root / name) as state:

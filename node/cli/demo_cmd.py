@@ -17,7 +17,7 @@ import click
 @click.option("--size", default="micro", show_default=True, help="Test-bed zoo size: micro or small.")
 @click.option("--nodes", default=3, show_default=True, help="Node processes, one expert each.")
 @click.option("--codec", default="bf16", show_default=True, help="Delta codec the nodes contribute with.")
-@click.option("--limit", default=100, show_default=True, help="Test examples per domain.")
+@click.option("--limit", default=50, show_default=True, help="Test examples per domain.")
 def demo(workdir: Path | None, size: str, nodes: int, codec: str, limit: int) -> None:
     """Start a local network, contribute zoo experts, aggregate, attest, pull, and score the merge.
 
