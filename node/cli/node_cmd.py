@@ -128,6 +128,12 @@ def start(
 )
 @click.option("--network", "network_id", help="Check that the node belongs to this network id.")
 @click.option(
+    "--base",
+    "base_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Check that this base model folder is the network's base (same weights fingerprint).",
+)
+@click.option(
     "--codec",
     default="bf16",
     show_default=True,
@@ -142,7 +148,7 @@ def start(
     "--round", "round_number", type=int, help="Round to contribute to (default: the node's current round)."
 )
 def contribute_command(
-    expert_dir, data_dir, network_id, codec, name, domains, license_, round_number
+    expert_dir, data_dir, network_id, base_dir, codec, name, domains, license_, round_number
 ) -> None:
     """Sign and store an expert's deltas; the node in --data-dir announces them.
 
@@ -152,11 +158,16 @@ def contribute_command(
     from node.genesis import open_genesis
     from node.state import NodeState
 
-    if network_id is not None:
-        with NodeState(data_dir) as state:
-            record = state.get("genesis")
-        if record is None or open_genesis(record).network_id != network_id:
-            raise NodeError(f"expected the node in {data_dir} to belong to {network_id}, got another network")
+    with NodeState(data_dir) as state:
+        record = state.get("genesis")
+    genesis = open_genesis(record) if record is not None else None
+    if network_id is not None and (genesis is None or genesis.network_id != network_id):
+        raise NodeError(f"expected the node in {data_dir} to belong to {network_id}, got another network")
+    if base_dir is not None and genesis is not None:
+        from protocol.fingerprint import weights_fingerprint
+
+        if weights_fingerprint(base_dir) != genesis.base_fingerprint:
+            raise NodeError(f"expected {base_dir} to be the network's base model, got other weights")
     done = contribute(
         data_dir,
         expert_dir,

@@ -175,3 +175,31 @@ def test_maddrs_file_is_read_or_reported_missing(tmp_path):
         "/ip4/10.0.0.2/tcp/4001/p2p/QmA",
         "/ip4/127.0.0.1/tcp/4001/p2p/QmA",
     ]
+
+
+def test_contribute_refuses_a_base_other_than_the_networks(base_dir, tmp_path):
+    runner = CliRunner()
+    created = runner.invoke(
+        cli, ["network", "create", "cli-net", "--base", str(base_dir), "--data-dir", str(tmp_path / "n1")]
+    )
+    assert created.exit_code == 0, created.output
+    other = tmp_path / "other-base"
+    make_base(other, seed=1)
+    result = runner.invoke(
+        cli, ["contribute", str(base_dir), "--data-dir", str(tmp_path / "n1"), "--base", str(other)]
+    )
+    assert result.exit_code == 2
+    assert result.output == f"Error: expected {other} to be the network's base model, got other weights\n"
+    result = runner.invoke(
+        cli,
+        [
+            "contribute",
+            str(base_dir),
+            "--data-dir",
+            str(tmp_path / "n1"),
+            "--network",
+            "other.0000000000000000",
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.output.startswith("Error: expected the node in ")
