@@ -164,3 +164,26 @@ def test_attestation_by_wrong_key(f, ids):
     with pytest.raises(SignatureError):
         open_envelope(swapped, network_id=f.NETWORK)
     assert not check_quorum(signed, [swapped], quorum=1, network_id=f.NETWORK).ok
+
+
+def test_error_family_has_one_reason_per_failure():
+    import protocol.errors as errors
+    from merging.errors import UmmError
+
+    family = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ProtocolError)]
+    assert issubclass(errors.ProtocolError, UmmError)
+    reasons = [c.reason for c in family if c is not errors.ProtocolError]
+    assert len(reasons) == len(set(reasons)) == len(family) - 1 >= 17
+
+
+def test_check_chunk(f):
+    from protocol.chunks import check_chunk, verify_chunk
+    from protocol.encoding import sha256_hex
+    from protocol.errors import OversizeError
+
+    data = b"chunk"
+    assert check_chunk(sha256_hex(data), data)
+    assert not check_chunk(sha256_hex(data), data + b"!")
+    assert not check_chunk(sha256_hex(data), data, max_size=4)
+    with pytest.raises(OversizeError):
+        verify_chunk(sha256_hex(data), data, max_size=4)
