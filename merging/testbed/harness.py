@@ -116,9 +116,19 @@ def _max_new_tokens(tokenizer: Any, examples: Sequence[Example], chat: bool) -> 
 
 @torch.inference_mode()
 def greedy_generate(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, *, stop_at_answer: bool = False
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int | Sequence[int],
+    *,
+    stop_at_answer: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (one left-padded batch, KV cache), decoded to text."""
+    """Greedy continuations of ``prompts`` (one left-padded batch, KV cache), decoded to text.
+
+    ``max_new_tokens`` is one budget for all rows or one per row; a row stops at its budget or at
+    an end-of-sequence token.
+    """
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
@@ -136,7 +146,8 @@ def greedy_generate(
     generated: list[torch.Tensor] = []
     cache = None
     step_ids, step_pos = input_ids, positions
-    for step in range(max_new_tokens):
+    row_budget = torch.tensor(budgets, device=device)
+    for step in range(max(budgets, default=0)):
         out = model(
             input_ids=step_ids,
             attention_mask=mask,
@@ -149,7 +160,7 @@ def greedy_generate(
         next_ids = out.logits[:, -1, :].argmax(-1)
         next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
         generated.append(next_ids)
-        done |= torch.isin(next_ids, eos)
+        done |= torch.isin(next_ids, eos) | (row_budget <= step + 1)
         if stop_at_answer and step % 8 == 7:
             done |= _answer_complete(tokenizer, torch.stack(generated, 1), done)
         if bool(done.all()):
@@ -159,7 +170,8 @@ def greedy_generate(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     tokens = torch.stack(generated, 1).tolist() if generated else [[] for _ in enc]
     texts = []
-    for row in tokens:
+    for row, budget in zip(tokens, budgets, strict=True):
+        row = row[:budget]
         cut = next((i for i, tok in enumerate(row) if tok in eos_ids), len(row))
         texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
     return texts
@@ -193,44 +205,53 @@ def evaluate(
     prompt_style: str = "auto",
     seed: int = 0,
 ) -> EvalResult:
-    """Exact-match accuracy of ``model`` on each task's ``split`` (first ``limit`` examples)."""
+    """Exact-match accuracy of ``model`` on each task's ``split`` (first ``limit`` examples).
+
+    The prompts of all tasks are pooled and sorted by length before batching, so batches are full
+    and padding is short; each prompt keeps its own token budget.
+    """
     names = resolve_tasks(tasks)
     chat = _uses_chat(tokenizer, prompt_style)
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    accuracy, counts, outputs = {}, {}, {}
+    examples = {
+        name: generate(name, split, seed=seed)[: limit if limit is not None else None] for name in names
+    }
+    prompts, budgets = [], []
+    for name in names:
+        budget = _max_new_tokens(tokenizer, examples[name], chat)
+        for ex in examples[name]:
+            prompts.append(chat_prompt(tokenizer, name, ex.prompt) if chat else plain_prompt(ex.prompt))
+            budgets.append(budget)
     try:
-        for name in names:
-            examples = generate(name, split, seed=seed)[: limit if limit is not None else None]
-            prompts = [
-                chat_prompt(tokenizer, name, ex.prompt) if chat else plain_prompt(ex.prompt)
-                for ex in examples
-            ]
-            budget = _max_new_tokens(tokenizer, examples, chat)
-            texts = _generate_sorted(model, tokenizer, prompts, budget, batch_size, chat)
-            accuracy[name] = sum(score(t, ex.answer) for t, ex in zip(texts, examples, strict=True)) / len(
-                examples
-            )
-            counts[name] = len(examples)
-            outputs[name] = texts
+        texts = _generate_sorted(model, tokenizer, prompts, budgets, batch_size, chat)
     finally:
         model.train(was_training)
+    accuracy, counts, outputs = {}, {}, {}
+    offset = 0
+    for name in names:
+        mine = texts[offset : offset + len(examples[name])]
+        offset += len(mine)
+        accuracy[name] = sum(score(t, ex.answer) for t, ex in zip(mine, examples[name], strict=True)) / len(
+            mine
+        )
+        counts[name] = len(mine)
+        outputs[name] = mine
     return EvalResult(accuracy, counts, outputs, time.perf_counter() - start)
 
 
 def _generate_sorted(
-    model: Any, tokenizer: Any, prompts: Sequence[str], budget: int, batch_size: int, chat: bool
+    model: Any, tokenizer: Any, prompts: Sequence[str], budgets: Sequence[int], batch_size: int, chat: bool
 ) -> list[str]:
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     texts: list[str] = [""] * len(prompts)
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
-        for i, text in zip(
-            chunk,
-            greedy_generate(model, tokenizer, [prompts[i] for i in chunk], budget, stop_at_answer=chat),
-            strict=True,
-        ):
+        outs = greedy_generate(
+            model, tokenizer, [prompts[i] for i in chunk], [budgets[i] for i in chunk], stop_at_answer=chat
+        )
+        for i, text in zip(chunk, outs, strict=True):
             texts[i] = text
     return texts
 

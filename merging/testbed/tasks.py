@@ -5,6 +5,10 @@ need two domains at once (``list_arith``: lists + arithmetic; ``bool_trace``: tr
 Every response is a short step-by-step scratchpad followed by a final line ``Answer: ...``;
 scoring reads only that final answer.
 
+Test, dev and the main train split hold the full-difficulty variant; ``generate(..., easy=True)``
+draws an easier training variant of each task (shorter inputs), which the zoo's base model is
+pretrained on so that it knows the format and the primitive steps but not the full tasks.
+
 Splits: a prompt's split is a function of the prompt alone (a sha256 bucket), so train, dev and
 test can never share a prompt. Each split is filled by rejection sampling from a generator seeded
 from ``(task, split, seed)``; identical arguments give identical examples on every machine.
@@ -60,7 +64,7 @@ class Task:
 
     name: str
     domains: tuple[str, ...]
-    make: Callable[[random.Random], tuple[str, list[str], str]]
+    make: Callable[[random.Random, bool], tuple[str, list[str], str]]  # (rng, easy)
     answer_hint: str
 
     @property
@@ -85,9 +89,9 @@ def column_addition(a: int, b: int) -> list[str]:
     return steps
 
 
-def _make_arithmetic(rng: random.Random) -> tuple[str, list[str], str]:
-    a = rng.randint(10, 999)
-    b = rng.randint(10, 999)
+def _make_arithmetic(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
+    a = rng.randint(0, 99) if easy else rng.randint(100, 999)
+    b = rng.randint(0, 99) if easy else rng.randint(10, 999)
     return f"Compute {a} + {b}.", column_addition(a, b), str(a + b)
 
 
@@ -106,8 +110,8 @@ def _running(values: Sequence[int], pick: Callable[[int, int], int]) -> list[int
     return out
 
 
-def _make_lists(rng: random.Random) -> tuple[str, list[str], str]:
-    values = [rng.randint(10, 99) for _ in range(rng.randint(3, 6))]
+def _make_lists(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
+    values = [rng.randint(0, 9) for _ in range(rng.randint(2, 4) if easy else rng.randint(5, 7))]
     op = rng.choice(("max", "min", "reverse"))
     if op == "reverse":
         rev = values[::-1]
@@ -125,51 +129,27 @@ def _make_lists(rng: random.Random) -> tuple[str, list[str], str]:
 _BOOL = {True: "T", False: "F"}
 
 
-def _random_bool_expr(rng: random.Random, ops: int) -> tuple:
-    """A random expression tree with exactly ``ops`` operators; leaves are booleans."""
-    if ops == 0:
-        return ("lit", rng.random() < 0.5)
+def _bool_literal(rng: random.Random, steps: list[str]) -> tuple[str, bool]:
+    """A literal, negated one time in four; a negation costs one ``not T = F`` step."""
+    value = rng.random() < 0.5
     if rng.random() < 0.25:
-        return ("not", _random_bool_expr(rng, ops - 1))
-    left_ops = rng.randint(0, ops - 1)
-    return (
-        rng.choice(("and", "or")),
-        _random_bool_expr(rng, left_ops),
-        _random_bool_expr(rng, ops - 1 - left_ops),
-    )
+        steps.append(f"not {_BOOL[value]} = {_BOOL[not value]}")
+        return f"not {_BOOL[value]}", not value
+    return _BOOL[value], value
 
 
-def _render_bool(node: tuple, top: bool = True) -> str:
-    kind = node[0]
-    if kind == "lit":
-        return _BOOL[node[1]]
-    if kind == "not":
-        return "not " + _render_bool(node[1], top=False)
-    text = f"{_render_bool(node[1], False)} {kind} {_render_bool(node[2], False)}"
-    return text if top else f"({text})"
-
-
-def _reduce_bool(node: tuple, steps: list[str]) -> bool:
-    """Evaluate innermost-first, recording one ``T and F = F`` line per operator."""
-    kind = node[0]
-    if kind == "lit":
-        return node[1]
-    if kind == "not":
-        inner = _reduce_bool(node[1], steps)
-        steps.append(f"not {_BOOL[inner]} = {_BOOL[not inner]}")
-        return not inner
-    left = _reduce_bool(node[1], steps)
-    right = _reduce_bool(node[2], steps)
-    value = (left and right) if kind == "and" else (left or right)
-    steps.append(f"{_BOOL[left]} {kind} {_BOOL[right]} = {_BOOL[value]}")
-    return value
-
-
-def _make_logic(rng: random.Random) -> tuple[str, list[str], str]:
-    tree = _random_bool_expr(rng, rng.randint(2, 4))
+def _make_logic(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
+    """A left-nested chain such as ``(T and not F) or F``, reduced one operator per line."""
     steps: list[str] = []
-    value = _reduce_bool(tree, steps)
-    return f"Evaluate {_render_bool(tree)}.", steps, str(value)
+    text, value = _bool_literal(rng, steps)
+    for i in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
+        op = rng.choice(("and", "or"))
+        right_text, right = _bool_literal(rng, steps)
+        result = (value and right) if op == "and" else (value or right)
+        steps.append(f"{_BOOL[value]} {op} {_BOOL[right]} = {_BOOL[result]}")
+        text = f"({text}) {op} {right_text}" if i else f"{text} {op} {right_text}"
+        value = result
+    return f"Evaluate {text}.", steps, str(value)
 
 
 # --------------------------------------------------------------------------- tracing
@@ -177,7 +157,7 @@ def _make_logic(rng: random.Random) -> tuple[str, list[str], str]:
 _VARS = ("a", "b", "c", "x", "y", "z")
 
 
-def _make_tracing(rng: random.Random) -> tuple[str, list[str], str]:
+def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
     names = rng.sample(_VARS, 3)
     env: dict[str, int] = {}
     code, steps = [], []
@@ -185,11 +165,14 @@ def _make_tracing(rng: random.Random) -> tuple[str, list[str], str]:
     env[first] = rng.randint(1, 9)
     code.append(f"{first}={env[first]}")
     steps.append(f"{first}={env[first]}")
-    for _ in range(rng.randint(2, 3)):
+    for _ in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
         target = rng.choice(names)
         source = rng.choice(sorted(env))
-        k = rng.randint(1, 9)
-        op = "-" if env[source] - k >= 0 and rng.random() < 0.4 else "+"
+        # Every value stays a single digit: pick among the steps that keep it in 0..9.
+        op, k = rng.choice(
+            [("+", k) for k in range(1, 10) if env[source] + k <= 9]
+            + [("-", k) for k in range(1, 10) if env[source] - k >= 0]
+        )
         value = env[source] + k if op == "+" else env[source] - k
         code.append(f"{target}={source}{op}{k}")
         steps.append(f"{target}={env[source]}{op}{k}={value}")
@@ -201,15 +184,15 @@ def _make_tracing(rng: random.Random) -> tuple[str, list[str], str]:
 # --------------------------------------------------------------------------- compositional
 
 
-def _make_list_arith(rng: random.Random) -> tuple[str, list[str], str]:
-    values = [rng.randint(10, 99) for _ in range(rng.randint(3, 5))]
+def _make_list_arith(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
+    values = [rng.randint(0, 9) for _ in range(rng.randint(2, 4) if easy else rng.randint(5, 7))]
     hi, lo = _running(values, max), _running(values, min)
     steps = ["max so far: " + " ".join(map(str, hi)), "min so far: " + " ".join(map(str, lo))]
     steps += column_addition(hi[-1], lo[-1])
     return f"Add the max and the min of {_fmt_list(values)}.", steps, str(hi[-1] + lo[-1])
 
 
-def _make_bool_trace(rng: random.Random) -> tuple[str, list[str], str]:
+def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
     names = rng.sample(_VARS, 3)
     env: dict[str, bool] = {}
     code, steps = [], []
@@ -217,7 +200,7 @@ def _make_bool_trace(rng: random.Random) -> tuple[str, list[str], str]:
         env[name] = rng.random() < 0.5
         code.append(f"{name}={_BOOL[env[name]]}")
         steps.append(f"{name}={_BOOL[env[name]]}")
-    for _ in range(rng.randint(2, 3)):
+    for _ in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
         target = rng.choice(names)
         known = sorted(env)
         if rng.random() < 0.25:
@@ -276,15 +259,24 @@ def resolve_tasks(tasks: Iterable[str] | str | None) -> list[str]:
     return names
 
 
-def generate(task: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[Example]:
-    """``n`` distinct examples of ``task`` owned by ``split`` (default: the split's fixed size)."""
+def generate(
+    task: str, split: str = "train", n: int | None = None, seed: int = 0, *, easy: bool = False
+) -> list[Example]:
+    """``n`` distinct examples of ``task`` owned by ``split`` (default: the split's fixed size).
+
+    ``easy=True`` draws the task's easier variant (fewer digits, items, operators or statements),
+    train split only and with repeats allowed: the curriculum a base model is pretrained on.
+    """
     spec = _check_task(task)
     if split not in SPLITS:
         raise TaskError(f"expected a split among {', '.join(SPLITS)}, got {split!r}.")
+    if easy and split != "train":
+        raise TaskError(f"expected easy examples to come from the train split, got {split!r}.")
     size = SPLIT_SIZES[split] if n is None else n
     if size < 0:
         raise TaskError(f"expected a non-negative number of examples, got {size}.")
-    digest = hashlib.sha256(f"umm-testbed:{task}:{split}:{seed}".encode()).digest()
+    level = ":easy" if easy else ""
+    digest = hashlib.sha256(f"umm-testbed:{task}:{split}:{seed}{level}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     seen: set[str] = set()
     examples: list[Example] = []
@@ -295,8 +287,8 @@ def generate(task: str, split: str = "train", n: int | None = None, seed: int = 
             raise TaskError(
                 f"expected the {task} task to hold {size} distinct {split} prompts, got {len(examples)}."
             )
-        prompt, steps, answer = spec.make(rng)
-        if prompt in seen or split_of(prompt) != split:
+        prompt, steps, answer = spec.make(rng, easy)
+        if (prompt in seen and not easy) or split_of(prompt) != split:
             continue
         seen.add(prompt)
         response = "\n".join([*steps, f"Answer: {answer}"])

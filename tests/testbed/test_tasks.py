@@ -91,13 +91,35 @@ def test_arithmetic_scratchpad_is_column_addition():
 
 def test_first_dev_examples_show_their_work():
     logic, tracing, lists = (generate(task, "dev")[0] for task in ("logic", "tracing", "lists"))
-    assert (logic.prompt, logic.response) == (
-        "Evaluate F and (F or F).",
-        "F or F = F\nF and F = F\nAnswer: False",
+    assert logic.prompt == "Evaluate (((T or T) and T) or T) or T."
+    assert logic.response == "T or T = T\nT and T = T\nT or T = T\nT or T = T\nAnswer: True"
+    assert tracing.prompt == "Run c=7; c=c-3; a=c+2; a=a+1; a=c+5. What is a?"
+    assert tracing.response == "c=7\nc=7-3=4\na=4+2=6\na=6+1=7\na=4+5=9\nAnswer: 9"
+    assert (lists.prompt, lists.response) == (
+        "Find the max of [1, 0, 0, 1, 2, 6, 1].",
+        "max so far: 1 1 1 1 2 6 6\nAnswer: 6",
     )
-    assert tracing.prompt == "Run x=4; b=x+6; b=b+3; x=b-8. What is b?"
-    assert tracing.response == "x=4\nb=4+6=10\nb=10+3=13\nx=13-8=5\nAnswer: 13"
-    assert lists.response == "max so far: 76 77 77 77 94\nAnswer: 94"
+
+
+def test_logic_negations_get_their_own_step():
+    negated_first = [ex for ex in generate("logic", "test") if ex.prompt[9:].lstrip("(").startswith("not ")]
+    assert negated_first
+    for example in negated_first:
+        literal = example.prompt[9:].lstrip("(")[4]
+        assert example.response.startswith(f"not {literal} = {'F' if literal == 'T' else 'T'}\n")
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_easy_variant_is_shorter_training_data(task):
+    easy = generate(task, "train", n=300, easy=True)
+    full = generate(task, "test")
+    assert easy == generate(task, "train", n=300, easy=True)
+    assert all(split_of(ex.prompt) == "train" for ex in easy)
+    assert all(ex.answer == _reference_answer(task, ex.prompt) for ex in easy)
+    mean = lambda examples: sum(len(ex.response) for ex in examples) / len(examples)  # noqa: E731
+    assert mean(easy) < mean(full)
+    with pytest.raises(TaskError, match="easy examples to come from the train split"):
+        generate(task, "test", n=3, easy=True)
 
 
 def test_export_jsonl_writes_every_split(tmp_path):

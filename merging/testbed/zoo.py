@@ -1,0 +1,355 @@
+"""The tiny expert zoo: a base model, its domain experts, and heterogeneous experts, trained locally.
+
+* **base**: a Llama-style causal LM with a character-level tokenizer, pretrained on the easy
+  variants of every task (it learns the prompt format and the primitive steps of each domain, but
+  scores low on the full tasks);
+* **experts**: full fine-tunes of the base, one per domain, on that domain's full tasks plus a
+  little replay of the base's curriculum, with a modest learning rate and step count so they stay
+  in the base's basin (the homogeneous family that weight merging needs);
+* **heterogeneous**: a GPT-2 model with its own byte-level BPE tokenizer, trained from scratch
+  mostly on one domain (the family that only distribution fusion can combine).
+
+`build_zoo` is deterministic (seeded, fixed torch thread count) and caches the zoo in a folder
+named by the sha256 of its recipe: an unchanged recipe returns at once, a changed one rebuilds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from merging.errors import UmmError
+from merging.testbed.tasks import DOMAINS, TASKS, write_text_atomic
+from merging.testbed.tokenizers_build import bpe_tokenizer, char_tokenizer
+from merging.testbed.training import TrainSpec, corpus, pinned_threads, train
+
+SUITE_VERSION = "2"  # bump when task formats change: it is part of every recipe digest
+ZOO_CACHE_ENV = "UMM_ZOO_CACHE"
+MANIFEST = "zoo.json"
+MODEL_META = "testbed.json"
+
+
+class ZooError(UmmError):
+    """A zoo size, recipe or cache folder that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture of one zoo model; ``tokenizer`` is ``"char"`` or ``"bpe"`` (with ``bpe_vocab``)."""
+
+    arch: str
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    tokenizer: str = "char"
+    bpe_vocab: int = 0
+    max_positions: int = 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class HeteroSpec:
+    """A heterogeneous expert: its own architecture and tokenizer, trained on ``train.mixture``."""
+
+    name: str
+    domain: str
+    model: ModelSpec
+    train: TrainSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "domain": self.domain,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    """Everything that determines the zoo's weights; its digest names the cache folder."""
+
+    size: str
+    seed: int
+    threads: int
+    base_model: ModelSpec
+    base_train: TrainSpec
+    expert_train: TrainSpec  # its mixture (replay) is joined by the expert's own domain at weight 1
+    domains: tuple[str, ...] = DOMAINS
+    heterogeneous: tuple[HeteroSpec, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "suite_version": SUITE_VERSION,
+            "size": self.size,
+            "seed": self.seed,
+            "threads": self.threads,
+            "base_model": self.base_model.to_dict(),
+            "base_train": self.base_train.to_dict(),
+            "expert_train": self.expert_train.to_dict(),
+            "domains": list(self.domains),
+            "heterogeneous": [h.to_dict() for h in self.heterogeneous],
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Zoo:
+    """Paths of a built zoo: HF folders loadable with AutoModelForCausalLM / AutoTokenizer."""
+
+    root: Path
+    recipe: ZooRecipe
+    base: Path
+    experts: dict[str, Path] = field(default_factory=dict)
+    heterogeneous: dict[str, Path] = field(default_factory=dict)
+    build_seconds: dict[str, float] = field(default_factory=dict)
+
+    def models(self) -> dict[str, Path]:
+        """Every model by display name: ``base``, each domain, then each heterogeneous expert."""
+        return {"base": self.base, **self.experts, **self.heterogeneous}
+
+
+_ALL_TASKS = tuple((task, 1.0) for task in TASKS)
+# Experts replay a little of the base's curriculum: less forgetting, task vectors that add up.
+_REPLAY = tuple((f"{task}@easy", 0.05) for task in TASKS)
+
+
+def _hetero_mixture(domain: str) -> tuple[tuple[str, float], ...]:
+    return ((domain, 3.0), *((f"{task}@easy", 1.0) for task in TASKS))
+
+
+RECIPES: dict[str, ZooRecipe] = {
+    "micro": ZooRecipe(
+        size="micro",
+        seed=0,
+        threads=1,
+        base_model=ModelSpec("llama", hidden=32, layers=2, heads=2, intermediate=64),
+        base_train=TrainSpec(steps=60, lr=1e-2, batch_size=16, mixture=_ALL_TASKS, warmup=10, easy=True),
+        expert_train=TrainSpec(steps=20, lr=3e-3, batch_size=16, mixture=_REPLAY, warmup=5),
+        heterogeneous=(
+            HeteroSpec(
+                "gpt2-arithmetic",
+                "arithmetic",
+                ModelSpec(
+                    "gpt2", hidden=32, layers=2, heads=2, intermediate=64, tokenizer="bpe", bpe_vocab=300
+                ),
+                TrainSpec(steps=40, lr=1e-2, batch_size=16, mixture=_hetero_mixture("arithmetic"), warmup=5),
+            ),
+        ),
+    ),
+    "small": ZooRecipe(
+        size="small",
+        seed=0,
+        threads=1,
+        base_model=ModelSpec("llama", hidden=64, layers=2, heads=2, intermediate=192),
+        base_train=TrainSpec(steps=1000, lr=5e-3, batch_size=32, mixture=_ALL_TASKS, warmup=30, easy=True),
+        expert_train=TrainSpec(steps=300, lr=1e-3, batch_size=32, mixture=_REPLAY, warmup=10),
+        heterogeneous=(
+            HeteroSpec(
+                "gpt2-arithmetic",
+                "arithmetic",
+                ModelSpec(
+                    "gpt2", hidden=64, layers=2, heads=2, intermediate=256, tokenizer="bpe", bpe_vocab=400
+                ),
+                TrainSpec(
+                    steps=800, lr=5e-3, batch_size=32, mixture=_hetero_mixture("arithmetic"), warmup=30
+                ),
+            ),
+        ),
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$UMM_ZOO_CACHE`` if set, else ``~/.cache/umm/zoo``."""
+    env = os.environ.get(ZOO_CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "umm" / "zoo"
+
+
+def _make_tokenizer(spec: ModelSpec, seed: int) -> PreTrainedTokenizerFast:
+    if spec.tokenizer == "char":
+        return char_tokenizer()
+    if spec.tokenizer == "bpe":
+        return bpe_tokenizer(corpus(list(TASKS), n=300, seed=seed), spec.bpe_vocab)
+    raise ZooError(f"expected tokenizer 'char' or 'bpe', got {spec.tokenizer!r}.")
+
+
+def _make_model(spec: ModelSpec, tok: PreTrainedTokenizerFast, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    ids = {
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
+    if spec.arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=spec.hidden,
+            intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.heads,
+            max_position_embeddings=spec.max_positions,
+            tie_word_embeddings=True,
+            **ids,
+        )
+        return LlamaForCausalLM(config)
+    if spec.arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_embd=spec.hidden,
+            n_layer=spec.layers,
+            n_head=spec.heads,
+            n_inner=spec.intermediate,
+            n_positions=spec.max_positions,
+            **ids,
+        )
+        return GPT2LMHeadModel(config)
+    raise ZooError(f"expected arch 'llama' or 'gpt2', got {spec.arch!r}.")
+
+
+def _save(model: torch.nn.Module, tok: PreTrainedTokenizerFast, out: Path, meta: dict[str, Any]) -> Path:
+    """Save an HF folder atomically: write beside ``out``, then rename into place."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    write_text_atomic(tmp / MODEL_META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _load_manifest(root: Path, recipe: ZooRecipe) -> Zoo | None:
+    path = root / MANIFEST
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("digest") != recipe.digest():
+        return None
+    return Zoo(
+        root=root,
+        recipe=recipe,
+        base=root / data["base"],
+        experts={k: root / v for k, v in data["experts"].items()},
+        heterogeneous={k: root / v for k, v in data["heterogeneous"].items()},
+        build_seconds=data.get("build_seconds", {}),
+    )
+
+
+def build_zoo(
+    size: str = "micro",
+    cache_dir: str | Path | None = None,
+    *,
+    recipe: ZooRecipe | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Zoo:
+    """Train (or fetch from the cache) the zoo of ``size``; ``recipe`` overrides the named recipe."""
+    if recipe is None:
+        if size not in RECIPES:
+            raise ZooError(f"expected zoo size {' or '.join(RECIPES)}, got {size!r}.")
+        recipe = RECIPES[size]
+    for domain in recipe.domains:
+        if domain not in TASKS:
+            raise ZooError(f"expected expert domains among {', '.join(TASKS)}, got {domain!r}.")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = root / f"{recipe.size}-{recipe.digest()[:16]}"
+    say = log or (lambda _msg: None)
+    with _locked(root):
+        cached = _load_manifest(root, recipe)
+        if cached is not None:
+            return cached
+        with pinned_threads(recipe.threads):
+            zoo = _train_zoo(root, recipe, say)
+        manifest = {
+            "digest": recipe.digest(),
+            "recipe": recipe.to_dict(),
+            "base": "base",
+            "experts": {k: str(v.relative_to(root)) for k, v in zoo.experts.items()},
+            "heterogeneous": {k: str(v.relative_to(root)) for k, v in zoo.heterogeneous.items()},
+            "build_seconds": zoo.build_seconds,
+        }
+        write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return zoo
+
+
+def _timed(seconds: dict[str, float], name: str, say: Callable[[str], None], fn: Callable[[], Path]) -> Path:
+    start = time.perf_counter()
+    path = fn()
+    seconds[name] = round(time.perf_counter() - start, 2)
+    say(f"trained {name} in {seconds[name]:.1f} s")
+    return path
+
+
+def _train_zoo(root: Path, recipe: ZooRecipe, say: Callable[[str], None]) -> Zoo:
+    seconds: dict[str, float] = {}
+    digest = recipe.digest()
+    tok = _make_tokenizer(recipe.base_model, recipe.seed)
+    base = _make_model(recipe.base_model, tok, recipe.seed)
+
+    def train_base() -> Path:
+        train(base, tok, recipe.base_train, seed=recipe.seed)
+        return _save(base, tok, root / "base", {"role": "base", "recipe": digest})
+
+    base_path = _timed(seconds, "base", say, train_base)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    experts: dict[str, Path] = {}
+    for i, domain in enumerate(recipe.domains):
+
+        def train_expert(domain: str = domain, i: int = i) -> Path:
+            expert = _make_model(recipe.base_model, tok, recipe.seed)
+            expert.load_state_dict(base_state)
+            spec = replace(recipe.expert_train, mixture=((domain, 1.0), *recipe.expert_train.mixture))
+            train(expert, tok, spec, seed=recipe.seed + 1 + i)
+            meta = {"role": "expert", "domain": domain, "recipe": digest}
+            return _save(expert, tok, root / "experts" / domain, meta)
+
+        experts[domain] = _timed(seconds, domain, say, train_expert)
+    hetero: dict[str, Path] = {}
+    for spec in recipe.heterogeneous:
+
+        def train_hetero(spec: HeteroSpec = spec) -> Path:
+            htok = _make_tokenizer(spec.model, recipe.seed)
+            model = _make_model(spec.model, htok, recipe.seed)
+            train(model, htok, spec.train, seed=recipe.seed)
+            meta = {"role": "heterogeneous", "domain": spec.domain, "recipe": digest}
+            return _save(model, htok, root / "heterogeneous" / spec.name, meta)
+
+        hetero[spec.name] = _timed(seconds, spec.name, say, train_hetero)
+    return Zoo(root, recipe, base_path, experts, hetero, seconds)
+
+
+def model_meta(model_dir: str | Path) -> dict[str, Any]:
+    """The zoo metadata of a model folder (role, domain), or an empty dict for other models."""
+    path = Path(model_dir) / MODEL_META
+    return json.loads(path.read_text()) if path.exists() else {}

