@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.cli.merge_cmd",
     "node.cli.network_cmd",
     "node.cli.node_cmd",
+    "node.cli.testbed_cmd",
     "node.cli.demo_cmd",
 )
 
