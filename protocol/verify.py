@@ -33,17 +33,7 @@ from protocol.messages import (
     SignedMessage,
 )
 
-
-def verify_message(
-    data: bytes,
-    expected: type[SignedMessage] | None = None,
-    *,
-    network_id: str,
-    now: int | None = None,
-    max_clock_skew: int = DEFAULT_MAX_CLOCK_SKEW,
-) -> Signed:
-    """Verify one envelope (see `open_envelope` for the checks); raise a ProtocolError."""
-    return open_envelope(data, expected, network_id=network_id, now=now, max_clock_skew=max_clock_skew)
+verify_message = open_envelope  # the raising form: verify one envelope, see `open_envelope`
 
 
 @dataclass(frozen=True)
