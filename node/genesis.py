@@ -38,6 +38,7 @@ MAX_GENESIS_BYTES = 6 * 1024
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,46}")
 SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja")
 MAX_BASE_MANIFEST_BYTES = 64 << 20
+PROBE_SET_DOMAIN = "umm-probe-set-v1"
 
 
 class GenesisError(NodeError):
@@ -175,6 +176,28 @@ def _check_settings(genesis: Genesis) -> None:
         raise GenesisError(f"expected merge settings the engine accepts, got: {exc}") from exc
 
 
+def read_probe_set(data: bytes) -> list[str]:
+    """The probe texts from the bytes of the probe-set chunk (``pack(["umm-probe-set-v1", texts])``)."""
+    try:
+        value = unpack(data, max_size=64 << 20)
+    except ProtocolError as exc:
+        raise GenesisError(f"expected a probe-set chunk, got: {exc}") from exc
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or value[0] != PROBE_SET_DOMAIN
+        or not isinstance(value[1], list)
+        or not all(isinstance(t, str) for t in value[1])
+    ):
+        raise GenesisError("expected a probe-set chunk holding a list of texts, got another value")
+    return value[1]
+
+
+def probe_set_bytes(texts: list[str]) -> bytes:
+    """The probe-set chunk; its sha256 equals `protocol.summary.probe_set_fingerprint(texts)`."""
+    return pack([PROBE_SET_DOMAIN, list(texts)])
+
+
 def load_base(base_dir: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a model folder's ``*.safetensors`` files."""
     files = sorted(Path(base_dir).glob("*.safetensors"))
@@ -233,12 +256,15 @@ def create_genesis(
     outlier_factor: float = 3.0,
     min_contributions: int = 2,
     settle_seconds: float = 2.0,
-    probe_set_fingerprint: str = "",
+    probe_set: list[str] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Genesis, bytes]:
-    """Fingerprint the base, put its chunks in `store`, and sign a genesis; returns it and its record."""
+    """Fingerprint the base, put its chunks (and the probe texts) in `store`, sign a genesis."""
     fingerprints = fingerprint_model(base_dir)
     manifest, files = store_base(base_dir, store, chunk_size)
+    if probe_set is not None and (not probe_set or not all(isinstance(t, str) and t for t in probe_set)):
+        raise GenesisError("expected a probe set of non-empty texts, got an empty set or an empty text")
+    probe = store.put(probe_set_bytes(probe_set)) if probe_set else ""
     genesis = Genesis(
         name=name,
         created_at=int(time.time()),
@@ -257,7 +283,7 @@ def create_genesis(
         outlier_factor=float(outlier_factor),
         min_contributions=min_contributions,
         settle_seconds=float(settle_seconds),
-        probe_set_fingerprint=probe_set_fingerprint,
+        probe_set_fingerprint=probe,
     )
     _check_settings(genesis)
     return genesis, sign_genesis(genesis, identity)

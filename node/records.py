@@ -6,6 +6,8 @@ Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
     umm/<network id>/peers           {"p2p": libp2p peer id, "signer": Ed25519 key, "latest": round or -1}
     umm/<network id>/contrib/<r>     {"card": ExpertCard envelope, "manifest": DeltaManifest envelope id,
                                       "p2p": the holder's libp2p peer id}
+    umm/<network id>/summary/<r>     {"card": ExpertCard envelope, "summary": DistributionSummary envelope
+                                      id, "p2p": the holder's libp2p peer id} (experts of other architectures)
     umm/<network id>/result/<r>      {"result": MergeResult envelope id, "attestation": Attestation
                                       envelope, "p2p": the holder's libp2p peer id}
 
@@ -28,6 +30,7 @@ RECORD_FIELDS: dict[str, dict[str, type]] = {
     "peers": {"p2p": str, "signer": bytes, "latest": int},
     "contrib": {"card": bytes, "manifest": str, "p2p": str},
     "result": {"result": str, "attestation": bytes, "p2p": str},
+    "summary": {"card": bytes, "summary": str, "p2p": str},
 }
 
 
@@ -41,6 +44,10 @@ def peers_key(network_id: str) -> str:
 
 def contrib_key(network_id: str, round_number: int) -> str:
     return f"umm/{network_id}/contrib/{round_number}"
+
+
+def summary_key(network_id: str, round_number: int) -> str:
+    return f"umm/{network_id}/summary/{round_number}"
 
 
 def result_key(network_id: str, round_number: int) -> str:
@@ -66,7 +73,7 @@ def parse_record(kind: str, data: bytes) -> dict[str, Any] | None:
     for name, kind_type in expected.items():
         if type(value[name]) is not kind_type:
             return None
-    for digest_field in ("manifest", "result"):
+    for digest_field in ("manifest", "result", "summary"):
         digest = value.get(digest_field)
         if digest is not None and (len(digest) != 64 or not set(digest) <= _HEX):
             return None

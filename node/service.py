@@ -41,6 +41,7 @@ from node.records import (
     parse_record,
     peers_key,
     result_key,
+    summary_key,
 )
 from node.rounds import Contribution, admit, select_contributions
 from node.state import NodeState
@@ -284,8 +285,13 @@ class NodeService:
     async def _ensure_base(self) -> None:
         """Fetch the base's tensor list, tensors and side files (content-addressed by the genesis)."""
         g = self.genesis
-        if self.store.missing([g.base_manifest, *g.base_files.values()]):
-            await self.fetch([g.base_manifest, *g.base_files.values()], ())
+        wanted = [
+            g.base_manifest,
+            *g.base_files.values(),
+            *([g.probe_set_fingerprint] if g.probe_set_fingerprint else []),
+        ]
+        if self.store.missing(wanted):
+            await self.fetch(wanted, ())
         entries = read_base_manifest(self.store.get(g.base_manifest))
         await self.fetch([c for e in entries for c in e.chunks], ())
         self.state.set("genesis", self._genesis_record)
@@ -346,6 +352,14 @@ class NodeService:
             await self._publish(
                 contrib_key(self.network_id, r),
                 make_record("contrib", card=own["card"], manifest=own["manifest"], p2p=str(self.p2p.peer_id)),
+            )
+        summary = self.state.get(f"summary/{r}")
+        if summary is not None:
+            await self._publish(
+                summary_key(self.network_id, r),
+                make_record(
+                    "summary", card=summary["card"], summary=summary["summary"], p2p=str(self.p2p.peer_id)
+                ),
             )
         if latest is not None:
             await self._publish(

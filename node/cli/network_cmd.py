@@ -12,7 +12,7 @@ import yaml
 from node.dht import RecordBoard, start_dht
 from node.errors import NodeError
 from node.genesis import create_genesis
-from node.records import contrib_key, parse_record, peers_key, result_key
+from node.records import contrib_key, parse_record, peers_key, result_key, summary_key
 from node.service import claimed_latest_rounds, load_or_create_identity, read_genesis_from
 from node.state import NodeState
 from node.store import ContentStore, write_atomic
@@ -76,6 +76,11 @@ def network() -> None:
     "--outlier-factor", default=3.0, show_default=True, help="Reject deltas with norm > factor x median."
 )
 @click.option(
+    "--probe-set",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Probe texts (a JSON list, or one text a line) for distribution summaries of other architectures.",
+)
+@click.option(
     "--out",
     "out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -93,6 +98,7 @@ def create(
     min_contributions,
     settle_seconds,
     outlier_factor,
+    probe_set,
     out,
 ):
     """Write a signed genesis for a new network and print its network id.
@@ -105,6 +111,12 @@ def create(
         raise NodeError(f"expected --params as JSON or YAML, got unparsable text: {exc}") from None
     if not isinstance(parameters, dict):
         raise NodeError(f"expected --params to be a map, got {type(parameters).__name__}")
+    texts = None
+    if probe_set is not None:
+        raw = probe_set.read_text(encoding="utf-8")
+        texts = (
+            json.loads(raw) if raw.lstrip().startswith("[") else [t for t in raw.splitlines() if t.strip()]
+        )
     identity = load_or_create_identity(data_dir)
     with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
         genesis, record = create_genesis(
@@ -120,6 +132,7 @@ def create(
             outlier_factor=outlier_factor,
             min_contributions=min_contributions,
             settle_seconds=settle_seconds,
+            probe_set=texts,
         )
         state.set("genesis", record)
     if out is not None:
@@ -138,6 +151,10 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         claims = await asyncio.to_thread(claimed_latest_rounds, board, network_id)
         current = (claims[0] + 1) if claims else 0
         rounds = sorted({current, *claims[:1]})
+        summaries = {
+            r: [parse_record("summary", v) for v in (await board.aread(summary_key(network_id, r))).values()]
+            for r in rounds
+        }
         contribs = {
             r: [parse_record("contrib", v) for v in (await board.aread(contrib_key(network_id, r))).values()]
             for r in rounds
@@ -148,7 +165,28 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         }
     finally:
         await asyncio.to_thread(dht.shutdown)
-    return {"genesis": found, "peers": [p for p in peers if p], "contribs": contribs, "results": results}
+    return {
+        "genesis": found,
+        "peers": [p for p in peers if p],
+        "contribs": contribs,
+        "summaries": summaries,
+        "results": results,
+    }
+
+
+def _cards(records: list, network_id: str, field: str) -> list[dict]:
+    rows = []
+    for rec in records:
+        if rec is None:
+            continue
+        try:
+            card = open_envelope(rec["card"], ExpertCard, network_id=network_id).message
+        except ProtocolError:
+            continue
+        rows.append(
+            {"expert": card.name, "peer": card.peer_id, "domains": list(card.domains), field: rec[field]}
+        )
+    return rows
 
 
 @click.command("status")
@@ -170,22 +208,8 @@ def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> No
     ]
     rounds = {}
     for r, records in data["contribs"].items():
-        rows = []
-        for rec in records:
-            if rec is None:
-                continue
-            try:
-                card = open_envelope(rec["card"], ExpertCard, network_id=network_id).message
-                rows.append(
-                    {
-                        "expert": card.name,
-                        "peer": card.peer_id,
-                        "domains": list(card.domains),
-                        "manifest": rec["manifest"],
-                    }
-                )
-            except ProtocolError:
-                continue
+        rows = _cards(records, network_id, "manifest")
+        summaries = _cards(data["summaries"][r], network_id, "summary")
         atts = []
         for rec in data["results"][r]:
             if rec is None:
@@ -197,7 +221,7 @@ def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> No
                 )
             except ProtocolError:
                 continue
-        rounds[r] = {"contributions": rows, "attestations": atts}
+        rounds[r] = {"contributions": rows, "summaries": summaries, "attestations": atts}
     if as_json:
         click.echo(
             json.dumps({"network": network_id, "peers": peers, "rounds": rounds}, indent=2, sort_keys=True)
@@ -214,6 +238,11 @@ def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> No
         for row in info["contributions"]:
             table.add_row(row["expert"], row["peer"][:20], ",".join(row["domains"]), row["manifest"][:16])
         console.print(table)
+        if info["summaries"]:
+            table = Table("expert", "peer", "domains", "summary", title=f"round {r}: distribution summaries")
+            for row in info["summaries"]:
+                table.add_row(row["expert"], row["peer"][:20], ",".join(row["domains"]), row["summary"][:16])
+            console.print(table)
         table = Table("attested by", "result", "merged fingerprint", title=f"round {r}: attestations")
         for row in info["attestations"]:
             table.add_row(row["peer"][:20], row["result"][:16], row["fingerprint"][:16])

@@ -22,15 +22,15 @@ def write_tokenizer(folder: Path) -> None:
     )
 
 
-def make_base(folder: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_base(folder: Path, seed: int = 0, hidden: int = 32) -> dict[str, torch.Tensor]:
     """A 2-layer Llama with hidden size 32 (float32), saved as a loadable HF folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

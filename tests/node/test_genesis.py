@@ -203,3 +203,48 @@ def test_contribute_refuses_a_base_other_than_the_networks(base_dir, tmp_path):
     )
     assert result.exit_code == 2
     assert result.output.startswith("Error: expected the node in ")
+
+
+PROBES = ["t1 t2 t3", "t4 t5", "t6 t7 t8 t9"]
+
+
+def test_an_expert_of_another_architecture_publishes_a_distribution_summary(base_dir, tmp_path):
+    from node.contribute import contribute
+    from protocol.envelope import open_envelope
+    from protocol.messages import DistributionSummary
+    from protocol.summary import decode_summary, probe_set_fingerprint
+
+    other = tmp_path / "wider"
+    make_base(other, seed=3, hidden=48)
+    creator = Identity.from_seed(b"\x04" * 32)
+    data = tmp_path / "n1"
+    with ContentStore(data / "store") as store, NodeState(data) as state:
+        genesis, record = create_genesis("unit-net", base_dir, creator, store, probe_set=PROBES)
+        state.set("genesis", record)
+    assert genesis.probe_set_fingerprint == probe_set_fingerprint(PROBES)
+    done = contribute(data, other, k=4)
+    assert (done.kind, done.round) == ("summary", 0)
+    with ContentStore(data / "store") as store, NodeState(data) as state:
+        assert state.get("summary/0")["summary"] == done.manifest_id
+        assert state.get("contribution/0") is None
+        summary = open_envelope(
+            store.get(done.manifest_id), DistributionSummary, network_id=genesis.network_id
+        )
+        assert (summary.message.k, summary.message.num_examples) == (4, 3)
+        distribution, strings = decode_summary(summary.message, store.get)
+    assert distribution.token_ids.shape[1] == 4
+    assert int(distribution.offsets[-1]) == distribution.token_ids.shape[0]
+    assert set(strings) >= set(distribution.token_ids.flatten().tolist())
+
+
+def test_another_architecture_without_a_probe_set_is_refused(base_dir, tmp_path):
+    from node.contribute import ArchitectureMismatchError, contribute
+
+    other = tmp_path / "wider"
+    make_base(other, seed=3, hidden=48)
+    data = tmp_path / "n1"
+    with ContentStore(data / "store") as store, NodeState(data) as state:
+        _, record = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x05" * 32), store)
+        state.set("genesis", record)
+    with pytest.raises(ArchitectureMismatchError, match="or a network with a probe set"):
+        contribute(data, other)

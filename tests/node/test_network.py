@@ -40,11 +40,20 @@ def network(tmp_path_factory):
     for index, name in enumerate(HONEST):
         make_expert(root / "base", root / f"expert-{name}", seed=100 + index)
     make_expert(root / "base", root / "expert-n4", seed=999, scale=2.0)  # the poisoned delta
+    make_base(root / "wider", seed=5, hidden=48)
     with LocalNetwork(root) as net:
-        net.create("n1", root / "base", network_name="tiny", method="ties", min_contributions=len(NODES))
+        net.create(
+            "n1",
+            root / "base",
+            network_name="tiny",
+            method="ties",
+            min_contributions=len(NODES),
+            probe_set=["t1 t2 t3", "t4 t5 t6"],
+        )
         net.start_all(NODES)
         for name in NODES:
             net.contribute(name, root / f"expert-{name}", codec="bf16")
+        net.contribute("n3", root / "wider", k=3, name="wider")  # another architecture: a summary
         net.converged = net.wait_converged(NODES)
         yield net
 
@@ -163,6 +172,7 @@ def test_status_lists_peers_cards_and_attestations(network):
     assert {p["latest"] for p in status["peers"]} == {0}
     experts = {c["expert"] for c in status["rounds"]["0"]["contributions"]}
     assert experts == {f"expert-{n}" for n in NODES}
+    assert [s["expert"] for s in status["rounds"]["0"]["summaries"]] == ["wider"]
     fingerprint = network.converged["n1"]["fingerprint"]
     attestations = status["rounds"]["0"]["attestations"]
     assert len(attestations) >= 3
