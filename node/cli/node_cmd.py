@@ -147,8 +147,11 @@ def start(
 @click.option(
     "--round", "round_number", type=int, help="Round to contribute to (default: the node's current round)."
 )
+@click.option(
+    "--k", "k", default=10, show_default=True, help="Top-k of a distribution summary (other architectures)."
+)
 def contribute_command(
-    expert_dir, data_dir, network_id, base_dir, codec, name, domains, license_, round_number
+    expert_dir, data_dir, network_id, base_dir, codec, name, domains, license_, round_number, k
 ) -> None:
     """Sign and store an expert's deltas; the node in --data-dir announces them.
 
@@ -176,9 +179,11 @@ def contribute_command(
         domains=tuple(domains),
         license=license_,
         round_number=round_number,
+        k=k,
     )
+    what = "manifest" if done.kind == "delta" else "distribution summary"
     click.echo(
-        f"round {done.round}: manifest {done.manifest_id} ({done.total_bytes} bytes in {done.chunks} chunks)"
+        f"round {done.round}: {what} {done.manifest_id} ({done.total_bytes} bytes in {done.chunks} chunks)"
     )
 
 
