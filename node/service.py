@@ -532,6 +532,17 @@ class NodeService:
         if found is None:
             return
         own = self.state.get(f"result/{r}")
+        message = found.result.message
+        if own is not None and (message.recipe.id, message.merged_fingerprint) != (
+            own["recipe"],
+            own["fingerprint"],
+        ):
+            # a quorum for a result this node did not compute (e.g. Sybil attestations in open mode):
+            # it keeps attesting its own result and does not move on
+            logger.warning(
+                "round %d: a quorum attests %s, which differs from our merge", r, message.merged_fingerprint
+            )
+            return
         if own is None or not own["attestation"]:
             # a node that did not merge this round still serves and re-announces the result
             own = {"result": found.result.id, "attestation": found.attestations[0]}

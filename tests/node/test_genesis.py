@@ -248,3 +248,43 @@ def test_another_architecture_without_a_probe_set_is_refused(base_dir, tmp_path)
         state.set("genesis", record)
     with pytest.raises(ArchitectureMismatchError, match="or a network with a probe set"):
         contribute(data, other)
+
+
+def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path, monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    import node.service
+    from node.service import AttestedResult, NodeService
+
+    with ContentStore(tmp_path / "store") as store:
+        _, record = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x06" * 32), store)
+    service = NodeService(tmp_path / "node", genesis_record=record)
+    own = {
+        "recipe": "aa" * 32,
+        "fingerprint": "bb" * 32,
+        "result": "cc" * 32,
+        "attests": "",
+        "attestation": b"a",
+    }
+    service.state.set("result/0", own)
+
+    def attested(recipe_id: str, fingerprint: str) -> AttestedResult:
+        message = SimpleNamespace(
+            recipe=SimpleNamespace(id=recipe_id), merged_fingerprint=fingerprint, tensors=()
+        )
+        return AttestedResult(SimpleNamespace(id="dd" * 32, message=message), [b"att"], 3)
+
+    found = attested("ee" * 32, "ff" * 32)
+
+    async def fake_find(*_args):
+        return found
+
+    monkeypatch.setattr(node.service, "find_attested_result", fake_find)
+    asyncio.run(service._check_quorum(0))
+    assert service.state.get("latest") is None
+    assert service.round == 0
+    found = attested("aa" * 32, "bb" * 32)
+    asyncio.run(service._check_quorum(0))
+    assert service.state.get("latest")["fingerprint"] == "bb" * 32
+    assert service.round == 1
