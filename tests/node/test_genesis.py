@@ -271,7 +271,7 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
 
     def attested(recipe_id: str, fingerprint: str) -> AttestedResult:
         message = SimpleNamespace(
-            recipe=SimpleNamespace(id=recipe_id), merged_fingerprint=fingerprint, tensors=()
+            recipe=SimpleNamespace(id=recipe_id, contributions=()), merged_fingerprint=fingerprint, tensors=()
         )
         return AttestedResult(SimpleNamespace(id="dd" * 32, message=message), [b"att"], 3)
 
