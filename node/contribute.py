@@ -100,11 +100,8 @@ def contribute(
             ),
             identity,
         )
-        for digest, data in chunks.items():
-            store.put(data, digest)
-        store.put(manifest.raw, manifest.id)
-        state.set(f"contribution/{r}", {"card": card.raw, "manifest": manifest.id})
-        return PreparedContribution(r, card.id, manifest.id, manifest.message.total_bytes, len(chunks))
+        total = manifest.message.total_bytes
+        return _save(store, state, f"contribution/{r}", "manifest", card, manifest, chunks, total, "delta")
 
 
 def _sign_card(genesis: Genesis, identity, fingerprints, name: str, domains, license: str):
@@ -156,10 +153,16 @@ def _contribute_summary(
         ),
         identity,
     )
+    total = sum(e.nbytes for e in entries)
+    return _save(store, state, f"summary/{r}", "summary", card, summary, chunks, total, "summary")
+
+
+def _save(
+    store, state, key: str, field: str, card, signed, chunks, total: int, kind: str
+) -> PreparedContribution:
+    """Store the chunks and the signed envelope, record the contribution for the node to announce."""
     for digest, data in chunks.items():
         store.put(data, digest)
-    store.put(summary.raw, summary.id)
-    state.set(f"summary/{r}", {"card": card.raw, "summary": summary.id})
-    return PreparedContribution(
-        r, card.id, summary.id, sum(e.nbytes for e in entries), len(chunks), "summary"
-    )
+    store.put(signed.raw, signed.id)
+    state.set(key, {"card": card.raw, field: signed.id})
+    return PreparedContribution(signed.message.round, card.id, signed.id, total, len(chunks), kind)

@@ -49,6 +49,7 @@ def network(tmp_path_factory):
             method="ties",
             min_contributions=len(NODES),
             probe_set=["t1 t2 t3", "t4 t5 t6"],
+            settle_seconds=1.0,
         )
         net.start_all(NODES)
         for name in NODES:
