@@ -8,8 +8,9 @@ temp folder, then runs, each in its own process:
   output of the same size with safetensors `save_file`;
 - `umm`'s merge for each method.
 
-Wall time is the merge call inside the child process (imports excluded), peak RSS is the child's
-`ru_maxrss` from `wait4`. Usage:
+Wall time is the merge call inside the child process (imports excluded); peak RSS is the child's
+own high-water mark (`VmHWM` in /proc/self/status; `ru_maxrss` would also count the pages of the
+parent it was forked from). The checkpoints are built in a child too. Usage:
 
     python benchmarks/bench_merge.py --experts 8 --methods ties,dare_ties,task_arithmetic,linear
 """
@@ -134,15 +135,21 @@ def merge_child(method: str, folders: list[str], out: str) -> float:
     return time.perf_counter() - start
 
 
+def peak_rss_gb() -> float:
+    """This process's resident-memory high-water mark."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def run_child(args: list[str]) -> tuple[float, float]:
     """(seconds reported by the child, its peak RSS in GB)."""
-    process = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    output = process.stdout.read()
-    process.stdout.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    result = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, check=False)
+    if result.returncode != 0:
         raise SystemExit(f"child {args} failed")
-    return float(output.strip().splitlines()[-1]), usage.ru_maxrss / 1024**2
+    seconds, rss = result.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(rss)
 
 
 def main() -> None:
@@ -156,19 +163,35 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=QWEN2_05B["vocab"])
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    shape = {**QWEN2_05B, "layers": args.layers, "vocab": args.vocab}
     if args.child:
         kind, *rest = args.child
-        seconds = floor(rest[:-1], rest[-1]) if kind == "floor" else merge_child(kind, rest[:-1], rest[-1])
-        print(f"{seconds:.3f}")
+        if kind == "build":
+            build_checkpoints(Path(rest[0]), args.experts, shape)
+            seconds = 0.0
+        elif kind == "floor":
+            seconds = floor(rest[:-1], rest[-1])
+        else:
+            seconds = merge_child(kind, rest[:-1], rest[-1])
+        print(f"{seconds:.3f} {peak_rss_gb():.3f}")
         return
-    shape = {**QWEN2_05B, "layers": args.layers, "vocab": args.vocab}
     root = args.workdir or Path(tempfile.mkdtemp(prefix="umm-bench-"))
     try:
-        folders = sorted(root.glob("expert*"))
-        if (root / "base").is_dir() and len(folders) >= args.experts:
-            folders = [root / "base", *[root / f"expert{i + 1}" for i in range(args.experts)]]
-        else:
-            folders = build_checkpoints(root, args.experts, shape)
+        folders = [root / "base", *[root / f"expert{i + 1}" for i in range(args.experts)]]
+        if not all((f / "model.safetensors").is_file() for f in folders):
+            run_child(
+                [
+                    "--experts",
+                    str(args.experts),
+                    "--layers",
+                    str(args.layers),
+                    "--vocab",
+                    str(args.vocab),
+                    "--child",
+                    "build",
+                    str(root),
+                ]
+            )
         inputs = [str(f / "model.safetensors") for f in folders]
         for path in inputs:  # warm the page cache so every run reads the same way
             with open(path, "rb") as handle:
