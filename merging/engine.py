@@ -50,6 +50,9 @@ def merge_stack(
 ) -> Iterator[torch.Tensor]:
     """The merged rows of one output tensor, block by block, in the output dtype (`[rows, width]`)."""
     out_dtype = output_dtype(config, plan)
+    if stack.numel == 0:
+        yield torch.empty(stack.rows, stack.width, dtype=out_dtype)
+        return
     if not getattr(torch, plan.dtype).is_floating_point:  # integer buffers: copied from the first input
         for start, end in stack.ranges:
             yield stack.readers[0](start, end).reshape(end - start, stack.width)

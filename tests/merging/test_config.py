@@ -142,6 +142,18 @@ def test_tied_output_head_is_read_from_the_embedding():
     torch.testing.assert_close(out["lm_head.weight"], embed + 2)  # base head + (tied embedding - base head)
 
 
+def test_empty_tensors_and_integer_buffers_pass_through():
+    tensors = {
+        m: {"w": torch.zeros(0, 3), "ids": torch.arange(4), "x": torch.ones(2) * (i + 1)}
+        for i, m in enumerate(("base", "a"))
+    }
+    out = merge_state_dicts(_ties(), tensors)
+    assert out["w"].shape == (0, 3)
+    assert torch.equal(out["ids"], torch.arange(4))
+    # density 0.5 keeps one of two equal |delta|: ties rank by position, so the later one survives
+    assert torch.equal(out["x"], torch.tensor([1.0, 2.0]))
+
+
 def test_non_finite_inputs_and_outputs_name_tensor_and_model():
     from merging.errors import NonFiniteError
 
