@@ -41,6 +41,7 @@ class TensorStack:
         readers: Sequence[Reader],
         base: str | None = None,
         executor: ThreadPoolExecutor | None = None,
+        check_inputs: bool = True,
     ) -> None:
         self.tensor = tensor
         self.shape = tuple(shape)
@@ -52,6 +53,7 @@ class TensorStack:
         step = max(1, BLOCK_ELEMENTS // max(1, self.width))
         self.ranges = [(start, min(self.rows, start + step)) for start in range(0, self.rows, step)]
         self._executor = executor
+        self._check_inputs = check_inputs
         self._checked: set[int] = set()
         self._cached: list[torch.Tensor] | None = None
         self._first: list[torch.Tensor] | None = None
@@ -68,10 +70,8 @@ class TensorStack:
         block = []
         for model, reader in zip(self.inputs, self.readers, strict=True):
             raw = reader(start, end)
-            if start not in self._checked and raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
-                raise NonFiniteError(
-                    f"tensor {self.tensor!r} of model {model!r} contains NaN or infinite values"
-                )
+            if self._check_inputs and start not in self._checked:
+                _check_finite(raw, self.tensor, model)
             block.append(raw.reshape(end - start, self.width).to(torch.float32))
         self._checked.add(start)
         if len(self.ranges) == 1:
@@ -96,10 +96,21 @@ class TensorStack:
                 pending = self._executor.submit(self.load, *self.ranges[number + 1])
             yield start, end, block
 
+    def check_inputs(self) -> None:
+        """Raise `NonFiniteError` naming the first input with a NaN or infinite value in this tensor."""
+        for model, reader in zip(self.inputs, self.readers, strict=True):
+            for start, end in self.ranges:
+                _check_finite(reader(start, end), self.tensor, model)
+
     def release(self) -> None:
         """Drop cached blocks."""
         self._cached = None
         self._first = None
+
+
+def _check_finite(raw: torch.Tensor, tensor: str, model: str) -> None:
+    if raw.is_floating_point() and not bool(torch.isfinite(raw).all()):
+        raise NonFiniteError(f"tensor {tensor!r} of model {model!r} contains NaN or infinite values")
 
 
 def row_sums(x: torch.Tensor) -> np.ndarray:

@@ -22,6 +22,23 @@ from merging.parameters import ResolvedParameters, resolve_parameters
 
 __all__ = ["merge", "merge_state_dicts", "resolve_parameters"]
 
+# Methods whose output is non-finite wherever an input is (masks multiply, NaN * 0 is NaN), so
+# their inputs are checked only when the output is not finite. slerp, model_stock and sce read
+# whole-tensor statistics or mask with `where`, so their inputs are checked as they are read.
+PROPAGATES_NON_FINITE = frozenset(
+    {
+        "linear",
+        "passthrough",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+    }
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -42,7 +59,15 @@ def make_stack(
 ) -> TensorStack:
     """The inputs of one output tensor, ready to be read in row blocks."""
     base = config.base_model if config.base_model in plan.inputs else None
-    return TensorStack(plan.name, plan.shape, plan.inputs, readers, base=base, executor=executor)
+    return TensorStack(
+        plan.name,
+        plan.shape,
+        plan.inputs,
+        readers,
+        base=base,
+        executor=executor,
+        check_inputs=config.merge_method not in PROPAGATES_NON_FINITE,
+    )
 
 
 def merge_stack(
@@ -60,6 +85,7 @@ def merge_stack(
     operator = OPERATORS[config.merge_method]
     for rows in operator(stack, parameters[plan.name], config.seed):
         if not bool(torch.isfinite(rows).all()):
+            stack.check_inputs()  # name the input the NaN or infinity came from, if any
             raise NonFiniteError(
                 f"merged tensor {plan.name!r} contains NaN or infinite values (check the parameters)"
             )

@@ -99,7 +99,7 @@ def _sparsify(
     if kind is None or density >= 1.0:
         return delta
     if density <= 0.0:
-        return torch.zeros_like(delta)
+        return delta.mul_(0.0)  # not zeros_like: a NaN must stay visible
     # `delta` is scratch: masks multiply in place (a dropped entry becomes a signed zero)
     if kind in ("magnitude", "outliers"):
         delta.mul_(masker(delta.abs().flatten()).view_as(delta))

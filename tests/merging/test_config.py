@@ -161,6 +161,24 @@ def test_non_finite_inputs_and_outputs_name_tensor_and_model():
     bad = {"base": {"w": torch.zeros(3)}, "a": {"w": torch.tensor([1.0, float("nan"), 0.0])}}
     with pytest.raises(NonFiniteError, match="tensor 'w' of model 'a' contains NaN or infinite values"):
         merge_state_dicts(config, bad)
+    for method, params in (
+        ("dare_ties", {"weight": 1.0, "density": 0.0}),  # everything dropped: the NaN still surfaces
+        ("linear", {"weight": 0.0}),
+        ("sce", {}),
+        ("slerp", {}),
+    ):
+        data = {
+            "merge_method": method,
+            "base_model": "base",
+            "models": [{"model": "a", "parameters": params}],
+        }
+        if method == "linear":
+            data["models"].append({"model": "base", "parameters": {"weight": 1.0}})
+        if method == "slerp":
+            data["parameters"] = {"t": 0.0}
+        inf = {"base": {"w": torch.zeros(3)}, "a": {"w": torch.tensor([1.0, float("-inf"), 0.0])}}
+        with pytest.raises(NonFiniteError, match="tensor 'w' of model 'a' contains NaN or infinite values"):
+            merge_state_dicts(data, inf)
     huge = {"base": {"w": torch.zeros(2)}, "a": {"w": torch.full((2,), 3e38)}}
     big = {
         "merge_method": "task_arithmetic",
