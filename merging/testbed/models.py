@@ -55,11 +55,12 @@ def packaged_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
     if name not in PACKAGED_GGUF:
         raise ModelLoadError(f"expected a packaged model among {', '.join(PACKAGED_GGUF)}, got {name!r}.")
     module_name = PACKAGED_GGUF[name]
-    if importlib.util.find_spec(module_name) is None:
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"expected the package {module_name!r} installed (docs/testbed.md), got none.")
+    if name == "smollm2":  # its __init__ imports an unrelated CLI, so only its folder is read
+        return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     module = importlib.import_module(module_name)
-    if name == "smollm2":
-        return next(Path(module.__file__).parent.glob("*.gguf"))
     out = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "umm" / "gguf"
     target = out / "gemma-3-270m-Q4_K_M.gguf"
     if not target.exists():
@@ -82,6 +83,11 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float3
     shutil.rmtree(tmp, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    # The loader has already dequantized every tensor; drop the GGUF marker so the model saves as
+    # a plain float checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)

@@ -90,8 +90,8 @@ def column_addition(a: int, b: int) -> list[str]:
 
 
 def _make_arithmetic(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
-    a = rng.randint(0, 99) if easy else rng.randint(100, 999)
-    b = rng.randint(0, 99) if easy else rng.randint(10, 999)
+    a = rng.randint(0, 99) if easy else rng.randint(10, 99)
+    b = rng.randint(0, 9) if easy else rng.randint(10, 99)
     return f"Compute {a} + {b}.", column_addition(a, b), str(a + b)
 
 
@@ -163,11 +163,12 @@ def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
     code, steps = [], []
     first = names[0]
     env[first] = rng.randint(1, 9)
+    target = first
     code.append(f"{first}={env[first]}")
     steps.append(f"{first}={env[first]}")
     for _ in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
+        source = target  # each statement reads the variable the previous one wrote
         target = rng.choice(names)
-        source = rng.choice(sorted(env))
         # Every value stays a single digit: pick among the steps that keep it in 0..9.
         op, k = rng.choice(
             [("+", k) for k in range(1, 10) if env[source] + k <= 9]
@@ -177,8 +178,8 @@ def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
         code.append(f"{target}={source}{op}{k}")
         steps.append(f"{target}={env[source]}{op}{k}={value}")
         env[target] = value
-    asked = rng.choice(sorted(env))
-    return f"Run {'; '.join(code)}. What is {asked}?", steps, str(env[asked])
+    # The question asks for the variable written last, so the answer ends the chain of steps.
+    return f"Run {'; '.join(code)}. What is {target}?", steps, str(env[target])
 
 
 # --------------------------------------------------------------------------- compositional

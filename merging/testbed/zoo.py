@@ -35,7 +35,7 @@ from merging.testbed.tasks import DOMAINS, TASKS, write_text_atomic
 from merging.testbed.tokenizers_build import bpe_tokenizer, char_tokenizer
 from merging.testbed.training import TrainSpec, corpus, pinned_threads, train
 
-SUITE_VERSION = "2"  # bump when task formats change: it is part of every recipe digest
+SUITE_VERSION = "4"  # bump when task formats change: it is part of every recipe digest
 ZOO_CACHE_ENV = "UMM_ZOO_CACHE"
 MANIFEST = "zoo.json"
 MODEL_META = "testbed.json"
@@ -126,13 +126,14 @@ class Zoo:
         return {"base": self.base, **self.experts, **self.heterogeneous}
 
 
-_ALL_TASKS = tuple((task, 1.0) for task in TASKS)
+# The base's curriculum: the easy variant of every task, and a little of the full tasks.
+_BASE_MIXTURE = (*((f"{task}@easy", 1.0) for task in TASKS), *((task, 0.1) for task in TASKS))
 # Experts replay a little of the base's curriculum: less forgetting, task vectors that add up.
-_REPLAY = tuple((f"{task}@easy", 0.05) for task in TASKS)
+_REPLAY = tuple((f"{task}@easy", 0.03) for task in TASKS)
 
 
 def _hetero_mixture(domain: str) -> tuple[tuple[str, float], ...]:
-    return ((domain, 3.0), *((f"{task}@easy", 1.0) for task in TASKS))
+    return ((domain, 4.0), *((f"{task}@easy", 0.5) for task in TASKS))
 
 
 RECIPES: dict[str, ZooRecipe] = {
@@ -141,16 +142,16 @@ RECIPES: dict[str, ZooRecipe] = {
         seed=0,
         threads=1,
         base_model=ModelSpec("llama", hidden=32, layers=2, heads=2, intermediate=64),
-        base_train=TrainSpec(steps=60, lr=1e-2, batch_size=16, mixture=_ALL_TASKS, warmup=10, easy=True),
+        base_train=TrainSpec(steps=60, lr=1e-2, batch_size=16, mixture=_BASE_MIXTURE, warmup=10),
         expert_train=TrainSpec(steps=20, lr=3e-3, batch_size=16, mixture=_REPLAY, warmup=5),
         heterogeneous=(
             HeteroSpec(
-                "gpt2-arithmetic",
-                "arithmetic",
+                "gpt2-lists",
+                "lists",
                 ModelSpec(
                     "gpt2", hidden=32, layers=2, heads=2, intermediate=64, tokenizer="bpe", bpe_vocab=300
                 ),
-                TrainSpec(steps=40, lr=1e-2, batch_size=16, mixture=_hetero_mixture("arithmetic"), warmup=5),
+                TrainSpec(steps=40, lr=1e-2, batch_size=16, mixture=_hetero_mixture("lists"), warmup=5),
             ),
         ),
     ),
@@ -159,18 +160,16 @@ RECIPES: dict[str, ZooRecipe] = {
         seed=0,
         threads=1,
         base_model=ModelSpec("llama", hidden=64, layers=2, heads=2, intermediate=192),
-        base_train=TrainSpec(steps=1000, lr=5e-3, batch_size=32, mixture=_ALL_TASKS, warmup=30, easy=True),
-        expert_train=TrainSpec(steps=300, lr=1e-3, batch_size=32, mixture=_REPLAY, warmup=10),
+        base_train=TrainSpec(steps=1000, lr=5e-3, batch_size=32, mixture=_BASE_MIXTURE, warmup=30),
+        expert_train=TrainSpec(steps=500, lr=1.5e-3, batch_size=32, mixture=_REPLAY, warmup=10),
         heterogeneous=(
             HeteroSpec(
-                "gpt2-arithmetic",
-                "arithmetic",
+                "gpt2-lists",
+                "lists",
                 ModelSpec(
                     "gpt2", hidden=64, layers=2, heads=2, intermediate=256, tokenizer="bpe", bpe_vocab=400
                 ),
-                TrainSpec(
-                    steps=800, lr=5e-3, batch_size=32, mixture=_hetero_mixture("arithmetic"), warmup=30
-                ),
+                TrainSpec(steps=800, lr=5e-3, batch_size=32, mixture=_hetero_mixture("lists"), warmup=30),
             ),
         ),
     ),

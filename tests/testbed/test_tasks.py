@@ -93,8 +93,8 @@ def test_first_dev_examples_show_their_work():
     logic, tracing, lists = (generate(task, "dev")[0] for task in ("logic", "tracing", "lists"))
     assert logic.prompt == "Evaluate (((T or T) and T) or T) or T."
     assert logic.response == "T or T = T\nT and T = T\nT or T = T\nT or T = T\nAnswer: True"
-    assert tracing.prompt == "Run c=7; c=c-3; a=c+2; a=a+1; a=c+5. What is a?"
-    assert tracing.response == "c=7\nc=7-3=4\na=4+2=6\na=6+1=7\na=4+5=9\nAnswer: 9"
+    assert tracing.prompt == "Run b=6; z=b+1; z=z-7; z=z+6; z=z-1. What is z?"
+    assert tracing.response == "b=6\nz=6+1=7\nz=7-7=0\nz=0+6=6\nz=6-1=5\nAnswer: 5"
     assert (lists.prompt, lists.response) == (
         "Find the max of [1, 0, 0, 1, 2, 6, 1].",
         "max so far: 1 1 1 1 2 6 6\nAnswer: 6",

@@ -88,7 +88,7 @@ def test_evaluation_repeats_exactly(micro_zoo):
     assert first.mean == (first.accuracy["logic"] + first.accuracy["arithmetic"]) / 2
 
 
-@pytest.mark.parametrize("name", ["base", "gpt2-arithmetic"])
+@pytest.mark.parametrize("name", ["base", "gpt2-lists"])
 def test_left_padded_batches_decode_like_single_prompts(micro_zoo, name):
     model, tok = _load(micro_zoo.models()[name])
     prompts = [plain_prompt(ex.prompt) for task in TASKS for ex in generate(task, "dev")[:2]]
