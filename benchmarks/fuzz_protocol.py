@@ -216,8 +216,8 @@ COUNTS: Counter[str] = Counter()
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
-def make_properties(cases: int):
-    config = settings(max_examples=cases, **SETTINGS)
+def make_properties(cases: int, derandomize: bool):
+    config = settings(max_examples=cases, derandomize=derandomize, **SETTINGS)
 
     @config
     @given(st.binary(max_size=4096))
@@ -324,10 +324,13 @@ def _get(tree, path):
     return tree
 
 
-def run(cases: int) -> Counter[str]:
-    """Run every property for `cases` examples; raises on the first counterexample."""
+def run(cases: int, derandomize: bool = False) -> Counter[str]:
+    """Run every property for `cases` examples; raises on the first counterexample.
+
+    `derandomize` draws the same examples every time (CI); the benchmark draws fresh ones.
+    """
     COUNTS.clear()
-    for prop in make_properties(cases):
+    for prop in make_properties(cases, derandomize):
         prop()
     return Counter(COUNTS)
 
