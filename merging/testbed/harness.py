@@ -24,6 +24,7 @@ CHAT_INSTRUCTION = (
     "where <answer> is {hint}."
 )
 _ANSWER_LINE = re.compile(r"answer\s*[:：]\s*(.*)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"\bthe (?:final )?answer is\s*[:：]?\s*(.*)", re.IGNORECASE)
 _TRUE = {"true", "t", "yes"}
 _FALSE = {"false", "f", "no"}
 
@@ -42,8 +43,9 @@ def chat_prompt(tokenizer: Any, task: str, instruction: str) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The text after the last ``Answer:`` in ``text`` (to the end of that line), or None."""
-    matches = list(_ANSWER_LINE.finditer(text))
+    """The text after the last ``Answer:`` in ``text`` (to the end of that line); failing that,
+    after the last ``the answer is`` (chat models often word it so); else None."""
+    matches = list(_ANSWER_LINE.finditer(text)) or list(_ANSWER_IS.finditer(text))
     if not matches:
         return None
     return matches[-1].group(1).split("\n", 1)[0].strip()

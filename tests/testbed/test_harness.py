@@ -14,6 +14,8 @@ from merging.testbed.harness import extract_answer, gain_retention, normalize_an
         ("Answer: 42\nThis is because 40+2.", "42"),
         ("**Answer:** 17", "** 17"),
         ("The sum is 12.", None),
+        ("95 + 37 = 122\nThe answer is 122.", "122."),
+        ("The final answer is: True\nAnswer: False", "False"),
         ("", None),
         ("ANSWER：True", "True"),
         ("Answer:", ""),
@@ -48,7 +50,8 @@ def test_score_is_exact_match_on_the_final_answer():
     assert score("Answer: [1, 2,3]", "[1, 2, 3]")
     assert score("**Answer:** 17", "17")
     assert not score("Answer: 12\nAnswer: 13", "12")
-    assert not score("the answer is 12", "12")
+    assert score("so the answer is 12", "12")
+    assert not score("the sum is 12", "12")
     assert not score("Answer: 123", "12")
     assert not score("Answer:", "")
 
