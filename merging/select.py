@@ -1,16 +1,20 @@
 """Exact order statistics of non-negative float32 values seen in blocks, and rank-window masks.
 
 Ranks are ascending positions in the stable order by (value, flat index): equal values are ranked
-in the order they appear. A tensor held in one block uses `torch.kthvalue`; a tensor seen in
-several blocks uses a two-pass radix select on the float32 bit patterns (non-negative floats sort
-like their bits), so both find the same exact value and the merge does not depend on block size.
+in the order they appear. A tensor held in one block uses a selection in memory (`torch.kthvalue`
+when small, else numpy's introselect `np.partition`); a tensor seen in several blocks uses a
+two-pass radix select on the float32 bit patterns (non-negative floats sort like their bits;
+numpy's `bincount` over the high and low 16-bit halves), so all find the same exact value and the
+merge does not depend on block size.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 HIGH_BINS = 1 << 15  # bits 16..30 of a non-negative float32
@@ -104,50 +108,47 @@ def order_statistics(
     """
     if single_block:
         series = next(iter(blocks()))
-        if series and series[0].numel() <= SMALL:
-            return [
-                _in_memory(values, rank_fn(i, values.numel(), _zeros(values) if count_zeros else 0))
-                for i, values in enumerate(series)
-            ]
-        blocks = lambda: [series]  # noqa: E731
-    high_hist: list[torch.Tensor] = []
+        return [
+            _in_memory(values, rank_fn(i, values.numel(), _zeros(values) if count_zeros else 0))
+            for i, values in enumerate(series)
+        ]
+    high_hist: list[np.ndarray] = []
     zeros: list[int] = []
     total: list[int] = []
     for series in blocks():
         if not high_hist:
-            high_hist = [torch.zeros(HIGH_BINS, dtype=torch.int64) for _ in series]
+            high_hist = [np.zeros(HIGH_BINS, dtype=np.int64) for _ in series]
             zeros = [0] * len(series)
             total = [0] * len(series)
         for i, values in enumerate(series):
-            high_hist[i] += torch.bincount(_bits(values) >> 16, minlength=HIGH_BINS)
+            high_hist[i] += np.bincount(_halves(values)[1], minlength=HIGH_BINS)
             zeros[i] += _zeros(values) if count_zeros else 0
             total[i] += values.numel()
     wanted = [sorted(set(rank_fn(i, total[i], zeros[i]))) for i in range(len(high_hist))]
-    cumulative = [torch.cumsum(h, 0) for h in high_hist]
+    cumulative = [np.cumsum(h) for h in high_hist]
     bins = []  # per series: rank -> (bin, count of values in lower bins)
     for i, ranks in enumerate(wanted):
         located = {}
         for rank in ranks:
-            b = int(torch.searchsorted(cumulative[i], rank, right=True))
+            b = int(np.searchsorted(cumulative[i], rank, side="right"))
             located[rank] = (b, int(cumulative[i][b - 1]) if b > 0 else 0)
         bins.append(located)
     needed = [sorted({b for b, _ in located.values()}) for located in bins]
-    low_hist = [{b: torch.zeros(LOW_BINS, dtype=torch.int64) for b in series_bins} for series_bins in needed]
+    low_hist = [{b: np.zeros(LOW_BINS, dtype=np.int64) for b in series_bins} for series_bins in needed]
     if any(needed):
         for series in blocks():
             for i, values in enumerate(series):
                 if not needed[i]:
                     continue
-                bits = _bits(values)
-                high = bits >> 16
+                low, high = _halves(values)
                 for b in needed[i]:
-                    low_hist[i][b] += torch.bincount(bits[high == b] & 0xFFFF, minlength=LOW_BINS)
+                    low_hist[i][b] += np.bincount(low[high == b], minlength=LOW_BINS)
     result = []
     for i, located in enumerate(bins):
         stats = {}
         for rank, (b, before) in located.items():
-            low_cumulative = torch.cumsum(low_hist[i][b], 0)
-            low = int(torch.searchsorted(low_cumulative, rank - before, right=True))
+            low_cumulative = np.cumsum(low_hist[i][b])
+            low = int(np.searchsorted(low_cumulative, rank - before, side="right"))
             less = before + (int(low_cumulative[low - 1]) if low > 0 else 0)
             stats[rank] = OrderStatistic(rank, _float_from_bits((b << 16) | low), less)
         result.append(stats)
@@ -155,15 +156,28 @@ def order_statistics(
 
 
 def _in_memory(values: torch.Tensor, ranks: Sequence[int]) -> dict[int, OrderStatistic]:
+    ranks = sorted(set(ranks))
+    if not ranks:
+        return {}
+    if values.numel() <= SMALL:
+        chosen = [torch.kthvalue(values, rank + 1).values for rank in ranks]
+        return {
+            rank: OrderStatistic(rank, float(value), int((values < value).sum()))
+            for rank, value in zip(ranks, chosen, strict=True)
+        }
+    array = values.contiguous().numpy()
+    partitioned = np.partition(array, ranks)
     stats = {}
-    for rank in sorted(set(ranks)):
-        value = torch.kthvalue(values, rank + 1).values
-        stats[rank] = OrderStatistic(rank, float(value), int((values < value).sum()))
+    for rank in ranks:
+        value = partitioned[rank]
+        stats[rank] = OrderStatistic(rank, float(value), int(np.count_nonzero(array < value)))
     return stats
 
 
-def _bits(values: torch.Tensor) -> torch.Tensor:
-    return values.contiguous().view(torch.int32)
+def _halves(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The low and high 16-bit halves of each float32 bit pattern, as uint16 views (no copy)."""
+    pairs = values.contiguous().numpy().view(np.uint16).reshape(-1, 2)
+    return (pairs[:, 0], pairs[:, 1]) if sys.byteorder == "little" else (pairs[:, 1], pairs[:, 0])
 
 
 def _zeros(values: torch.Tensor) -> int:
