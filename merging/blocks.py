@@ -10,8 +10,10 @@ added with `math.fsum` (exactly rounded), so they do not depend on the block siz
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -137,3 +139,40 @@ def fixed_order_sum(terms: Sequence[torch.Tensor]) -> torch.Tensor:
     for term in terms[1:]:
         total = total + term
     return total
+
+
+class Scratch:
+    """Reusable float32 work buffers of one thread, one per slot, grown to the largest block seen.
+
+    Writing into these (`out=`, in-place ops) instead of fresh tensors spares a page fault per
+    4 KiB of every temporary; memory stays bounded by a few blocks of `BLOCK_ELEMENTS` values.
+    """
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self._buffers: dict[object, torch.Tensor] = {}
+
+    @classmethod
+    @contextmanager
+    def lease(cls) -> Iterator[Scratch]:
+        """The calling thread's buffers, or private ones while another holder on this thread is live."""
+        local = cls._local
+        if getattr(local, "busy", False):
+            yield cls()
+            return
+        if getattr(local, "scratch", None) is None:
+            local.scratch = cls()
+        local.busy = True
+        try:
+            yield local.scratch
+        finally:
+            local.busy = False
+
+    def get(self, slot: object, rows: int, width: int) -> torch.Tensor:
+        """A `[rows, width]` float32 buffer for `slot`, contents undefined."""
+        count = rows * width
+        buffer = self._buffers.get(slot)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[slot] = torch.empty(max(count, 1), dtype=torch.float32)
+        return buffer[:count].view(rows, width)

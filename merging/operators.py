@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from merging.blocks import ExactSum, TensorStack, fixed_order_sum, row_sums
+from merging.blocks import ExactSum, Scratch, TensorStack, fixed_order_sum, row_sums
 from merging.errors import MergeError
 from merging.methods import METHODS
 from merging.parameters import TensorParameters
@@ -51,7 +51,9 @@ def passthrough(stack: TensorStack, params: TensorParameters, seed: int) -> Iter
         yield block[0] * scale
 
 
-def _magnitude_windows(stack: TensorStack, densities: list[float], gammas: list[float] | None) -> list:
+def _magnitude_windows(
+    stack: TensorStack, densities: list[float], gammas: list[float] | None, scratch: Scratch
+) -> list:
     """Per model, which ascending |delta| ranks survive: top `density` (TIES) or the breadcrumbs window."""
     n = stack.numel
     bounds = []
@@ -68,8 +70,13 @@ def _magnitude_windows(stack: TensorStack, densities: list[float], gammas: list[
     others, base = stack.others, stack.base_index
 
     def blocks():
-        for _, _, block in stack.blocks():
-            yield [(block[i] - block[base]).abs().flatten() for i in others]
+        for start, end, block in stack.blocks():
+            yield [
+                torch.sub(block[i], block[base], out=scratch.get(("abs", j), end - start, stack.width))
+                .abs_()
+                .view(-1)
+                for j, i in enumerate(others)
+            ]
 
     stats = order_statistics(
         blocks, lambda j, count, zeros: window_ranks(count, *bounds[j]), len(stack.ranges) == 1
@@ -94,38 +101,66 @@ def _sparsify(
     rescale: bool,
     masker: WindowMasker | None,
     generator: torch.Generator | None,
+    work: torch.Tensor,
 ) -> torch.Tensor:
+    """Drop entries of `delta` in place; `work` is scratch, `[2, *delta.shape]`.
+
+    Masks are float32 1.0/0.0 (a bool mask multiplies as exactly these), so a dropped entry
+    becomes a signed zero and a NaN stays visible.
+    """
     density = values.get("density", 1.0)
     if kind is None or density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.mul_(0.0)  # not zeros_like: a NaN must stay visible
-    # `delta` is scratch: masks multiply in place (a dropped entry becomes a signed zero)
     if kind in ("magnitude", "outliers"):
-        delta.mul_(masker(delta.abs().flatten()).view_as(delta))
+        magnitude, keep = work.unbind(0)
+        delta.mul_(masker.mask_into(torch.abs(delta, out=magnitude), out=keep))
         return delta.div_(density) if rescale else delta
     if kind == "random":
-        delta.mul_(torch.rand(delta.shape, generator=generator) < density)
+        draw = work[0]
+        torch.rand(delta.shape, generator=generator, out=draw)
+        delta.mul_(torch.lt(draw, density, out=draw))
         return delta.div_(density) if rescale else delta
     probabilities = _della_probabilities(delta, density, values["epsilon"])
     delta.mul_(torch.rand(delta.shape, generator=generator) < probabilities)
     return delta.div_(probabilities) if rescale else delta
 
 
-def _elect(weighted: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def _elect(
+    weighted: list[torch.Tensor], weights: list[float], scratch: Scratch
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TIES sign election: keep each entry whose sign matches the sign of the sum (zero sum counts as +).
 
-    Consumes `weighted` (scratch tensors); returns the elected sum and the sum of elected weights.
+    Consumes `weighted` (scratch tensors; the first becomes the elected sum); returns the elected
+    sum and the sum of elected weights. Every mask is float32 1.0/0.0 and every product by one
+    is exact, so this gives the bytes of summing `delta * agree` and `agree * weight` in order.
     """
-    majority = torch.where(accumulate(weighted) >= 0, 1.0, -1.0)
-    mixed = divisor = None
-    for delta, weight in zip(weighted, weights, strict=True):
-        agree = (delta * majority) > 0
-        term = delta.mul_(agree)
-        share = agree * weight
-        mixed = term if mixed is None else mixed.add_(term)
-        divisor = share if divisor is None else divisor.add_(share)
-    return mixed, divisor.masked_fill_(divisor == 0, 1.0)
+    rows, width = weighted[0].shape
+    majority = scratch.get("majority", rows, width)
+    if len(weighted) > 1:
+        torch.add(weighted[0], weighted[1], out=majority)
+        for term in weighted[2:]:
+            majority.add_(term)
+    else:
+        majority.copy_(weighted[0])
+    torch.ge(majority, 0, out=majority).mul_(2.0).sub_(1.0)  # +1 where the sum is >= 0, else -1
+    agree = scratch.get("agree", rows, width)
+    divisor = scratch.get("divisor", rows, width)
+    mixed = weighted[0]
+    for j, (delta, weight) in enumerate(zip(weighted, weights, strict=True)):
+        torch.mul(delta, majority, out=agree)
+        torch.gt(agree, 0, out=agree)
+        delta.mul_(agree)
+        if j > 0:
+            mixed.add_(delta)
+        share = agree.mul_(weight)
+        if j == 0:
+            divisor.copy_(share)
+        else:
+            divisor.add_(share)
+    # divisor == 0 -> 1: adding the 1.0/0.0 mask changes nothing else (x + 0 == x for x != 0)
+    return mixed, divisor.add_(torch.eq(divisor, 0, out=agree))
 
 
 def accumulate(terms: list[torch.Tensor], copy: bool = True) -> torch.Tensor:
@@ -151,28 +186,31 @@ def generalized_task_arithmetic(
     glob = params.globals
     rescale = glob.get("rescale", False)
     maskers: list[WindowMasker | None] = [None] * len(others)
-    if sparsify in ("magnitude", "outliers") and any(v["density"] < 1.0 for v in values):
-        gammas = [v["gamma"] for v in values] if sparsify == "outliers" else None
-        windows = _magnitude_windows(stack, [v["density"] for v in values], gammas)
-        maskers = [WindowMasker(w) for w in windows]
-    generators = [generator_for(seed, stack.tensor, j) for j in range(len(others))]
-    plain_divisor = math.fsum(weights)
-    plain_divisor = 1.0 if abs(plain_divisor) < 1e-8 else plain_divisor
-    for _, _, block in stack.blocks():
-        weighted = []
-        for j, i in enumerate(others):
-            delta = block[i] - block[base]  # [rows, width], scratch
-            delta = _sparsify(delta, sparsify, values[j], rescale, maskers[j], generators[j])
-            weighted.append(delta.mul_(weights[j]))
-        if consensus:
-            mixed, divisor = _elect(weighted, weights)
-        else:
-            mixed, divisor = accumulate(weighted, copy=False), plain_divisor
-        if glob["normalize"]:
-            mixed = mixed.div_(divisor)
-        if glob["lambda"] != 1.0:  # x * 1.0 == x, so skipping it changes no bit
-            mixed = mixed.mul_(glob["lambda"])
-        yield mixed.add_(block[base])
+    with Scratch.lease() as scratch:
+        if sparsify in ("magnitude", "outliers") and any(v["density"] < 1.0 for v in values):
+            gammas = [v["gamma"] for v in values] if sparsify == "outliers" else None
+            windows = _magnitude_windows(stack, [v["density"] for v in values], gammas, scratch)
+            maskers = [WindowMasker(w) for w in windows]
+        generators = [generator_for(seed, stack.tensor, j) for j in range(len(others))]
+        plain_divisor = math.fsum(weights)
+        plain_divisor = 1.0 if abs(plain_divisor) < 1e-8 else plain_divisor
+        for start, end, block in stack.blocks():
+            rows = end - start
+            work = scratch.get("work", 2 * rows, stack.width).view(2, rows, stack.width)
+            weighted = []
+            for j, i in enumerate(others):
+                delta = torch.sub(block[i], block[base], out=scratch.get(("delta", j), rows, stack.width))
+                delta = _sparsify(delta, sparsify, values[j], rescale, maskers[j], generators[j], work)
+                weighted.append(delta.mul_(weights[j]))
+            if consensus:
+                mixed, divisor = _elect(weighted, weights, scratch)
+            else:
+                mixed, divisor = accumulate(weighted, copy=False), plain_divisor
+            if glob["normalize"]:
+                mixed = mixed.div_(divisor)
+            if glob["lambda"] != 1.0:  # x * 1.0 == x, so skipping it changes no bit
+                mixed = mixed.mul_(glob["lambda"])
+            yield torch.add(mixed, block[base])  # a fresh tensor: the scratch is reused next block
 
 
 def slerp(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:

@@ -73,6 +73,39 @@ class WindowMasker:
             self._equal_high += positions.numel()
         return keep
 
+    def mask_into(self, values: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The keep mask of the next block as float32 1.0/0.0 written into `out` (the same as `__call__`)."""
+        window = self.window
+        if window.lo >= window.hi:
+            return out.zero_()
+        low, high = window.low, window.high
+        if low is None and high is None:
+            return out.fill_(1.0)
+        if low is not None:
+            torch.ge(values, low.value, out=out)
+            if high is not None:
+                out.mul_(values <= high.value)
+        else:
+            torch.le(values, high.value, out=out)
+        flat = out.view(-1)
+        if low is not None:
+            remaining = window.lo - low.less - self._equal_low
+            if remaining > 0:  # once every equal value below rank lo is dropped, none remain to find
+                positions = _equal_positions(values, low.value)
+                flat[positions[:remaining]] = 0.0
+                self._equal_low += positions.size
+        if high is not None:
+            positions = _equal_positions(values, high.value)
+            first_dropped = max(0, window.hi - high.less - self._equal_high)
+            flat[positions[first_dropped:]] = 0.0
+            self._equal_high += positions.size
+        return out
+
+
+def _equal_positions(values: torch.Tensor, value: float) -> np.ndarray:
+    """Flat indices of the entries equal to `value`, ascending."""
+    return np.flatnonzero(values.contiguous().numpy() == value)
+
 
 def window_from_ranks(n: int, lo: int, hi: int, stats: dict[int, OrderStatistic]) -> RankWindow:
     lo, hi = max(0, lo), min(n, hi)
