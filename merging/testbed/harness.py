@@ -124,16 +124,18 @@ def greedy_generate(
     max_new_tokens: int | Sequence[int],
     *,
     stop_at_answer: bool = False,
+    add_special_tokens: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (one left-padded batch, KV cache), decoded to text.
 
     ``max_new_tokens`` is one budget for all rows or one per row; a row stops at its budget or at
-    an end-of-sequence token.
+    an end-of-sequence token. ``add_special_tokens`` lets the tokenizer add its BOS (plain prompts
+    of models that need one); chat-template text already carries its own special tokens.
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = _eos_ids(model, tokenizer)
-    enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    enc = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     width = max(len(ids) for ids in enc)
     input_ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(enc), width), dtype=torch.long)
@@ -251,7 +253,12 @@ def _generate_sorted(
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
         outs = greedy_generate(
-            model, tokenizer, [prompts[i] for i in chunk], [budgets[i] for i in chunk], stop_at_answer=chat
+            model,
+            tokenizer,
+            [prompts[i] for i in chunk],
+            [budgets[i] for i in chunk],
+            stop_at_answer=chat,
+            add_special_tokens=not chat,
         )
         for i, text in zip(chunk, outs, strict=True):
             texts[i] = text
