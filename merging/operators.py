@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 
 import torch
 
@@ -104,7 +102,6 @@ def _sparsify(
     masker: WindowMasker | None,
     generator: torch.Generator | None,
     work: torch.Tensor,
-    draw: torch.Tensor | None,
 ) -> torch.Tensor:
     """Drop entries of `delta` in place; `work` is scratch, `[2, *delta.shape]`.
 
@@ -120,7 +117,9 @@ def _sparsify(
         magnitude, keep = work.unbind(0)
         delta.mul_(masker.mask_into(torch.abs(delta, out=magnitude), out=keep))
         return delta.div_(density) if rescale else delta
-    if kind == "random":  # `draw`: this block's torch.rand from the model's generator
+    if kind == "random":
+        draw = work[0]
+        torch.rand(delta.shape, generator=generator, out=draw)
         delta.mul_(torch.lt(draw, density, out=draw))
         return delta.div_(density) if rescale else delta
     probabilities = _della_probabilities(delta, density, values["epsilon"])
@@ -187,36 +186,21 @@ def generalized_task_arithmetic(
     glob = params.globals
     rescale = glob.get("rescale", False)
     maskers: list[WindowMasker | None] = [None] * len(others)
-    with ExitStack() as resources:
-        scratch = resources.enter_context(Scratch.lease())
+    with Scratch.lease() as scratch:
         if sparsify in ("magnitude", "outliers") and any(v["density"] < 1.0 for v in values):
             gammas = [v["gamma"] for v in values] if sparsify == "outliers" else None
             windows = _magnitude_windows(stack, [v["density"] for v in values], gammas, scratch)
             maskers = [WindowMasker(w) for w in windows]
         generators = [generator_for(seed, stack.tensor, j) for j in range(len(others))]
-        drawn = [j for j, v in enumerate(values) if sparsify == "random" and 0.0 < v["density"] < 1.0]
         plain_divisor = math.fsum(weights)
         plain_divisor = 1.0 if abs(plain_divisor) < 1e-8 else plain_divisor
-        # each model's draw runs on a worker while the main thread subtracts; one task per generator
-        # at a time, in block order, so the streams are those of drawing in a loop
-        pool = resources.enter_context(ThreadPoolExecutor(2, "umm-draw")) if drawn else None
         for start, end, block in stack.blocks():
             rows = end - start
             work = scratch.get("work", 2 * rows, stack.width).view(2, rows, stack.width)
-            draws = {
-                j: pool.submit(
-                    torch.rand,
-                    (rows, stack.width),
-                    generator=generators[j],
-                    out=scratch.get(("draw", j), rows, stack.width),
-                )
-                for j in drawn
-            }
             weighted = []
             for j, i in enumerate(others):
                 delta = torch.sub(block[i], block[base], out=scratch.get(("delta", j), rows, stack.width))
-                draw = draws[j].result() if j in draws else None
-                delta = _sparsify(delta, sparsify, values[j], rescale, maskers[j], generators[j], work, draw)
+                delta = _sparsify(delta, sparsify, values[j], rescale, maskers[j], generators[j], work)
                 weighted.append(delta.mul_(weights[j]))
             if consensus:
                 mixed, divisor = _elect(weighted, weights, scratch)
