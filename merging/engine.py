@@ -84,13 +84,18 @@ def merge_stack(
         return
     operator = OPERATORS[config.merge_method]
     for rows in operator(stack, parameters[plan.name], config.seed):
-        if not bool(torch.isfinite(rows).all()):
+        if not _all_finite(rows):
             stack.check_inputs()  # name the input the NaN or infinity came from, if any
             raise NonFiniteError(
                 f"merged tensor {plan.name!r} contains NaN or infinite values (check the parameters)"
             )
         yield rows.to(out_dtype)
     stack.release()
+
+
+def _all_finite(rows: torch.Tensor) -> bool:
+    """Whether every value is finite: a finite sum proves it (a NaN or infinity makes any sum non-finite)."""
+    return bool(torch.isfinite(rows.sum())) or bool(torch.isfinite(rows).all())
 
 
 def _memory_reader(tensor: torch.Tensor) -> Reader:
