@@ -14,14 +14,19 @@ import click
     type=click.Path(file_okay=False, path_type=Path),
     help="Where the nodes' folders and the pulled model go (default: a temp folder).",
 )
-@click.option("--size", default="micro", show_default=True, help="Test-bed zoo size: micro or small.")
+@click.option(
+    "--size",
+    default="small",
+    show_default=True,
+    help="Test-bed zoo size: small (trained experts; ~15 min to build once) or micro (seconds, untrained).",
+)
 @click.option("--nodes", default=3, show_default=True, help="Node processes, one expert each.")
 @click.option("--codec", default="bf16", show_default=True, help="Delta codec the nodes contribute with.")
 @click.option("--limit", default=50, show_default=True, help="Test examples per domain.")
 def demo(workdir: Path | None, size: str, nodes: int, codec: str, limit: int) -> None:
     """Start a local network, contribute zoo experts, aggregate, attest, pull, and score the merge.
 
-    Example: umm demo --workdir demo-run --size micro
+    Example: umm demo --workdir demo-run
     """
     from rich.console import Console
     from rich.table import Table
