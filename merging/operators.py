@@ -79,7 +79,10 @@ def _magnitude_windows(
             ]
 
     stats = order_statistics(
-        blocks, lambda j, count, zeros: window_ranks(count, *bounds[j]), len(stack.ranges) == 1
+        blocks,
+        lambda j, count, zeros: window_ranks(count, *bounds[j]),
+        len(stack.ranges) == 1,
+        expected_total=n,
     )
     return [window_from_ranks(n, lo, hi, stats[j]) for j, (lo, hi) in enumerate(bounds)]
 

@@ -131,6 +131,7 @@ def order_statistics(
     rank_fn: Callable[[int, int, int], Sequence[int]],
     single_block: bool,
     count_zeros: bool = False,
+    expected_total: int | None = None,
 ) -> list[dict[int, OrderStatistic]]:
     """Order statistics of several series at once.
 
@@ -138,6 +139,11 @@ def order_statistics(
     advance together). `rank_fn(series, n, zeros)` names the ranks wanted for a series given its
     count of values and, with `count_zeros`, of exact zeros (else 0). Returns, per series,
     rank -> statistic. A single block is read once and kept for both radix passes.
+
+    With `expected_total` (each series' count, known ahead; not with `count_zeros`), the first
+    pass also counts the low halves of the few high bins around where the first block puts the
+    wanted ranks; the second pass over the blocks runs only for a bin that guess missed. The
+    counts are exact either way, so the guess changes the time, never the result.
     """
     if single_block:
         series = next(iter(blocks()))
@@ -148,15 +154,26 @@ def order_statistics(
     high_hist: list[np.ndarray] = []
     zeros: list[int] = []
     total: list[int] = []
+    guesses: list[_GuessedBins | None] = []
     for series in blocks():
-        if not high_hist:
+        first = not high_hist
+        if first:
             high_hist = [np.zeros(HIGH_BINS, dtype=np.int64) for _ in series]
             zeros = [0] * len(series)
             total = [0] * len(series)
         for i, values in enumerate(series):
-            high_hist[i] += np.bincount(_halves(values)[1], minlength=HIGH_BINS)
+            low, high = _halves(values)
+            counts = np.bincount(high, minlength=HIGH_BINS)
+            high_hist[i] += counts
             zeros[i] += _zeros(values) if count_zeros else 0
             total[i] += values.numel()
+            if first:
+                guessed = None
+                if expected_total is not None and not count_zeros and values.numel():
+                    guessed = _GuessedBins.around(counts, rank_fn(i, expected_total, 0), expected_total)
+                guesses.append(guessed)
+            if guesses[i] is not None:
+                guesses[i].add(low, high)
     wanted = [sorted(set(rank_fn(i, total[i], zeros[i]))) for i in range(len(high_hist))]
     cumulative = [np.cumsum(h) for h in high_hist]
     bins = []  # per series: rank -> (bin, count of values in lower bins)
@@ -166,8 +183,19 @@ def order_statistics(
             b = int(np.searchsorted(cumulative[i], rank, side="right"))
             located[rank] = (b, int(cumulative[i][b - 1]) if b > 0 else 0)
         bins.append(located)
-    needed = [sorted({b for b, _ in located.values()}) for located in bins]
-    low_hist = [{b: np.zeros(LOW_BINS, dtype=np.int64) for b in series_bins} for series_bins in needed]
+    low_hist: list[dict[int, np.ndarray]] = []
+    needed: list[list[int]] = []  # per series: bins the first pass did not count
+    for i, located in enumerate(bins):
+        guessed = guesses[i] if guesses else None
+        hists, missing = {}, []
+        for b in sorted({b for b, _ in located.values()}):
+            counted = guessed.counts(b) if guessed is not None else None
+            if counted is None:
+                counted = np.zeros(LOW_BINS, dtype=np.int64)
+                missing.append(b)
+            hists[b] = counted
+        low_hist.append(hists)
+        needed.append(missing)
     if any(needed):
         for series in blocks():
             for i, values in enumerate(series):
@@ -186,6 +214,43 @@ def order_statistics(
             stats[rank] = OrderStatistic(rank, _float_from_bits((b << 16) | low), less)
         result.append(stats)
     return result
+
+
+class _GuessedBins:
+    """Low-half histograms of a few chosen high bins, counted during the first radix pass."""
+
+    SPAN = 4  # bins either side of each guessed bin
+
+    def __init__(self, chosen: np.ndarray) -> None:
+        self.chosen = chosen
+        self.slot = np.full(HIGH_BINS, -1, dtype=np.int32)
+        self.slot[chosen] = np.arange(chosen.size, dtype=np.int32)
+        self.hist = np.zeros(chosen.size * LOW_BINS, dtype=np.int64)
+
+    @classmethod
+    def around(cls, counts: np.ndarray, ranks: Sequence[int], total: int) -> _GuessedBins | None:
+        """Bins near where the first block's histogram `counts` puts `ranks` of `total` values."""
+        if not ranks:
+            return None
+        cumulative = np.cumsum(counts)
+        size = int(cumulative[-1])
+        chosen = set()
+        for rank in ranks:
+            scaled = min(size - 1, rank * size // max(1, total))
+            b = int(np.searchsorted(cumulative, scaled, side="right"))
+            chosen.update(range(max(0, b - cls.SPAN), min(HIGH_BINS, b + cls.SPAN + 1)))
+        return cls(np.array(sorted(chosen), dtype=np.int64))
+
+    def add(self, low: np.ndarray, high: np.ndarray) -> None:
+        slots = self.slot[high]
+        inside = slots >= 0
+        keys = slots[inside].astype(np.int64) * LOW_BINS + low[inside]
+        self.hist += np.bincount(keys, minlength=self.hist.size)
+
+    def counts(self, b: int) -> np.ndarray | None:
+        """The low-half histogram of bin `b`, or None when it was not chosen."""
+        slot = int(self.slot[b])
+        return self.hist[slot * LOW_BINS : (slot + 1) * LOW_BINS] if slot >= 0 else None
 
 
 def _in_memory(values: torch.Tensor, ranks: Sequence[int]) -> dict[int, OrderStatistic]:
