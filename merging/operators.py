@@ -154,14 +154,14 @@ def _elect(
     for j, (delta, weight) in enumerate(zip(weighted, weights, strict=True)):
         torch.mul(delta, majority, out=agree)
         torch.gt(agree, 0, out=agree)
-        delta.mul_(agree)
-        if j > 0:
-            mixed.add_(delta)
-        share = agree.mul_(weight)
+        # delta * agree and agree * weight are exact (agree is 1 or 0), so these fused forms round once,
+        # as adding the separately computed products does
         if j == 0:
-            divisor.copy_(share)
+            mixed.mul_(agree)
+            torch.mul(agree, weight, out=divisor)
         else:
-            divisor.add_(share)
+            mixed.addcmul_(delta, agree)
+            divisor.add_(agree, alpha=weight)
     # divisor == 0 -> 1: adding the 1.0/0.0 mask changes nothing else (x + 0 == x for x != 0)
     return mixed, divisor.add_(torch.eq(divisor, 0, out=agree))
 

@@ -163,6 +163,7 @@ def order_statistics(
             total = [0] * len(series)
         for i, values in enumerate(series):
             low, high = _halves(values)
+            high = np.ascontiguousarray(high)  # counted and compared faster than the strided view
             counts = np.bincount(high, minlength=HIGH_BINS)
             high_hist[i] += counts
             zeros[i] += _zeros(values) if count_zeros else 0
@@ -217,15 +218,13 @@ def order_statistics(
 
 
 class _GuessedBins:
-    """Low-half histograms of a few chosen high bins, counted during the first radix pass."""
+    """Low-half histograms of a few runs of high bins, counted during the first radix pass."""
 
     SPAN = 4  # bins either side of each guessed bin
 
-    def __init__(self, chosen: np.ndarray) -> None:
-        self.chosen = chosen
-        self.slot = np.full(HIGH_BINS, -1, dtype=np.int32)
-        self.slot[chosen] = np.arange(chosen.size, dtype=np.int32)
-        self.hist = np.zeros(chosen.size * LOW_BINS, dtype=np.int64)
+    def __init__(self, runs: list[tuple[int, int]]) -> None:
+        self.runs = runs  # (first bin, number of bins), disjoint
+        self.hists = [np.zeros(count * LOW_BINS, dtype=np.int64) for _, count in runs]
 
     @classmethod
     def around(cls, counts: np.ndarray, ranks: Sequence[int], total: int) -> _GuessedBins | None:
@@ -234,23 +233,33 @@ class _GuessedBins:
             return None
         cumulative = np.cumsum(counts)
         size = int(cumulative[-1])
-        chosen = set()
+        chosen: set[int] = set()
         for rank in ranks:
             scaled = min(size - 1, rank * size // max(1, total))
             b = int(np.searchsorted(cumulative, scaled, side="right"))
             chosen.update(range(max(0, b - cls.SPAN), min(HIGH_BINS, b + cls.SPAN + 1)))
-        return cls(np.array(sorted(chosen), dtype=np.int64))
+        runs: list[tuple[int, int]] = []
+        for b in sorted(chosen):
+            if runs and runs[-1][0] + runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((b, 1))
+        return cls(runs)
 
     def add(self, low: np.ndarray, high: np.ndarray) -> None:
-        slots = self.slot[high]
-        inside = slots >= 0
-        keys = slots[inside].astype(np.int64) * LOW_BINS + low[inside]
-        self.hist += np.bincount(keys, minlength=self.hist.size)
+        for (first, count), hist in zip(self.runs, self.hists, strict=True):
+            offset = high - np.uint16(first)  # wraps below `first`, so one comparison tests the run
+            inside = offset < count
+            keys = offset[inside].astype(np.int64) << 16
+            keys |= low[inside]
+            hist += np.bincount(keys, minlength=hist.size)
 
     def counts(self, b: int) -> np.ndarray | None:
         """The low-half histogram of bin `b`, or None when it was not chosen."""
-        slot = int(self.slot[b])
-        return self.hist[slot * LOW_BINS : (slot + 1) * LOW_BINS] if slot >= 0 else None
+        for (first, count), hist in zip(self.runs, self.hists, strict=True):
+            if first <= b < first + count:
+                return hist[(b - first) * LOW_BINS : (b - first + 1) * LOW_BINS]
+        return None
 
 
 def _in_memory(values: torch.Tensor, ranks: Sequence[int]) -> dict[int, OrderStatistic]:
