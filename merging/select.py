@@ -140,10 +140,10 @@ def order_statistics(
     count of values and, with `count_zeros`, of exact zeros (else 0). Returns, per series,
     rank -> statistic. A single block is read once and kept for both radix passes.
 
-    With `expected_total` (each series' count, known ahead; not with `count_zeros`), the first
-    pass also counts the low halves of the few high bins around where the first block puts the
-    wanted ranks; the second pass over the blocks runs only for a bin that guess missed. The
-    counts are exact either way, so the guess changes the time, never the result.
+    With `expected_total` (each series' count, known ahead; not with `count_zeros`), one pass
+    counts, per series, the values below and the low halves within a few high bins around where
+    the first block puts the wanted ranks; only if a rank falls outside them do the two radix
+    passes run. The counts are exact either way, so the guess changes the time, never the result.
     """
     if single_block:
         series = next(iter(blocks()))
@@ -151,30 +151,22 @@ def order_statistics(
             _in_memory(values, rank_fn(i, values.numel(), _zeros(values) if count_zeros else 0))
             for i, values in enumerate(series)
         ]
+    if expected_total is not None and not count_zeros:
+        guided = _guided(blocks, rank_fn, expected_total)
+        if guided is not None:
+            return guided
     high_hist: list[np.ndarray] = []
     zeros: list[int] = []
     total: list[int] = []
-    guesses: list[_GuessedBins | None] = []
     for series in blocks():
-        first = not high_hist
-        if first:
+        if not high_hist:
             high_hist = [np.zeros(HIGH_BINS, dtype=np.int64) for _ in series]
             zeros = [0] * len(series)
             total = [0] * len(series)
         for i, values in enumerate(series):
-            low, high = _halves(values)
-            high = np.ascontiguousarray(high)  # counted and compared faster than the strided view
-            counts = np.bincount(high, minlength=HIGH_BINS)
-            high_hist[i] += counts
+            high_hist[i] += np.bincount(_halves(values)[1], minlength=HIGH_BINS)
             zeros[i] += _zeros(values) if count_zeros else 0
             total[i] += values.numel()
-            if first:
-                guessed = None
-                if expected_total is not None and not count_zeros and values.numel():
-                    guessed = _GuessedBins.around(counts, rank_fn(i, expected_total, 0), expected_total)
-                guesses.append(guessed)
-            if guesses[i] is not None:
-                guesses[i].add(low, high)
     wanted = [sorted(set(rank_fn(i, total[i], zeros[i]))) for i in range(len(high_hist))]
     cumulative = [np.cumsum(h) for h in high_hist]
     bins = []  # per series: rank -> (bin, count of values in lower bins)
@@ -184,19 +176,8 @@ def order_statistics(
             b = int(np.searchsorted(cumulative[i], rank, side="right"))
             located[rank] = (b, int(cumulative[i][b - 1]) if b > 0 else 0)
         bins.append(located)
-    low_hist: list[dict[int, np.ndarray]] = []
-    needed: list[list[int]] = []  # per series: bins the first pass did not count
-    for i, located in enumerate(bins):
-        guessed = guesses[i] if guesses else None
-        hists, missing = {}, []
-        for b in sorted({b for b, _ in located.values()}):
-            counted = guessed.counts(b) if guessed is not None else None
-            if counted is None:
-                counted = np.zeros(LOW_BINS, dtype=np.int64)
-                missing.append(b)
-            hists[b] = counted
-        low_hist.append(hists)
-        needed.append(missing)
+    needed = [sorted({b for b, _ in located.values()}) for located in bins]
+    low_hist = [{b: np.zeros(LOW_BINS, dtype=np.int64) for b in series_bins} for series_bins in needed]
     if any(needed):
         for series in blocks():
             for i, values in enumerate(series):
@@ -217,22 +198,54 @@ def order_statistics(
     return result
 
 
-class _GuessedBins:
-    """Low-half histograms of a few runs of high bins, counted during the first radix pass."""
+def _guided(
+    blocks: Callable[[], Iterable[list[torch.Tensor]]],
+    rank_fn: Callable[[int, int, int], Sequence[int]],
+    expected_total: int,
+) -> list[dict[int, OrderStatistic]] | None:
+    """One pass: count the low halves of bins guessed from the first block; None if a rank falls outside."""
+    guesses: list[_GuessedBins | None] = []
+    total: list[int] = []
+    for series in blocks():
+        first = not guesses
+        for i, values in enumerate(series):
+            low, high = _halves(values)
+            if first:
+                counts = np.bincount(high, minlength=HIGH_BINS)
+                guesses.append(_GuessedBins.around(counts, rank_fn(i, expected_total, 0), expected_total))
+                total.append(0)
+            total[i] += values.numel()
+            if guesses[i] is not None:
+                guesses[i].add(low, high)
+    result = []
+    for i, guessed in enumerate(guesses):
+        stats = {}
+        for rank in sorted(set(rank_fn(i, total[i], 0))):
+            stat = guessed.locate(rank) if guessed is not None else None
+            if stat is None:
+                return None
+            stats[rank] = stat
+        result.append(stats)
+    return result
 
-    SPAN = 4  # bins either side of each guessed bin
+
+class _GuessedBins:
+    """Counts below and low-half histograms within a few runs of high bins, over all blocks."""
+
+    SPAN = 3  # bins either side of each guessed bin
 
     def __init__(self, runs: list[tuple[int, int]]) -> None:
         self.runs = runs  # (first bin, number of bins), disjoint
+        self.below = [0] * len(runs)  # values whose high half is below the run
         self.hists = [np.zeros(count * LOW_BINS, dtype=np.int64) for _, count in runs]
 
     @classmethod
     def around(cls, counts: np.ndarray, ranks: Sequence[int], total: int) -> _GuessedBins | None:
         """Bins near where the first block's histogram `counts` puts `ranks` of `total` values."""
-        if not ranks:
-            return None
         cumulative = np.cumsum(counts)
         size = int(cumulative[-1])
+        if not ranks or size == 0:
+            return None
         chosen: set[int] = set()
         for rank in ranks:
             scaled = min(size - 1, rank * size // max(1, total))
@@ -247,18 +260,22 @@ class _GuessedBins:
         return cls(runs)
 
     def add(self, low: np.ndarray, high: np.ndarray) -> None:
-        for (first, count), hist in zip(self.runs, self.hists, strict=True):
+        for r, ((first, count), hist) in enumerate(zip(self.runs, self.hists, strict=True)):
+            self.below[r] += int(np.count_nonzero(high < first))
             offset = high - np.uint16(first)  # wraps below `first`, so one comparison tests the run
             inside = offset < count
             keys = offset[inside].astype(np.int64) << 16
             keys |= low[inside]
             hist += np.bincount(keys, minlength=hist.size)
 
-    def counts(self, b: int) -> np.ndarray | None:
-        """The low-half histogram of bin `b`, or None when it was not chosen."""
-        for (first, count), hist in zip(self.runs, self.hists, strict=True):
-            if first <= b < first + count:
-                return hist[(b - first) * LOW_BINS : (b - first + 1) * LOW_BINS]
+    def locate(self, rank: int) -> OrderStatistic | None:
+        """The statistic at `rank`, or None when its value lies outside every run."""
+        for (first, _), below, hist in zip(self.runs, self.below, self.hists, strict=True):
+            cumulative = np.cumsum(hist)
+            if below <= rank < below + int(cumulative[-1]):
+                key = int(np.searchsorted(cumulative, rank - below, side="right"))
+                less = below + (int(cumulative[key - 1]) if key > 0 else 0)
+                return OrderStatistic(rank, _float_from_bits((first << 16) + key), less)
         return None
 
 
