@@ -210,6 +210,7 @@ def _guided(
         first = not guesses
         for i, values in enumerate(series):
             low, high = _halves(values)
+            high = np.ascontiguousarray(high)  # compared several times: faster than the strided view
             if first:
                 counts = np.bincount(high, minlength=HIGH_BINS)
                 guesses.append(_GuessedBins.around(counts, rank_fn(i, expected_total, 0), expected_total))
@@ -263,9 +264,9 @@ class _GuessedBins:
         for r, ((first, count), hist) in enumerate(zip(self.runs, self.hists, strict=True)):
             self.below[r] += int(np.count_nonzero(high < first))
             offset = high - np.uint16(first)  # wraps below `first`, so one comparison tests the run
-            inside = offset < count
-            keys = offset[inside].astype(np.int64) << 16
-            keys |= low[inside]
+            inside = np.flatnonzero(offset < count)
+            keys = offset.take(inside).astype(np.int64) << 16
+            keys |= low.take(inside)
             hist += np.bincount(keys, minlength=hist.size)
 
     def locate(self, rank: int) -> OrderStatistic | None:
