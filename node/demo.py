@@ -101,9 +101,11 @@ def run_demo(
 
 def _accuracy(model_dir: Path, domains: list[str], limit: int | None) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from merging.testbed.harness import evaluate
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model would bury the table
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     result = evaluate(model, tokenizer, domains, split="test", limit=limit)

@@ -16,6 +16,7 @@ from ``(task, split, seed)``; identical arguments give identical examples on eve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -267,7 +268,14 @@ def generate(
 
     ``easy=True`` draws the task's easier variant (fewer digits, items, operators or statements),
     train split only and with repeats allowed: the curriculum a base model is pretrained on.
+    Results are memoised (examples are immutable), so an evaluation loop pays for them once.
     """
+    return list(_generate(task, split, n, seed, easy))
+
+
+@functools.lru_cache(maxsize=256)
+def _generate(task: str, split: str, n: int | None, seed: int, easy: bool) -> tuple[Example, ...]:
+    """The uncached body of `generate`."""
     spec = _check_task(task)
     if split not in SPLITS:
         raise TaskError(f"expected a split among {', '.join(SPLITS)}, got {split!r}.")
@@ -294,7 +302,7 @@ def generate(
         seen.add(prompt)
         response = "\n".join([*steps, f"Answer: {answer}"])
         examples.append(Example(task, split, prompt, response, answer))
-    return examples
+    return tuple(examples)
 
 
 def export_jsonl(out_dir: str | Path, tasks: Iterable[str] | None = None, seed: int = 0) -> list[Path]:

@@ -138,3 +138,11 @@ def test_bad_names_raise_typed_errors():
         resolve_tasks("logic,poetry")
     assert resolve_tasks("logic, lists") == ["logic", "lists"]
     assert resolve_tasks(None) == list(TASKS)
+
+
+def test_generate_memo_hands_out_independent_lists() -> None:
+    first = generate("arithmetic", "dev", n=5)
+    first.clear()
+    again = generate("arithmetic", "dev", n=5)
+    assert len(again) == 5
+    assert again == generate("arithmetic", "dev", n=5)
