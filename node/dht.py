@@ -27,6 +27,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from node.errors import DHTError
 from node.process import child_pids
+from node.store import write_atomic
 
 MAX_VALUE_BYTES = 8 * 1024
 DEFAULT_DHT_TIMEOUT = 15.0
@@ -61,13 +62,7 @@ def load_or_create_rsa_key(path: str | Path) -> RSAPrivateKey:
         key.__setstate__({"_private_key": der})
         return key
     fresh = RSAPrivateKey()
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(fresh.to_bytes())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, fresh.to_bytes())  # its temp file is created with mode 0600
     return fresh
 
 
