@@ -54,7 +54,10 @@ def passthrough(stack: TensorStack, params: TensorParameters, seed: int) -> Iter
 def _magnitude_windows(
     stack: TensorStack, densities: list[float], gammas: list[float] | None, scratch: Scratch
 ) -> list:
-    """Per model, which ascending |delta| ranks survive: top `density` (TIES) or the breadcrumbs window."""
+    """Per model, which ascending |delta| ranks survive: top `density` (TIES) or the breadcrumbs window.
+
+    The |delta| blocks live in the `("delta", j)` buffers, free again once the statistics are found.
+    """
     n = stack.numel
     bounds = []
     for j, density in enumerate(densities):
@@ -72,7 +75,7 @@ def _magnitude_windows(
     def blocks():
         for start, end, block in stack.blocks():
             yield [
-                torch.sub(block[i], block[base], out=scratch.get(("abs", j), end - start, stack.width))
+                torch.sub(block[i], block[base], out=scratch.get(("delta", j), end - start, stack.width))
                 .abs_()
                 .view(-1)
                 for j, i in enumerate(others)
