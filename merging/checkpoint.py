@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from merging import __version__
+from merging.atomic import fsync_dir
 from merging.config import MergeConfig
 from merging.engine import make_stack, merge_stack, output_dtype
 from merging.errors import MergeError
@@ -83,7 +84,7 @@ def merge_to_folder(
                 "inputs": hashes.result(),
             }
             write_json(temp / PROVENANCE_FILE, provenance)
-            _fsync_dir(temp)
+            fsync_dir(temp)
             _replace(temp, out_dir)
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
@@ -239,14 +240,6 @@ def _copy(source: Path, target: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _replace(temp: Path, target: Path) -> None:
     """Move `temp` to `target`; an existing target is moved aside first and removed after."""
     old = None
@@ -254,6 +247,6 @@ def _replace(temp: Path, target: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.umm-old-", dir=target.parent))
         os.rename(target, old / target.name)
     os.rename(temp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

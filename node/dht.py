@@ -25,9 +25,9 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from merging.atomic import write_atomic
 from node.errors import DHTError
 from node.process import child_pids
-from node.store import write_atomic
 
 MAX_VALUE_BYTES = 8 * 1024
 DEFAULT_DHT_TIMEOUT = 15.0

@@ -19,11 +19,11 @@ import hashlib
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from merging.atomic import write_atomic
 from node.errors import ChunkHashMismatchError, ChunkNotFoundError, InvalidDigestError
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -49,39 +49,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(
-    path: str | Path,
-    data: bytes | memoryview,
-    *,
-    temp_dir: Path | None = None,
-    temp_prefix: str | None = None,
-) -> Path:
-    """Write `data` to `path` through a temp file (in `temp_dir`, default the target's folder):
-    write, fsync, rename over `path`, fsync the folder. A crash leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=temp_dir or path.parent, prefix=temp_prefix or f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as tmp_file:
-            tmp_file.write(data)
-            tmp_file.flush()
-            os.fsync(tmp_file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 class ContentStore:

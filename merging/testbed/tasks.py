@@ -19,13 +19,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from merging.atomic import write_text_atomic
 from merging.errors import UmmError
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
@@ -317,19 +316,3 @@ def export_jsonl(out_dir: str | Path, tasks: Iterable[str] | None = None, seed: 
             )
             written.append(write_text_atomic(out / f"{task}.{split}.jsonl", lines))
     return written
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path``, fsync it, and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

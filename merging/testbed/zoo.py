@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from merging.atomic import write_text_atomic
 from merging.errors import UmmError
-from merging.testbed.tasks import DOMAINS, TASKS, write_text_atomic
+from merging.testbed.tasks import DOMAINS, TASKS
 from merging.testbed.tokenizers_build import bpe_tokenizer, char_tokenizer
 from merging.testbed.training import TrainSpec, corpus, pinned_threads, train
 

@@ -27,7 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 class UmmGroup(click.Group):
     """A click group that prints library errors as one line and exits 2, without a traceback."""
 
-    def invoke(self, ctx: click.Context):  # noqa: D102
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except UmmError as exc:

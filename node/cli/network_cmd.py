@@ -9,13 +9,14 @@ from pathlib import Path
 import click
 import yaml
 
+from merging.atomic import write_atomic
 from node.dht import RecordBoard, start_dht
 from node.errors import NodeError
 from node.genesis import create_genesis
 from node.records import contrib_key, parse_record, peers_key, result_key, summary_key
 from node.service import claimed_latest_rounds, load_or_create_identity, read_genesis_from
 from node.state import NodeState
-from node.store import ContentStore, write_atomic
+from node.store import ContentStore
 from protocol.envelope import open_envelope
 from protocol.errors import ProtocolError
 from protocol.identity import peer_id_from_public_key, public_key_from_peer_id

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
+from merging.atomic import write_atomic
 from node.errors import NodeError
-from node.store import write_atomic
 
 
 @click.group("node")

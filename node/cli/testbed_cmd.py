@@ -9,10 +9,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from merging.atomic import write_text_atomic
 from merging.testbed.harness import evaluate
 from merging.testbed.models import PACKAGED_GGUF, import_gguf, load_pretrained, packaged_gguf
 from merging.testbed.report import comparison
-from merging.testbed.tasks import SPLITS, resolve_tasks, write_text_atomic
+from merging.testbed.tasks import SPLITS, resolve_tasks
 from merging.testbed.zoo import RECIPES, build_zoo, model_meta
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from node import store as store_module
+from merging import atomic as atomic_module
 from node.errors import ChunkHashMismatchError, ChunkNotFoundError, InvalidDigestError
 from node.store import ContentStore
 
@@ -105,7 +105,7 @@ def test_kill_after_temp_write_before_rename_leaves_no_trace(tmp_path, monkeypat
 
     def child():
         store = ContentStore(tmp_path)
-        monkeypatch.setattr(store_module.os, "replace", lambda *a: os._exit(17))
+        monkeypatch.setattr(atomic_module.os, "replace", lambda *a: os._exit(17))
         store.put(payload)
 
     assert _run_in_child(child) == 17
@@ -119,7 +119,7 @@ def test_kill_after_temp_write_before_rename_leaves_no_trace(tmp_path, monkeypat
 
 def test_kill_after_rename_before_index_row_is_recovered(tmp_path, monkeypatch):
     payload = b"q" * 100_000
-    real_fsync_dir = store_module._fsync_dir
+    real_fsync_dir = atomic_module.fsync_dir
 
     def child():
         store = ContentStore(tmp_path)
@@ -128,7 +128,7 @@ def test_kill_after_rename_before_index_row_is_recovered(tmp_path, monkeypatch):
             real_fsync_dir(path)
             os._exit(18)
 
-        monkeypatch.setattr(store_module, "_fsync_dir", fsync_then_die)
+        monkeypatch.setattr(atomic_module, "fsync_dir", fsync_then_die)
         store.put(payload)
 
     assert _run_in_child(child) == 18
