@@ -1,16 +1,19 @@
-"""Chunk throughput over hivemind's P2P vs a plain TCP socket floor, measured in the same run.
+"""Chunk throughput over hivemind's P2P vs plain TCP floors, measured in the same run.
 
 Every server is its own process (as every node is), holding the same seeded chunks in memory;
 the client (this process) fetches all of them and verifies every sha256. Reported:
 
-    tcp floor        one asyncio TCP connection, 1 MiB writes, no hashing (the floor)
-    tcp framed       the same connection carrying the chunks in `node.framing` frames, each chunk
-                     sha256-verified into memory (the chunk protocol's work minus libp2p)
-    p2p x N          `node.transport.fetch_chunks` from N peers at once, into memory (verified)
+    tcp floor        one asyncio TCP connection, 1 MiB writes, no framing, no hashing: what one
+                     Python process can push to another through the kernel (the raw floor)
+    tcp chunks       `node.transport.fetch_chunks` from one `ChunkServer` over plain TCP sockets
+                     instead of libp2p streams: the same frames, requests, hashing and client code
+                     (the framed floor: the chunk protocol's own cost, without libp2p)
+    p2p x N          `fetch_chunks` from N peers at once over hivemind's P2P (each chunk verified,
+                     then dropped)
     p2p x N + store  the same into a `ContentStore` on disk (verified, fsynced)
 
 Usage: python benchmarks/bench_network.py [--mib 128] [--chunk-kib 1024] [--peers 1,3] [--repeat 3]
-                                          [--streams 2] [--batch 4]
+                                          [--streams 2] [--batch 4] [--depth 2]
        python benchmarks/bench_network.py --converge 3,5,8 [--hidden 256] [--layers 4]
        (time to converge and bytes per node; see benchmarks/network_converge.py)
 """
@@ -42,22 +45,22 @@ def make_chunks(seed: int, total: int, chunk: int) -> dict[str, bytes]:
     return {hashlib.sha256(c).hexdigest(): c for c in chunks}
 
 
-class MemorySink:
-    """A verifying in-memory sink (what a fetch into RAM costs)."""
+class VerifyingSink:
+    """Hashes every chunk against its digest and keeps only its size (a fetch minus the disk)."""
 
     def __init__(self) -> None:
-        self.chunks: dict[str, bytes] = {}
+        self.sizes: dict[str, int] = {}
 
     def missing(self, digests):
-        return [d for d in digests if d not in self.chunks]
+        return [d for d in digests if d not in self.sizes]
 
-    def put(self, data: bytes, digest: str | None = None) -> str:
+    def put(self, data, digest: str | None = None) -> str:
         actual = hashlib.sha256(data).hexdigest()
         if digest is not None and actual != digest:
             from node.errors import ChunkHashMismatchError
 
             raise ChunkHashMismatchError(f"expected {digest}, got {actual}")
-        self.chunks[actual] = data
+        self.sizes[actual] = len(data)
         return actual
 
 
@@ -72,6 +75,14 @@ class DictSource:
             return self.chunks[digest]
         except KeyError:
             raise ChunkNotFoundError(f"no chunk {digest}") from None
+
+
+class TcpDialer:
+    """Stands in for hivemind's P2P in `fetch_chunks`: a "peer" is a TCP port on 127.0.0.1."""
+
+    async def call_binary_stream_handler(self, port: int, _name: str):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return None, reader, writer
 
 
 # ---------------------------------------------------------------- server processes
@@ -96,28 +107,30 @@ def p2p_server(initial_peers, seed, total, chunk, conn) -> None:
 
 
 def tcp_server(seed, total, chunk, conn) -> None:
-    from node.framing import write_frame
+    """Two listeners: raw bytes on the first port, the chunk protocol (`ChunkServer`) on the second."""
+    from node.transport import ChunkServer
 
-    chunks = list(make_chunks(seed, total, chunk).values())
-    payload = b"".join(chunks)
+    chunks = make_chunks(seed, total, chunk)
+    payload = b"".join(chunks.values())
 
-    async def handle(reader, writer):
-        mode = await reader.readexactly(1)
-        if mode == b"f":
-            for data in chunks:
-                await write_frame(writer, 0, data, timeout=30)
-        else:
-            view = memoryview(payload)
-            for start in range(0, len(view), MiB):
-                writer.write(view[start : start + MiB])
-                await writer.drain()
+    async def raw(reader, writer):
+        await reader.readexactly(1)
+        view = memoryview(payload)
+        for start in range(0, len(view), MiB):
+            writer.write(view[start : start + MiB])
+            await writer.drain()
         writer.close()
 
     async def serve():
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        conn.send(server.sockets[0].getsockname()[1])
+        server = ChunkServer(DictSource(chunks), max_concurrent=16)
+        raw_listener = await asyncio.start_server(raw, "127.0.0.1", 0)
+        chunk_listener = await asyncio.start_server(
+            lambda r, w: server.rpc_chunks(None, r, w), "127.0.0.1", 0
+        )
+        conn.send((raw_listener.sockets[0].getsockname()[1], chunk_listener.sockets[0].getsockname()[1]))
         await asyncio.get_running_loop().run_in_executor(None, conn.recv)
-        server.close()
+        raw_listener.close()
+        chunk_listener.close()
 
     asyncio.run(serve())
 
@@ -155,30 +168,18 @@ async def tcp_floor(port: int, total: int) -> float:
     return total / elapsed / MiB
 
 
-async def tcp_framed(port: int, digests: list[str]) -> float:
-    from node.framing import read_frame
-
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    sink = MemorySink()
-    started = time.perf_counter()
-    writer.write(b"f")
-    for digest in digests:
-        frame = await read_frame(reader, timeout=30)
-        if frame is None:
-            raise RuntimeError("tcp framed: the server closed early")
-        await asyncio.to_thread(sink.put, frame[1], digest)
-    elapsed = time.perf_counter() - started
-    writer.close()
-    return sum(map(len, sink.chunks.values())) / elapsed / MiB
-
-
-async def p2p_fetch(p2p, peer_ids, digests, sink, streams: int, batch: int) -> tuple[float, dict]:
+async def timed_fetch(p2p, peer_ids, digests, sink, streams: int, batch: int, depth: int) -> float:
+    """MiB/s of one `fetch_chunks` of every digest into `sink`."""
     from node.transport import fetch_chunks
 
     started = time.perf_counter()
-    report = await fetch_chunks(p2p, digests, peer_ids, sink, streams_per_peer=streams, batch=batch)
+    report = await fetch_chunks(
+        p2p, digests, peer_ids, sink, streams_per_peer=streams, batch=batch, depth=depth
+    )
     elapsed = time.perf_counter() - started
-    return report.bytes_received / elapsed / MiB, report.bytes_by_peer
+    if report.fetched != len(digests):
+        raise RuntimeError(f"fetched {report.fetched} of {len(digests)} chunks")
+    return report.bytes_received / elapsed / MiB
 
 
 def run_converge(args, port: int, total: int, tcp_proc, tcp_conn) -> None:
@@ -204,13 +205,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="converge: layers of the random Llama")
     parser.add_argument("--streams", type=int, default=2, help="streams per peer")
     parser.add_argument("--batch", type=int, default=4, help="chunks per request")
+    parser.add_argument("--depth", type=int, default=2, help="requests in flight per stream")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; medians are reported")
     args = parser.parse_args()
     total, chunk, seed = args.mib * MiB, args.chunk_kib * 1024, 7
     peer_counts = [int(x) for x in args.peers.split(",")]
 
     tcp_proc, tcp_conn = start_process(tcp_server, seed, total, chunk)
-    port = tcp_conn.recv()
+    port, chunk_port = tcp_conn.recv()
     if args.converge:
         run_converge(args, port, total, tcp_proc, tcp_conn)
         return
@@ -229,30 +231,36 @@ def main() -> None:
     from node.store import ContentStore
 
     dht, _ = start_dht(initial_peers=first_maddrs)
-    samples: dict[str, list[tuple[float, float]]] = {}  # row -> [(MiB/s, ratio to that repeat's floor)]
-
-    def record(name: str, rate: float, floor: float) -> None:
-        samples.setdefault(name, []).append((rate, rate / floor))
+    samples: dict[str, list[tuple[float, float, float]]] = {}  # row -> [(MiB/s, vs raw, vs chunks)]
+    shape = (args.streams, args.batch, args.depth)
 
     async def run_all():
         p2p = await dht.replicate_p2p()
-        for _ in range(args.repeat):  # interleaved, so load changes hit floor and p2p alike
+        for count in peer_counts:  # warm up: connections to every peer, flow-control windows
+            ids = [PeerID.from_base58(s[2]) for s in servers[:count]]
+            await timed_fetch(p2p, ids, digests[:16], VerifyingSink(), *shape)
+        for _ in range(args.repeat):  # interleaved, so load changes hit floors and p2p alike
             floor = await tcp_floor(port, total)
-            record("tcp floor (1 connection)", floor, floor)
-            record("tcp framed + sha256", await tcp_framed(port, digests), floor)
+            framed = await timed_fetch(TcpDialer(), [chunk_port], digests, VerifyingSink(), *shape)
+            rows = {"tcp floor (raw bytes)": floor, "tcp chunks (fetch_chunks, 1 server)": framed}
             for count in peer_counts:
                 ids = [PeerID.from_base58(s[2]) for s in servers[:count]]
-                rate, _ = await p2p_fetch(p2p, ids, digests, MemorySink(), args.streams, args.batch)
-                record(f"p2p x {count} peer(s), memory", rate, floor)
+                rows[f"p2p x {count} peer(s), verified"] = await timed_fetch(
+                    p2p, ids, digests, VerifyingSink(), *shape
+                )
                 folder = tempfile.mkdtemp(prefix="umm-bench-store-")
                 try:
                     with ContentStore(folder) as store:
-                        rate, _ = await p2p_fetch(p2p, ids, digests, store, args.streams, args.batch)
+                        rows[f"p2p x {count} peer(s), into store"] = await timed_fetch(
+                            p2p, ids, digests, store, *shape
+                        )
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
-                record(f"p2p x {count} peer(s), store", rate, floor)
+            for name, rate in rows.items():
+                samples.setdefault(name, []).append((rate, rate / floor, rate / framed))
         await p2p.shutdown()
 
+    load = os.getloadavg()[0]
     try:
         asyncio.run(run_all())
     finally:
@@ -261,14 +269,14 @@ def main() -> None:
             stop_process(proc, conn)
         stop_process(tcp_proc, tcp_conn)
     print(
-        f"{args.mib} MiB in {args.chunk_kib} KiB chunks, {args.streams} streams/peer x "
-        f"{args.batch} chunks/request, median of {args.repeat} interleaved repeats, 127.0.0.1"
+        f"{args.mib} MiB in {args.chunk_kib} KiB chunks, {args.streams} streams/peer x {args.depth} requests "
+        f"x {args.batch} chunks, median of {args.repeat} interleaved repeats, 127.0.0.1, "
+        f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'path':34} {'MiB/s':>8} {'vs floor':>9}")
+    print(f"{'path':38} {'MiB/s':>8} {'vs raw':>7} {'vs chunks':>10}")
     for name, values in samples.items():
-        rate = statistics.median(v[0] for v in values)
-        ratio = statistics.median(v[1] for v in values)
-        print(f"{name:34} {rate:8.1f} {ratio:8.0%}")
+        rate, raw, framed = (statistics.median(v[i] for v in values) for i in range(3))
+        print(f"{name:38} {rate:8.1f} {raw:7.0%} {framed:10.0%}")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,15 @@ dropped), and skips chunks the sink already holds — so an interrupted fetch re
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import itertools
 import logging
-from collections.abc import Iterable, Sequence
+import socket
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from hivemind.p2p import P2P, PeerID
@@ -36,7 +40,7 @@ from node.errors import (
     StoreError,
     TransportError,
 )
-from node.framing import read_frame, write_frame
+from node.framing import BufferPool, FrameStream, read_frame, write_frame
 from node.store import check_digest
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ HANDLER_NAME = "umm.chunks/1"
 DIGEST_BYTES = 32
 MAX_BATCH = 256
 DEFAULT_TIMEOUT = 30.0
+SEND_BUFFER_BYTES = 4 << 20  # Linux caps it at net.core.wmem_max
 
 
 class RequestKind(enum.IntEnum):
@@ -61,11 +66,15 @@ class ChunkSource(Protocol):
 
 
 class ChunkSink(Protocol):
-    """What a fetch writes into (a `ContentStore` is one): `put` must verify the digest."""
+    """What a fetch writes into (a `ContentStore` is one): `put` must verify the digest.
+
+    `put` may run on several threads at once and must not keep `data` after it returns (the
+    fetch reuses the buffer for a later chunk).
+    """
 
     def missing(self, digests: Iterable[str]) -> list[str]: ...
 
-    def put(self, data: bytes, digest: str | None = None) -> str: ...
+    def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str: ...
 
 
 def pack_digests(digests: Sequence[str]) -> bytes:
@@ -84,7 +93,10 @@ def unpack_digests(payload: bytes) -> list[str]:
 
 
 class ChunkServer:
-    """Serves chunks of a `ChunkSource` to any peer, with at most `max_concurrent` chunk reads at once."""
+    """Serves chunks of a `ChunkSource` to any peer, with at most `max_concurrent` chunk reads at once.
+
+    Each stream reads up to `read_ahead` chunks beyond the one it is sending.
+    """
 
     def __init__(
         self,
@@ -93,8 +105,10 @@ class ChunkServer:
         max_concurrent: int = 8,
         timeout: float = DEFAULT_TIMEOUT,
         busy_timeout: float = 10.0,
+        read_ahead: int = 1,
     ) -> None:
         self.source = source
+        self.read_ahead = read_ahead
         self.timeout = timeout
         self.busy_timeout = busy_timeout
         self._slots = asyncio.Semaphore(max_concurrent)
@@ -110,6 +124,10 @@ class ChunkServer:
 
     async def rpc_chunks(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests on one stream until the peer closes it or breaks the protocol."""
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # a socket buffer that takes a whole chunk spares the event loop a copy
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         try:
             while (
                 frame := await read_frame(reader, timeout=self.timeout, max_bytes=MAX_BATCH * DIGEST_BYTES)
@@ -129,8 +147,7 @@ class ChunkServer:
                 if request is RequestKind.HAVE:
                     await self._answer_have(writer, digests)
                 else:
-                    for digest in digests:
-                        await self._answer_get(writer, digest)
+                    await self._answer_gets(writer, digests)
         except (TransportError, ConnectionError) as exc:
             logger.debug("chunk stream ended: %s", exc)
         finally:
@@ -152,29 +169,48 @@ class ChunkServer:
             return False
         return True
 
-    async def _answer_get(self, writer: asyncio.StreamWriter, digest: str) -> None:
+    async def _answer_gets(self, writer: asyncio.StreamWriter, digests: list[str]) -> None:
+        """Answer a GET in order, reading the next chunk from the source while the current one is sent."""
+        loads = [asyncio.ensure_future(self._load(d)) for d in digests[: self.read_ahead + 1]]
+        try:
+            for index in range(len(digests)):
+                code, data = await loads[index]
+                loads[index] = None  # type: ignore[call-overload]  # let the bytes go once sent
+                if index + self.read_ahead + 1 < len(digests):
+                    loads.append(asyncio.ensure_future(self._load(digests[index + self.read_ahead + 1])))
+                await self._send(writer, code, data)
+        finally:
+            for load in loads:
+                if load is not None:
+                    load.cancel()
+
+    async def _send(self, writer: asyncio.StreamWriter, code: ErrorCode, data: bytes) -> None:
+        await write_frame(writer, code, data, timeout=self.timeout)
+        if code is ErrorCode.OK:
+            self.bytes_sent += len(data)
+
+    async def _load(self, digest: str) -> tuple[ErrorCode, bytes]:
+        """One GET answer: (OK, the chunk) or an error code and message, with a read slot held meanwhile."""
         try:
             await asyncio.wait_for(self._slots.acquire(), self.busy_timeout)
         except TimeoutError:
-            await write_frame(writer, ErrorCode.BUSY, b"all chunk slots are busy", timeout=self.timeout)
-            return
+            return ErrorCode.BUSY, b"all chunk slots are busy"
         try:
-            try:
-                data = await asyncio.to_thread(self.source.get, digest)
-            except ChunkNotFoundError as exc:
-                await write_frame(writer, ErrorCode.NOT_FOUND, str(exc).encode(), timeout=self.timeout)
-                return
-            except StoreError as exc:
-                await write_frame(writer, ErrorCode.INTERNAL, str(exc).encode(), timeout=self.timeout)
-                return
-            await write_frame(writer, ErrorCode.OK, data, timeout=self.timeout)
-            self.bytes_sent += len(data)
+            return ErrorCode.OK, await asyncio.to_thread(self.source.get, digest)
+        except ChunkNotFoundError as exc:
+            return ErrorCode.NOT_FOUND, str(exc).encode()
+        except StoreError as exc:
+            return ErrorCode.INTERNAL, str(exc).encode()
         finally:
             self._slots.release()
 
 
 class ChunkStream:
-    """A client's open stream to one peer's chunk server; use as an async context manager."""
+    """A client's open stream to one peer's chunk server; use as an async context manager.
+
+    Responses are received through a `FrameStream` (each chunk lands in its own buffer in one copy);
+    the server speaks only when asked, so nothing is left unread in the daemon stream's reader.
+    """
 
     def __init__(
         self, p2p: P2P, peer_id: PeerID, *, timeout: float = DEFAULT_TIMEOUT, max_chunk_bytes: int = 64 << 20
@@ -183,12 +219,18 @@ class ChunkStream:
         self.peer_id = peer_id
         self.timeout = timeout
         self.max_chunk_bytes = max_chunk_bytes
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._frames: FrameStream | None = None
 
     async def __aenter__(self) -> ChunkStream:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> ChunkStream:
+        """Open the stream (a libp2p stream through the local daemon)."""
         try:
-            _, self._reader, self._writer = await asyncio.wait_for(
+            _, _, writer = await asyncio.wait_for(
                 self.p2p.call_binary_stream_handler(self.peer_id, HANDLER_NAME), self.timeout
             )
         except TimeoutError:
@@ -199,21 +241,26 @@ class ChunkStream:
             raise TransportError(
                 f"expected a stream to {self.peer_id}, got {type(exc).__name__}: {exc}"
             ) from exc
+        self._frames = FrameStream.attach(writer)
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._writer.wait_closed()
+    async def close(self) -> None:
+        """Close the stream; the server sees a clean end of stream."""
+        if self._frames is not None:
+            frames, self._frames = self._frames, None
+            frames.close()
 
-    def _io(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is None or self._writer is None:
+    def _io(self) -> FrameStream:
+        if self._frames is None:
             raise RuntimeError("a ChunkStream must be opened with `async with` before use")
-        return self._reader, self._writer
+        return self._frames
 
-    async def _read_response(self) -> tuple[ErrorCode, bytes]:
-        frame = await read_frame(self._io()[0], timeout=self.timeout, max_bytes=self.max_chunk_bytes)
+    async def _read_response(
+        self, allocate: Callable[[int], bytearray] = bytearray
+    ) -> tuple[ErrorCode, bytearray]:
+        frame = await self._io().read_frame(
+            timeout=self.timeout, max_bytes=self.max_chunk_bytes, allocate=allocate
+        )
         if frame is None:
             raise TransportError(f"expected a response from {self.peer_id}, got end of stream")
         kind, payload = frame
@@ -224,7 +271,7 @@ class ChunkStream:
 
     async def call_have(self, digests: Sequence[str]) -> list[bool]:
         """Which of `digests` the peer holds."""
-        await write_frame(self._io()[1], RequestKind.HAVE, pack_digests(digests), timeout=self.timeout)
+        await self._io().write_frame(RequestKind.HAVE, pack_digests(digests), timeout=self.timeout)
         code, payload = await self._read_response()
         if code is not ErrorCode.OK:
             raise RemoteError(code, payload.decode(errors="replace"))
@@ -234,11 +281,13 @@ class ChunkStream:
 
     async def request_get(self, digests: Sequence[str]) -> None:
         """Send a GET; read the answers with `read_chunk`, one per digest, in order."""
-        await write_frame(self._io()[1], RequestKind.GET, pack_digests(digests), timeout=self.timeout)
+        await self._io().write_frame(RequestKind.GET, pack_digests(digests), timeout=self.timeout)
 
-    async def read_chunk(self) -> tuple[ErrorCode, bytes]:
+    async def read_chunk(
+        self, allocate: Callable[[int], bytearray] = bytearray
+    ) -> tuple[ErrorCode, bytearray]:
         """The next GET answer: (OK, bytes) or (error code, message bytes). The bytes are not verified."""
-        return await self._read_response()
+        return await self._read_response(allocate)
 
 
 @dataclasses.dataclass
@@ -259,15 +308,60 @@ class FetchReport:
 class _FetchState:
     """Shared bookkeeping of one fetch: which chunks wait, which peer failed which chunk."""
 
-    def __init__(self, digests: list[str]) -> None:
+    def __init__(self, digests: list[str], report: FetchReport) -> None:
         self.pending: dict[str, None] = dict.fromkeys(digests)  # an ordered set
         self.failed: dict[str, set[str]] = {d: set() for d in digests}  # digest -> peers that failed it
         self.in_flight: set[str] = set()
         self.dead_peers: set[str] = set()
-        self.changed = asyncio.Condition()
+        self.report = report
+        self.sink_error: BaseException | None = None
+        self._changed = asyncio.Event()
 
-    def servable_by(self, peer: str) -> list[str]:
-        return [d for d in self.pending if peer not in self.failed[d]]
+    def servable_by(self, peer: str, limit: int) -> list[str]:
+        return list(itertools.islice((d for d in self.pending if peer not in self.failed[d]), limit))
+
+    def finished_for(self, peer: str) -> bool:
+        """Nothing left that `peer` could ever serve in this fetch."""
+        return (
+            peer in self.dead_peers
+            or self.sink_error is not None
+            or (not self.in_flight and not self.servable_by(peer, 1))
+        )
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def take(self, peer: str, count: int, *, wait: bool) -> list[str]:
+        """Up to `count` chunks `peer` may serve, now in flight; [] when none (after waiting, if `wait`)."""
+        while True:
+            if peer in self.dead_peers or self.sink_error is not None:
+                return []
+            choice = self.servable_by(peer, count)
+            if choice or not wait or self.finished_for(peer):
+                for digest in choice:
+                    del self.pending[digest]
+                    self.in_flight.add(digest)
+                return choice
+            await self._changed.wait()
+
+    def give_back(self, digest: str, peer: str, *, failed: bool) -> None:
+        self.in_flight.discard(digest)
+        self.pending[digest] = None
+        if failed:
+            self.failed[digest].add(peer)
+        self.notify()
+
+    def done(self, digest: str, peer: str, size: int) -> None:
+        self.in_flight.discard(digest)
+        self.report.fetched += 1
+        self.report.bytes_by_peer[peer] = self.report.bytes_by_peer.get(peer, 0) + size
+        self.notify()
+
+    def drop(self, peer: str, reason: str) -> None:
+        self.dead_peers.add(peer)
+        self.report.dropped_peers.setdefault(peer, reason)
+        self.notify()
 
 
 async def fetch_chunks(
@@ -277,18 +371,26 @@ async def fetch_chunks(
     sink: ChunkSink,
     *,
     streams_per_peer: int = 2,
-    batch: int = 4,
+    batch: int = 8,
+    depth: int = 2,
+    writers: int = 4,
     timeout: float = DEFAULT_TIMEOUT,
     max_chunk_bytes: int = 64 << 20,
     max_busy_retries: int = 5,
 ) -> FetchReport:
     """Fetch every chunk of `digests` the sink lacks from `peers` in parallel, verified, into `sink`.
 
-    Raises FetchError (with `.missing`) if some chunks could not be had from any peer; the chunks
-    that did arrive stay in the sink, so calling again resumes.
+    Each of `streams_per_peer` streams per peer keeps `depth` requests of `batch` chunks in flight;
+    received chunks go to `sink.put` (which hashes and stores them) on `writers` threads while the
+    streams go on receiving. Raises FetchError (with `.missing`) if some chunks could not be had
+    from any peer; the chunks that did arrive stay in the sink, so calling again resumes.
     """
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"expected a batch of 1..{MAX_BATCH} chunks, got {batch}")
+    if depth < 1 or writers < 1 or streams_per_peer < 1:
+        raise ValueError(
+            f"expected depth, writers and streams_per_peer >= 1, got {depth}, {writers}, {streams_per_peer}"
+        )
     wanted = list(dict.fromkeys(check_digest(d) for d in digests))
     todo = sink.missing(wanted)
     report = FetchReport(requested=len(wanted), already_held=len(wanted) - len(todo))
@@ -298,104 +400,93 @@ async def fetch_chunks(
         raise FetchError(
             f"expected at least one peer to fetch {len(todo)} chunks from, got none", tuple(todo)
         )
-    state = _FetchState(todo)
-    names = [str(p) for p in peers]
+    state = _FetchState(todo, report)
+    loop = asyncio.get_running_loop()
+    put_slots = asyncio.Semaphore(2 * writers)  # received chunks waiting for a writer: bounds memory
+    stores: set[asyncio.Task] = set()
+    buffers = BufferPool()
+
+    async def store(digest: str, payload: bytes, peer: str) -> None:
+        try:
+            await loop.run_in_executor(pool, sink.put, payload, digest)
+        except ChunkHashMismatchError as exc:
+            state.give_back(digest, peer, failed=True)
+            state.drop(peer, f"served a corrupt chunk: {exc}")
+        except BaseException as exc:  # the sink itself failed (disk full, closed store): stop the fetch
+            state.give_back(digest, peer, failed=False)
+            state.sink_error = exc
+            state.notify()
+        else:
+            state.done(digest, peer, len(payload))
+        finally:
+            buffers.give(payload)
+            put_slots.release()
 
     async def worker(peer_id: PeerID) -> None:
         peer = str(peer_id)
+        asked: collections.deque[str] = collections.deque()  # requested on the stream, answers unread
+        stream: ChunkStream | None = None
         busy = 0
-        while True:
-            async with state.changed:
-                while True:
-                    if peer in state.dead_peers:
-                        return
-                    choice = state.servable_by(peer)[:batch]
-                    if choice:
+        try:
+            while True:
+                while len(asked) < depth * batch:
+                    idle = not asked
+                    if idle and stream is not None:  # a server closes idle streams; open anew when needed
+                        await stream.close()
+                        stream = None
+                    choice = await state.take(peer, batch, wait=idle)
+                    if not choice:
                         break
-                    if not state.in_flight and not state.servable_by(peer):
-                        state.changed.notify_all()
-                        return
-                    await state.changed.wait()
-                for digest in choice:
-                    del state.pending[digest]
-                    state.in_flight.add(digest)
-            outcome = await _fetch_batch(p2p, peer_id, choice, sink, timeout, max_chunk_bytes, state, report)
-            if outcome == "busy":
-                busy += 1
-                if busy > max_busy_retries:
-                    _drop_peer(state, report, peer, f"busy more than {max_busy_retries} times")
-                await asyncio.sleep(0.05 * busy)
-            async with state.changed:
-                state.changed.notify_all()
+                    asked.extend(choice)  # before the request, so a failure gives them back
+                    if stream is None:
+                        stream = ChunkStream(p2p, peer_id, timeout=timeout, max_chunk_bytes=max_chunk_bytes)
+                        await stream.open()
+                    await stream.request_get(choice)
+                if not asked:
+                    return
+                code, payload = await stream.read_chunk(buffers.take)
+                digest = asked.popleft()
+                if code is ErrorCode.OK:
+                    await put_slots.acquire()
+                    task = asyncio.create_task(store(digest, payload, peer))
+                    stores.add(task)
+                    task.add_done_callback(stores.discard)
+                elif code is ErrorCode.BUSY:
+                    state.give_back(digest, peer, failed=False)
+                    busy += 1
+                    if busy > max_busy_retries:
+                        state.drop(peer, f"busy more than {max_busy_retries} times")
+                    await asyncio.sleep(0.05 * busy)
+                else:
+                    state.give_back(digest, peer, failed=True)
+                if peer in state.dead_peers or state.sink_error is not None:
+                    return
+        except (TransportError, ConnectionError, OSError) as exc:
+            state.drop(peer, f"{type(exc).__name__}: {exc}")
+        finally:
+            for digest in asked:
+                state.give_back(digest, peer, failed=peer in state.dead_peers)
+            if stream is not None:
+                await stream.close()
 
-    workers = [asyncio.create_task(worker(p)) for p in peers for _ in range(streams_per_peer)]
-    try:
-        await asyncio.gather(*workers)
-    finally:
-        for task in workers:
-            task.cancel()
+    with concurrent.futures.ThreadPoolExecutor(writers, thread_name_prefix="umm-fetch-put") as pool:
+        workers = [asyncio.create_task(worker(p)) for p in peers for _ in range(streams_per_peer)]
+        try:
+            await asyncio.gather(*workers)
+            while stores:
+                await asyncio.gather(*list(stores))
+        finally:
+            for task in [*workers, *stores]:
+                task.cancel()
+            await asyncio.gather(*workers, *stores, return_exceptions=True)
+    if state.sink_error is not None:
+        raise state.sink_error
     missing = tuple(d for d in todo if d in state.pending)
     if missing:
         raise FetchError(
-            f"expected all {len(todo)} chunks from {len(names)} peers, got {len(todo) - len(missing)}; "
+            f"expected all {len(todo)} chunks from {len(peers)} peers, got {len(todo) - len(missing)}; "
             f"peers dropped: {report.dropped_peers or 'none'}",
             missing,
             report.bytes_received,
         )
     return report
-
-
-def _drop_peer(state: _FetchState, report: FetchReport, peer: str, reason: str) -> None:
-    state.dead_peers.add(peer)
-    report.dropped_peers.setdefault(peer, reason)
-
-
-async def _fetch_batch(
-    p2p: P2P,
-    peer_id: PeerID,
-    digests: list[str],
-    sink: ChunkSink,
-    timeout: float,
-    max_chunk_bytes: int,
-    state: _FetchState,
-    report: FetchReport,
-) -> str:
-    """Fetch one batch from one peer; every digest ends done, or back in `pending` marked as failed."""
-    peer = str(peer_id)
-    remaining = list(digests)
-    outcome = "ok"
-
-    def give_back(digest: str, *, failed: bool) -> None:
-        state.in_flight.discard(digest)
-        state.pending[digest] = None
-        if failed:
-            state.failed[digest].add(peer)
-
-    try:
-        async with ChunkStream(p2p, peer_id, timeout=timeout, max_chunk_bytes=max_chunk_bytes) as stream:
-            await stream.request_get(remaining)
-            while remaining:
-                digest = remaining[0]
-                code, payload = await stream.read_chunk()
-                remaining.pop(0)
-                if code is ErrorCode.BUSY:
-                    give_back(digest, failed=False)
-                    outcome = "busy"
-                    continue
-                if code is not ErrorCode.OK:
-                    give_back(digest, failed=True)
-                    continue
-                try:
-                    await asyncio.to_thread(sink.put, payload, digest)
-                except ChunkHashMismatchError as exc:
-                    give_back(digest, failed=True)
-                    _drop_peer(state, report, peer, f"served a corrupt chunk: {exc}")
-                    break
-                state.in_flight.discard(digest)
-                report.fetched += 1
-                report.bytes_by_peer[peer] = report.bytes_by_peer.get(peer, 0) + len(payload)
-    except (TransportError, ConnectionError, OSError) as exc:
-        _drop_peer(state, report, peer, f"{type(exc).__name__}: {exc}")
-    for digest in remaining:
-        give_back(digest, failed=peer in state.dead_peers)
-    return outcome

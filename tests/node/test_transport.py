@@ -9,7 +9,7 @@ import os
 import pytest
 
 from node.errors import ChunkNotFoundError, ErrorCode, FetchError, FramingError, RemoteTimeoutError
-from node.framing import HEADER, read_frame, write_frame
+from node.framing import HEADER, BufferPool, FrameStream, read_frame, write_frame
 from node.store import ContentStore
 from node.transport import HANDLER_NAME, ChunkServer, ChunkStream, fetch_chunks
 
@@ -25,18 +25,19 @@ class FaultyServer(ChunkServer):
 
     mode = "honest"
 
-    async def _answer_get(self, writer, digest):
+    async def _answer_gets(self, writer, digests):
         if self.mode == "honest":
-            return await super()._answer_get(writer, digest)
-        data = self.source.get(digest)
-        if self.mode == "corrupt":
-            await write_frame(writer, ErrorCode.OK, data[:-1] + bytes([data[-1] ^ 1]), timeout=5)
-        elif self.mode == "cut":  # dies mid-chunk: half of the announced payload, then the stream closes
-            writer.write(HEADER.pack(ErrorCode.OK, len(data)) + data[: len(data) // 2])
-            await writer.drain()
-            raise ConnectionError("simulated death mid-transfer")
-        elif self.mode == "silent":  # longer than the client's timeout
-            await asyncio.sleep(3)
+            return await super()._answer_gets(writer, digests)
+        for digest in digests:
+            data = self.source.get(digest)
+            if self.mode == "corrupt":
+                await write_frame(writer, ErrorCode.OK, data[:-1] + bytes([data[-1] ^ 1]), timeout=5)
+            elif self.mode == "cut":  # dies mid-chunk: half of the announced payload, then the stream closes
+                writer.write(HEADER.pack(ErrorCode.OK, len(data)) + data[: len(data) // 2])
+                await writer.drain()
+                raise ConnectionError("simulated death mid-transfer")
+            elif self.mode == "silent":  # longer than the client's timeout
+                await asyncio.sleep(3)
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +217,99 @@ def test_server_reports_not_found_from_a_plain_source():
 
     server = ChunkServer(EmptySource())
     assert server._has(_digest(b"x")) is False
+
+
+async def _frame_stream_pair(server_bytes: bytes, *, close: bool = True):
+    """A FrameStream client reading `server_bytes` sent by a TCP server on 127.0.0.1."""
+
+    async def serve(reader, writer):
+        writer.write(server_bytes)
+        await writer.drain()
+        if close:
+            writer.close()
+        else:
+            await asyncio.sleep(1)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, stream = await asyncio.get_running_loop().create_connection(FrameStream, "127.0.0.1", port)
+    return server, stream
+
+
+def test_frame_stream_reads_frames_in_place_and_rejects_bad_ones():
+    payload = os.urandom(3 << 20)
+
+    async def scenario():
+        server, stream = await _frame_stream_pair(
+            HEADER.pack(0, len(payload)) + payload + HEADER.pack(7, 0) + HEADER.pack(1, 10) + b"abcd"
+        )
+        pool = BufferPool()
+        kind, got = await stream.read_frame(timeout=5, allocate=pool.take)
+        assert (kind, got) == (0, payload) and isinstance(got, bytearray)
+        pool.give(got)
+        assert await stream.read_frame(timeout=5) == (7, bytearray())
+        with pytest.raises(FramingError, match="10-byte frame payload, got 4 bytes"):
+            await stream.read_frame(timeout=5)
+        assert await stream.read_frame(timeout=5) is None  # nothing more after the end of stream
+        assert pool.take(len(payload)) is got  # the buffer came back for reuse
+        server.close()
+
+        server, stream = await _frame_stream_pair(HEADER.pack(0, 101))
+        with pytest.raises(FramingError, match="at most 100 bytes, got a header announcing 101"):
+            await stream.read_frame(timeout=5, max_bytes=100)
+        server.close()
+
+        server, stream = await _frame_stream_pair(b"\0\0")
+        with pytest.raises(FramingError, match="5-byte frame header, got 2 bytes"):
+            await stream.read_frame(timeout=5)
+        server.close()
+
+        server, stream = await _frame_stream_pair(HEADER.pack(0, 8) + b"half", close=False)
+        with pytest.raises(RemoteTimeoutError, match=r"8-byte frame payload within 0\.2 s"):
+            await stream.read_frame(timeout=0.2)
+        stream.close()
+        with pytest.raises(ConnectionResetError):
+            await stream.write_frame(1, b"x", timeout=1)
+        server.close()
+
+    asyncio.run(scenario())
+
+
+def test_buffer_pool_reuses_by_size_and_stays_bounded():
+    pool = BufferPool(max_buffers=2)
+    a, b, c = pool.take(4), pool.take(4), pool.take(8)
+    for buffer in (a, b, c):
+        pool.give(buffer)  # the third is dropped: the pool holds two
+    assert pool.take(4) is b and pool.take(4) is a
+    assert pool.take(8) is not c and len(pool.take(8)) == 8
+
+
+def test_one_stream_pipelines_many_requests(servers, loop, tmp_path):
+    (p0, _, client), stores, _ = servers
+    chunks = _chunks(25, size=64 * 1024)
+    for c in chunks:
+        stores[0].put(c)
+    digests = [_digest(c) for c in chunks]
+    with _fresh_sink(tmp_path) as sink:
+        report = loop.run_until_complete(
+            fetch_chunks(client, digests, [p0.peer_id], sink, streams_per_peer=1, batch=2, depth=3, writers=2)
+        )
+        assert (report.fetched, report.bytes_received) == (25, 25 * 64 * 1024)
+        assert [sink.get(d) for d in digests] == chunks
+
+
+def test_a_failing_sink_stops_the_fetch_with_its_error(servers, loop):
+    (p0, _, client), stores, _ = servers
+    chunks = _chunks(6)
+    for c in chunks:
+        stores[0].put(c)
+
+    class FullDisk:
+        def missing(self, digests):
+            return list(digests)
+
+        def put(self, data, digest=None):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        loop.run_until_complete(fetch_chunks(client, [_digest(c) for c in chunks], [p0.peer_id], FullDisk()))
