@@ -33,7 +33,10 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
 
 
 class TensorStack:
-    """The inputs of one output tensor (`inputs[i]` read by `readers[i]`), in row blocks of float32."""
+    """The inputs of one output tensor (`inputs[i]` read by `readers[i]`), in row blocks of float32.
+
+    With `raw`, blocks keep the stored dtype (for kernels that decode the inputs themselves).
+    """
 
     def __init__(
         self,
@@ -44,6 +47,7 @@ class TensorStack:
         base: str | None = None,
         executor: ThreadPoolExecutor | None = None,
         check_inputs: bool = True,
+        raw: bool = False,
     ) -> None:
         self.tensor = tensor
         self.shape = tuple(shape)
@@ -56,6 +60,7 @@ class TensorStack:
         self.ranges = [(start, min(self.rows, start + step)) for start in range(0, self.rows, step)]
         self._executor = executor
         self._check_inputs = check_inputs
+        self.raw = raw
         self._checked: set[int] = set()
         self._cached: list[torch.Tensor] | None = None
         self._first: list[torch.Tensor] | None = None
@@ -66,7 +71,10 @@ class TensorStack:
         return [i for i in range(len(self.inputs)) if i != self.base_index]
 
     def load(self, start: int, end: int) -> list[torch.Tensor]:
-        """Rows `[start, end)` of every input as float32 `[end - start, width]` (never modify them)."""
+        """Rows `[start, end)` of every input as float32 (or stored, if `raw`) `[end - start, width]`.
+
+        Never modify them: a one-block tensor's block is cached and reused.
+        """
         if self._cached is not None:
             return self._cached
         block = []
@@ -74,7 +82,8 @@ class TensorStack:
             raw = reader(start, end)
             if self._check_inputs and start not in self._checked:
                 _check_finite(raw, self.tensor, model)
-            block.append(raw.reshape(end - start, self.width).to(torch.float32))
+            rows = raw.reshape(end - start, self.width)
+            block.append(rows if self.raw else rows.to(torch.float32))
         self._checked.add(start)
         if len(self.ranges) == 1:
             self._cached = block

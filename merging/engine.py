@@ -17,7 +17,7 @@ from merging.blocks import Reader, TensorStack
 from merging.config import MergeConfig, load_config
 from merging.errors import ConfigError, NonFiniteError
 from merging.layout import TensorInfo, TensorPlan, plan_tensors
-from merging.operators import OPERATORS
+from merging.operators import FUSED_METHODS, OPERATORS
 from merging.parameters import ResolvedParameters, resolve_parameters
 
 __all__ = ["merge", "merge_state_dicts", "resolve_parameters"]
@@ -67,6 +67,7 @@ def make_stack(
         base=base,
         executor=executor,
         check_inputs=config.merge_method not in PROPAGATES_NON_FINITE,
+        raw=config.merge_method in FUSED_METHODS,
     )
 
 

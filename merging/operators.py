@@ -4,12 +4,13 @@ Each operator reads a `TensorStack` (base and models, float32 row blocks), makes
 pass it needs over the whole tensor first, then yields the merged float32 rows block by block.
 Sums over models run in the config's order with plain adds (no fused multiply-add), statistics in
 float64 (see `merging.blocks`), so results are the same for any thread count or block size.
-Random dropping draws from one `torch.Generator` per (seed, tensor, model position).
+The task-arithmetic family except DELLA runs as compiled kernels (`merging.fused`; DARE's drops
+come from a counter-based stream there); DELLA draws from one `torch.Generator` per (seed, tensor,
+model position).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -17,6 +18,7 @@ import torch
 
 from merging.blocks import ExactSum, Scratch, TensorStack, fixed_order_sum, row_sums
 from merging.errors import MergeError
+from merging.fused import FUSED_SPARSIFY, fused_task_arithmetic, stream_key
 from merging.methods import METHODS
 from merging.parameters import TensorParameters
 from merging.select import WindowMasker, order_statistics, window_from_ranks, window_ranks
@@ -27,9 +29,8 @@ SLERP_EPS = 1e-8
 
 
 def generator_for(seed: int, tensor: str, position: int) -> torch.Generator:
-    """The random stream of one model's task vector in one tensor: seeded by sha256(seed, name, position)."""
-    digest = hashlib.sha256(f"umm-merge\0{seed}\0{tensor}\0{position}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    """DELLA's random stream of one model's task vector in one tensor, seeded by `stream_key`."""
+    return torch.Generator().manual_seed(stream_key(seed, tensor, position) & ((1 << 63) - 1))
 
 
 def linear(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
@@ -51,45 +52,6 @@ def passthrough(stack: TensorStack, params: TensorParameters, seed: int) -> Iter
         yield block[0] * scale
 
 
-def _magnitude_windows(
-    stack: TensorStack, densities: list[float], gammas: list[float] | None, scratch: Scratch
-) -> list:
-    """Per model, which ascending |delta| ranks survive: top `density` (TIES) or the breadcrumbs window.
-
-    The |delta| blocks live in the `("delta", j)` buffers, free again once the statistics are found.
-    """
-    n = stack.numel
-    bounds = []
-    for j, density in enumerate(densities):
-        keep = int(density * n)
-        if gammas is None:
-            bounds.append((n - keep, n))
-            continue
-        top = int(gammas[j] * n)
-        bottom = n - keep - top
-        if bottom < 0:
-            top, bottom = top + bottom, 0
-        bounds.append((bottom, n - top))
-    others, base = stack.others, stack.base_index
-
-    def blocks():
-        for start, end, block in stack.blocks():
-            yield [
-                torch.sub(block[i], block[base], out=scratch.get(("delta", j), end - start, stack.width))
-                .abs_()
-                .view(-1)
-                for j, i in enumerate(others)
-            ]
-
-    stats = order_statistics(
-        blocks,
-        lambda j, count, zeros: window_ranks(count, *bounds[j]),
-        len(stack.ranges) == 1,
-        expected_total=n,
-    )
-    return [window_from_ranks(n, lo, hi, stats[j]) for j, (lo, hi) in enumerate(bounds)]
-
-
 def _della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Keep probabilities: density - epsilon for a row's smallest |delta| up to density + epsilon."""
     rows, width = delta.shape
@@ -100,34 +62,15 @@ def _della_probabilities(delta: torch.Tensor, density: float, epsilon: float) ->
     return (density - epsilon) + spread * (2 * epsilon)
 
 
-def _sparsify(
-    delta: torch.Tensor,
-    kind: str | None,
-    values: dict,
-    rescale: bool,
-    masker: WindowMasker | None,
-    generator: torch.Generator | None,
-    work: torch.Tensor,
+def _della_sparsify(
+    delta: torch.Tensor, values: dict, rescale: bool, generator: torch.Generator
 ) -> torch.Tensor:
-    """Drop entries of `delta` in place; `work` is scratch, `[2, *delta.shape]`.
-
-    Masks are float32 1.0/0.0 (a bool mask multiplies as exactly these), so a dropped entry
-    becomes a signed zero and a NaN stays visible.
-    """
+    """DELLA's drop of entries of `delta` in place: keep probability by magnitude rank within each row."""
     density = values.get("density", 1.0)
-    if kind is None or density >= 1.0:
+    if density >= 1.0:
         return delta
     if density <= 0.0:
         return delta.mul_(0.0)  # not zeros_like: a NaN must stay visible
-    if kind in ("magnitude", "outliers"):
-        magnitude, keep = work.unbind(0)
-        delta.mul_(masker.mask_into(torch.abs(delta, out=magnitude), out=keep))
-        return delta.div_(density) if rescale else delta
-    if kind == "random":
-        draw = work[0]
-        torch.rand(delta.shape, generator=generator, out=draw)
-        delta.mul_(torch.lt(draw, density, out=draw))
-        return delta.div_(density) if rescale else delta
     probabilities = _della_probabilities(delta, density, values["epsilon"])
     delta.mul_(torch.rand(delta.shape, generator=generator) < probabilities)
     return delta.div_(probabilities) if rescale else delta
@@ -186,27 +129,24 @@ def generalized_task_arithmetic(
     DARE https://arxiv.org/abs/2311.03099, breadcrumbs https://arxiv.org/abs/2312.06795,
     DELLA https://arxiv.org/abs/2406.11617.
     """
+    if sparsify in FUSED_SPARSIFY:
+        yield from fused_task_arithmetic(stack, params, seed, sparsify, consensus)
+        return
     others, base = stack.others, stack.base_index
     values = [params.models[stack.inputs[i]] for i in others]
     weights = [v["weight"] for v in values]
     glob = params.globals
     rescale = glob.get("rescale", False)
-    maskers: list[WindowMasker | None] = [None] * len(others)
     with Scratch.lease() as scratch:
-        if sparsify in ("magnitude", "outliers") and any(v["density"] < 1.0 for v in values):
-            gammas = [v["gamma"] for v in values] if sparsify == "outliers" else None
-            windows = _magnitude_windows(stack, [v["density"] for v in values], gammas, scratch)
-            maskers = [WindowMasker(w) for w in windows]
         generators = [generator_for(seed, stack.tensor, j) for j in range(len(others))]
         plain_divisor = math.fsum(weights)
         plain_divisor = 1.0 if abs(plain_divisor) < 1e-8 else plain_divisor
         for start, end, block in stack.blocks():
             rows = end - start
-            work = scratch.get("work", 2 * rows, stack.width).view(2, rows, stack.width)
             weighted = []
             for j, i in enumerate(others):
                 delta = torch.sub(block[i], block[base], out=scratch.get(("delta", j), rows, stack.width))
-                delta = _sparsify(delta, sparsify, values[j], rescale, maskers[j], generators[j], work)
+                delta = _della_sparsify(delta, values[j], rescale, generators[j])
                 weighted.append(delta.mul_(weights[j]))
             if consensus:
                 mixed, divisor = _elect(weighted, weights, scratch)
@@ -359,23 +299,24 @@ def _task_arithmetic_operator(name: str) -> Operator:
     return operator
 
 
+TASK_ARITHMETIC_FAMILY = (
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+)
+# methods computed by `merging.fused` from the stored inputs (their stacks read blocks raw)
+FUSED_METHODS = frozenset(name for name in TASK_ARITHMETIC_FAMILY if METHODS[name].sparsify in FUSED_SPARSIFY)
+
 OPERATORS: dict[str, Operator] = {
     "linear": linear,
     "passthrough": passthrough,
     "slerp": slerp,
     "model_stock": model_stock,
     "sce": sce,
-    **{
-        name: _task_arithmetic_operator(name)
-        for name in (
-            "task_arithmetic",
-            "ties",
-            "dare_linear",
-            "dare_ties",
-            "breadcrumbs",
-            "breadcrumbs_ties",
-            "della",
-            "della_linear",
-        )
-    },
+    **{name: _task_arithmetic_operator(name) for name in TASK_ARITHMETIC_FAMILY},
 }

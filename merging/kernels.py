@@ -1,0 +1,381 @@
+"""Compiled per-element kernels of the task-arithmetic family (numba, no fast-math).
+
+One call handles a contiguous flat range of one row block: every input is decoded (bfloat16 bit
+patterns or float32), each model's task vector is computed, sparsified, weighted, then elected and
+summed, in tiles of `TILE` values that stay in the L1 cache. The float32 operations and their
+order are exactly those of the plain torch formulation in `merging.operators` (no reassociation,
+no fused multiply-add: `fastmath=False`), so the bytes do not depend on the CPU, the tile, the
+range split or the number of threads. The kernels release the GIL; `merging.fused` runs ranges
+of a block on several threads.
+
+Random dropping uses a counter-based generator: the keep draw of flat element `g` of a model's
+task vector is output `g` of SplitMix64 seeded with that model's 64-bit key (see
+`merging.fused.stream_key`), its top 24 bits as a float32 in [0, 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+TILE = 512
+HIGH_BINS = 1 << 15  # bits 16..30 of a non-negative float32
+LOW_BINS = 1 << 16
+
+# per-model sparsification modes
+KEEP = 0  # the task vector as is
+ZERO = 1  # every entry times 0.0
+WINDOW = 2  # entries whose |delta| rank lies in a window (magnitude / outliers); then rescale
+RANDOM = 3  # entries whose draw is below the density; then rescale
+
+GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
+U30 = np.uint64(30)
+U27 = np.uint64(27)
+U31 = np.uint64(31)
+U40 = np.uint64(40)
+ONE = np.uint64(1)
+INV_2_24 = np.float32(1.0 / (1 << 24))
+U16 = np.uint32(16)
+LOW_MASK = np.uint32(0xFFFF)
+
+
+@intrinsic
+def as_float32(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 `bits`."""
+    signature = types.float32(types.uint32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return signature, codegen
+
+
+def value_at(tile, t):
+    """Element `t` of an input slice as float32 (bfloat16 bit patterns are widened exactly)."""
+
+
+@overload(value_at, inline="always")
+def _value_at(tile, t):
+    if tile.dtype == types.uint16:
+        return lambda tile, t: as_float32(np.uint32(tile[t]) << U16)
+    return lambda tile, t: tile[t]
+
+
+@njit(cache=True, inline="always")
+def decode(source, start, count, values):
+    """Write `count` values of `source` from `start` as float32 into `values`."""
+    tile = source[start : start + count]  # a slice: plain indices vectorize (start + t would gather)
+    for t in range(count):
+        values[t] = value_at(tile, t)
+
+
+@njit(cache=True, inline="always")
+def splitmix64(key, index):
+    """Output `index` (0-based) of SplitMix64 seeded with `key` (all arithmetic mod 2**64)."""
+    z = key + (np.uint64(index) + ONE) * GOLDEN_GAMMA
+    z = (z ^ (z >> U30)) * MIX1
+    z = (z ^ (z >> U27)) * MIX2
+    return z ^ (z >> U31)
+
+
+@njit(cache=True, inline="always")
+def _magnitudes(source, start, count, base_values, out):
+    """|x - base| of one tile of one input into `out`."""
+    tile = source[start : start + count]
+    for t in range(count):
+        out[t] = abs(value_at(tile, t) - base_values[t])
+
+
+@njit(cache=True, nogil=True)
+def magnitude_histogram(inputs, base, models, start, end, hist):
+    """Add the high 15 bits of each |delta| bit pattern of `models` over `[start, end)` to `hist[j]`."""
+    base_values = np.empty(TILE, dtype=np.float32)
+    magnitude = np.empty(TILE, dtype=np.float32)
+    magnitude_bits = magnitude.view(np.uint32)
+    for tile in range(start, end, TILE):
+        count = min(TILE, end - tile)
+        decode(inputs[base], tile, count, base_values)
+        for j in range(len(models)):
+            row = hist[j]
+            _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
+            for t in range(count):
+                row[magnitude_bits[t] >> U16] += 1
+
+
+@njit(cache=True, nogil=True)
+def magnitude_refine(inputs, base, models, bins, start, end, hist):
+    """For each model j and wanted high bin `bins[j, r]` (-1: none), count the low 16 bits inside it."""
+    base_values = np.empty(TILE, dtype=np.float32)
+    magnitude = np.empty(TILE, dtype=np.float32)
+    magnitude_bits = magnitude.view(np.uint32)
+    for tile in range(start, end, TILE):
+        count = min(TILE, end - tile)
+        decode(inputs[base], tile, count, base_values)
+        for j in range(len(models)):
+            first, second = bins[j, 0], bins[j, 1]
+            if first < 0 and second < 0:
+                continue
+            _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
+            for t in range(count):
+                high = np.int64(magnitude_bits[t] >> U16)
+                if high == first:
+                    hist[j, 0, magnitude_bits[t] & LOW_MASK] += 1
+                elif high == second:
+                    hist[j, 1, magnitude_bits[t] & LOW_MASK] += 1
+
+
+@njit(cache=True, nogil=True)
+def pivot_counts(inputs, base, models, pivots, counts, start, end, below, upto):
+    """below/upto[j, p] += how many |delta| of model j over `[start, end)` are < / <= `pivots[j, p]`.
+
+    Only the first `counts[j]` pivots of model j are used.
+    """
+    base_values = np.empty(TILE, dtype=np.float32)
+    magnitude = np.empty(TILE, dtype=np.float32)
+    for tile in range(start, end, TILE):
+        count = min(TILE, end - tile)
+        decode(inputs[base], tile, count, base_values)
+        for j in range(len(models)):
+            if counts[j] == 0:
+                continue
+            _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
+            for p in range(counts[j]):
+                pivot = pivots[j, p]
+                less = np.int32(0)  # a tile's counts fit 32 bits, which vectorize twice as wide
+                at_most = np.int32(0)
+                for t in range(count):
+                    less += np.int32(magnitude[t] < pivot)
+                    at_most += np.int32(magnitude[t] <= pivot)
+                below[j, p] += less
+                upto[j, p] += at_most
+
+
+@njit(cache=True, nogil=True)
+def count_equal(inputs, base, models, active, values, start, end, counts):
+    """counts[j, s] += how many |delta| of model j over `[start, end)` equal `values[j, s]` (if `active`)."""
+    base_values = np.empty(TILE, dtype=np.float32)
+    magnitude = np.empty(TILE, dtype=np.float32)
+    for tile in range(start, end, TILE):
+        count = min(TILE, end - tile)
+        decode(inputs[base], tile, count, base_values)
+        for j in range(len(models)):
+            if not (active[j, 0] or active[j, 1]):
+                continue
+            _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
+            for side in range(2):
+                if active[j, side]:
+                    counts[j, side] += _equal_count(magnitude, count, values[j, side])
+
+
+@njit(cache=True, inline="always")
+def _equal_count(magnitude, count, value):
+    equal = np.int32(0)
+    for t in range(count):
+        equal += np.int32(magnitude[t] == value)
+    return np.int64(equal)
+
+
+@njit(cache=True, inline="always")
+def _drop_equal(magnitude, count, mask, value):
+    for t in range(count):
+        mask[t] = np.float32(0.0) if magnitude[t] == value else mask[t]
+
+
+@njit(cache=True, inline="always")
+def _window_mask(magnitude, count, mask, low, high, has_low, has_high, seen, quota):
+    """Float 1.0/0.0 keep mask of one tile for a rank window over |delta| (ties broken in flat order).
+
+    `seen[0|1]` counts the values equal to the low/high bound before this tile (updated); equal
+    values of rank below `quota[0]` (low) or at or above `quota[1]` (high) among them are dropped.
+    """
+    # a NaN is dropped here and kept by an all-ones mask: NaN * 0.0 and NaN * 1.0 are both NaN
+    lower = low if has_low else np.float32(-np.inf)
+    upper = high if has_high else np.float32(np.inf)
+    for t in range(count):
+        mask[t] = np.float32(1.0) if (magnitude[t] >= lower) & (magnitude[t] <= upper) else np.float32(0.0)
+    if has_low and seen[0] < quota[0]:
+        equal = _equal_count(magnitude, count, low)
+        if seen[0] + equal <= quota[0]:  # every equal value in this tile is dropped
+            _drop_equal(magnitude, count, mask, low)
+            seen[0] += equal
+        else:
+            for t in range(count):
+                if magnitude[t] == low:
+                    if seen[0] < quota[0]:
+                        mask[t] = 0.0
+                    seen[0] += 1
+    if has_high:
+        if seen[1] >= quota[1]:  # every equal value from here on is dropped
+            _drop_equal(magnitude, count, mask, high)
+            return
+        equal = _equal_count(magnitude, count, high)
+        if seen[1] + equal <= quota[1]:  # none in this tile is dropped
+            seen[1] += equal
+            return
+        for t in range(count):
+            if magnitude[t] == high:
+                if seen[1] >= quota[1]:
+                    mask[t] = 0.0
+                seen[1] += 1
+
+
+@njit(cache=True, inline="always")
+def _draw(key, index):
+    """Draw `index` of the stream `key`: the top 24 bits of SplitMix64 output `index`, in [0, 1)."""
+    return np.float32(splitmix64(key, index) >> U40) * INV_2_24
+
+
+@njit(cache=True, inline="always")
+def _task_vector(x, count, base_values, mode, density, rescale, weight, key, first, window, tile_state, out):
+    """One model's weighted, sparsified task vector over one tile into `out` (see `merge_range`)."""
+    if mode == KEEP:
+        for t in range(count):
+            out[t] = (value_at(x, t) - base_values[t]) * weight
+    elif mode == ZERO:
+        for t in range(count):
+            out[t] = ((value_at(x, t) - base_values[t]) * np.float32(0.0)) * weight
+    elif mode == RANDOM and rescale:
+        for t in range(count):
+            kept = np.float32(1.0) if _draw(key, first + t) < density else np.float32(0.0)
+            out[t] = (((value_at(x, t) - base_values[t]) * kept) / density) * weight
+    elif mode == RANDOM:
+        for t in range(count):
+            kept = np.float32(1.0) if _draw(key, first + t) < density else np.float32(0.0)
+            out[t] = ((value_at(x, t) - base_values[t]) * kept) * weight
+    else:  # WINDOW
+        magnitude, mask, low, high, has_low, has_high = window
+        seen, quota = tile_state
+        for t in range(count):
+            out[t] = value_at(x, t) - base_values[t]
+            magnitude[t] = abs(out[t])
+        _window_mask(magnitude, count, mask, low, high, has_low, has_high, seen, quota)
+        if rescale:
+            for t in range(count):
+                out[t] = ((out[t] * mask[t]) / density) * weight
+        else:
+            for t in range(count):
+                out[t] = (out[t] * mask[t]) * weight
+
+
+@njit(cache=True, nogil=True)
+def merge_range(
+    inputs,
+    base,
+    models,
+    modes,
+    bounds,
+    has_bounds,
+    seen,
+    quota,
+    densities,
+    rescale,
+    weights,
+    keys,
+    offset,
+    start,
+    end,
+    consensus,
+    normalize,
+    plain_divisor,
+    scale,
+    apply_scale,
+    out,
+):
+    """Merged float32 values of the block positions `[start, end)` into `out[start:end]`.
+
+    Per model j (input `models[j]`): delta = x - base; by `modes[j]` keep, zero, window-mask
+    (`bounds[j]`, `has_bounds[j]`, tie state `seen[j]` (updated) / `quota[j]`) or random-mask
+    (draw of flat index `offset + position` of stream `keys[j]` below `densities[j]`); masked
+    deltas are divided by the density when `rescale`; times `weights[j]`. Then the TIES sign
+    election (`consensus`) or a plain sum, divided by the elected weight sum or `plain_divisor`
+    when `normalize`, times `scale` when `apply_scale`, plus base. Each step rounds to float32
+    as the torch formulation does, in the same order.
+    """
+    k = len(models)
+    base_values = np.empty(TILE, dtype=np.float32)
+    magnitude = np.empty(TILE, dtype=np.float32)
+    mask = np.empty(TILE, dtype=np.float32)
+    weighted = np.empty((k, TILE), dtype=np.float32)
+    mixed = np.empty(TILE, dtype=np.float32)
+    divisor = np.empty(TILE, dtype=np.float32)
+    sign = np.empty(TILE, dtype=np.float32)
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for tile in range(start, end, TILE):
+        count = min(TILE, end - tile)
+        decode(inputs[base], tile, count, base_values)
+        for j in range(k):
+            x = inputs[models[j]][tile : tile + count]
+            window = (magnitude, mask, bounds[j, 0], bounds[j, 1], has_bounds[j, 0], has_bounds[j, 1])
+            _task_vector(
+                x,
+                count,
+                base_values,
+                modes[j],
+                densities[j],
+                rescale,
+                weights[j],
+                keys[j],
+                offset + tile,
+                window,
+                (seen[j], quota[j]),
+                weighted[j],
+            )
+        first = weighted[0]
+        if consensus:
+            if k > 1:
+                second = weighted[1]
+                for t in range(count):
+                    sign[t] = first[t] + second[t]
+                for j in range(2, k):
+                    term = weighted[j]
+                    for t in range(count):
+                        sign[t] = sign[t] + term[t]
+            else:
+                for t in range(count):
+                    sign[t] = first[t]
+            for t in range(count):
+                sign[t] = one if sign[t] >= zero else -one
+            weight = weights[0]
+            for t in range(count):
+                agree = one if first[t] * sign[t] > zero else zero
+                mixed[t] = first[t] * agree
+                divisor[t] = agree * weight
+            for j in range(1, k):
+                term, weight = weighted[j], weights[j]
+                for t in range(count):
+                    agree = one if term[t] * sign[t] > zero else zero
+                    mixed[t] = mixed[t] + term[t] * agree
+                    divisor[t] = divisor[t] + agree * weight
+            if normalize:
+                for t in range(count):
+                    d = divisor[t]
+                    mixed[t] = mixed[t] / (d + (one if d == zero else zero))
+        else:
+            for t in range(count):
+                mixed[t] = first[t]
+            for j in range(1, k):
+                term = weighted[j]
+                for t in range(count):
+                    mixed[t] = mixed[t] + term[t]
+            if normalize:
+                for t in range(count):
+                    mixed[t] = mixed[t] / plain_divisor
+        if apply_scale:
+            for t in range(count):
+                mixed[t] = mixed[t] * scale
+        target = out[tile : tile + count]
+        for t in range(count):
+            target[t] = mixed[t] + base_values[t]
+
+
+@njit(cache=True, nogil=True)
+def uniforms(key, first, count):
+    """Draws `first .. first + count - 1` of one stream as float32 in [0, 1) (for tests and docs)."""
+    out = np.empty(count, dtype=np.float32)
+    for t in range(count):
+        out[t] = _draw(key, first + t)
+    return out
