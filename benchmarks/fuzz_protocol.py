@@ -127,6 +127,9 @@ def corpus() -> tuple[list[bytes], dict[str, bytes], DistributionSummary]:
             chunk_size=CHUNK,
             tensors=r_entries,
             merged_fingerprint=fingerprint,
+            shard=0,
+            shards=1,
+            candidates=[manifest.id],
         ),
         alice,
     )
@@ -137,6 +140,8 @@ def corpus() -> tuple[list[bytes], dict[str, bytes], DistributionSummary]:
             recipe_id=recipe.id,
             result_id=result.id,
             merged_fingerprint=fingerprint,
+            shard=0,
+            shards=1,
         ),
         bob,
     )

@@ -1,10 +1,10 @@
 """Time to converge and bytes per node for N node processes on 127.0.0.1 (used by bench_network.py).
 
 For each N: a random Llama base (``--hidden``, ``--layers``) and N experts (base + seeded noise),
-N `umm node start` processes, one contribution each (bf16 deltas; the genesis asks for N); the
-clock runs from the last contribution stored to every node holding the attested result. Then a
-separate `pull()` fetches the result; its time is compared with moving the same bytes over one
-plain TCP connection.
+N `umm node start` processes, one contribution each (bf16 deltas; the genesis asks for N
+contributions and a fixed quorum of 2, so each shard is merged by 3 workers); the clock runs from
+the last contribution stored to every node holding the attested result. Then a separate `pull()`
+fetches the result; its time is compared with moving the same bytes over one plain TCP connection.
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ def make_models(root: Path, count: int, hidden: int, layers: int) -> tuple[Path,
     return base, experts
 
 
-def measure(peers: int, hidden: int, layers: int, tcp_rate: float) -> dict[str, float]:
+QUORUM = 2
+
+
+def measure(peers: int, hidden: int, layers: int, tcp_rate: float, quorum: int = QUORUM) -> dict[str, float]:
     """One row: converge seconds, MiB sent/received per node, pull seconds vs its bytes at `tcp_rate`."""
     from node.local import LocalNetwork
     from node.pull import pull
@@ -66,7 +69,9 @@ def measure(peers: int, hidden: int, layers: int, tcp_rate: float) -> dict[str, 
         model_mib = (base / "model.safetensors").stat().st_size / MiB
         names = [f"n{i}" for i in range(peers)]
         with LocalNetwork(root / "net", poll=0.5) as net:
-            net.create(names[0], base, network_name="bench", method="ties", min_contributions=peers)
+            net.create(
+                names[0], base, network_name="bench", method="ties", min_contributions=peers, quorum=quorum
+            )
             net.start_all(names)
             for name, expert in zip(names, experts, strict=True):
                 net.contribute(name, expert, codec="bf16")
@@ -96,7 +101,10 @@ def measure(peers: int, hidden: int, layers: int, tcp_rate: float) -> dict[str, 
 
 
 def report(rows: list[dict[str, float]], tcp_rate: float) -> None:
-    print(f"converge: bf16 deltas, ties, poll 0.5 s; tcp floor for the pull ratio {tcp_rate:.0f} MiB/s")
+    print(
+        f"converge: bf16 deltas, ties, quorum {QUORUM} (3 workers per shard), poll 0.5 s; "
+        f"tcp floor for the pull ratio {tcp_rate:.0f} MiB/s"
+    )
     print(
         f"{'peers':>5} {'model MiB':>9} {'converge s':>10} {'sent MiB/node (med/max)':>24} "
         f"{'recv MiB/node (med/max)':>24} {'pull MiB':>8} {'pull s':>7} {'pull / bytes@floor':>18}"

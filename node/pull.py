@@ -1,7 +1,8 @@
 """`umm pull`: find the network's latest attested result and write it as a loadable HF folder.
 
 A pull starts a client-mode DHT node, reads the genesis (verified against the network id), finds
-the highest round whose result carries a quorum of valid attestations, fetches every chunk from
+the highest round whose result carries a quorum of valid attestations on every shard
+(`find_attested_result`: signatures, hashes and the shard plan checked), fetches every chunk from
 any peer (verified by hash) into a resumable cache store, then writes ``model.safetensors`` and the
 base's side files (config, tokenizer) to a temp folder, fsyncs and renames it to ``--out``.
 """
@@ -107,8 +108,8 @@ async def pull(
                 raise NoResultError(
                     f"expected a result of {network_id} attested by a quorum within {timeout:g} s, got none"
                 )
-            result = attested.result.message
-            digests = [d for t in result.tensors for d in t.chunks] + list(genesis.base_files.values())
+            entries = attested.tensors
+            digests = [d for t in entries for d in t.chunks] + list(genesis.base_files.values())
             total = len(digests)
             done_before = total - len(store.missing(digests))
             if progress is not None:
@@ -117,7 +118,7 @@ async def pull(
                 await fetch(digests[start : start + 64])
                 if progress is not None:
                     progress("chunks", min(total, start + 64), total)
-            tensors = await asyncio.to_thread(decode_tensors, result.tensors, store.get, result.chunk_size)
+            tensors = await asyncio.to_thread(decode_tensors, entries, store.get, attested.chunk_size)
             temp = out.with_name(f".{out.name}.partial-{os.getpid()}")
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
@@ -126,9 +127,7 @@ async def pull(
                 (temp / name).write_bytes(store.get(digest))
             replace_folder(temp, out)
         shutil.rmtree(cache, ignore_errors=True)
-        return PullOutcome(
-            out, result.round, result.merged_fingerprint, attested.signers, report.bytes_received
-        )
+        return PullOutcome(out, attested.round, attested.fingerprint, attested.signers, report.bytes_received)
     finally:
         with contextlib.suppress(Exception):
             await p2p.shutdown()

@@ -8,8 +8,8 @@ Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
                                       "p2p": the holder's libp2p peer id}
     umm/<network id>/summary/<r>     {"card": ExpertCard envelope, "summary": DistributionSummary envelope
                                       id, "p2p": the holder's libp2p peer id} (experts of other architectures)
-    umm/<network id>/result/<r>      {"result": MergeResult envelope id, "attestation": Attestation
-                                      envelope, "p2p": the holder's libp2p peer id}
+    umm/<network id>/result/<r>/<j>  {"result": MergeResult envelope id of shard j, "attestation":
+                                      Attestation envelope, "p2p": the holder's libp2p peer id}
 
 Large things (manifests, results, tensors) are chunks addressed by sha256 and fetched peer to peer.
 Every record is untrusted input: `parse_record` returns None for anything but a map with exactly
@@ -50,8 +50,8 @@ def summary_key(network_id: str, round_number: int) -> str:
     return f"umm/{network_id}/summary/{round_number}"
 
 
-def result_key(network_id: str, round_number: int) -> str:
-    return f"umm/{network_id}/result/{round_number}"
+def result_key(network_id: str, round_number: int, shard: int = 0) -> str:
+    return f"umm/{network_id}/result/{round_number}/{shard}"
 
 
 def make_record(kind: str, **fields: Any) -> bytes:

@@ -9,6 +9,12 @@
    contributions, exclude any whose delta L2 norm exceeds ``outlier_factor`` x the median norm.
 3. The recipe is `Genesis.recipe(round, admitted ids)` (sorted ids, content-derived seed), so two
    nodes that saw the same contributions build byte-identical recipes.
+
+Sharded rounds (`plan_round`, rules in protocol.shards): the workers are the selected
+contributions' signers; the base's tensors are split into byte-balanced shards, each computed by
+``R`` workers. `admit` then runs per shard: the name/shape check stays global (every manifest must
+cover exactly the base's tensors), while decoding (NaN/Inf) and the norm-outlier rule look at the
+shard's tensors only, so every worker of a shard decides identically from the same bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -24,6 +30,7 @@ from node.genesis import Genesis
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError
 from protocol.messages import DeltaManifest, ExpertCard, TensorEntry
+from protocol.shards import plan_for, replica_count, shard_count, shard_workers, shards_of_worker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,10 +111,18 @@ def admit(
     genesis: Genesis,
     contributions: Iterable[Contribution],
     base_entries: Iterable[TensorEntry],
-    decode: Callable[[Contribution], Mapping[str, torch.Tensor]],
+    decode: Callable[[Contribution, tuple[str, ...]], Mapping[str, torch.Tensor]],
+    names: Sequence[str] | None = None,
 ) -> tuple[Admission, dict[str, Mapping[str, torch.Tensor]]]:
-    """Rule 2 of the module docstring; also returns the decoded deltas of the admitted contributions."""
+    """Rule 2 of the module docstring for the tensors `names` (a shard; None: every base tensor).
+
+    `decode(contribution, names)` returns that contribution's decoded deltas of `names` (raising
+    ProtocolError for bad bytes). Also returns the decoded deltas of the admitted contributions.
+    """
     expected = {e.name: tuple(e.shape) for e in base_entries}
+    wanted = tuple(sorted(expected if names is None else names))
+    if not set(wanted) <= set(expected):
+        raise RuntimeError("admit: the shard's tensors must be base tensors")
     rejected: dict[str, str] = {}
     decoded: dict[str, Mapping[str, torch.Tensor]] = {}
     norms: dict[str, float] = {}
@@ -117,10 +132,12 @@ def admit(
             rejected[contribution.id] = "expected exactly the base's tensor names and shapes"
             continue
         try:
-            deltas = decode(contribution)
+            deltas = decode(contribution, wanted)
         except ProtocolError as exc:
             rejected[contribution.id] = f"{type(exc).__name__}: {exc}"
             continue
+        if sorted(deltas) != list(wanted):
+            raise RuntimeError("admit: decode must return exactly the requested tensors")
         norm = delta_norm(deltas)
         if not math.isfinite(norm):
             rejected[contribution.id] = "expected a finite delta norm"
@@ -137,3 +154,49 @@ def admit(
                 )
     admitted = tuple(sorted(cid for cid in decoded if cid not in rejected))
     return Admission(admitted, rejected, norms), {cid: decoded[cid] for cid in admitted}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """Who computes which tensors in a round: the public, deterministic split of the merge.
+
+    ``candidates``: the selected contribution ids (sorted); ``workers``: their distinct signers
+    (sorted public keys); ``shards``: the base's tensor names per shard; ``replicas``: workers per
+    shard; ``quorum``: distinct attestations each shard needs.
+    """
+
+    candidates: tuple[str, ...]
+    workers: tuple[bytes, ...]
+    shards: tuple[tuple[str, ...], ...]
+    replicas: int
+    quorum: int
+
+    def workers_of(self, shard: int) -> tuple[bytes, ...]:
+        """The signers that compute `shard`."""
+        positions = shard_workers(shard, len(self.workers), self.replicas)
+        return tuple(self.workers[p] for p in positions)
+
+    def shards_of(self, signer: bytes) -> tuple[int, ...]:
+        """The shards `signer` computes (none if it is not one of the round's workers)."""
+        if signer not in self.workers:
+            return ()
+        position = self.workers.index(signer)
+        return shards_of_worker(position, len(self.shards), len(self.workers), self.replicas)
+
+
+def plan_round(
+    genesis: Genesis, contributions: Sequence[Contribution], base_entries: Sequence[TensorEntry]
+) -> RoundPlan:
+    """The round's plan from its selected contributions and the base's tensor list."""
+    if not contributions:
+        raise RuntimeError("plan_round: a round needs at least one contribution")
+    workers = tuple(sorted({c.signer for c in contributions}))
+    quorum = genesis.quorum_for(len(contributions))
+    shards = plan_for(base_entries, shard_count(len(workers), len(base_entries)))
+    return RoundPlan(
+        candidates=tuple(sorted(c.id for c in contributions)),
+        workers=workers,
+        shards=shards,
+        replicas=replica_count(len(workers), quorum),
+        quorum=quorum,
+    )

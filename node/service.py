@@ -43,7 +43,7 @@ from node.records import (
     result_key,
     summary_key,
 )
-from node.rounds import Contribution, admit, select_contributions
+from node.rounds import Contribution, RoundPlan, admit, plan_round, select_contributions
 from node.state import NodeState
 from node.store import ContentStore
 from node.transport import ChunkServer, fetch_chunks
@@ -52,13 +52,14 @@ from protocol.chunks import decode_tensors
 from protocol.envelope import Signed, sign_message
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
-from protocol.messages import SCHEMA_VERSION, Attestation, DeltaManifest, ExpertCard, MergeResult
-from protocol.verify import check_quorum, verify_message
+from protocol.messages import SCHEMA_VERSION, Attestation, DeltaManifest, ExpertCard, MergeResult, TensorEntry
+from protocol.verify import check_quorum, check_round_quorum, verify_message
 
 logger = logging.getLogger(__name__)
 
 RECORD_TTL = 600.0
 FETCH_PATIENCE = 10
+FALLBACK_SECONDS = 120.0
 
 
 def identity_path(data_dir: Path) -> Path:
@@ -118,11 +119,88 @@ def claimed_latest_rounds(board: RecordBoard, network_id: str) -> list[int]:
 
 @dataclasses.dataclass
 class AttestedResult:
-    """A MergeResult with attestations from at least the quorum of distinct keys."""
+    """One shard's MergeResult with attestations from at least the quorum of distinct keys."""
 
     result: Signed
     attestations: list[bytes]
     signers: int
+
+
+@dataclasses.dataclass
+class AttestedRound:
+    """A round's result: one attested MergeResult per shard, checked by `check_round_quorum`."""
+
+    shards: list[AttestedResult]
+    fingerprint: str
+
+    @property
+    def round(self) -> int:
+        return self.shards[0].result.message.round
+
+    @property
+    def signers(self) -> int:
+        """The fewest distinct attesting keys of any shard."""
+        return min(s.signers for s in self.shards)
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return self.shards[0].result.message.candidates
+
+    @property
+    def tensors(self) -> tuple[TensorEntry, ...]:
+        """Every shard's tensor entries, sorted by name (the whole merged model)."""
+        return tuple(sorted((t for s in self.shards for t in s.result.message.tensors), key=lambda t: t.name))
+
+    @property
+    def chunk_size(self) -> int:
+        return self.shards[0].result.message.chunk_size
+
+
+@dataclasses.dataclass
+class ShardRecords:
+    """Verified attestations of one shard key, grouped by the result they name, and who holds it."""
+
+    attestations: dict[str, list[bytes]] = dataclasses.field(default_factory=dict)
+    holders: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    counts: set[int] = dataclasses.field(default_factory=set)
+
+
+async def read_shard_records(
+    board: RecordBoard, network_id: str, round_number: int, shard: int
+) -> ShardRecords:
+    """The result records of `shard` in `round_number` (unverifiable attestations are dropped)."""
+    found = ShardRecords()
+    for value in (await board.aread(result_key(network_id, round_number, shard))).values():
+        record = parse_record("result", value)
+        if record is None:
+            continue
+        found.holders.setdefault(record["result"], set()).add(record["p2p"])
+        try:
+            att = verify_message(record["attestation"], Attestation, network_id=network_id).message
+        except ProtocolError:
+            continue
+        if att.shard != shard or att.round != round_number:
+            continue
+        found.attestations.setdefault(att.result_id, []).append(record["attestation"])
+        found.holders.setdefault(att.result_id, set())
+        found.counts.add(att.shards)
+    return found
+
+
+async def read_round_records(board: RecordBoard, network_id: str, round_number: int) -> list[dict]:
+    """Every well-formed result record of a round, over all shards named by shard 0's attestations."""
+    first = await board.aread(result_key(network_id, round_number, 0))
+    records = [r for r in (parse_record("result", v) for v in first.values()) if r is not None]
+    counts = {1}
+    for record in records:
+        with contextlib.suppress(ProtocolError):
+            counts.add(
+                verify_message(record["attestation"], Attestation, network_id=network_id).message.shards
+            )
+    for shard in range(1, max(counts)):
+        found = await board.aread(result_key(network_id, round_number, shard))
+        records += [r for r in (parse_record("result", v) for v in found.values()) if r is not None]
+    return records
 
 
 async def find_attested_result(
@@ -131,46 +209,72 @@ async def find_attested_result(
     round_number: int,
     fetch: Callable[[Sequence[str], Iterable[str]], object],
     store: ContentStore,
-) -> AttestedResult | None:
-    """The result of `round_number` with the most valid distinct attestations, if it meets the quorum."""
-    records = [
-        parse_record("result", v)
-        for v in (await board.aread(result_key(genesis.network_id, round_number))).values()
-    ]
-    records = [r for r in records if r is not None]
-    by_result: dict[str, list[bytes]] = {}
-    holders: dict[str, set[str]] = {}
-    for record in records:
-        holders.setdefault(record["result"], set()).add(record["p2p"])
-        try:
-            att = verify_message(record["attestation"], Attestation, network_id=genesis.network_id).message
-        except ProtocolError:
-            continue
-        by_result.setdefault(att.result_id, []).append(record["attestation"])
-        holders.setdefault(att.result_id, set())
-    best: AttestedResult | None = None
+) -> AttestedRound | None:
+    """The round's result whose every shard carries a quorum of valid distinct attestations.
+
+    Reads shard 0's records to learn the shard counts in play, then every shard's records; fetches
+    and verifies the results named by enough attestations; for each candidate set keeps, per shard,
+    the result with the most signers (ties: smallest id) and checks the whole with
+    `check_round_quorum` against the base's tensor plan. Of several complete rounds the one with the
+    most signers (ties: smallest fingerprint) wins.
+    """
+    await fetch([genesis.base_manifest], ())
+    base = read_base_manifest(store.get(genesis.base_manifest))
+    base_sizes = [(e.name, e.nbytes) for e in base]
+    first = await read_shard_records(board, genesis.network_id, round_number, 0)
+    least = genesis.quorum if genesis.quorum > 0 else 2
     now = int(time.time())
-    for result_id, attestations in sorted(by_result.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        if best is not None and len(attestations) <= best.signers:
-            break
-        try:
-            await fetch([result_id], holders.get(result_id, set()))
-            result = verify_message(store.get(result_id), MergeResult, network_id=genesis.network_id, now=now)
-        except (NodeError, ProtocolError):
-            continue
-        if result.message.round != round_number:
-            continue
-        outcome = check_quorum(
-            result,
-            attestations,
-            quorum=genesis.quorum_for(len(result.message.recipe.contributions)),
-            network_id=genesis.network_id,
-            allowed_signers=genesis.allowed_signers,
-            now=now,
-        )
-        if outcome.ok and (best is None or len(outcome.signers) > best.signers):
-            best = AttestedResult(result, attestations, len(outcome.signers))
-    return best
+    complete: list[AttestedRound] = []
+    for count in sorted(c for c in first.counts if c <= len(base)):
+        records = [first] + [
+            await read_shard_records(board, genesis.network_id, round_number, j) for j in range(1, count)
+        ]
+        per_shard: list[dict[tuple[str, ...], AttestedResult]] = []
+        for j, shard_records in enumerate(records):
+            best: dict[tuple[str, ...], AttestedResult] = {}
+            for result_id, attestations in sorted(shard_records.attestations.items()):
+                if len({a for a in attestations}) < least:
+                    continue
+                try:
+                    await fetch([result_id], shard_records.holders.get(result_id, set()))
+                    result = verify_message(
+                        store.get(result_id), MergeResult, network_id=genesis.network_id, now=now
+                    )
+                except (NodeError, ProtocolError):
+                    continue
+                m = result.message
+                if (m.round, m.shard, m.shards) != (round_number, j, count):
+                    continue
+                outcome = check_quorum(
+                    result,
+                    attestations,
+                    quorum=genesis.quorum_for(len(m.candidates)),
+                    network_id=genesis.network_id,
+                    allowed_signers=genesis.allowed_signers,
+                    now=now,
+                )
+                held = best.get(m.candidates)
+                if outcome.ok and (held is None or len(outcome.signers) > held.signers):
+                    best[m.candidates] = AttestedResult(result, attestations, len(outcome.signers))
+            per_shard.append(best)
+        for candidates in sorted(per_shard[0]):
+            if not all(candidates in shard for shard in per_shard):
+                continue
+            chosen = [shard[candidates] for shard in per_shard]
+            check = check_round_quorum(
+                [c.result for c in chosen],
+                [c.attestations for c in chosen],
+                base_sizes=base_sizes,
+                quorum=genesis.quorum_for(len(candidates)),
+                network_id=genesis.network_id,
+                allowed_signers=genesis.allowed_signers,
+                now=now,
+            )
+            if check.ok:
+                complete.append(AttestedRound(chosen, check.fingerprint))
+    if not complete:
+        return None
+    return min(complete, key=lambda found: (-found.signers, found.fingerprint))
 
 
 class NodeService:
@@ -215,6 +319,7 @@ class NodeService:
         self.maddrs: list[str] = []
         self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
         self._missing_polls: dict[str, int] = {}
+        self._lacking: dict[int, set[int] | None] = {}
         self._last_published: dict[str, tuple[bytes, float]] = {}
         self.bytes_received = 0
 
@@ -362,15 +467,13 @@ class NodeService:
                 ),
             )
         if latest is not None:
-            await self._publish(
-                result_key(self.network_id, latest["round"]),
-                make_record(
-                    "result",
-                    result=latest["own_result"],
-                    attestation=latest["own_attestation"],
-                    p2p=str(self.p2p.peer_id),
-                ),
-            )
+            for shard, result_id, attestation in latest["announce"]:
+                await self._publish(
+                    result_key(self.network_id, latest["round"], shard),
+                    make_record(
+                        "result", result=result_id, attestation=attestation, p2p=str(self.p2p.peer_id)
+                    ),
+                )
         if self.aggregate_rounds:
             await self._aggregate(r)
         await self._check_quorum(r)
@@ -406,39 +509,78 @@ class NodeService:
             return
         if time.monotonic() - seen[1] < self.genesis.settle_seconds:
             return
+        base_entries = self._base_entries()
+        plan = plan_round(self.genesis, contributions, base_entries)
+        waited = time.monotonic() - seen[1] - self.genesis.settle_seconds
+        shards = self._shards_to_compute(r, plan, waited)
+        if not shards:
+            return
+        nameset = {name for j in shards for name in plan.shards[j]}
+        available = await self._fetch_shard_inputs(contributions, nameset)
+        if available is None:
+            return  # wait for the chunks rather than decide on a partial view
+        for j in shards:
+            own = self.state.get(f"shard/{r}/{j}")
+            admission, deltas = await asyncio.to_thread(
+                admit, self.genesis, available, base_entries, self._decode, plan.shards[j]
+            )
+            if not admission.admitted:
+                continue
+            recipe = self.genesis.recipe(r, list(admission.admitted))
+            if (
+                own is None
+                or own["recipe"] != recipe.id
+                or tuple(own["candidates"]) != plan.candidates
+                or own["shards"] != len(plan.shards)
+            ):
+                own = await asyncio.to_thread(self._merge_shard, r, plan, j, recipe, deltas, base_entries)
+                self.state.set(f"shard/{r}/{j}", own)
+            await self._attest_canonical(r, j, own)
+
+    def _shards_to_compute(self, r: int, plan: RoundPlan, waited: float) -> tuple[int, ...]:
+        """This node's shards; every shard when the workers alone cannot reach the quorum; after
+        FALLBACK_SECONDS without a decided round, also the shards that still lack a quorum."""
+        if plan.replicas < plan.quorum:
+            return tuple(range(len(plan.shards)))
+        mine = set(plan.shards_of(self.identity.public_key))
+        if waited >= FALLBACK_SECONDS:
+            lacking = self._lacking.get(r)
+            mine |= set(range(len(plan.shards))) if lacking is None else lacking
+        return tuple(sorted(j for j in mine if j < len(plan.shards)))
+
+    async def _fetch_shard_inputs(
+        self, contributions: list[Contribution], names: set[str]
+    ) -> list[Contribution] | None:
+        """Fetch the tensors `names` of every contribution; those whose chunks arrived (None: wait)."""
+        wanted = {
+            c.id: [d for t in c.manifest.message.tensors if t.name in names for d in t.chunks]
+            for c in contributions
+        }
+        with contextlib.suppress(FetchError):
+            await self.fetch([d for digests in wanted.values() for d in digests], [], attempts=1)
         available = []
         for c in contributions:
-            digests = [d for t in c.manifest.message.tensors for d in t.chunks]
-            try:
-                await self.fetch(digests, [], attempts=1)
-            except FetchError:
+            if self.store.missing(wanted[c.id]):
                 self._missing_polls[c.id] = self._missing_polls.get(c.id, 0) + 1
                 if self._missing_polls[c.id] < FETCH_PATIENCE:
-                    return  # wait for the chunks rather than decide on a partial view
+                    return None
                 continue
             available.append(c)
-        own = self.state.get(f"result/{r}")
-        admission, deltas = await asyncio.to_thread(
-            admit, self.genesis, available, self._base_entries(), self._decode
-        )
-        if not admission.admitted:
-            return
-        recipe = self.genesis.recipe(r, list(admission.admitted))
-        if own is None or own["recipe"] != recipe.id:
-            own = await asyncio.to_thread(self._merge, r, recipe, deltas)
-            self.state.set(f"result/{r}", own)
-        await self._attest_canonical(r, own)
+        return available
 
-    def _decode(self, contribution: Contribution) -> dict[str, torch.Tensor]:
+    def _decode(self, contribution: Contribution, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         manifest: DeltaManifest = contribution.manifest.message
+        entries = tuple(t for t in manifest.tensors if t.name in set(names))
         try:
-            return decode_tensors(manifest.tensors, self.store.get, manifest.chunk_size)
+            return decode_tensors(entries, self.store.get, manifest.chunk_size)
         except StoreError as exc:
             raise ProtocolError(f"expected every chunk of {contribution.id}, got: {exc}") from exc
 
-    def _merge(self, r: int, recipe, deltas) -> dict:
-        base = decode_tensors(self._base_entries(), self.store.get, self.genesis.chunk_size)
-        merged = aggregate(recipe, base, deltas)
+    def _merge_shard(self, r: int, plan: RoundPlan, j: int, recipe, deltas, base_entries) -> dict:
+        names = set(plan.shards[j])
+        shard_base = tuple(e for e in base_entries if e.name in names)
+        base = decode_tensors(shard_base, self.store.get, self.genesis.chunk_size)
+        merged = aggregate(recipe, base, deltas, model_tensors=[e.name for e in base_entries])
         entries, chunks, fingerprint = encode_result(merged, self.genesis.chunk_size)
         for digest, data in chunks.items():
             self.store.put(data, digest)
@@ -453,26 +595,38 @@ class NodeService:
                 chunk_size=self.genesis.chunk_size,
                 tensors=entries,
                 merged_fingerprint=fingerprint,
+                shard=j,
+                shards=len(plan.shards),
+                candidates=plan.candidates,
             ),
             self.identity,
         )
         self.store.put(result.raw, result.id)
         logger.info(
-            "round %d: merged %d contributions, fingerprint %s", r, len(recipe.contributions), fingerprint
+            "round %d: merged shard %d/%d (%d tensors) of %d contributions, fingerprint %s",
+            r,
+            j,
+            len(plan.shards),
+            len(entries),
+            len(recipe.contributions),
+            fingerprint,
         )
         return {
             "recipe": recipe.id,
             "result": result.id,
             "fingerprint": fingerprint,
+            "candidates": list(plan.candidates),
+            "shards": len(plan.shards),
             "attests": "",
             "attestation": b"",
         }
 
-    async def _attest_canonical(self, r: int, own: dict) -> None:
-        """Attest the smallest result id with our recipe and fingerprint; publish our result record."""
+    async def _attest_canonical(self, r: int, j: int, own: dict) -> None:
+        """Attest the smallest result id of shard j with our recipe, fingerprint and candidates."""
         now = int(time.time())
         canonical = own["result"]
-        for value in (await self.board.aread(result_key(self.network_id, r))).values():
+        ours = (own["recipe"], own["fingerprint"], r, j, own["shards"], tuple(own["candidates"]))
+        for value in (await self.board.aread(result_key(self.network_id, r, j))).values():
             record = parse_record("result", value)
             if record is None or record["result"] >= canonical:
                 continue
@@ -480,15 +634,19 @@ class NodeService:
                 await self.fetch([record["result"]], [record["p2p"]], attempts=1)
                 other = verify_message(
                     self.store.get(record["result"]), MergeResult, network_id=self.network_id, now=now
-                )
+                ).message
             except (NodeError, ProtocolError):
                 continue
-            if (other.message.recipe.id, other.message.merged_fingerprint, other.message.round) == (
-                own["recipe"],
-                own["fingerprint"],
-                r,
-            ):
-                canonical = other.id
+            theirs = (
+                other.recipe.id,
+                other.merged_fingerprint,
+                other.round,
+                other.shard,
+                other.shards,
+                other.candidates,
+            )
+            if theirs == ours:
+                canonical = record["result"]
         if own["attests"] != canonical:
             attestation = sign_message(
                 Attestation(
@@ -500,13 +658,15 @@ class NodeService:
                     recipe_id=own["recipe"],
                     result_id=canonical,
                     merged_fingerprint=own["fingerprint"],
+                    shard=j,
+                    shards=own["shards"],
                 ),
                 self.identity,
             )
             own = {**own, "attests": canonical, "attestation": attestation.raw}
-            self.state.set(f"result/{r}", own)
+            self.state.set(f"shard/{r}/{j}", own)
         await self._publish(
-            result_key(self.network_id, r),
+            result_key(self.network_id, r, j),
             make_record(
                 "result", result=own["result"], attestation=own["attestation"], p2p=str(self.p2p.peer_id)
             ),
@@ -530,39 +690,65 @@ class NodeService:
     async def _check_quorum(self, r: int) -> None:
         found = await find_attested_result(self.board, self.genesis, r, self.fetch, self.store)
         if found is None:
+            self._lacking[r] = await self._lacking_shards(r)
             return
-        own = self.state.get(f"result/{r}")
-        message = found.result.message
-        if own is not None and (message.recipe.id, message.merged_fingerprint) != (
-            own["recipe"],
-            own["fingerprint"],
-        ):
-            # a quorum for a result this node did not compute (e.g. Sybil attestations in open mode):
-            # it keeps attesting its own result and does not move on
-            logger.warning(
-                "round %d: a quorum attests %s, which differs from our merge", r, message.merged_fingerprint
-            )
-            return
-        if own is None or not own["attestation"]:
-            # a node that did not merge this round still serves and re-announces the result
-            own = {"result": found.result.id, "attestation": found.attestations[0]}
-        await self.fetch([d for t in found.result.message.tensors for d in t.chunks], [])
+        announce = []
+        for shard in found.shards:
+            message = shard.result.message
+            own = self.state.get(f"shard/{r}/{message.shard}")
+            if (
+                own is not None
+                and own["attestation"]
+                and (tuple(own["candidates"]), own["shards"]) == (message.candidates, message.shards)
+            ):
+                if (own["recipe"], own["fingerprint"]) != (message.recipe.id, message.merged_fingerprint):
+                    # a quorum for a shard this node computed otherwise (e.g. Sybil attestations in
+                    # open mode): it keeps attesting its own result and does not move on
+                    logger.warning(
+                        "round %d: a quorum attests %s for shard %d, which differs from our merge",
+                        r,
+                        message.merged_fingerprint,
+                        message.shard,
+                    )
+                    return
+                announce.append([message.shard, own["attests"], own["attestation"]])
+            else:
+                # a shard this node did not compute: it still serves and re-announces the result
+                announce.append([message.shard, shard.result.id, shard.attestations[0]])
+        await self.fetch([d for t in found.tensors for d in t.chunks], [])
         self.state.set(
             "latest",
             {
                 "round": r,
-                "result": found.result.id,
-                "fingerprint": found.result.message.merged_fingerprint,
-                "attestations": found.attestations,
-                "own_result": own["result"],
-                "own_attestation": own["attestation"],
+                "fingerprint": found.fingerprint,
+                "results": [s.result.id for s in found.shards],
+                "attestations": [s.attestations for s in found.shards],
+                "announce": announce,
             },
         )
         self.state.set("round", r + 1)
-        self._carry_over(r, found.result.message.recipe.contributions)
+        included = sorted({c for s in found.shards for c in s.result.message.recipe.contributions})
+        self._carry_over(r, tuple(included))
         logger.info(
-            "round %d: result %s attested by %d keys",
+            "round %d: result %s (%d shards) attested by >= %d keys per shard",
             r,
-            found.result.message.merged_fingerprint,
+            found.fingerprint,
+            len(found.shards),
             found.signers,
         )
+
+    async def _lacking_shards(self, r: int) -> set[int] | None:
+        """Shards of this node's plan for round r that no quorum attests yet (None: no plan yet)."""
+        plan_shards = {
+            int(key.rsplit("/", 1)[1]): self.state.get(key) for key in self.state.keys(f"shard/{r}/")
+        }
+        if not plan_shards:
+            return None
+        count = next(iter(plan_shards.values()))["shards"]
+        lacking = set()
+        for j in range(count):
+            records = await read_shard_records(self.board, self.network_id, r, j)
+            quorum = self.genesis.quorum_for(len(next(iter(plan_shards.values()))["candidates"]))
+            if not any(len(atts) >= quorum for atts in records.attestations.values()):
+                lacking.add(j)
+        return lacking

@@ -10,12 +10,12 @@ merged fingerprint.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from merging.config import MergeConfig
-from merging.engine import merge_state_dicts
+from merging.engine import merge_state_dicts, resolve_parameters
 from merging.errors import MergeError
 from protocol.chunks import check_matches, encode_tensors
 from protocol.codecs import DTYPE_NAMES, CodecSpec
@@ -48,19 +48,28 @@ def aggregate(
     recipe: MergeRecipe,
     base: Mapping[str, torch.Tensor],
     deltas: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    model_tensors: Iterable[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge base + each contribution's decoded delta as the recipe says; identical bytes on every peer.
 
     `deltas` maps each of the recipe's contribution ids to its decoded float32 deltas, one per base
-    tensor with the base tensor's shape.
+    tensor with the base tensor's shape. To merge one shard, pass only the shard's tensors in
+    `base` and `deltas` and the whole model's tensor names as `model_tensors`: layer-wise
+    parameters are then resolved against the whole model (its layer count), so the shard's bytes
+    equal the same tensors of the full merge.
     """
     config = recipe_config(recipe)
+    names = sorted(base)
+    everything = sorted(set(model_tensors)) if model_tensors is not None else names
+    if not set(names) <= set(everything):
+        odd = sorted(set(names) - set(everything))[0]
+        raise TensorMismatchError(f"expected the shard's tensors among the model's tensors, got {odd!r}")
     if set(deltas) != set(recipe.contributions):
         odd = sorted(set(deltas) ^ set(recipe.contributions))[0]
         raise TensorMismatchError(
             f"expected deltas for exactly the recipe's contributions, got a mismatch at {odd}"
         )
-    names = sorted(base)
     base_f32 = {name: _as_input(base[name]) for name in names}
     models: dict[str, dict[str, torch.Tensor]] = {BASE_NAME: base_f32}
     for contribution in recipe.contributions:  # sorted by the recipe
@@ -80,7 +89,8 @@ def aggregate(
             expert[name] = tensor + delta[name].float()
         models[contribution] = expert
     try:
-        return merge_state_dicts(config, models)
+        parameters = resolve_parameters(config, everything)
+        return merge_state_dicts(config, models, parameters=parameters)
     except MergeError as exc:
         raise RecipeError(f"expected the recipe's inputs to merge, got: {exc}") from exc
 

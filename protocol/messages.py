@@ -277,9 +277,25 @@ def derive_seed(fields: dict[str, Any]) -> int:
 recipe_value = nested(MergeRecipe)
 
 
+MAX_SHARDS = 4096
+shard_index = integer(0, MAX_SHARDS - 1)
+shard_count = integer(1, MAX_SHARDS)
+
+
+def _check_shard(shard: int, shards: int, where: str) -> None:
+    if shard >= shards:
+        raise SchemaError(f"expected {where}.shard below shards ({shards}), got {shard}")
+
+
 @dataclass(frozen=True)
 class MergeResult(RoundMessage):
-    """A node's merge output for a recipe: every output tensor (raw codec) and the merged fingerprint."""
+    """One shard of a round's merge: that shard's output tensors (raw codec) and their fingerprint.
+
+    A round's merge is split by tensor into ``shards`` shards (protocol.shards); this message holds
+    shard ``shard``. ``candidates`` are the round's selected contribution ids (sorted), before
+    admission; the recipe lists those admitted for this shard's tensors (a subset). An unsharded
+    merge is shard 0 of 1. ``merged_fingerprint`` is `state_fingerprint` of this message's tensors.
+    """
 
     TYPE: ClassVar[str] = "merge_result"
     MAX_SIZE: ClassVar[int] = 16 * MiB
@@ -288,11 +304,20 @@ class MergeResult(RoundMessage):
     chunk_size: int = field(integer(MIN_CHUNK_SIZE, CHUNK_SIZE_LIMIT))
     tensors: tuple[TensorEntry, ...] = field(sequence(nested(TensorEntry), MAX_TENSORS, min_items=1))
     merged_fingerprint: str = field(hex64)
+    shard: int = field(shard_index)
+    shards: int = field(shard_count)
+    candidates: tuple[str, ...] = field(sequence(hex64, 4096, min_items=1, strictly_sorted=True))
 
     def _validate(self) -> None:
         _check_tensors(self.tensors, self.chunk_size, "MergeResult")
+        _check_shard(self.shard, self.shards, "MergeResult")
         if self.recipe.round != self.round or self.recipe.network_id != self.network_id:
             raise SchemaError("expected MergeResult round and network_id equal to its recipe's, got others")
+        outside = sorted(set(self.recipe.contributions) - set(self.candidates))
+        if outside:
+            raise SchemaError(
+                f"expected the recipe's contributions among MergeResult.candidates, got {outside[0]} outside"
+            )
         for entry in self.tensors:
             if entry.codec.name != "raw" or entry.codec.zstd:
                 raise SchemaError(
@@ -306,7 +331,7 @@ class MergeResult(RoundMessage):
 
 @dataclass(frozen=True)
 class Attestation(RoundMessage):
-    """A signer who recomputed a recipe and got this merged fingerprint."""
+    """A signer who recomputed one shard's recipe and got this result's merged fingerprint."""
 
     TYPE: ClassVar[str] = "attestation"
     MAX_SIZE: ClassVar[int] = 4 * KiB
@@ -314,6 +339,11 @@ class Attestation(RoundMessage):
     recipe_id: str = field(hex64)
     result_id: str = field(hex64)
     merged_fingerprint: str = field(hex64)
+    shard: int = field(shard_index)
+    shards: int = field(shard_count)
+
+    def _validate(self) -> None:
+        _check_shard(self.shard, self.shards, "Attestation")
 
 
 MESSAGE_TYPES: dict[str, type[SignedMessage]] = {

@@ -4,6 +4,8 @@ Pure functions:
 
 - `verify_message` (raises) / `check_message` (returns `Verification`): one signed envelope;
 - `verify_quorum` (raises) / `check_quorum` (returns `QuorumCheck`): attestations of a result;
+- `verify_round_quorum` (raises) / `check_round_quorum` (returns `RoundCheck`): a sharded round's
+  shard results, each with a quorum of attestations, fitting the shard plan;
 - chunk checks live in protocol.chunks (`verify_chunk` / `check_chunk`).
 
 `TrustedState` holds what a verifier has accepted and applies the replay and rollback rules.
@@ -32,6 +34,7 @@ from protocol.messages import (
     MergeResult,
     SignedMessage,
 )
+from protocol.shards import assembled_fingerprint, plan_shards
 
 verify_message = open_envelope  # the raising form: verify one envelope, see `open_envelope`
 
@@ -135,12 +138,117 @@ def _check_attestation_matches(att: Attestation, result: Signed) -> None:
     message: MergeResult = result.message
     if att.result_id != result.id:
         raise SchemaError(f"expected an attestation of result {result.id}, got one of {att.result_id}")
-    if (att.recipe_id, att.round, att.merged_fingerprint) != (
+    if (att.recipe_id, att.round, att.merged_fingerprint, att.shard, att.shards) != (
         message.recipe.id,
         message.round,
         message.merged_fingerprint,
+        message.shard,
+        message.shards,
     ):
-        raise SchemaError("expected the attestation's recipe, round and fingerprint to equal the result's")
+        raise SchemaError(
+            "expected the attestation's recipe, round, fingerprint and shard to equal the result's"
+        )
+
+
+@dataclass(frozen=True)
+class RoundCheck:
+    """Outcome of `check_round_quorum`: one QuorumCheck per shard and the assembled fingerprint."""
+
+    ok: bool
+    shards: tuple[QuorumCheck, ...]
+    fingerprint: str | None
+    problem: str | None = None
+
+    @property
+    def signers(self) -> int:
+        """The fewest distinct valid attesting keys of any shard (what the whole result can claim)."""
+        return min((len(q.signers) for q in self.shards), default=0)
+
+
+def check_round_quorum(
+    results: Sequence[Signed],
+    attestations: Sequence[Iterable[bytes]],
+    *,
+    base_sizes: Sequence[tuple[str, int]],
+    quorum: int,
+    network_id: str,
+    allowed_signers: frozenset[bytes] | None = None,
+    now: int | None = None,
+) -> RoundCheck:
+    """Check a sharded round result: `results[j]` is shard j, `attestations[j]` its attestations.
+
+    The shards must be exactly 0..shards-1 of one round and one candidate set, shard j must hold
+    exactly the tensors `plan_shards(base_sizes, shards)[j]`, and every shard needs attestations
+    from at least `quorum` distinct valid signers (`check_quorum`). The assembled fingerprint is
+    `assembled_fingerprint` of the shards (None when the shards do not fit together).
+    """
+    if len(results) != len(attestations):
+        raise RuntimeError("check_round_quorum: one list of attestations per shard result is needed")
+    messages = [r.message for r in results]
+    problem = _shard_layout_problem(messages, base_sizes)
+    if problem is not None:
+        return RoundCheck(False, (), None, problem)
+    checks = tuple(
+        check_quorum(
+            result,
+            atts,
+            quorum=quorum,
+            network_id=network_id,
+            allowed_signers=allowed_signers,
+            now=now,
+        )
+        for result, atts in zip(results, attestations, strict=True)
+    )
+    short = [j for j, check in enumerate(checks) if not check.ok]
+    problem = f"expected a quorum of {quorum} on every shard, got fewer on shard {short[0]}" if short else ""
+    return RoundCheck(not short, checks, assembled_fingerprint(messages), problem or None)
+
+
+def _shard_layout_problem(messages: list, base_sizes: Sequence[tuple[str, int]]) -> str | None:
+    if not messages or not all(isinstance(m, MergeResult) for m in messages):
+        return "expected at least one verified MergeResult"
+    first = messages[0]
+    if len(messages) != first.shards:
+        return f"expected {first.shards} shard results, got {len(messages)}"
+    for index, m in enumerate(messages):
+        if (m.shard, m.shards, m.round, m.candidates) != (index, first.shards, first.round, first.candidates):
+            return f"expected shard {index} of {first.shards} for round {first.round} and one candidate set"
+    names = [name for name, _ in base_sizes]
+    if first.shards > len(names):
+        return f"expected at most {len(names)} shards (one tensor each), got {first.shards}"
+    plan = plan_shards(base_sizes, first.shards)
+    for m, expected in zip(messages, plan, strict=True):
+        if tuple(t.name for t in m.tensors) != expected:
+            return f"expected shard {m.shard} to hold the planned tensors, got others"
+    return None
+
+
+def verify_round_quorum(
+    results: Sequence[Signed],
+    attestations: Sequence[Iterable[bytes]],
+    *,
+    base_sizes: Sequence[tuple[str, int]],
+    quorum: int,
+    network_id: str,
+    allowed_signers: frozenset[bytes] | None = None,
+    now: int | None = None,
+) -> RoundCheck:
+    """The raising form of `check_round_quorum`: SchemaError for a bad layout, QuorumError for a
+    shard short of its quorum."""
+    outcome = check_round_quorum(
+        results,
+        attestations,
+        base_sizes=base_sizes,
+        quorum=quorum,
+        network_id=network_id,
+        allowed_signers=allowed_signers,
+        now=now,
+    )
+    if outcome.ok:
+        return outcome
+    if outcome.fingerprint is None:
+        raise SchemaError(f"{outcome.problem}")
+    raise QuorumError(f"{outcome.problem}")
 
 
 @dataclass
@@ -204,6 +312,11 @@ class TrustedState:
     def update_result(self, data: bytes, attestations: Sequence[bytes], *, quorum: int, now: int) -> Signed:
         """Accept a MergeResult with a quorum of attestations as the latest result."""
         signed = self._open(data, MergeResult, now)
+        if signed.message.shards != 1:
+            raise SchemaError(
+                f"expected an unsharded result (shard 0 of 1) here, got shard {signed.message.shard} of "
+                f"{signed.message.shards}; check sharded rounds with verify_round_quorum"
+            )
         self._check_round(signed.message.round)
         held = self.latest_result
         if held is not None:

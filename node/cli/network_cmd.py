@@ -13,8 +13,8 @@ from merging.atomic import write_atomic
 from node.dht import RecordBoard, start_dht
 from node.errors import NodeError
 from node.genesis import create_genesis
-from node.records import contrib_key, parse_record, peers_key, result_key, summary_key
-from node.service import claimed_latest_rounds, load_or_create_identity, read_genesis_from
+from node.records import contrib_key, parse_record, peers_key, summary_key
+from node.service import claimed_latest_rounds, load_or_create_identity, read_genesis_from, read_round_records
 from node.state import NodeState
 from node.store import ContentStore
 from protocol.envelope import open_envelope
@@ -160,10 +160,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
             r: [parse_record("contrib", v) for v in (await board.aread(contrib_key(network_id, r))).values()]
             for r in rounds
         }
-        results = {
-            r: [parse_record("result", v) for v in (await board.aread(result_key(network_id, r))).values()]
-            for r in rounds
-        }
+        results = {r: await read_round_records(board, network_id, r) for r in rounds}
     finally:
         await asyncio.to_thread(dht.shutdown)
     return {
@@ -218,7 +215,12 @@ def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> No
             try:
                 att = open_envelope(rec["attestation"], Attestation, network_id=network_id).message
                 atts.append(
-                    {"peer": att.peer_id, "result": att.result_id, "fingerprint": att.merged_fingerprint}
+                    {
+                        "peer": att.peer_id,
+                        "result": att.result_id,
+                        "fingerprint": att.merged_fingerprint,
+                        "shard": f"{att.shard}/{att.shards}",
+                    }
                 )
             except ProtocolError:
                 continue
@@ -244,9 +246,9 @@ def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> No
             for row in info["summaries"]:
                 table.add_row(row["expert"], row["peer"][:20], ",".join(row["domains"]), row["summary"][:16])
             console.print(table)
-        table = Table("attested by", "result", "merged fingerprint", title=f"round {r}: attestations")
+        table = Table("attested by", "shard", "result", "fingerprint", title=f"round {r}: attestations")
         for row in info["attestations"]:
-            table.add_row(row["peer"][:20], row["result"][:16], row["fingerprint"][:16])
+            table.add_row(row["peer"][:20], row["shard"], row["result"][:16], row["fingerprint"][:16])
         console.print(table)
 
 

@@ -255,27 +255,37 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
     from types import SimpleNamespace
 
     import node.service
-    from node.service import AttestedResult, NodeService
+    from node.service import AttestedResult, AttestedRound, NodeService
 
     with ContentStore(tmp_path / "store") as store:
         _, record = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x06" * 32), store)
     service = NodeService(tmp_path / "node", genesis_record=record)
+    candidates = ["11" * 32, "22" * 32]
     own = {
         "recipe": "aa" * 32,
         "fingerprint": "bb" * 32,
         "result": "cc" * 32,
-        "attests": "",
+        "candidates": candidates,
+        "shards": 2,
+        "attests": "cc" * 32,
         "attestation": b"a",
     }
-    service.state.set("result/0", own)
+    service.state.set("shard/0/1", own)  # this node computed shard 1 of 2
 
-    def attested(recipe_id: str, fingerprint: str) -> AttestedResult:
+    def attested(shard: int, recipe_id: str, fingerprint: str) -> AttestedResult:
         message = SimpleNamespace(
-            recipe=SimpleNamespace(id=recipe_id, contributions=()), merged_fingerprint=fingerprint, tensors=()
+            recipe=SimpleNamespace(id=recipe_id, contributions=tuple(candidates)),
+            merged_fingerprint=fingerprint,
+            tensors=(),
+            shard=shard,
+            shards=2,
+            candidates=tuple(candidates),
+            chunk_size=4096,
+            round=0,
         )
-        return AttestedResult(SimpleNamespace(id="dd" * 32, message=message), [b"att"], 3)
+        return AttestedResult(SimpleNamespace(id=f"{shard}d" * 32, message=message), [b"att"], 3)
 
-    found = attested("ee" * 32, "ff" * 32)
+    found = AttestedRound([attested(0, "aa" * 32, "01" * 32), attested(1, "ee" * 32, "ff" * 32)], "12" * 32)
 
     async def fake_find(*_args):
         return found
@@ -284,7 +294,11 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
     asyncio.run(service._check_quorum(0))
     assert service.state.get("latest") is None
     assert service.round == 0
-    found = attested("aa" * 32, "bb" * 32)
+    found = AttestedRound([attested(0, "aa" * 32, "01" * 32), attested(1, "aa" * 32, "bb" * 32)], "12" * 32)
     asyncio.run(service._check_quorum(0))
-    assert service.state.get("latest")["fingerprint"] == "bb" * 32
+    latest = service.state.get("latest")
+    assert latest["fingerprint"] == "12" * 32
+    assert latest["results"] == ["0d" * 32, "1d" * 32]
+    # shard 0 (not computed here) is re-announced with a quorum member's attestation, shard 1 with ours
+    assert latest["announce"] == [[0, "0d" * 32, b"att"], [1, "cc" * 32, b"a"]]
     assert service.round == 1

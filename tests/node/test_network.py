@@ -48,6 +48,7 @@ def network(tmp_path_factory):
             network_name="tiny",
             method="ties",
             min_contributions=len(NODES),
+            quorum=2,  # 4 workers, 3 per shard: each node computes 3 of the 4 shards
             probe_set=["t1 t2 t3", "t4 t5 t6"],
             settle_seconds=1.0,
         )
@@ -63,28 +64,45 @@ def _manifest(store: ContentStore, digest: str, network_id: str) -> DeltaManifes
     return open_envelope(store.get(digest), DeltaManifest, network_id=network_id).message
 
 
+def _shard_results(store: ContentStore, latest: dict, network_id: str) -> list[MergeResult]:
+    return [
+        open_envelope(store.get(i), MergeResult, network_id=network_id).message for i in latest["results"]
+    ]
+
+
 def test_nodes_converge_on_the_offline_merge_without_the_poisoned_expert(network, tmp_path):
     fingerprints = {latest["fingerprint"] for latest in network.converged.values()}
     assert len(fingerprints) == 1
     (fingerprint,) = fingerprints
     with ContentStore(network.root / "n1" / "store") as store, NodeState(network.root / "n1") as state:
-        result = open_envelope(
-            store.get(network.converged["n1"]["result"]), MergeResult, network_id=network.network_id
-        ).message
+        shards = _shard_results(store, network.converged["n1"], network.network_id)
         honest = {state_name: None for state_name in HONEST}
         for name in NODES:
             with NodeState(network.root / name) as node_state:
                 honest[name] = node_state.get("contribution/0")["manifest"]
+        # four workers: four shards, each computed by three nodes (quorum 2 + one spare)
+        assert [(s.shard, s.shards) for s in shards] == [(j, len(NODES)) for j in range(len(NODES))]
+        assert len({s.recipe.id for s in shards}) == 1  # every shard admitted the same contributions
+        result = shards[0]
+        assert sorted(result.candidates) == sorted(honest.values())
         assert sorted(result.recipe.contributions) == sorted(honest[n] for n in HONEST)
         assert honest["n4"] not in result.recipe.contributions
+        computed = {}
+        for name in NODES:
+            with NodeState(network.root / name) as node_state:
+                computed[name] = sorted(int(k.rsplit("/", 1)[1]) for k in node_state.keys("shard/0/"))
+        assert all(len(shard_list) == 3 for shard_list in computed.values()), computed
         # Offline: rebuild each admitted expert as base + decoded delta, merge the folders with the engine.
         genesis = network.genesis
         base_entries = read_base_manifest(store.get(genesis.base_manifest))
         base = decode_tensors(base_entries, store.get, genesis.chunk_size)
         folders = []
+        owner = {manifest_id: name for name, manifest_id in honest.items()}
         for contribution in result.recipe.contributions:  # the recipe's (sorted) order
-            manifest = _manifest(store, contribution, network.network_id)
-            deltas = decode_tensors(manifest.tensors, store.get, manifest.chunk_size)
+            # a node holds only its shards' tensors of others' deltas: read each from its contributor
+            with ContentStore(network.root / owner[contribution] / "store") as own_store:
+                manifest = _manifest(own_store, contribution, network.network_id)
+                deltas = decode_tensors(manifest.tensors, own_store.get, manifest.chunk_size)
             folder = tmp_path / contribution[:12]
             folder.mkdir()
             expert = {k: (base[k].float() + deltas[k]).contiguous() for k in base}
@@ -111,10 +129,9 @@ def test_late_joiner_pulls_byte_identical_loadable_weights(network, tmp_path):
     assert f"round 0: {fingerprint}" in done.stdout
     assert weights_fingerprint(tmp_path / "merged") == fingerprint
     with ContentStore(network.root / "n2" / "store") as store:
-        result = open_envelope(
-            store.get(network.converged["n2"]["result"]), MergeResult, network_id=network.network_id
-        ).message
-        expected = decode_tensors(result.tensors, store.get, result.chunk_size)
+        expected = {}
+        for shard in _shard_results(store, network.converged["n2"], network.network_id):
+            expected.update(decode_tensors(shard.tensors, store.get, shard.chunk_size))
     pulled = load_file(tmp_path / "merged" / "model.safetensors")
     assert sorted(pulled) == sorted(expected)
     for name, tensor in expected.items():
@@ -174,7 +191,10 @@ def test_status_lists_peers_cards_and_attestations(network):
     experts = {c["expert"] for c in status["rounds"]["0"]["contributions"]}
     assert experts == {f"expert-{n}" for n in NODES}
     assert [s["expert"] for s in status["rounds"]["0"]["summaries"]] == ["wider"]
-    fingerprint = network.converged["n1"]["fingerprint"]
+    with ContentStore(network.root / "n1" / "store") as store:
+        shards = _shard_results(store, network.converged["n1"], network.network_id)
     attestations = status["rounds"]["0"]["attestations"]
-    assert len(attestations) >= 3
-    assert {a["fingerprint"] for a in attestations} == {fingerprint}
+    for shard in shards:
+        rows = [a for a in attestations if a["shard"] == f"{shard.shard}/{shard.shards}"]
+        assert len({a["peer"] for a in rows}) >= 2  # the quorum
+        assert {a["fingerprint"] for a in rows} == {shard.merged_fingerprint}

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from node.genesis import Genesis
-from node.rounds import Contribution, admit, contribution_problem, delta_norm, select_contributions
+from node.rounds import (
+    Contribution,
+    admit,
+    contribution_problem,
+    delta_norm,
+    plan_round,
+    select_contributions,
+)
 from protocol.chunks import decode_tensors, encode_tensors
 from protocol.codecs import parse_codec
 from protocol.envelope import sign_message
@@ -158,11 +165,10 @@ def test_delta_norm_is_the_l2_norm_over_all_tensors():
 
 
 def _decoder(chunks_by_id):
-    def decode(contribution: Contribution):
+    def decode(contribution: Contribution, names: tuple[str, ...]):
         manifest = contribution.manifest.message
-        return decode_tensors(
-            manifest.tensors, chunks_by_id[contribution.id].__getitem__, manifest.chunk_size
-        )
+        entries = tuple(t for t in manifest.tensors if t.name in names)
+        return decode_tensors(entries, chunks_by_id[contribution.id].__getitem__, manifest.chunk_size)
 
     return decode
 
@@ -193,10 +199,10 @@ def test_undecodable_and_misshapen_contributions_are_rejected():
     chunks = {m[1].id: m[2] for m in [*good, nan]}
     decode = _decoder(chunks)
 
-    def decode_with_nan(contribution):
+    def decode_with_nan(contribution, names):
         if contribution.id == nan[1].id:
             raise NonFiniteValuesError("expected finite values, got NaN")
-        return decode(contribution)
+        return decode(contribution, names)
 
     admission, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_with_nan)
     assert admission.rejected == {nan[1].id: "NonFiniteValuesError: expected finite values, got NaN"}
@@ -220,3 +226,74 @@ def test_recipe_is_identical_for_the_same_contributions_in_any_order():
 )
 def test_quorum_is_a_majority_of_contributors_at_least_two(quorum, contributors, needed):
     assert _genesis(quorum=quorum).quorum_for(contributors) == needed
+
+
+# --------------------------------------------------------------------------- sharded rounds
+
+WIDE_BASE = {f"t{i}.weight": torch.zeros(4 + 4 * i, 16) for i in range(6)}
+WIDE_ENTRIES = encode_tensors(WIDE_BASE, parse_codec("raw"), CHUNK)[0]
+
+
+def test_plan_round_splits_every_tensor_once_with_distinct_workers():
+    made = [_contribution(_who(n), seed=n) for n in (1, 2, 3, 4, 5)]
+    contributions = select_contributions(_genesis(quorum=2), 0, [m[:2] for m in made])
+    plan = plan_round(_genesis(quorum=2), contributions, WIDE_ENTRIES)
+    again = plan_round(_genesis(quorum=2), list(reversed(contributions)), WIDE_ENTRIES)
+    assert plan == again  # deterministic, independent of the order seen
+    assert plan.workers == tuple(sorted(_who(n).public_key for n in (1, 2, 3, 4, 5)))
+    assert plan.candidates == tuple(sorted(c.id for c in contributions))
+    assert plan.quorum == 2 and plan.replicas == 3 and len(plan.shards) == 5
+    names = [n for shard in plan.shards for n in shard]
+    assert sorted(names) == sorted(WIDE_BASE) and len(names) == len(set(names))
+    for j in range(5):
+        assert len(set(plan.workers_of(j))) == 3
+    # worker at position p computes shards p-2, p-1, p (mod 5)
+    assert plan.shards_of(plan.workers[0]) == (0, 3, 4)
+    assert all(len(plan.shards_of(w)) == 3 for w in plan.workers)
+    assert plan.shards_of(_who(9).public_key) == ()
+    # byte balance: the heaviest shard holds at most the mean plus the largest tensor
+    size = {e.name: e.nbytes for e in WIDE_ENTRIES}
+    loads = [sum(size[n] for n in shard) for shard in plan.shards]
+    assert max(loads) <= sum(size.values()) / 5 + max(size.values())
+
+
+def test_plan_round_with_fewer_workers_than_the_quorum_needs():
+    made = [_contribution(_who(n), seed=n) for n in (1, 2)]
+    genesis = _genesis(quorum=3)
+    plan = plan_round(genesis, select_contributions(genesis, 0, [m[:2] for m in made]), WIDE_ENTRIES)
+    assert (plan.quorum, plan.replicas, len(plan.shards)) == (3, 2, 2)
+
+
+def test_shard_admission_looks_at_the_shards_tensors_only():
+    good = [_contribution(_who(n), seed=n) for n in (1, 2, 3)]
+    spiky = _contribution(_who(4), seed=4)
+    contributions = select_contributions(GENESIS, 0, [m[:2] for m in [*good, spiky]])
+    chunks = {m[1].id: m[2] for m in [*good, spiky]}
+    decode = _decoder(chunks)
+
+    def decode_spiky(contribution, names):
+        deltas = dict(decode(contribution, names))
+        if contribution.id == spiky[1].id and "b.weight" in deltas:
+            deltas["b.weight"] = deltas["b.weight"] * 1000  # an outlier in b.weight only
+        return deltas
+
+    on_a, deltas_a = admit(GENESIS, contributions, BASE_ENTRIES, decode_spiky, ["a.weight"])
+    on_b, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_spiky, ["b.weight"])
+    assert spiky[1].id in on_a.admitted and set(deltas_a[spiky[1].id]) == {"a.weight"}
+    assert spiky[1].id not in on_b.admitted
+    assert on_b.rejected[spiky[1].id].startswith("expected a delta norm <= 3 x median")
+    # the name/shape check stays global: a manifest missing any base tensor fails every shard
+    other_base = encode_tensors({**BASE, "c.weight": torch.zeros(2)}, parse_codec("bf16"), CHUNK)[0]
+    on_a, _ = admit(GENESIS, contributions, other_base, decode, ["a.weight"])
+    assert on_a.admitted == ()
+
+
+def test_every_worker_of_a_shard_admits_identically():
+    made = [_contribution(_who(n), seed=n) for n in (1, 2, 3)] + [_contribution(_who(4), seed=4, scale=1.0)]
+    chunks = {m[1].id: m[2] for m in made}
+    outcomes = set()
+    for order in (made, list(reversed(made)), made[1:] + made[:1]):
+        contributions = select_contributions(GENESIS, 0, [m[:2] for m in order])
+        admission, _ = admit(GENESIS, contributions, BASE_ENTRIES, _decoder(chunks), ["b.weight"])
+        outcomes.add((admission.admitted, tuple(sorted(admission.rejected))))
+    assert outcomes == {(tuple(sorted(m[1].id for m in made[:3])), (made[3][1].id,))}

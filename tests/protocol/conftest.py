@@ -107,6 +107,9 @@ def result(who: Identity, round_number: int = 1, seed: int = 0, **changes):
         chunk_size=CHUNK,
         tensors=entries,
         merged_fingerprint=fingerprint_state_dict(tensors),
+        shard=0,
+        shards=1,
+        candidates=("11" * 32, "22" * 32, "33" * 32),
     )
     fields.update(changes)
     return MergeResult(**fields), chunks
@@ -123,6 +126,8 @@ def attestation(who: Identity, signed_result: Signed, **changes) -> Attestation:
         recipe_id=res.recipe.id,
         result_id=signed_result.id,
         merged_fingerprint=res.merged_fingerprint,
+        shard=res.shard,
+        shards=res.shards,
     )
     fields.update(changes)
     return Attestation(**fields)
