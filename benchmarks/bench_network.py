@@ -16,6 +16,8 @@ Usage: python benchmarks/bench_network.py [--mib 128] [--chunk-kib 1024] [--peer
                                           [--streams 2] [--batch 4] [--depth 2]
        python benchmarks/bench_network.py --converge 3,5,8 [--hidden 256] [--layers 4]
        (time to converge and bytes per node; see benchmarks/network_converge.py)
+       python benchmarks/bench_network.py --pull 256 [--pull-nodes 3] [--repeat 3]
+       (pull time vs moving its bytes; see benchmarks/network_pull.py)
 """
 
 from __future__ import annotations
@@ -206,11 +208,18 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=2, help="streams per peer")
     parser.add_argument("--batch", type=int, default=4, help="chunks per request")
     parser.add_argument("--depth", type=int, default=2, help="requests in flight per stream")
+    parser.add_argument("--pull", type=int, default=0, help="instead: pull a model of about this many MiB")
+    parser.add_argument("--pull-nodes", type=int, default=3, help="pull: node processes serving it")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved repetitions; medians are reported")
     args = parser.parse_args()
     total, chunk, seed = args.mib * MiB, args.chunk_kib * 1024, 7
     peer_counts = [int(x) for x in args.peers.split(",")]
 
+    if args.pull:
+        from network_pull import measure_pull
+
+        measure_pull(args.pull, args.pull_nodes, args.repeat, (args.streams, args.batch, args.depth))
+        return
     tcp_proc, tcp_conn = start_process(tcp_server, seed, total, chunk)
     port, chunk_port = tcp_conn.recv()
     if args.converge:

@@ -17,14 +17,12 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from safetensors.torch import save_file
-
+from node.assemble import write_safetensors
 from node.dht import RecordBoard, start_dht
 from node.errors import NodeError
 from node.service import claimed_latest_rounds, find_attested_result, peer_ids, read_genesis_from
 from node.store import ContentStore
 from node.transport import FetchReport, fetch_chunks
-from protocol.chunks import decode_tensors
 
 
 class NoResultError(NodeError):
@@ -118,11 +116,11 @@ async def pull(
                 await fetch(digests[start : start + 64])
                 if progress is not None:
                     progress("chunks", min(total, start + 64), total)
-            tensors = await asyncio.to_thread(decode_tensors, entries, store.get, attested.chunk_size)
             temp = out.with_name(f".{out.name}.partial-{os.getpid()}")
             shutil.rmtree(temp, ignore_errors=True)
             temp.mkdir(parents=True)
-            await asyncio.to_thread(save_file, tensors, str(temp / "model.safetensors"), {"format": "pt"})
+            model = temp / "model.safetensors"  # written chunk by chunk, with decode_entry's checks
+            await asyncio.to_thread(write_safetensors, entries, store.get, attested.chunk_size, model)
             for name, digest in genesis.base_files.items():
                 (temp / name).write_bytes(store.get(digest))
             replace_folder(temp, out)

@@ -1,0 +1,151 @@
+"""Pull time vs moving the same bytes, for a larger model (used by bench_network.py --pull MIB).
+
+A random float32 Llama of about MIB MiB is the base of a network of `nodes` node processes; two
+of them contribute an expert (base + seeded noise, bf16 deltas) and every node merges (ties).
+Then, in this process and in the same run:
+
+    pull            `node.pull.pull()` from call to a written, loadable folder (DHT start-up,
+                    lookups, attestation checks, fetch, decode, safetensors write, fsync, rename)
+    pull transfer   the part of it that fetches chunks (first to last progress report)
+    fetch           `fetch_chunks` of exactly the pulled chunks (the result's chunks, re-derived
+                    from the pulled weights, plus the side files) from the same peers, verified
+    fetch + store   the same into a fresh on-disk `ContentStore`
+    tcp floor       the same number of bytes over one plain TCP connection (raw, no hashing)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 1 << 20
+HIDDEN = 1024
+LAYER_MIB = 49  # one Llama layer of hidden 1024 and intermediate 2816 in float32
+
+
+def pulled_digests(folder: Path) -> tuple[list[str], str]:
+    """The chunk digests a pull of `folder` fetched, and the merged fingerprint they encode."""
+    from safetensors.torch import load_file
+
+    from protocol.aggregate import encode_result
+
+    entries, _, fingerprint = encode_result(load_file(folder / "model.safetensors"))
+    sides = [
+        hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.name != "model.safetensors"
+    ]
+    return [d for e in entries for d in e.chunks] + sides, fingerprint
+
+
+def raw_tcp_seconds(nbytes: int) -> float:
+    """Seconds to move `nbytes` over one plain TCP connection between two processes (best of 3)."""
+    from bench_network import start_process, stop_process, tcp_floor, tcp_server
+
+    proc, conn = start_process(tcp_server, 7, nbytes, MiB)
+    port, _ = conn.recv()
+    try:
+        rate = max(asyncio.run(tcp_floor(port, nbytes)) for _ in range(3))
+    finally:
+        stop_process(proc, conn)
+    return nbytes / MiB / rate
+
+
+def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int]) -> None:
+    """Print pull and fetch times for a ~`mib` MiB model served by `nodes` node processes."""
+    from bench_network import VerifyingSink
+    from hivemind.p2p import PeerID
+    from network_converge import make_models
+
+    from node.dht import start_dht
+    from node.local import LocalNetwork
+    from node.pull import pull
+    from node.store import ContentStore
+    from node.transport import fetch_chunks
+
+    layers = max(1, round(mib / LAYER_MIB))
+    options = dict(zip(("streams_per_peer", "batch", "depth"), shape, strict=True))
+    with tempfile.TemporaryDirectory(prefix="umm-bench-pull-", dir=os.environ.get("UMM_BENCH_TMP")) as tmp:
+        root = Path(tmp)
+        base, experts = make_models(root, 2, HIDDEN, layers)
+        model_mib = (base / "model.safetensors").stat().st_size / MiB
+        names = [f"n{i}" for i in range(nodes)]
+        with LocalNetwork(root / "net", poll=0.5) as net:
+            net.create(names[0], base, network_name="pullbench", method="ties", min_contributions=2)
+            peer_ids = []
+            net.start(names[0])
+            peer_ids.append(net.wait_ready(names[0])[0])
+            for name in names[1:]:
+                net.start(name)
+            peer_ids += [net.wait_ready(name)[0] for name in names[1:]]
+            peers = [PeerID.from_base58(m.rsplit("/p2p/", 1)[1]) for m in peer_ids]
+            started = time.perf_counter()
+            for name, expert in zip(names[1:3], experts, strict=False):
+                net.contribute(name, expert, codec="bf16")
+            net.wait_converged(names, timeout=1800)
+            converged = time.perf_counter() - started
+            print(f"model {model_mib:.0f} MiB float32, {nodes} nodes converged in {converged:.0f} s")
+
+            rows: dict[str, list[float]] = {}
+            for attempt in range(repeat):
+                out = root / f"pulled{attempt}"
+                marks: list[float] = []
+                tick = time.perf_counter()
+                outcome = asyncio.run(
+                    pull(
+                        net.network_id,
+                        out,
+                        initial_peers=[net.bootstrap],
+                        progress=lambda *_, marks=marks: marks.append(time.perf_counter()),
+                    )
+                )
+                finished = time.perf_counter()
+                rows.setdefault("pull (call to written folder)", []).append(finished - tick)
+                rows.setdefault("pull: up to the first chunk request", []).append(marks[0] - tick)
+                rows.setdefault("pull: transfer phase", []).append(marks[-1] - marks[0])
+                rows.setdefault("pull: decode, write, rename", []).append(finished - marks[-1])
+                digests, fingerprint = pulled_digests(out)
+                if fingerprint != outcome.merged_fingerprint:
+                    raise RuntimeError("the pulled weights do not re-encode to the attested fingerprint")
+                pulled_mib = outcome.bytes_fetched / MiB
+                shutil.rmtree(out)
+
+                async def fetch_twice(digests=digests):
+                    dht, _ = start_dht(initial_peers=[net.bootstrap], client_mode=True)
+                    p2p = await dht.replicate_p2p()
+                    try:
+                        await fetch_chunks(p2p, digests, peers, VerifyingSink(), **options)  # warm up
+                        tick = time.perf_counter()
+                        report = await fetch_chunks(p2p, digests, peers, VerifyingSink(), **options)
+                        verified = time.perf_counter() - tick
+                        with tempfile.TemporaryDirectory(dir=root) as folder, ContentStore(folder) as store:
+                            tick = time.perf_counter()
+                            await fetch_chunks(p2p, digests, peers, store, **options)
+                            stored = time.perf_counter() - tick
+                        return report.bytes_received, verified, stored
+                    finally:
+                        await p2p.shutdown()
+                        dht.shutdown()
+
+                moved, verified, stored = asyncio.run(fetch_twice())
+                rows.setdefault("fetch_chunks, verified", []).append(verified)
+                rows.setdefault("fetch_chunks, into a store", []).append(stored)
+                rows.setdefault("tcp floor (raw bytes)", []).append(raw_tcp_seconds(moved))
+    load = os.getloadavg()[0]
+    print(
+        f"pulled {pulled_mib:.0f} MiB from {nodes} peers ({model_mib:.0f} MiB model), median of {repeat}, "
+        f"load average {load:.1f}"
+    )
+    fetch = statistics.median(rows["fetch_chunks, verified"])
+    floor = statistics.median(rows["tcp floor (raw bytes)"])
+    print(f"{'step':34} {'s':>7} {'MiB/s':>7} {'x fetch':>8} {'x floor':>8}")
+    for name, values in rows.items():
+        seconds = statistics.median(values)
+        rate = pulled_mib / seconds
+        print(f"{name:34} {seconds:7.2f} {rate:7.0f} {seconds / fetch:7.2f}x {seconds / floor:7.2f}x")

@@ -1,0 +1,119 @@
+"""Write a safetensors file straight from stored chunks, one chunk at a time.
+
+A merge result's tensors use the ``raw`` codec: their encoded bytes are the tensor's bytes in
+safetensors' layout (flat, little-endian). Each chunk is therefore written at its place in the
+file as it is read from the store, with the checks `protocol.chunks.decode_entry` makes (chunk
+sizes, total length, the entry's sha256, finite floats) — but without holding the decoded model
+in memory, joining chunks, or hashing each chunk again (the store verifies every chunk it returns).
+Entries in other codecs are decoded by the protocol and written whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from protocol.chunks import decode_entry
+from protocol.codecs import DTYPE_NAMES, DTYPES, FLOAT_DTYPES, numel_of
+from protocol.errors import HashMismatchError, NonFiniteValuesError, TensorMismatchError
+from protocol.messages import TensorEntry
+
+SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+}
+
+
+def _streams_raw(entry: TensorEntry, chunk_size: int) -> bool:
+    """Whether `entry`'s chunks are the tensor's own bytes, each a whole number of elements."""
+    itemsize = DTYPES[entry.dtype].itemsize
+    return entry.codec.name == "raw" and not entry.codec.zstd and chunk_size % itemsize == 0
+
+
+def write_safetensors(
+    entries: Sequence[TensorEntry],
+    read_chunk: Callable[[str], bytes],
+    chunk_size: int,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Write the tensors of `entries` (sorted by name) to `path`; returns the bytes of tensor data.
+
+    `read_chunk` must return a chunk's bytes verified against its address (`ContentStore.get`).
+    Raises the protocol's errors on a chunk, length, digest or value that breaks a rule; `path`
+    is then left partial (write it inside a temp folder, fsync and rename it).
+    """
+    ordered = sorted(entries, key=lambda e: e.name)
+    decoded: dict[str, torch.Tensor] = {}
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for entry in ordered:
+        if _streams_raw(entry, chunk_size):
+            dtype, size = entry.dtype, numel_of(entry.shape) * DTYPES[entry.dtype].itemsize
+        else:
+            tensor = decode_entry(entry, read_chunk, chunk_size).contiguous()
+            decoded[entry.name] = tensor
+            dtype, size = DTYPE_NAMES[tensor.dtype], tensor.numel() * tensor.element_size()
+        header[entry.name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for entry in ordered:
+            if entry.name in decoded:
+                handle.write(decoded.pop(entry.name).reshape(-1).view(torch.uint8).numpy().data)
+            else:
+                _copy_raw_entry(entry, read_chunk, chunk_size, handle.write)
+    return offset
+
+
+def _copy_raw_entry(
+    entry: TensorEntry, read_chunk: Callable[[str], bytes], chunk_size: int, write: Callable
+) -> None:
+    expected = numel_of(entry.shape) * DTYPES[entry.dtype].itemsize
+    if entry.nbytes != expected:
+        raise TensorMismatchError(
+            f"expected {expected} encoded bytes for raw {entry.name} of shape {list(entry.shape)}, "
+            f"got an entry of {entry.nbytes}"
+        )
+    digest = hashlib.sha256()
+    written = 0
+    check_finite = entry.dtype in FLOAT_DTYPES
+    for index, address in enumerate(entry.chunks):
+        piece = read_chunk(address)
+        last = index == len(entry.chunks) - 1
+        if len(piece) > chunk_size or (not last and len(piece) != chunk_size):
+            raise TensorMismatchError(
+                f"expected chunk {index} of {entry.name} to be {chunk_size} bytes, got {len(piece)}"
+            )
+        if check_finite and piece:
+            with warnings.catch_warnings():  # a read-only buffer is fine: the view is only read
+                warnings.simplefilter("ignore", UserWarning)
+                values = torch.frombuffer(piece, dtype=DTYPES[entry.dtype])
+            if not bool(torch.isfinite(values).all()):
+                raise NonFiniteValuesError(f"expected finite values in {entry.name}, got NaN or Inf")
+        digest.update(piece)
+        write(piece)
+        written += len(piece)
+    if written != entry.nbytes:
+        raise TensorMismatchError(f"expected {entry.nbytes} bytes for {entry.name}, got {written}")
+    if digest.hexdigest() != entry.digest:
+        raise HashMismatchError(f"expected {entry.name} bytes to hash to {entry.digest}, got another hash")
