@@ -102,26 +102,20 @@ def _fmt_list(values: Sequence[int]) -> str:
     return "[" + ", ".join(str(v) for v in values) + "]"
 
 
-def _running(values: Sequence[int], pick: Callable[[int, int], int]) -> list[int]:
-    out, best = [], values[0]
-    for v in values:
-        best = pick(best, v)
-        out.append(best)
-    return out
+_LIST_OPS: dict[str, tuple[str, Callable[[list[int]], list[int]]]] = {
+    "Reverse": ("from the end", lambda v: v[::-1]),
+    "Sort": ("ascending", sorted),
+    "Sort descending": ("descending", lambda v: sorted(v, reverse=True)),
+}
 
 
 def _make_lists(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
+    """Reverse or sort 5-7 digits (2-4 when easy): every answer is a whole list, never one guess."""
     values = [rng.randint(0, 9) for _ in range(rng.randint(2, 4) if easy else rng.randint(5, 7))]
-    op = rng.choice(("max", "min", "reverse"))
-    if op == "reverse":
-        rev = values[::-1]
-        return f"Reverse {_fmt_list(values)}.", ["from the end: " + " ".join(map(str, rev))], _fmt_list(rev)
-    run = _running(values, max if op == "max" else min)
-    return (
-        f"Find the {op} of {_fmt_list(values)}.",
-        [f"{op} so far: " + " ".join(map(str, run))],
-        str(run[-1]),
-    )
+    verb = rng.choice(tuple(_LIST_OPS))
+    label, op = _LIST_OPS[verb]
+    out = op(values)
+    return f"{verb} {_fmt_list(values)}.", [f"{label}: " + " ".join(map(str, out))], _fmt_list(out)
 
 
 # --------------------------------------------------------------------------- logic
@@ -129,32 +123,51 @@ def _make_lists(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
 _BOOL = {True: "T", False: "F"}
 
 
-def _bool_literal(rng: random.Random, steps: list[str]) -> tuple[str, bool]:
-    """A literal, negated one time in four; a negation costs one ``not T = F`` step."""
+def _bool_literal(rng: random.Random) -> tuple[str, bool]:
+    """A literal, negated one time in four (``not T``): (text, value)."""
     value = rng.random() < 0.5
     if rng.random() < 0.25:
-        steps.append(f"not {_BOOL[value]} = {_BOOL[not value]}")
         return f"not {_BOOL[value]}", not value
     return _BOOL[value], value
 
 
-def _make_logic(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
-    """A left-nested chain such as ``(T and not F) or F``, reduced one operator per line."""
+def _bool_chain(rng: random.Random, operators: int) -> tuple[str, str, bool]:
+    """A left-nested chain such as ``(T and not F) or F``: (text, reduction steps, value).
+
+    Each step applies one operator to the value so far and the next literal, negation resolved:
+    ``T and T = T, T or F = T``.
+    """
     steps: list[str] = []
-    text, value = _bool_literal(rng, steps)
-    for i in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
+    text, value = _bool_literal(rng)
+    for i in range(operators):
         op = rng.choice(("and", "or"))
-        right_text, right = _bool_literal(rng, steps)
+        right_text, right = _bool_literal(rng)
         result = (value and right) if op == "and" else (value or right)
         steps.append(f"{_BOOL[value]} {op} {_BOOL[right]} = {_BOOL[result]}")
         text = f"({text}) {op} {right_text}" if i else f"{text} {op} {right_text}"
         value = result
-    return f"Evaluate {text}.", steps, str(value)
+    return text, ", ".join(steps), value
+
+
+def _make_logic(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
+    """Three chains of 2 operators (easy: one chain of 1-2), one reduction line per chain;
+    the answer lists every chain's value, so a guess is right about one time in eight."""
+    chains = [_bool_chain(rng, rng.randint(1, 2) if easy else 2) for _ in range(1 if easy else 3)]
+    return (
+        "Evaluate " + "; ".join(text for text, _, _ in chains) + ".",
+        [steps for _, steps, _ in chains],
+        " ".join(_BOOL[value] for _, _, value in chains),
+    )
 
 
 # --------------------------------------------------------------------------- tracing
 
 _VARS = ("a", "b", "c", "x", "y", "z")
+
+
+def _env_answer(env: dict[str, object]) -> str:
+    """Every variable's final value, by name: ``a=3, x=7``."""
+    return ", ".join(f"{name}={env[name]}" for name in sorted(env))
 
 
 def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
@@ -166,9 +179,9 @@ def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
     target = first
     code.append(f"{first}={env[first]}")
     steps.append(f"{first}={env[first]}")
-    for _ in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
+    for i in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
         source = target  # each statement reads the variable the previous one wrote
-        target = rng.choice(names)
+        target = names[1] if i == 0 else rng.choice(names)
         # Every value stays a single digit: pick among the steps that keep it in 0..9.
         op, k = rng.choice(
             [("+", k) for k in range(1, 10) if env[source] + k <= 9]
@@ -178,22 +191,27 @@ def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
         code.append(f"{target}={source}{op}{k}")
         steps.append(f"{target}={env[source]}{op}{k}={value}")
         env[target] = value
-    # The question asks for the variable written last, so the answer ends the chain of steps.
-    return f"Run {'; '.join(code)}. What is {target}?", steps, str(env[target])
+    # The question asks for every variable, so the answer needs the whole trace, not a guess.
+    asked = ", ".join(sorted(env))
+    return f"Run {'; '.join(code)}. What are {asked}?", steps, _env_answer(env)
 
 
 # --------------------------------------------------------------------------- compositional
 
 
 def _make_list_arith(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
-    values = [rng.randint(0, 9) for _ in range(rng.randint(2, 4) if easy else rng.randint(5, 7))]
-    hi, lo = _running(values, max), _running(values, min)
-    steps = ["max so far: " + " ".join(map(str, hi)), "min so far: " + " ".join(map(str, lo))]
-    steps += column_addition(hi[-1], lo[-1])
-    return f"Add the max and the min of {_fmt_list(values)}.", steps, str(hi[-1] + lo[-1])
+    """Sort 4 digits (easy: 2), then add the two halves read as numbers: a sort, then a sum."""
+    values = [rng.randint(0, 9) for _ in range(2 if easy else 4)]
+    ordered = sorted(values)
+    half = len(ordered) // 2
+    left = int("".join(map(str, ordered[:half])))
+    right = int("".join(map(str, ordered[half:])))
+    steps = ["ascending: " + " ".join(map(str, ordered)), *column_addition(left, right)]
+    return f"Sort {_fmt_list(values)} and add its two halves.", steps, str(left + right)
 
 
 def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
+    """Two boolean assignments, then 3-4 statements (easy: 1) of and / or / not; asks for all."""
     names = rng.sample(_VARS, 3)
     env: dict[str, bool] = {}
     code, steps = [], []
@@ -201,8 +219,8 @@ def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], st
         env[name] = rng.random() < 0.5
         code.append(f"{name}={_BOOL[env[name]]}")
         steps.append(f"{name}={_BOOL[env[name]]}")
-    for _ in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
-        target = rng.choice(names)
+    for i in range(1 if easy else rng.randint(3, 4)):
+        target = names[2] if i == 0 else rng.choice(names)
         known = sorted(env)
         if rng.random() < 0.25:
             src = rng.choice(known)
@@ -216,18 +234,18 @@ def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], st
             code.append(f"{target}={left} {op} {right}")
             steps.append(f"{target}={_BOOL[env[left]]} {op} {_BOOL[env[right]]}={_BOOL[value]}")
         env[target] = value
-    asked = rng.choice(sorted(env))
-    return f"Run {'; '.join(code)}. What is {asked}?", steps, str(env[asked])
+    answer = _env_answer({name: _BOOL[value] for name, value in env.items()})
+    return f"Run {'; '.join(code)}. What are {', '.join(sorted(env))}?", steps, answer
 
 
 TASKS: dict[str, Task] = {
     "arithmetic": Task("arithmetic", ("arithmetic",), _make_arithmetic, "an integer"),
-    "lists": Task("lists", ("lists",), _make_lists, "a number, or a list written like [1, 2, 3]"),
-    "logic": Task("logic", ("logic",), _make_logic, "True or False (T means True, F means False)"),
-    "tracing": Task("tracing", ("tracing",), _make_tracing, "an integer"),
+    "lists": Task("lists", ("lists",), _make_lists, "a list written like [1, 2, 3]"),
+    "logic": Task("logic", ("logic",), _make_logic, "the value of each expression in order, like T F T"),
+    "tracing": Task("tracing", ("tracing",), _make_tracing, "every variable's final value, like a=3, x=7"),
     "list_arith": Task("list_arith", ("lists", "arithmetic"), _make_list_arith, "an integer"),
     "bool_trace": Task(
-        "bool_trace", ("tracing", "logic"), _make_bool_trace, "True or False (T means True, F means False)"
+        "bool_trace", ("tracing", "logic"), _make_bool_trace, "every variable's value, like a=T, x=F"
     ),
 }
 DOMAINS: tuple[str, ...] = ("arithmetic", "lists", "logic", "tracing")
