@@ -34,6 +34,7 @@ THREADS = min(2, os.cpu_count() or 1)  # ranges per block run in parallel; the b
 ALIGN = 64  # range boundaries at multiples of this many values (whole cache lines)
 FUSED_SPARSIFY = (None, "magnitude", "outliers", "random")
 SAMPLE = 1 << 16  # values of the first block sampled to guess magnitude statistics
+SAMPLE_RUNS = 256  # in this many evenly spaced runs
 PIVOTS = 8  # at most this many candidate values counted per model in the statistics pass
 PIVOT_STEPS = (-2.5, 0.0, 2.5)  # standard errors from the sampled quantile
 
@@ -148,18 +149,23 @@ def _wanted_ranks(n: int, bounds: list[tuple[int, int]]) -> list[list[int]]:
 def _pivots(stack: TensorStack, raw: list[torch.Tensor], wanted: list[list[int]]) -> np.ndarray:
     """Per model, up to `PIVOTS` sorted candidate values of |delta| around the wanted ranks.
 
-    They are values of a strided sample of the first block, at the wanted quantiles and a few
-    standard errors either side: with many equal magnitudes (bfloat16 inputs) the wanted value
-    is usually one of them.
+    They are values of a sample of the first block (`SAMPLE_RUNS` evenly spaced runs of
+    contiguous values, cheap to read), at the wanted quantiles and a few standard errors either
+    side: with many equal magnitudes (bfloat16 inputs) the wanted value is usually one of them.
     """
     flat = [t.reshape(-1) for t in raw]
-    stride = max(1, flat[0].numel() // SAMPLE)
-    base = flat[stack.base_index][::stride].to(torch.float32)
+    size = flat[0].numel()
+    if size > SAMPLE:
+        run = SAMPLE // SAMPLE_RUNS
+        starts = torch.arange(SAMPLE_RUNS) * ((size - run) // (SAMPLE_RUNS - 1))
+        positions = (starts[:, None] + torch.arange(run)).flatten()
+        flat = [t[positions] for t in flat]
+    base = flat[stack.base_index].to(torch.float32)
     pivots = np.full((len(wanted), PIVOTS), np.nan, dtype=np.float32)
     for j, i in enumerate(stack.others):
         if not wanted[j]:
             continue
-        sample = np.sort(torch.abs(flat[i][::stride].to(torch.float32) - base).numpy())
+        sample = np.sort(torch.abs(flat[i].to(torch.float32) - base).numpy())
         size = sample.size
         chosen = set()
         for rank in wanted[j]:

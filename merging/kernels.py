@@ -180,85 +180,114 @@ def _equal_count(magnitude, count, value):
 
 
 @njit(cache=True, inline="always")
-def _drop_equal(magnitude, count, mask, value):
-    for t in range(count):
-        mask[t] = np.float32(0.0) if magnitude[t] == value else mask[t]
-
-
-@njit(cache=True, inline="always")
-def _window_mask(magnitude, count, mask, low, high, has_low, has_high, seen, quota):
-    """Float 1.0/0.0 keep mask of one tile for a rank window over |delta| (ties broken in flat order).
-
-    `seen[0|1]` counts the values equal to the low/high bound before this tile (updated); equal
-    values of rank below `quota[0]` (low) or at or above `quota[1]` (high) among them are dropped.
-    """
-    # a NaN is dropped here and kept by an all-ones mask: NaN * 0.0 and NaN * 1.0 are both NaN
-    lower = low if has_low else np.float32(-np.inf)
-    upper = high if has_high else np.float32(np.inf)
-    for t in range(count):
-        mask[t] = np.float32(1.0) if (magnitude[t] >= lower) & (magnitude[t] <= upper) else np.float32(0.0)
-    if has_low and seen[0] < quota[0]:
-        equal = _equal_count(magnitude, count, low)
-        if seen[0] + equal <= quota[0]:  # every equal value in this tile is dropped
-            _drop_equal(magnitude, count, mask, low)
-            seen[0] += equal
-        else:
-            for t in range(count):
-                if magnitude[t] == low:
-                    if seen[0] < quota[0]:
-                        mask[t] = 0.0
-                    seen[0] += 1
-    if has_high:
-        if seen[1] >= quota[1]:  # every equal value from here on is dropped
-            _drop_equal(magnitude, count, mask, high)
-            return
-        equal = _equal_count(magnitude, count, high)
-        if seen[1] + equal <= quota[1]:  # none in this tile is dropped
-            seen[1] += equal
-            return
-        for t in range(count):
-            if magnitude[t] == high:
-                if seen[1] >= quota[1]:
-                    mask[t] = 0.0
-                seen[1] += 1
-
-
-@njit(cache=True, inline="always")
 def _draw(key, index):
     """Draw `index` of the stream `key`: the top 24 bits of SplitMix64 output `index`, in [0, 1)."""
     return np.float32(splitmix64(key, index) >> U40) * INV_2_24
 
 
 @njit(cache=True, inline="always")
-def _task_vector(x, count, base_values, mode, density, rescale, weight, key, first, window, tile_state, out):
+def _sparsified(delta, kept, density, rescale, weight):
+    """(delta * kept [/ density]) * weight, each step rounded to float32 as torch does."""
+    value = delta * kept
+    if rescale:
+        value = value / density
+    return value * weight
+
+
+@njit(cache=True, inline="always")
+def _drop_all_equal(x, count, base_values, magnitude, value, density, rescale, weight, out):
+    zero = np.float32(0.0)
+    for t in range(count):
+        dropped = _sparsified(value_at(x, t) - base_values[t], zero, density, rescale, weight)
+        out[t] = dropped if magnitude[t] == value else out[t]
+
+
+@njit(cache=True, inline="always")
+def _window_pass(x, count, base_values, low, high, density, rescale, weight, magnitude, out):
+    """Entries with low <= |delta| <= high kept; returns how many equal low and high."""
+    one, zero = np.float32(1.0), np.float32(0.0)
+    equal_low = np.int32(0)
+    equal_high = np.int32(0)
+    for t in range(count):
+        delta = value_at(x, t) - base_values[t]
+        size = abs(delta)
+        magnitude[t] = size
+        kept = one if (size >= low) & (size <= high) else zero
+        out[t] = _sparsified(delta, kept, density, rescale, weight)
+        equal_low += np.int32(size == low)
+        equal_high += np.int32(size == high)
+    return equal_low, equal_high
+
+
+@njit(cache=True, inline="always")
+def _random_pass(x, count, base_values, key, first, density, rescale, weight, out):
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for t in range(count):
+        kept = one if _draw(key, first + t) < density else zero
+        out[t] = _sparsified(value_at(x, t) - base_values[t], kept, density, rescale, weight)
+
+
+@njit(cache=True, inline="always")
+def _window(x, count, base_values, density, rescale, weight, bounds, has_bounds, seen, quota, magnitude, out):
+    """Keep the entries whose |delta| rank lies in a window (ties broken in flat order).
+
+    `seen[0|1]` counts the values equal to the low/high bound before this tile (updated); equal
+    values of rank below `quota[0]` (low) or at or above `quota[1]` (high) among them are dropped.
+    A NaN fails both bounds and is dropped: NaN * 0.0 is NaN, as NaN * 1.0 is.
+    """
+    zero = np.float32(0.0)
+    low = bounds[0] if has_bounds[0] else np.float32(-np.inf)
+    high = bounds[1] if has_bounds[1] else np.float32(np.inf)
+    if rescale:  # two copies of the loop with a constant flag: a branch inside would not vectorize
+        equal_low, equal_high = _window_pass(
+            x, count, base_values, low, high, density, True, weight, magnitude, out
+        )
+    else:
+        equal_low, equal_high = _window_pass(
+            x, count, base_values, low, high, density, False, weight, magnitude, out
+        )
+    if has_bounds[0] and seen[0] < quota[0]:
+        if seen[0] + equal_low <= quota[0]:  # every equal value in this tile is dropped
+            _drop_all_equal(x, count, base_values, magnitude, low, density, rescale, weight, out)
+            seen[0] += equal_low
+        else:
+            for t in range(count):
+                if magnitude[t] == low:
+                    if seen[0] < quota[0]:
+                        out[t] = _sparsified(value_at(x, t) - base_values[t], zero, density, rescale, weight)
+                    seen[0] += 1
+    if has_bounds[1]:
+        if seen[1] >= quota[1]:  # every equal value from here on is dropped
+            _drop_all_equal(x, count, base_values, magnitude, high, density, rescale, weight, out)
+        elif seen[1] + equal_high <= quota[1]:  # none in this tile is dropped
+            seen[1] += equal_high
+        else:
+            for t in range(count):
+                if magnitude[t] == high:
+                    if seen[1] >= quota[1]:
+                        out[t] = _sparsified(value_at(x, t) - base_values[t], zero, density, rescale, weight)
+                    seen[1] += 1
+
+
+@njit(cache=True, inline="always")
+def _task_vector(x, count, base_values, mode, density, rescale, weight, key, first, window, out):
     """One model's weighted, sparsified task vector over one tile into `out` (see `merge_range`)."""
+    zero = np.float32(0.0)
     if mode == KEEP:
         for t in range(count):
             out[t] = (value_at(x, t) - base_values[t]) * weight
     elif mode == ZERO:
         for t in range(count):
-            out[t] = ((value_at(x, t) - base_values[t]) * np.float32(0.0)) * weight
-    elif mode == RANDOM and rescale:
-        for t in range(count):
-            kept = np.float32(1.0) if _draw(key, first + t) < density else np.float32(0.0)
-            out[t] = (((value_at(x, t) - base_values[t]) * kept) / density) * weight
+            out[t] = ((value_at(x, t) - base_values[t]) * zero) * weight
+    elif mode == RANDOM and rescale:  # constant flags: see `_window`
+        _random_pass(x, count, base_values, key, first, density, True, weight, out)
     elif mode == RANDOM:
-        for t in range(count):
-            kept = np.float32(1.0) if _draw(key, first + t) < density else np.float32(0.0)
-            out[t] = ((value_at(x, t) - base_values[t]) * kept) * weight
-    else:  # WINDOW
-        magnitude, mask, low, high, has_low, has_high = window
-        seen, quota = tile_state
-        for t in range(count):
-            out[t] = value_at(x, t) - base_values[t]
-            magnitude[t] = abs(out[t])
-        _window_mask(magnitude, count, mask, low, high, has_low, has_high, seen, quota)
-        if rescale:
-            for t in range(count):
-                out[t] = ((out[t] * mask[t]) / density) * weight
-        else:
-            for t in range(count):
-                out[t] = (out[t] * mask[t]) * weight
+        _random_pass(x, count, base_values, key, first, density, False, weight, out)
+    else:
+        bounds, has_bounds, seen, quota, magnitude = window
+        _window(
+            x, count, base_values, density, rescale, weight, bounds, has_bounds, seen, quota, magnitude, out
+        )
 
 
 @njit(cache=True, nogil=True)
@@ -298,7 +327,6 @@ def merge_range(
     k = len(models)
     base_values = np.empty(TILE, dtype=np.float32)
     magnitude = np.empty(TILE, dtype=np.float32)
-    mask = np.empty(TILE, dtype=np.float32)
     weighted = np.empty((k, TILE), dtype=np.float32)
     mixed = np.empty(TILE, dtype=np.float32)
     divisor = np.empty(TILE, dtype=np.float32)
@@ -309,7 +337,7 @@ def merge_range(
         decode(inputs[base], tile, count, base_values)
         for j in range(k):
             x = inputs[models[j]][tile : tile + count]
-            window = (magnitude, mask, bounds[j, 0], bounds[j, 1], has_bounds[j, 0], has_bounds[j, 1])
+            window = (bounds[j], has_bounds[j], seen[j], quota[j], magnitude)
             _task_vector(
                 x,
                 count,
@@ -321,7 +349,6 @@ def merge_range(
                 keys[j],
                 offset + tile,
                 window,
-                (seen[j], quota[j]),
                 weighted[j],
             )
         first = weighted[0]
