@@ -319,7 +319,6 @@ class NodeService:
         self.maddrs: list[str] = []
         self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
         self._missing_polls: dict[str, int] = {}
-        self._lacking: dict[int, set[int] | None] = {}
         self._last_published: dict[str, tuple[bytes, float]] = {}
         self.bytes_received = 0
 
@@ -512,40 +511,53 @@ class NodeService:
         base_entries = self._base_entries()
         plan = plan_round(self.genesis, contributions, base_entries)
         waited = time.monotonic() - seen[1] - self.genesis.settle_seconds
-        shards = self._shards_to_compute(r, plan, waited)
-        if not shards:
+        shards = await self._shards_to_compute(r, plan, waited)
+        todo = []
+        for j in shards:
+            # a shard merged for these candidates is final: admission is a function of their bytes
+            own = self.state.get(f"shard/{r}/{j}")
+            if (
+                own is not None
+                and tuple(own["candidates"]) == plan.candidates
+                and own["shards"] == len(plan.shards)
+            ):
+                await self._attest_canonical(r, j, own)
+            else:
+                todo.append(j)
+        if not todo:
             return
-        nameset = {name for j in shards for name in plan.shards[j]}
+        nameset = {name for j in todo for name in plan.shards[j]}
+        started = time.monotonic()
         available = await self._fetch_shard_inputs(contributions, nameset)
         if available is None:
             return  # wait for the chunks rather than decide on a partial view
-        for j in shards:
-            own = self.state.get(f"shard/{r}/{j}")
+        logger.info(
+            "round %d: shards %s of %d: inputs of %d contributions in %.1f s",
+            r,
+            todo,
+            len(plan.shards),
+            len(available),
+            time.monotonic() - started,
+        )
+        for j in todo:
             admission, deltas = await asyncio.to_thread(
                 admit, self.genesis, available, base_entries, self._decode, plan.shards[j]
             )
             if not admission.admitted:
                 continue
             recipe = self.genesis.recipe(r, list(admission.admitted))
-            if (
-                own is None
-                or own["recipe"] != recipe.id
-                or tuple(own["candidates"]) != plan.candidates
-                or own["shards"] != len(plan.shards)
-            ):
-                own = await asyncio.to_thread(self._merge_shard, r, plan, j, recipe, deltas, base_entries)
-                self.state.set(f"shard/{r}/{j}", own)
+            own = await asyncio.to_thread(self._merge_shard, r, plan, j, recipe, deltas, base_entries)
+            self.state.set(f"shard/{r}/{j}", own)
             await self._attest_canonical(r, j, own)
 
-    def _shards_to_compute(self, r: int, plan: RoundPlan, waited: float) -> tuple[int, ...]:
+    async def _shards_to_compute(self, r: int, plan: RoundPlan, waited: float) -> tuple[int, ...]:
         """This node's shards; every shard when the workers alone cannot reach the quorum; after
         FALLBACK_SECONDS without a decided round, also the shards that still lack a quorum."""
         if plan.replicas < plan.quorum:
             return tuple(range(len(plan.shards)))
         mine = set(plan.shards_of(self.identity.public_key))
         if waited >= FALLBACK_SECONDS:
-            lacking = self._lacking.get(r)
-            mine |= set(range(len(plan.shards))) if lacking is None else lacking
+            mine |= await self._lacking_shards(r, plan)
         return tuple(sorted(j for j in mine if j < len(plan.shards)))
 
     async def _fetch_shard_inputs(
@@ -690,7 +702,6 @@ class NodeService:
     async def _check_quorum(self, r: int) -> None:
         found = await find_attested_result(self.board, self.genesis, r, self.fetch, self.store)
         if found is None:
-            self._lacking[r] = await self._lacking_shards(r)
             return
         announce = []
         for shard in found.shards:
@@ -737,18 +748,18 @@ class NodeService:
             found.signers,
         )
 
-    async def _lacking_shards(self, r: int) -> set[int] | None:
-        """Shards of this node's plan for round r that no quorum attests yet (None: no plan yet)."""
-        plan_shards = {
-            int(key.rsplit("/", 1)[1]): self.state.get(key) for key in self.state.keys(f"shard/{r}/")
-        }
-        if not plan_shards:
-            return None
-        count = next(iter(plan_shards.values()))["shards"]
+    async def _lacking_shards(self, r: int, plan: RoundPlan) -> set[int]:
+        """Shards of `plan` whose results do not (yet) carry a quorum of valid attestations."""
         lacking = set()
-        for j in range(count):
+        for j in range(len(plan.shards)):
             records = await read_shard_records(self.board, self.network_id, r, j)
-            quorum = self.genesis.quorum_for(len(next(iter(plan_shards.values()))["candidates"]))
-            if not any(len(atts) >= quorum for atts in records.attestations.values()):
+            signers = set()
+            for attestations in records.attestations.values():
+                counted = {
+                    verify_message(a, Attestation, network_id=self.network_id).message.signer
+                    for a in attestations
+                }
+                signers = max(signers, counted, key=len)
+            if len(signers) < plan.quorum:
                 lacking.add(j)
         return lacking

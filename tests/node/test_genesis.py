@@ -302,3 +302,44 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
     # shard 0 (not computed here) is re-announced with a quorum member's attestation, shard 1 with ours
     assert latest["announce"] == [[0, "0d" * 32, b"att"], [1, "cc" * 32, b"a"]]
     assert service.round == 1
+
+
+def test_a_node_merges_its_shards_then_after_the_fallback_time_the_ones_lacking_a_quorum(
+    base_dir, tmp_path, monkeypatch
+):
+    import asyncio
+    import dataclasses
+
+    from node.rounds import RoundPlan
+    from node.service import FALLBACK_SECONDS, NodeService
+
+    with ContentStore(tmp_path / "store") as store:
+        _, record = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x07" * 32), store)
+    service = NodeService(tmp_path / "node", genesis_record=record)
+    others = [Identity.from_seed(bytes([n]) * 32).public_key for n in (21, 22, 23)]
+    workers = tuple(sorted([service.identity.public_key, *others]))
+    plan = RoundPlan(
+        candidates=tuple(f"{n}{n}" * 32 for n in range(1, 5)),
+        workers=workers,
+        shards=(("a",), ("b",), ("c",), ("d",)),
+        replicas=3,
+        quorum=2,
+    )
+    position = workers.index(service.identity.public_key)
+    mine = tuple(sorted({(position - t) % 4 for t in range(3)}))  # shards p-2, p-1, p
+    (other,) = {0, 1, 2, 3} - set(mine)
+    assert asyncio.run(service._shards_to_compute(0, plan, 0.0)) == mine
+
+    async def lacking(_r, _plan):
+        return {other}
+
+    monkeypatch.setattr(service, "_lacking_shards", lacking)
+    assert asyncio.run(service._shards_to_compute(0, plan, FALLBACK_SECONDS - 1)) == mine
+    assert asyncio.run(service._shards_to_compute(0, plan, FALLBACK_SECONDS)) == (0, 1, 2, 3)
+    # workers alone cannot reach the quorum: every node merges every shard
+    assert asyncio.run(service._shards_to_compute(0, dataclasses.replace(plan, quorum=4), 0.0)) == (
+        0,
+        1,
+        2,
+        3,
+    )
