@@ -1,7 +1,8 @@
 """A network of node processes on 127.0.0.1 under one folder (for `umm demo`, benchmarks and tests).
 
 Each node is a `umm node start` process in its own session and process group, with its data in
-``<root>/<name>`` and its output in ``<root>/<name>.log``; `close` stops every group (p2pd included).
+``<root>/<name>`` and its output in ``<root>/<name>.log``; `close` stops every group (p2pd included)
+and removes the unix sockets the nodes listened on, even for a node that was SIGKILLed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from node.contribute import PreparedContribution, contribute
 from node.errors import NodeError
 from node.genesis import Genesis, create_genesis
-from node.process import spawn_in_new_session, stop_process_group
+from node.process import bound_unix_sockets, process_tree, spawn_in_new_session, stop_process_group
 from node.service import load_or_create_identity
 from node.state import NodeState
 from node.store import ContentStore
@@ -31,6 +32,7 @@ class LocalNetwork:
         self.poll = poll
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, int] = {}
+        self.sockets: dict[str, set[str]] = {}  # unix sockets each node's processes listen on
         self.genesis: Genesis | None = None
         self.bootstrap = ""
 
@@ -69,6 +71,8 @@ class LocalNetwork:
         while time.monotonic() < deadline:
             lines = log.read_text().splitlines()
             if lines.count("ready") >= self.started[name]:
+                tree = process_tree(self.procs[name].pid)
+                self.sockets.setdefault(name, set()).update(bound_unix_sockets(tree))
                 maddrs = [line.split(": ", 1)[1] for line in lines if line.startswith("multiaddr: ")]
                 if not self.bootstrap:
                     self.bootstrap = maddrs[0]
@@ -121,12 +125,13 @@ class LocalNetwork:
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout + 60)
 
     def stop(self, name: str, grace: float = 10.0) -> None:
-        stop_process_group(self.procs[name].pid, grace=grace)
+        """Stop node `name` (its whole process group) and remove the unix sockets it left."""
+        stop_process_group(self.procs[name].pid, grace=grace, sockets=self.sockets.pop(name, ()))
 
     def close(self) -> None:
-        """Stop every node's process group."""
-        for proc in self.procs.values():
-            stop_process_group(proc.pid, grace=10.0)
+        """Stop every node's process group (also those already killed: their sockets are removed)."""
+        for name in list(self.procs):
+            self.stop(name)
 
     def __enter__(self) -> LocalNetwork:
         return self

@@ -2,7 +2,13 @@
 
 hivemind's DHT forks a child which starts `p2pd`; `NodeDHT` makes that child die with its parent.
 These helpers start a node as a session leader (so its whole tree shares one process group) and
-stop the group: SIGTERM first (clean shutdown), SIGKILL after a grace period.
+stop it: SIGTERM to the node first, so it shuts its DHT child and `p2pd` down in order (each
+removes its unix sockets); SIGTERM to the whole group after a grace period, SIGKILL after another.
+
+A process that is killed cannot remove the unix sockets it listens on (hivemind's
+``/tmp/hivemind-p2pclient-*.sock`` and ``hivemind-p2pd-*.sock``, multiprocessing's
+``/tmp/pymp-*/listener-*``); `bound_unix_sockets` finds them
+while the processes run and `remove_stale_sockets` deletes them once their owners are gone.
 """
 
 from __future__ import annotations
@@ -10,10 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+HIVEMIND_SOCKET_PREFIX = "hivemind-"  # hivemind's P2P names its sockets /tmp/hivemind-*.sock
+MP_FOLDER_PREFIX = "pymp-"  # multiprocessing's temp folder (a listener socket inside)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -74,16 +84,71 @@ def wait_gone(pids: Sequence[int], timeout: float) -> list[int]:
         time.sleep(0.05)
 
 
-def stop_process_group(pid: int, *, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by `pid` and every descendant; SIGKILL what is left after `grace`."""
+def bound_unix_sockets(pids: Sequence[int]) -> set[str]:
+    """Paths of the unix sockets that processes `pids` hold open with a name (Linux /proc)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(FileNotFoundError, OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    paths: set[str] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith("/"):
+                paths.add(fields[7])
+    return paths
+
+
+def remove_stale_sockets(paths: Iterable[str], owners: Sequence[int]) -> list[str]:
+    """Delete the hivemind and multiprocessing sockets among `paths` once all of `owners` are gone.
+
+    Returns the paths removed (none while an owner lives).
+    """
+    if any(is_alive(pid) for pid in owners):
+        return []
+    removed = []
+    for path in paths:
+        target = Path(path)
+        with contextlib.suppress(FileNotFoundError):
+            if _is_ours(target) and stat.S_ISSOCK(target.lstat().st_mode):
+                target.unlink()
+                removed.append(path)
+                if target.parent.name.startswith(MP_FOLDER_PREFIX):
+                    with contextlib.suppress(OSError):
+                        target.parent.rmdir()  # only if empty
+    return removed
+
+
+def _is_ours(path: Path) -> bool:
+    """hivemind's P2P sockets, or a multiprocessing listener in its own ``pymp-*`` temp folder."""
+    if path.name.startswith(HIVEMIND_SOCKET_PREFIX):
+        return True
+    return path.parent.name.startswith(MP_FOLDER_PREFIX) and path.name.startswith("listener-")
+
+
+def stop_process_group(pid: int, *, grace: float = 10.0, sockets: Iterable[str] = ()) -> None:
+    """Stop the node led by `pid`, its process group and every descendant (see the module docstring).
+
+    Unix sockets the tree holds now, and `sockets` (found earlier), are removed once it is gone.
+    """
     tree = process_tree(pid)
-    _signal_all(pid, tree, signal.SIGTERM)
+    stale = bound_unix_sockets(tree) | set(sockets)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     left = wait_gone(tree, grace)
+    if left:
+        _signal_all(pid, left, signal.SIGTERM)
+        left = wait_gone(left, grace)
     if left:
         _signal_all(pid, left, signal.SIGKILL)
         wait_gone(left, 5.0)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+    remove_stale_sockets(stale, tree)
 
 
 def _signal_all(group: int, pids: Sequence[int], sig: signal.Signals) -> None:

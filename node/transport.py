@@ -371,7 +371,7 @@ async def fetch_chunks(
     sink: ChunkSink,
     *,
     streams_per_peer: int = 2,
-    batch: int = 8,
+    batch: int = 4,
     depth: int = 2,
     writers: int = 4,
     timeout: float = DEFAULT_TIMEOUT,
