@@ -195,11 +195,16 @@ def _sparsified(delta, kept, density, rescale, weight):
 
 
 @njit(cache=True, inline="always")
-def _drop_all_equal(x, count, base_values, magnitude, value, density, rescale, weight, out):
-    zero = np.float32(0.0)
+def _dropped(x, t, base_values, weight):
+    """A dropped entry: (delta * 0.0) * weight. Dividing that (a signed zero or NaN) by a positive
+    density changes no bit, so this is also the rescaled value."""
+    return ((value_at(x, t) - base_values[t]) * np.float32(0.0)) * weight
+
+
+@njit(cache=True, inline="always")
+def _drop_all_equal(x, count, base_values, magnitude, value, weight, out):
     for t in range(count):
-        dropped = _sparsified(value_at(x, t) - base_values[t], zero, density, rescale, weight)
-        out[t] = dropped if magnitude[t] == value else out[t]
+        out[t] = _dropped(x, t, base_values, weight) if magnitude[t] == value else out[t]
 
 
 @njit(cache=True, inline="always")
@@ -235,7 +240,6 @@ def _window(x, count, base_values, density, rescale, weight, bounds, has_bounds,
     values of rank below `quota[0]` (low) or at or above `quota[1]` (high) among them are dropped.
     A NaN fails both bounds and is dropped: NaN * 0.0 is NaN, as NaN * 1.0 is.
     """
-    zero = np.float32(0.0)
     low = bounds[0] if has_bounds[0] else np.float32(-np.inf)
     high = bounds[1] if has_bounds[1] else np.float32(np.inf)
     if rescale:  # two copies of the loop with a constant flag: a branch inside would not vectorize
@@ -248,24 +252,24 @@ def _window(x, count, base_values, density, rescale, weight, bounds, has_bounds,
         )
     if has_bounds[0] and seen[0] < quota[0]:
         if seen[0] + equal_low <= quota[0]:  # every equal value in this tile is dropped
-            _drop_all_equal(x, count, base_values, magnitude, low, density, rescale, weight, out)
+            _drop_all_equal(x, count, base_values, magnitude, low, weight, out)
             seen[0] += equal_low
         else:
             for t in range(count):
                 if magnitude[t] == low:
                     if seen[0] < quota[0]:
-                        out[t] = _sparsified(value_at(x, t) - base_values[t], zero, density, rescale, weight)
+                        out[t] = _dropped(x, t, base_values, weight)
                     seen[0] += 1
     if has_bounds[1]:
         if seen[1] >= quota[1]:  # every equal value from here on is dropped
-            _drop_all_equal(x, count, base_values, magnitude, high, density, rescale, weight, out)
+            _drop_all_equal(x, count, base_values, magnitude, high, weight, out)
         elif seen[1] + equal_high <= quota[1]:  # none in this tile is dropped
             seen[1] += equal_high
         else:
             for t in range(count):
                 if magnitude[t] == high:
                     if seen[1] >= quota[1]:
-                        out[t] = _sparsified(value_at(x, t) - base_values[t], zero, density, rescale, weight)
+                        out[t] = _dropped(x, t, base_values, weight)
                     seen[1] += 1
 
 
