@@ -211,7 +211,8 @@ def _make_list_arith(rng: random.Random, easy: bool) -> tuple[str, list[str], st
 
 
 def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
-    """Two boolean assignments, then 3-4 statements (easy: 1) of and / or / not; asks for all."""
+    """Two boolean assignments, then 3-4 statements (easy: 1) of and / or / not; asks for every
+    variable a statement wrote (at least two when full), so no answer is copied from the prompt."""
     names = rng.sample(_VARS, 3)
     env: dict[str, bool] = {}
     code, steps = [], []
@@ -219,8 +220,9 @@ def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], st
         env[name] = rng.random() < 0.5
         code.append(f"{name}={_BOOL[env[name]]}")
         steps.append(f"{name}={_BOOL[env[name]]}")
+    written: set[str] = set()
     for i in range(1 if easy else rng.randint(3, 4)):
-        target = names[2] if i == 0 else rng.choice(names)
+        target = (names[2], names[0])[i] if i < 2 else rng.choice(names)
         known = sorted(env)
         if rng.random() < 0.25:
             src = rng.choice(known)
@@ -234,8 +236,9 @@ def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], st
             code.append(f"{target}={left} {op} {right}")
             steps.append(f"{target}={_BOOL[env[left]]} {op} {_BOOL[env[right]]}={_BOOL[value]}")
         env[target] = value
-    answer = _env_answer({name: _BOOL[value] for name, value in env.items()})
-    return f"Run {'; '.join(code)}. What are {', '.join(sorted(env))}?", steps, answer
+        written.add(target)
+    answer = _env_answer({name: _BOOL[env[name]] for name in written})
+    return f"Run {'; '.join(code)}. What are {', '.join(sorted(written))}?", steps, answer
 
 
 TASKS: dict[str, Task] = {

@@ -31,6 +31,7 @@ class TrainSpec:
     warmup: int = 20
     weight_decay: float = 0.0
     easy: bool = False  # train on the tasks' easier variants (the base model's curriculum)
+    frozen: tuple[str, ...] = ()  # parameters whose name contains one of these stay as they are
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +42,7 @@ class TrainSpec:
             "warmup": self.warmup,
             "weight_decay": self.weight_decay,
             "easy": self.easy,
+            "frozen": list(self.frozen),
         }
 
 
@@ -102,9 +104,12 @@ def train(model: torch.nn.Module, tokenizer: Any, spec: TrainSpec, seed: int) ->
     """Train ``model`` in place for ``spec.steps`` steps; returns the loss of every step."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98)
-    )
+    trained, held = [], []
+    for name, param in model.named_parameters():
+        (held if any(part in name for part in spec.frozen) else trained).append(param)
+    for param in held:
+        param.requires_grad_(False)
+    optimizer = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
     def schedule(step: int) -> float:
         if step < spec.warmup:
@@ -124,10 +129,12 @@ def train(model: torch.nn.Module, tokenizer: Any, spec: TrainSpec, seed: int) ->
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+    for param in held:
+        param.requires_grad_(True)
     model.eval()
     return losses
 

@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import merging.testbed.zoo as zoo_module
 from merging.testbed.harness import evaluate, greedy_generate, plain_prompt, score
 from merging.testbed.tasks import TASKS, generate
-from merging.testbed.zoo import RECIPES, ZooError, build_zoo, model_meta
+from merging.testbed.tokenizers_build import char_tokenizer
+from merging.testbed.training import TrainSpec, train
+from merging.testbed.zoo import RECIPES, ModelSpec, ZooError, _make_model, build_zoo, model_meta
 
 
 def _tiny_recipe(lr: float = 1e-2):
@@ -95,3 +97,16 @@ def test_left_padded_batches_decode_like_single_prompts(micro_zoo, name):
     batched = greedy_generate(model, tok, prompts, 24)
     single = [greedy_generate(model, tok, [p], 24)[0] for p in prompts]
     assert batched == single
+
+
+def test_frozen_parameters_keep_their_values():
+    tok = char_tokenizer()
+    model = _make_model(ModelSpec("llama", hidden=16, layers=1, heads=2, intermediate=32), tok, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = TrainSpec(steps=2, lr=1e-2, batch_size=4, mixture=(("logic@easy", 1.0),), warmup=1)
+    train(model, tok, replace(spec, frozen=("embed_tokens", "norm")), seed=0)
+    after = model.state_dict()
+    held = [k for k in after if "embed_tokens" in k or "norm" in k or k == "lm_head.weight"]
+    assert held and all(torch.equal(after[k], before[k]) for k in held)
+    assert all(not torch.equal(after[k], before[k]) for k in after if k not in held)
+    assert all(p.requires_grad for p in model.parameters())
