@@ -33,8 +33,8 @@ from merging.select import OrderStatistic, RankWindow, window_from_ranks
 THREADS = min(2, os.cpu_count() or 1)  # ranges per block run in parallel; the bytes do not depend on it
 ALIGN = 64  # range boundaries at multiples of this many values (whole cache lines)
 FUSED_SPARSIFY = (None, "magnitude", "outliers", "random")
-SAMPLE = 1 << 16  # values of the first block sampled to guess magnitude statistics
-SAMPLE_RUNS = 256  # in this many evenly spaced runs
+SAMPLE = 1 << 14  # values of the first block sampled to guess magnitude statistics
+SAMPLE_RUNS = 128  # in this many evenly spaced runs
 PIVOTS = 8  # at most this many candidate values counted per model in the statistics pass
 PIVOT_STEPS = (-2.5, 0.0, 2.5)  # standard errors from the sampled quantile
 
@@ -146,38 +146,37 @@ def _wanted_ranks(n: int, bounds: list[tuple[int, int]]) -> list[list[int]]:
     return wanted
 
 
-def _pivots(stack: TensorStack, raw: list[torch.Tensor], wanted: list[list[int]]) -> np.ndarray:
+def _pivots(stack: TensorStack, inputs: List, wanted: list[list[int]]) -> np.ndarray:
     """Per model, up to `PIVOTS` sorted candidate values of |delta| around the wanted ranks.
 
     They are values of a sample of the first block (`SAMPLE_RUNS` evenly spaced runs of
     contiguous values, cheap to read), at the wanted quantiles and a few standard errors either
     side: with many equal magnitudes (bfloat16 inputs) the wanted value is usually one of them.
     """
-    flat = [t.reshape(-1) for t in raw]
-    size = flat[0].numel()
+    size = inputs[0].size
     if size > SAMPLE:
         run = SAMPLE // SAMPLE_RUNS
-        starts = torch.arange(SAMPLE_RUNS) * ((size - run) // (SAMPLE_RUNS - 1))
-        positions = (starts[:, None] + torch.arange(run)).flatten()
-        flat = [t[positions] for t in flat]
-    base = flat[stack.base_index].to(torch.float32)
+        starts = np.arange(SAMPLE_RUNS, dtype=np.int64) * ((size - run) // (SAMPLE_RUNS - 1))
+        positions = (starts[:, None] + np.arange(run, dtype=np.int64)).reshape(-1)
+    else:
+        positions = np.arange(size, dtype=np.int64)
+    models = np.asarray(stack.others, dtype=np.int64)
+    samples = np.empty((len(models), positions.size), dtype=np.float32)
+    kernels.sample_magnitudes(inputs, stack.base_index, models, positions, samples)
+    count = positions.size
     pivots = np.full((len(wanted), PIVOTS), np.nan, dtype=np.float32)
-    for j, i in enumerate(stack.others):
-        if not wanted[j]:
-            continue
-        sample = np.sort(torch.abs(flat[i].to(torch.float32) - base).numpy())
-        size = sample.size
-        chosen = set()
-        for rank in wanted[j]:
+    for j, ranks in enumerate(wanted):
+        places = set()
+        for rank in ranks:
             fraction = rank / stack.numel
-            centre = fraction * size
-            spread = math.sqrt(size * fraction * (1.0 - fraction)) + 1.0
+            spread = math.sqrt(count * fraction * (1.0 - fraction)) + 1.0
             for step in PIVOT_STEPS:
-                value = float(sample[min(size - 1, max(0, round(centre + step * spread)))])
-                if not math.isnan(value):  # NaN compares false: its rank is found by the radix path
-                    chosen.add(value)
-        values = sorted(chosen)[:PIVOTS]
-        pivots[j, : len(values)] = values
+                places.add(min(count - 1, max(0, round(fraction * count + step * spread))))
+        if not places:
+            continue
+        chosen = np.partition(samples[j], sorted(places))[sorted(places)]
+        values = sorted({float(v) for v in chosen if not math.isnan(v)})  # NaN: left to the radix path
+        pivots[j, : len(values[:PIVOTS])] = values[:PIVOTS]
     return pivots
 
 
@@ -187,10 +186,10 @@ def _pivot_pass(stack: TensorStack, wanted: list[list[int]]):
     pivots = None
     below_parts, upto_parts = [], []
     for _, _, raw in stack.blocks():
-        if pivots is None:
-            pivots = _pivots(stack, raw, wanted)
-            counts = np.count_nonzero(~np.isnan(pivots), axis=1).astype(np.int64)
         inputs = kernel_inputs(raw)
+        if pivots is None:
+            pivots = _pivots(stack, inputs, wanted)
+            counts = np.count_nonzero(~np.isnan(pivots), axis=1).astype(np.int64)
         parts = split(inputs[0].size, THREADS)
         below = np.zeros((len(parts), *pivots.shape), dtype=np.int64)
         upto = np.zeros_like(below)

@@ -129,6 +129,17 @@ def magnitude_refine(inputs, base, models, bins, start, end, hist):
 
 
 @njit(cache=True, nogil=True)
+def sample_magnitudes(inputs, base, models, positions, out):
+    """out[j, i] = |delta| of model j at flat position `positions[i]`."""
+    base_values = inputs[base]
+    for j in range(len(models)):
+        values = inputs[models[j]]
+        row = out[j]
+        for i in range(len(positions)):
+            row[i] = abs(value_at(values, positions[i]) - value_at(base_values, positions[i]))
+
+
+@njit(cache=True, nogil=True)
 def pivot_counts(inputs, base, models, pivots, counts, start, end, below, upto):
     """below/upto[j, p] += how many |delta| of model j over `[start, end)` are < / <= `pivots[j, p]`.
 
