@@ -1,12 +1,13 @@
 """`umm demo`: a 3-node network on 127.0.0.1 merging test-bed experts, then an accuracy table.
 
 Builds (or reuses the cached) test-bed zoo, starts node processes, has each contribute one domain
-expert, waits until every node holds the attested merge, pulls it with `umm pull` like any newcomer,
-and evaluates base, experts and merge on the experts' domains.
+expert, waits until every node holds the attested merge, pulls it like any newcomer (`node.pull`,
+what `umm pull` runs, from this process), and evaluates base, experts and merge on their domains.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 
 from node.errors import NodeError
 from node.local import LocalNetwork
+from node.pull import pull
 
 
 @dataclasses.dataclass
@@ -73,27 +75,29 @@ def run_demo(
         latest = net.wait_converged(names)
         seconds["converge"] = time.perf_counter() - tick
         fingerprints = {v["fingerprint"] for v in latest.values()}
-        say(f"all {nodes} nodes hold the attested merge {sorted(fingerprints)[0][:16]}")
+        if len(fingerprints) != 1:
+            raise NodeError(f"expected every node to hold the same merge, got {len(fingerprints)} merges")
+        say(f"all {nodes} nodes hold the attested merge {next(iter(fingerprints))[:16]}")
         tick = time.perf_counter()
         merged = workdir / "merged"
-        pulled = net.pull(merged)
-        if pulled.returncode != 0:
-            raise NodeError(f"expected `umm pull` to succeed, got: {pulled.stderr.strip()[-500:]}")
+        pulled = asyncio.run(pull(net.network_id, merged, initial_peers=[net.bootstrap], timeout=120.0))
         seconds["pull"] = time.perf_counter() - tick
-        say(pulled.stdout.strip())
+        if pulled.merged_fingerprint not in fingerprints:
+            raise NodeError("expected the pulled merge to be the one the nodes hold, got another")
+        say(
+            f"pulled round {pulled.round}: {pulled.merged_fingerprint[:16]} attested by "
+            f"{pulled.attested_by} keys ({pulled.bytes_fetched} bytes fetched)"
+        )
     tick = time.perf_counter()
     models = {"base": zoo.base, **{d: zoo.experts[d] for d in domains}, "merged (network)": merged}
     accuracy = {label: _accuracy(path, domains, limit) for label, path in models.items()}
     seconds["evaluate"] = time.perf_counter() - tick
-    attested_by = (
-        int(pulled.stdout.split("attested by ")[1].split()[0]) if "attested by " in pulled.stdout else 0
-    )
     return DemoReport(
         domains=domains,
         accuracy=accuracy,
         network_id=net.network_id,
-        merged_fingerprint=sorted(fingerprints)[0],
-        attested_by=attested_by,
+        merged_fingerprint=pulled.merged_fingerprint,
+        attested_by=pulled.attested_by,
         merged_dir=merged,
         seconds=seconds,
     )
