@@ -192,9 +192,14 @@ def contribute_command(
 @click.option(
     "--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output HF folder."
 )
-@click.option("--initial-peers", multiple=True, required=True, help="Multiaddr of any node (repeatable).")
+@click.option("--initial-peers", multiple=True, help="Multiaddr of any node (repeatable).")
+@click.option(
+    "--initial-peers-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file of multiaddrs, one a line (as `umm node start --write-maddrs` writes it).",
+)
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for an attested result.")
-def pull_command(network_id, out, initial_peers, timeout) -> None:
+def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) -> None:
     """Download the latest attested merged model into a loadable folder (resumable).
 
     Example: umm pull --network demo.0123456789abcdef --out merged \
@@ -203,6 +208,12 @@ def pull_command(network_id, out, initial_peers, timeout) -> None:
     from rich.progress import Progress
 
     from node.pull import pull
+
+    initial_peers = list(initial_peers)
+    if initial_peers_file is not None:
+        initial_peers += _read_maddrs_file(initial_peers_file, timeout=timeout)
+    if not initial_peers:
+        raise NodeError("expected --initial-peers or --initial-peers-file, got neither")
 
     with Progress(transient=True) as bars:
         task = bars.add_task("chunks", total=None)
