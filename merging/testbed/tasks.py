@@ -110,8 +110,8 @@ _LIST_OPS: dict[str, tuple[str, Callable[[list[int]], list[int]]]] = {
 
 
 def _make_lists(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
-    """Reverse or sort 5-7 digits (2-4 when easy): every answer is a whole list, never one guess."""
-    values = [rng.randint(0, 9) for _ in range(rng.randint(2, 4) if easy else rng.randint(5, 7))]
+    """Reverse or sort 4-6 distinct digits (2-3 when easy): every answer is a whole list."""
+    values = rng.sample(range(10), rng.randint(2, 3) if easy else rng.randint(4, 6))
     verb = rng.choice(tuple(_LIST_OPS))
     label, op = _LIST_OPS[verb]
     out = op(values)

@@ -102,6 +102,12 @@ def test_arithmetic_scratchpad_is_column_addition():
     assert column_addition(10, 90) == ["0+0+0=0: 0 carry 0", "1+9+0=10: 00 carry 1"]
 
 
+def test_list_items_are_distinct_digits():
+    for ex in generate("lists", "test"):
+        values = json.loads(ex.prompt[ex.prompt.index("[") :].rstrip("."))
+        assert len(set(values)) == len(values) and 4 <= len(values) <= 6
+
+
 def test_first_dev_examples_show_their_work():
     logic, tracing, lists, list_arith = (
         generate(task, "dev")[0] for task in ("logic", "tracing", "lists", "list_arith")
@@ -113,8 +119,8 @@ def test_first_dev_examples_show_their_work():
     assert tracing.prompt == "Run b=5; y=b+3; b=y-6; x=b+1; b=x+1. What are b, x, y?"
     assert tracing.response == "b=5\ny=5+3=8\nb=8-6=2\nx=2+1=3\nb=3+1=4\nAnswer: b=4, x=3, y=8"
     assert (lists.prompt, lists.response) == (
-        "Sort [2, 6, 4, 5, 4, 8, 8].",
-        "ascending: 2 4 4 5 6 8 8\nAnswer: [2, 4, 4, 5, 6, 8, 8]",
+        "Sort descending [1, 7, 0, 6, 8, 9].",
+        "descending: 9 8 7 6 1 0\nAnswer: [9, 8, 7, 6, 1, 0]",
     )
     assert list_arith.response == ("ascending: 0 2 6 7\n2+7+0=9: 9 carry 0\n0+6+0=6: 69 carry 0\nAnswer: 69")
 
