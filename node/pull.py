@@ -79,7 +79,7 @@ async def pull(
     p2p = await dht.replicate_p2p()
     report = FetchReport()
     try:
-        with ContentStore(cache / "store") as store:
+        with ContentStore(cache / "store", durable=False) as store:  # a resumable cache
 
             async def fetch(digests, holders=()) -> None:
                 peers = await asyncio.to_thread(peer_ids, board, network_id)

@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -53,10 +54,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ContentStore:
-    """Chunks addressed by sha256, checked on write and on read; safe across threads and kills."""
+    """Chunks addressed by sha256, checked on write and on read; safe across threads and kills.
 
-    def __init__(self, root: str | Path) -> None:
+    `durable=False` (a download cache, e.g. a pull's) skips the fsyncs: a power cut may then leave
+    a blob with wrong bytes under its row, which `get` detects, removes and reports.
+    """
+
+    def __init__(self, root: str | Path, *, durable: bool = True) -> None:
         self.root = Path(root)
+        self.durable = durable
         self._blobs = self.root / "blobs"
         self._tmp = self.root / "tmp"
         for folder in (self.root, self._blobs, self._tmp):
@@ -109,7 +115,14 @@ class ContentStore:
             return actual
         final = self._blob_path(actual)
         final.parent.mkdir(exist_ok=True)
-        write_atomic(final, data, temp_dir=self._tmp, temp_prefix=f"{os.getpid()}.{actual[:16]}.")
+        prefix = f"{os.getpid()}.{actual[:16]}."
+        if self.durable:
+            write_atomic(final, data, temp_dir=self._tmp, temp_prefix=prefix)
+        else:  # a cache: renamed whole, not flushed; `get` catches what a power cut may garble
+            fd, temp = tempfile.mkstemp(dir=self._tmp, prefix=prefix)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(temp, final)
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (actual, len(data)))
         return actual

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from node.assemble import write_safetensors
+from node.assemble import EXPONENT_MASKS, all_finite, write_safetensors
 from protocol.aggregate import encode_result
 from protocol.chunks import encode_tensors
 from protocol.codecs import CodecSpec
@@ -69,3 +69,16 @@ def test_wrong_bytes_lengths_and_values_are_refused(tmp_path):
     lookup = {first: raw[:CHUNK], second: raw[CHUNK:]}
     with pytest.raises(NonFiniteValuesError, match="finite values in w"):
         write_safetensors([poisoned], lookup.__getitem__, CHUNK, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_finite_check_by_exponent_bits_matches_torch(dtype):
+    special = torch.tensor([0.0, -0.0, 1.5, -2.0, 1e-40, float("inf"), float("-inf"), float("nan")])
+    values = special.to(dtype)
+    for index in range(len(values)):
+        one = values[index : index + 1].contiguous()
+        raw = one.view(torch.uint8).numpy().tobytes()
+        expected = bool(torch.isfinite(one).all())
+        assert all_finite(raw, *EXPONENT_MASKS[str(dtype).removeprefix("torch.")]) is expected
+    big = torch.randn(1000, dtype=torch.float32).to(dtype)
+    assert all_finite(big.view(torch.uint8).numpy().tobytes(), *EXPONENT_MASKS[str(dtype)[6:]])

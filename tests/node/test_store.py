@@ -187,3 +187,19 @@ def test_partial_write_of_a_live_process_is_kept_on_open(tmp_path):
     with ContentStore(tmp_path):
         assert live.exists()
         assert not dead.exists()
+
+
+def test_a_cache_store_skips_fsync_and_still_verifies(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(atomic_module.os, "fsync", lambda fd: synced.append(fd))
+    with ContentStore(tmp_path, durable=False) as store:
+        digest = store.put(b"cached bytes", digest=_digest(b"cached bytes"))
+        assert synced == [] and store.get(digest) == b"cached bytes"
+        assert list((tmp_path / "tmp").iterdir()) == []
+        (tmp_path / "blobs" / digest[:2] / digest).write_bytes(b"garbled by a power cut")
+        with pytest.raises(ChunkHashMismatchError):
+            store.get(digest)
+        assert not store.has(digest)  # removed, so the next fetch brings it again
+    with ContentStore(tmp_path) as store:
+        store.put(b"durable bytes")
+        assert len(synced) == 2  # the blob and its folder
