@@ -36,6 +36,7 @@ class TensorStack:
     """The inputs of one output tensor (`inputs[i]` read by `readers[i]`), in row blocks of float32.
 
     With `raw`, blocks keep the stored dtype (for kernels that decode the inputs themselves).
+    `output_dtype` is the merged tensor's dtype (operators may yield rows in it, see `merging.engine`).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class TensorStack:
         executor: ThreadPoolExecutor | None = None,
         check_inputs: bool = True,
         raw: bool = False,
+        output_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.tensor = tensor
         self.shape = tuple(shape)
@@ -61,6 +63,7 @@ class TensorStack:
         self._executor = executor
         self._check_inputs = check_inputs
         self.raw = raw
+        self.output_dtype = output_dtype
         self._checked: set[int] = set()
         self._cached: list[torch.Tensor] | None = None
         self._first: list[torch.Tensor] | None = None
@@ -112,6 +115,13 @@ class TensorStack:
         for model, reader in zip(self.inputs, self.readers, strict=True):
             for start, end in self.ranges:
                 _check_finite(reader(start, end), self.tensor, model)
+
+    def non_finite_output(self) -> NonFiniteError:
+        """The error for a merged block with a NaN or infinity: raised here if an input has one."""
+        self.check_inputs()
+        return NonFiniteError(
+            f"merged tensor {self.tensor!r} contains NaN or infinite values (check the parameters)"
+        )
 
     def release(self) -> None:
         """Drop cached blocks."""

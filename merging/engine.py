@@ -15,7 +15,7 @@ import torch
 
 from merging.blocks import Reader, TensorStack
 from merging.config import MergeConfig, load_config
-from merging.errors import ConfigError, NonFiniteError
+from merging.errors import ConfigError
 from merging.layout import TensorInfo, TensorPlan, plan_tensors
 from merging.operators import FUSED_METHODS, OPERATORS
 from merging.parameters import ResolvedParameters, resolve_parameters
@@ -68,6 +68,7 @@ def make_stack(
         executor=executor,
         check_inputs=config.merge_method not in PROPAGATES_NON_FINITE,
         raw=config.merge_method in FUSED_METHODS,
+        output_dtype=output_dtype(config, plan),
     )
 
 
@@ -85,11 +86,11 @@ def merge_stack(
         return
     operator = OPERATORS[config.merge_method]
     for rows in operator(stack, parameters[plan.name], config.seed):
+        if rows.dtype != torch.float32 and rows.dtype == out_dtype:
+            yield rows  # converted by the operator, which checked the float32 values first
+            continue
         if not _all_finite(rows):
-            stack.check_inputs()  # name the input the NaN or infinity came from, if any
-            raise NonFiniteError(
-                f"merged tensor {plan.name!r} contains NaN or infinite values (check the parameters)"
-            )
+            raise stack.non_finite_output()  # names the input the NaN or infinity came from, if any
         yield rows.to(out_dtype)
     stack.release()
 

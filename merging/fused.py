@@ -323,6 +323,7 @@ def fused_task_arithmetic(
     plain_divisor = math.fsum(v["weight"] for v in values)
     plain_divisor = 1.0 if abs(plain_divisor) < 1e-8 else plain_divisor
     rescale = bool(glob.get("rescale", False))
+    to_bfloat16 = stack.output_dtype == torch.bfloat16  # converted here, checked for NaN and inf first
     part_number = 0
     for start, end, raw in stack.blocks():
         inputs = kernel_inputs(raw)
@@ -334,9 +335,20 @@ def fused_task_arithmetic(
             starts = _range_tie_states(plan, inputs, base, models, parts)
         part_number += len(parts)
         out = np.empty(size, dtype=np.float32)
+        out16 = np.empty(size if to_bfloat16 else 0, dtype=np.uint16)
+        non_finite = np.zeros(len(parts), dtype=np.int64)
         offset = start * stack.width
 
-        def task(n: int, s: int, e: int, inputs=inputs, starts=starts, offset=offset, out=out) -> None:
+        def task(
+            n: int,
+            s: int,
+            e: int,
+            inputs=inputs,
+            starts=starts,
+            offset=offset,
+            arrays=(out, out16, non_finite),
+        ) -> None:
+            out, out16, non_finite = arrays
             kernels.merge_range(
                 inputs,
                 base,
@@ -360,11 +372,18 @@ def fused_task_arithmetic(
                 glob["lambda"] != 1.0,  # x * 1.0 == x, so skipping it changes no bit
                 out,
             )
+            if to_bfloat16:  # while the range is still in cache
+                non_finite[n] = kernels.to_bfloat16(out, s, e, out16)
 
         run_parallel(task, parts)
         if parts:
             plan.seen = starts[-1]
-        yield torch.from_numpy(out).view(end - start, stack.width)
+        if not to_bfloat16:
+            yield torch.from_numpy(out).view(end - start, stack.width)
+            continue
+        if non_finite.any():
+            raise stack.non_finite_output()
+        yield torch.from_numpy(out16).view(torch.bfloat16).view(end - start, stack.width)
 
 
 def _range_tie_states(

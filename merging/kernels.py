@@ -41,6 +41,8 @@ ONE = np.uint64(1)
 INV_2_24 = np.float32(1.0 / (1 << 24))
 U16 = np.uint32(16)
 LOW_MASK = np.uint32(0xFFFF)
+ONE32 = np.uint32(1)
+BIAS = np.uint32(0x7FFF)
 
 
 @intrinsic
@@ -412,6 +414,22 @@ def merge_range(
         target = out[tile : tile + count]
         for t in range(count):
             target[t] = mixed[t] + base_values[t]
+
+
+@njit(cache=True, nogil=True)
+def to_bfloat16(values, start, end, out):
+    """bfloat16 bit patterns of `values[start:end]` (round to nearest even, as torch converts) into
+    `out[start:end]`; returns how many of the values are NaN or infinite."""
+    source = values[start:end]
+    target = out[start:end]
+    bits = source.view(np.uint32)
+    non_finite = np.int32(0)
+    for t in range(end - start):
+        value = source[t]
+        non_finite += np.int32((value - value) != np.float32(0.0))  # inf - inf and NaN - NaN are NaN
+        word = bits[t]
+        target[t] = np.uint16((word + (((word >> U16) & ONE32) + BIAS)) >> U16)
+    return np.int64(non_finite)
 
 
 @njit(cache=True, nogil=True)

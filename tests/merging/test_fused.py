@@ -9,7 +9,9 @@ from merge_helpers import NAME, merge_one
 from test_operators import reference_elect, reference_trim
 
 import merging.blocks
-from merging import fused
+from merging import fused, kernels
+from merging.engine import merge_state_dicts
+from merging.errors import NonFiniteError
 
 MASK64 = (1 << 64) - 1
 
@@ -123,3 +125,51 @@ def test_magnitude_windows_match_the_reference_for_any_threads_and_blocks(method
         assert torch.equal(result.view(bits), results[0].view(bits))
     expected = _magnitude_reference(method, base, models, params).to(base.dtype)
     assert torch.equal(results[0], expected)  # values; the sign of a zero may differ from the reference
+
+
+def test_bfloat16_conversion_rounds_like_torch():
+    halfway = [0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF, 0x00008000, 0x7F7FFFFF, 0x80000000]
+    generator = torch.Generator().manual_seed(1)
+    random_bits = torch.randint(0, 0x7F000000, (5000,), generator=generator, dtype=torch.int64)
+    bits = torch.tensor(halfway + random_bits.tolist(), dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    finite = torch.isfinite(values)
+    out = np.empty(values.numel(), dtype=np.uint16)
+    assert kernels.to_bfloat16(values.numpy(), 0, values.numel(), out) == int((~finite).sum())
+    expected = values[finite].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(out[finite.numpy()], expected)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_bfloat16_output_equals_the_float32_output_converted(method):
+    base, models = _magnitude_case("continuous")
+    params = {m: {"weight": 0.4, "density": 0.6} for m in models}
+    if method == "task_arithmetic":
+        params = {m: {"weight": 0.4} for m in models}
+    tensors = {"base": {NAME: base}, **{m: {NAME: x} for m, x in models.items()}}
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = {
+            "merge_method": method,
+            "base_model": "base",
+            "models": [{"model": m, "parameters": params[m]} for m in models],
+            "dtype": dtype,
+        }
+        outputs[dtype] = merge_state_dicts(config, tensors)[NAME]
+    assert outputs["bfloat16"].dtype == torch.bfloat16
+    assert torch.equal(
+        outputs["bfloat16"].view(torch.int16), outputs["float32"].to(torch.bfloat16).view(torch.int16)
+    )
+
+
+def test_non_finite_results_are_reported_for_bfloat16_output():
+    base, models = _magnitude_case("runs")
+    params = {m: {"weight": 1.0, "density": 0.5} for m in models}
+    broken = dict(models, b=models["b"].clone())
+    broken["b"][3, 4] = float("nan")
+    with pytest.raises(NonFiniteError, match="'b'"):
+        merge_one("ties", base, broken, params)  # bfloat16 inputs: bfloat16 output, converted in the kernel
+    zero = torch.zeros_like(base)
+    huge = {m: torch.full_like(base, 3e38) for m in models}  # finite inputs, an infinite sum
+    with pytest.raises(NonFiniteError, match="merged tensor"):
+        merge_one("task_arithmetic", zero, huge, {m: {"weight": 1.0} for m in models})
