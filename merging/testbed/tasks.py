@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,12 +165,20 @@ def _make_logic(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
 _VARS = ("a", "b", "c", "x", "y", "z")
 
 
-def _env_answer(env: dict[str, object]) -> str:
-    """Every variable's final value, by name: ``a=3, x=7``."""
-    return ", ".join(f"{name}={env[name]}" for name in sorted(env))
+def _env_answer(env: Mapping[str, object], names: Iterable[str]) -> str:
+    """The values of ``names``, sorted by name: ``a=3, x=7``."""
+    return ", ".join(f"{name}={env[name]}" for name in sorted(names))
+
+
+def _traced(step: str, env: Mapping[str, object], written: Iterable[str]) -> str:
+    """One trace line: the statement worked out, then every variable written so far:
+    ``y=5+3=8 -> b=2, y=8``. The answer is the last line's state, so it needs no look-up."""
+    return f"{step} -> {_env_answer(env, written)}"
 
 
 def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
+    """An assignment, then 3-4 statements (easy: 1-2), each reading the variable written before;
+    asks for every variable a statement wrote (at least two when full)."""
     names = rng.sample(_VARS, 3)
     env: dict[str, int] = {}
     code, steps = [], []
@@ -179,21 +187,22 @@ def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
     target = first
     code.append(f"{first}={env[first]}")
     steps.append(f"{first}={env[first]}")
+    written: set[str] = set()
     for i in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
         source = target  # each statement reads the variable the previous one wrote
-        target = names[1] if i == 0 else rng.choice(names)
+        target = names[1 + i] if i < 2 else rng.choice(names)
         # Every value stays a single digit: pick among the steps that keep it in 0..9.
         op, k = rng.choice(
             [("+", k) for k in range(1, 10) if env[source] + k <= 9]
             + [("-", k) for k in range(1, 10) if env[source] - k >= 0]
         )
-        value = env[source] + k if op == "+" else env[source] - k
+        before = env[source]
+        env[target] = before + k if op == "+" else before - k
         code.append(f"{target}={source}{op}{k}")
-        steps.append(f"{target}={env[source]}{op}{k}={value}")
-        env[target] = value
-    # The question asks for every variable, so the answer needs the whole trace, not a guess.
-    asked = ", ".join(sorted(env))
-    return f"Run {'; '.join(code)}. What are {asked}?", steps, _env_answer(env)
+        written.add(target)
+        steps.append(_traced(f"{target}={before}{op}{k}={env[target]}", env, written))
+    asked = ", ".join(sorted(written))
+    return f"Run {'; '.join(code)}. What are {asked}?", steps, _env_answer(env, written)
 
 
 # --------------------------------------------------------------------------- compositional
@@ -228,16 +237,17 @@ def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], st
             src = rng.choice(known)
             value = not env[src]
             code.append(f"{target}=not {src}")
-            steps.append(f"{target}=not {_BOOL[env[src]]}={_BOOL[value]}")
+            step = f"{target}=not {_BOOL[env[src]]}={_BOOL[value]}"
         else:
             left, right = rng.choice(known), rng.choice(known)
             op = rng.choice(("and", "or"))
             value = (env[left] and env[right]) if op == "and" else (env[left] or env[right])
             code.append(f"{target}={left} {op} {right}")
-            steps.append(f"{target}={_BOOL[env[left]]} {op} {_BOOL[env[right]]}={_BOOL[value]}")
+            step = f"{target}={_BOOL[env[left]]} {op} {_BOOL[env[right]]}={_BOOL[value]}"
         env[target] = value
         written.add(target)
-    answer = _env_answer({name: _BOOL[env[name]] for name in written})
+        steps.append(_traced(step, {name: _BOOL[v] for name, v in env.items()}, written))
+    answer = _env_answer({name: _BOOL[v] for name, v in env.items()}, written)
     return f"Run {'; '.join(code)}. What are {', '.join(sorted(written))}?", steps, answer
 
 

@@ -133,9 +133,9 @@ class Zoo:
 # experts need only small updates); arithmetic, logic and the compositional tasks stay rare.
 _BASE_FULL_SHARE = {
     "arithmetic": 0.02,
-    "lists": 0.5,
+    "lists": 0.3,
     "logic": 0.01,
-    "tracing": 0.4,
+    "tracing": 0.15,
     "list_arith": 0.1,
     "bool_trace": 0.02,
 }

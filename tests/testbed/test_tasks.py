@@ -53,9 +53,9 @@ def _reference_answer(task: str, prompt: str) -> str:
         target, expr = statement.split("=", 1)
         env[target] = eval(" ".join(_literal(tok) for tok in re.findall(r"\w+|[+-]", expr)), {}, env)
     names = asked.split(", ")
-    # tracing asks for every variable; bool_trace for those a statement (not a constant) wrote
-    written = {t for t, expr in (st.split("=", 1) for st in code.split("; ")) if expr not in "TF"}
-    assert names == sorted(env if task == "tracing" else written)
+    # both ask for the variables that a statement (not a constant) wrote
+    written = {t for t, e in (st.split("=", 1) for st in code.split("; ")) if not re.fullmatch(r"\d|T|F", e)}
+    assert names == sorted(written)
     shown = {k: _bool_text(v) if isinstance(v, bool) else str(v) for k, v in env.items()}
     return ", ".join(f"{k}={shown[k]}" for k in names)
 
@@ -116,8 +116,10 @@ def test_first_dev_examples_show_their_work():
     assert logic.response == (
         "T and F = F, F or F = F\nT or F = T, T or T = T\nF and T = F, F and F = F\nAnswer: F T F"
     )
-    assert tracing.prompt == "Run b=5; y=b+3; b=y-6; x=b+1; b=x+1. What are b, x, y?"
-    assert tracing.response == "b=5\ny=5+3=8\nb=8-6=2\nx=2+1=3\nb=3+1=4\nAnswer: b=4, x=3, y=8"
+    assert tracing.prompt == "Run c=7; x=c-3; a=x+3; x=a-6. What are a, x?"
+    assert (
+        tracing.response == "c=7\nx=7-3=4 -> x=4\na=4+3=7 -> a=7, x=4\nx=7-6=1 -> a=7, x=1\nAnswer: a=7, x=1"
+    )
     assert (lists.prompt, lists.response) == (
         "Sort descending [1, 7, 0, 6, 8, 9].",
         "descending: 9 8 7 6 1 0\nAnswer: [9, 8, 7, 6, 1, 0]",
