@@ -2,13 +2,13 @@
 
 Reading, merging and writing overlap: the next tensor's first block is read on a reader thread
 while this one is merged, and finished blocks are written by a writer thread. Input files are
-hashed for the provenance record on a third thread. A crash leaves the old output or the new one:
+hashed for the provenance record on a third thread (digests of unchanged files are remembered
+across merges, see `merging.filehash`). A crash leaves the old output or the new one:
 the result is written to a temp folder next to the target, fsynced, then renamed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import shutil
@@ -26,6 +26,7 @@ from merging.atomic import fsync_dir
 from merging.config import MergeConfig
 from merging.engine import make_stack, merge_stack, output_dtype
 from merging.errors import MergeError
+from merging.filehash import file_digests
 from merging.folders import (
     DEFAULT_SHARD_BYTES,
     ModelFolder,
@@ -49,11 +50,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 PROVENANCE_FILE = "umm_merge.json"
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def merge_to_folder(
@@ -93,10 +89,11 @@ def merge_to_folder(
 
 
 def _hash_inputs(folders: dict[str, ModelFolder]) -> dict[str, dict[str, str]]:
-    return {
-        name: {path.name: sha256_file(path) for path in folder.input_files()}
-        for name, folder in folders.items()
-    }
+    hashes = {}
+    for name, folder in folders.items():
+        paths = list(folder.input_files())
+        hashes[name] = {path.name: digest for path, digest in zip(paths, file_digests(paths), strict=True)}
+    return hashes
 
 
 def _write_tensors(
