@@ -10,7 +10,9 @@ temp folder, then runs, each in its own process:
 
 Wall time is the merge call inside the child process (imports excluded); peak RSS is the child's
 own high-water mark (`VmHWM` in /proc/self/status; `ru_maxrss` would also count the pages of the
-parent it was forked from). The checkpoints are built in a child too. Usage:
+parent it was forked from). The checkpoints are built in a child too. Merges record the sha256 of
+every input: with `--digest-cache warm` (default) the digests are remembered beforehand, as on a
+node merging the same experts again; `cold` makes every merge hash every input. Usage:
 
     python benchmarks/bench_merge.py --experts 8 --methods ties,dare_ties,task_arithmetic,linear
 """
@@ -143,9 +145,11 @@ def peak_rss_gb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_child(args: list[str]) -> tuple[float, float]:
+def run_child(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
     """(seconds reported by the child, its peak RSS in GB)."""
-    result = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, check=False, env=env
+    )
     if result.returncode != 0:
         raise SystemExit(f"child {args} failed")
     seconds, rss = result.stdout.strip().splitlines()[-1].split()
@@ -161,6 +165,13 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, default=QWEN2_05B["layers"])
     parser.add_argument("--vocab", type=int, default=QWEN2_05B["vocab"])
+    parser.add_argument(
+        "--digest-cache",
+        choices=("warm", "cold"),
+        default="warm",
+        help="warm: input digests remembered from an earlier merge (as on a node); cold: every merge "
+        "hashes every input file",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = {**QWEN2_05B, "layers": args.layers, "vocab": args.vocab}
@@ -198,16 +209,27 @@ def main() -> None:
                 while handle.read(1 << 24):
                     pass
         size = sum(os.path.getsize(p) for p in inputs) / 1e9
+        cache = root / "digest-cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        env = dict(os.environ, UMM_CACHE_DIR=str(cache))
+        if args.digest_cache == "warm":
+            from merging.filehash import file_digests
+
+            os.environ["UMM_CACHE_DIR"] = str(cache)
+            file_digests([Path(p) for p in inputs])
         floor_s, floor_rss = run_child(["--child", "floor", *inputs, str(root / "floor.safetensors")])
         rows = [("floor (read + add + write)", floor_s, 1.0, floor_rss)]
         for method in args.methods.split(","):
             out = root / f"out-{method}"
-            seconds, rss = run_child(["--child", method, *[str(f) for f in folders], str(out)])
+            if args.digest_cache == "cold":
+                shutil.rmtree(cache, ignore_errors=True)
+            seconds, rss = run_child(["--child", method, *[str(f) for f in folders], str(out)], env)
             rows.append((method, seconds, seconds / floor_s, rss))
             shutil.rmtree(out, ignore_errors=True)
         print(
             f"\nshape: {shape['layers']} layers, vocab {shape['vocab']}; base + {args.experts} experts, "
-            f"bf16, {size:.2f} GB of inputs; torch threads: {os.cpu_count()} cores"
+            f"bf16, {size:.2f} GB of inputs; {os.cpu_count()} cores; digest cache {args.digest_cache}; "
+            f"load average at the end {os.getloadavg()[0]:.1f}"
         )
         print("| run | wall s | x floor | peak RSS GB |\n|---|---|---|---|")
         for name, seconds, ratio, rss in rows:
