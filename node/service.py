@@ -2,18 +2,20 @@
 
 Every `poll` seconds a node, on its own:
 
-1. republishes its presence, the genesis, its own contribution for the current round and its
-   result record (owner-only DHT subkeys, a few KiB each);
+1. republishes its presence, the genesis, its own contribution for the current round and one
+   result record per shard it attests (owner-only DHT subkeys, a few KiB each);
 2. reads the round's contribution records, verifies each card and manifest (protocol/), fetches
-   missing manifests and chunks from any peer (verified by hash) and selects contributions by the
-   deterministic rules of `node.rounds`; once the selected set is unchanged for one poll it admits
-   them (robust admission), builds the recipe from the genesis, merges with `protocol.aggregate`,
-   stores the result's chunks and publishes a signed MergeResult;
-3. attests the canonical result of its recipe and fingerprint — of all published results with the
-   same recipe id and merged fingerprint, the one with the smallest id — so attestations pile up on
-   one result id;
-4. when a result of the current round carries attestations from >= quorum distinct keys, it
-   becomes the node's latest and the node moves to the next round.
+   missing manifests from any peer (verified by hash) and selects contributions by the
+   deterministic rules of `node.rounds`; once the selected set (the candidates) is unchanged for
+   ``settle_seconds`` it plans the round (`node.rounds.plan_round`: byte-balanced tensor shards,
+   each merged by ``R`` of the candidates' signers), fetches only its shards' tensors of every
+   candidate, admits per shard (robust admission), merges each shard with `protocol.aggregate`,
+   stores the shard's chunks and publishes a signed MergeResult per shard;
+3. attests, per shard, the canonical result of its recipe, fingerprint and candidates — of all
+   published results that agree, the one with the smallest id — so attestations pile up on one id;
+4. when every shard of the round carries a result with attestations from >= quorum distinct keys
+   (`find_attested_result`), it fetches the shards it did not merge, records the assembled result
+   as its latest and moves to the next round.
 
 A restart resumes from the state in ``--data-dir`` (store + state.sqlite): same keys, same round.
 """
