@@ -12,6 +12,9 @@ the client (this process) fetches all of them and verifies every sha256. Reporte
                      then dropped)
     p2p x N + store  the same into a `ContentStore` on disk (verified, fsynced)
 
+Besides MiB/s and ratios, each row gives the CPU seconds all processes of the benchmark (client,
+servers, every p2pd) spent per GiB moved: on a shared machine this moves far less than the rates.
+
 Usage: python benchmarks/bench_network.py [--mib 128] [--chunk-kib 1024] [--peers 1,3] [--repeat 3]
                                           [--streams 2] [--batch 4] [--depth 2]
        python benchmarks/bench_network.py --converge 3,5,8 [--hidden 256] [--layers 4]
@@ -33,12 +36,14 @@ import signal
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
 os.environ.setdefault("GOLOG_LOG_LEVEL", "error")
 
 MiB = 1 << 20
+GiB = 1 << 30
 
 
 def make_chunks(seed: int, total: int, chunk: int) -> dict[str, bytes]:
@@ -170,6 +175,27 @@ async def tcp_floor(port: int, total: int) -> float:
     return total / elapsed / MiB
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and all its descendants alive (servers, p2pd)."""
+    from node.process import process_tree
+
+    ticks = 0
+    for pid in process_tree(os.getpid()):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime of all its threads
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+async def with_cpu(measurement) -> tuple[float, float]:
+    """(the measurement's result, CPU seconds all processes of the benchmark used meanwhile)."""
+    started = tree_cpu_seconds()
+    result = await measurement
+    return result, tree_cpu_seconds() - started
+
+
 async def timed_fetch(p2p, peer_ids, digests, sink, streams: int, batch: int, depth: int) -> float:
     """MiB/s of one `fetch_chunks` of every digest into `sink`."""
     from node.transport import fetch_chunks
@@ -240,7 +266,7 @@ def main() -> None:
     from node.store import ContentStore
 
     dht, _ = start_dht(initial_peers=first_maddrs)
-    samples: dict[str, list[tuple[float, float, float]]] = {}  # row -> [(MiB/s, vs raw, vs chunks)]
+    samples: dict[str, list[tuple[float, ...]]] = {}  # row -> [(MiB/s, vs raw, vs chunks, CPU s/GiB)]
     shape = (args.streams, args.batch, args.depth)
 
     async def run_all():
@@ -249,24 +275,26 @@ def main() -> None:
             ids = [PeerID.from_base58(s[2]) for s in servers[:count]]
             await timed_fetch(p2p, ids, digests[:16], VerifyingSink(), *shape)
         for _ in range(args.repeat):  # interleaved, so load changes hit floors and p2p alike
-            floor = await tcp_floor(port, total)
-            framed = await timed_fetch(TcpDialer(), [chunk_port], digests, VerifyingSink(), *shape)
-            rows = {"tcp floor (raw bytes)": floor, "tcp chunks (fetch_chunks, 1 server)": framed}
+            rows = {"tcp floor (raw bytes)": await with_cpu(tcp_floor(port, total))}
+            rows["tcp chunks (fetch_chunks, 1 server)"] = await with_cpu(
+                timed_fetch(TcpDialer(), [chunk_port], digests, VerifyingSink(), *shape)
+            )
             for count in peer_counts:
                 ids = [PeerID.from_base58(s[2]) for s in servers[:count]]
-                rows[f"p2p x {count} peer(s), verified"] = await timed_fetch(
-                    p2p, ids, digests, VerifyingSink(), *shape
+                rows[f"p2p x {count} peer(s), verified"] = await with_cpu(
+                    timed_fetch(p2p, ids, digests, VerifyingSink(), *shape)
                 )
                 folder = tempfile.mkdtemp(prefix="umm-bench-store-")
                 try:
                     with ContentStore(folder) as store:
-                        rows[f"p2p x {count} peer(s), into store"] = await timed_fetch(
-                            p2p, ids, digests, store, *shape
+                        rows[f"p2p x {count} peer(s), into store"] = await with_cpu(
+                            timed_fetch(p2p, ids, digests, store, *shape)
                         )
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)
-            for name, rate in rows.items():
-                samples.setdefault(name, []).append((rate, rate / floor, rate / framed))
+            floor, framed = rows["tcp floor (raw bytes)"][0], rows["tcp chunks (fetch_chunks, 1 server)"][0]
+            for name, (rate, cpu) in rows.items():
+                samples.setdefault(name, []).append((rate, rate / floor, rate / framed, cpu / (total / GiB)))
         await p2p.shutdown()
 
     load = os.getloadavg()[0]
@@ -282,10 +310,10 @@ def main() -> None:
         f"x {args.batch} chunks, median of {args.repeat} interleaved repeats, 127.0.0.1, "
         f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'path':38} {'MiB/s':>8} {'vs raw':>7} {'vs chunks':>10}")
+    print(f"{'path':38} {'MiB/s':>8} {'vs raw':>7} {'vs chunks':>10} {'CPU s/GiB':>10}")
     for name, values in samples.items():
-        rate, raw, framed = (statistics.median(v[i] for v in values) for i in range(3))
-        print(f"{name:38} {rate:8.1f} {raw:7.0%} {framed:10.0%}")
+        rate, raw, framed, cpu = (statistics.median(v[i] for v in values) for i in range(4))
+        print(f"{name:38} {rate:8.1f} {raw:7.0%} {framed:10.0%} {cpu:10.2f}")
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ class _FetchState:
         self.in_flight: set[str] = set()
         self.dead_peers: set[str] = set()
         self.report = report
-        self.sink_error: BaseException | None = None
+        self.sink_error: Exception | None = None
         self._changed = asyncio.Event()
 
     def servable_by(self, peer: str, limit: int) -> list[str]:
@@ -412,7 +412,10 @@ async def fetch_chunks(
         except ChunkHashMismatchError as exc:
             state.give_back(digest, peer, failed=True)
             state.drop(peer, f"served a corrupt chunk: {exc}")
-        except BaseException as exc:  # the sink itself failed (disk full, closed store): stop the fetch
+        except asyncio.CancelledError:
+            state.give_back(digest, peer, failed=False)
+            raise
+        except Exception as exc:  # the sink itself failed (disk full, closed store): stop the fetch
             state.give_back(digest, peer, failed=False)
             state.sink_error = exc
             state.notify()
