@@ -334,7 +334,7 @@ def fused_task_arithmetic(
         else:
             starts = _range_tie_states(plan, inputs, base, models, parts)
         part_number += len(parts)
-        out = np.empty(size, dtype=np.float32)
+        out = np.empty(0 if to_bfloat16 else size, dtype=np.float32)
         out16 = np.empty(size if to_bfloat16 else 0, dtype=np.uint16)
         non_finite = np.zeros(len(parts), dtype=np.int64)
         offset = start * stack.width
@@ -349,7 +349,7 @@ def fused_task_arithmetic(
             arrays=(out, out16, non_finite),
         ) -> None:
             out, out16, non_finite = arrays
-            kernels.merge_range(
+            non_finite[n] = kernels.merge_range(
                 inputs,
                 base,
                 models,
@@ -371,9 +371,8 @@ def fused_task_arithmetic(
                 np.float32(glob["lambda"]),
                 glob["lambda"] != 1.0,  # x * 1.0 == x, so skipping it changes no bit
                 out,
+                out16,  # bfloat16 output: converted and checked for NaN/inf in the same loop
             )
-            if to_bfloat16:  # while the range is still in cache
-                non_finite[n] = kernels.to_bfloat16(out, s, e, out16)
 
         run_parallel(task, parts)
         if parts:

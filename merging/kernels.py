@@ -56,6 +56,17 @@ def as_float32(typingctx, bits):
     return signature, codegen
 
 
+@intrinsic
+def as_uint32(typingctx, value):
+    """The bit pattern of the float32 `value`."""
+    signature = types.uint32(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return signature, codegen
+
+
 def value_at(tile, t):
     """Element `t` of an input slice as float32 (bfloat16 bit patterns are widened exactly)."""
 
@@ -330,6 +341,7 @@ def merge_range(
     scale,
     apply_scale,
     out,
+    out16,
 ):
     """Merged float32 values of the block positions `[start, end)` into `out[start:end]`.
 
@@ -339,8 +351,10 @@ def merge_range(
     deltas are divided by the density when `rescale`; times `weights[j]`. Then the TIES sign
     election (`consensus`) or a plain sum, divided by the elected weight sum or `plain_divisor`
     when `normalize`, times `scale` when `apply_scale`, plus base. Each step rounds to float32
-    as the torch formulation does, in the same order.
+    as the torch formulation does, in the same order. The result goes to `out16` as bfloat16 if
+    that is not empty (returning how many float32 results were NaN or infinite), else to `out`.
     """
+    non_finite = np.int64(0)
     k = len(models)
     base_values = np.empty(TILE, dtype=np.float32)
     magnitude = np.empty(TILE, dtype=np.float32)
@@ -411,24 +425,30 @@ def merge_range(
         if apply_scale:
             for t in range(count):
                 mixed[t] = mixed[t] * scale
-        target = out[tile : tile + count]
-        for t in range(count):
-            target[t] = mixed[t] + base_values[t]
+        if len(out16):
+            non_finite += _store_bfloat16(mixed, base_values, count, out16[tile : tile + count])
+        else:
+            target = out[tile : tile + count]
+            for t in range(count):
+                target[t] = mixed[t] + base_values[t]
+    return non_finite
 
 
-@njit(cache=True, nogil=True)
-def to_bfloat16(values, start, end, out):
-    """bfloat16 bit patterns of `values[start:end]` (round to nearest even, as torch converts) into
-    `out[start:end]`; returns how many of the values are NaN or infinite."""
-    source = values[start:end]
-    target = out[start:end]
-    bits = source.view(np.uint32)
+@njit(cache=True, inline="always")
+def _bfloat16_bits(value):
+    """Round to nearest even, as torch converts float32 to bfloat16 (NaN aside)."""
+    word = as_uint32(value)
+    return np.uint16((word + (((word >> U16) & ONE32) + BIAS)) >> U16)
+
+
+@njit(cache=True, inline="always")
+def _store_bfloat16(mixed, base_values, count, target):
+    """target = bfloat16(mixed + base); returns how many of the float32 sums are NaN or infinite."""
     non_finite = np.int32(0)
-    for t in range(end - start):
-        value = source[t]
+    for t in range(count):
+        value = mixed[t] + base_values[t]
         non_finite += np.int32((value - value) != np.float32(0.0))  # inf - inf and NaN - NaN are NaN
-        word = bits[t]
-        target[t] = np.uint16((word + (((word >> U16) & ONE32) + BIAS)) >> U16)
+        target[t] = _bfloat16_bits(value)
     return np.int64(non_finite)
 
 
