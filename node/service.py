@@ -550,6 +550,7 @@ class NodeService:
             recipe = self.genesis.recipe(r, list(admission.admitted))
             own = await asyncio.to_thread(self._merge_shard, r, plan, j, recipe, deltas, base_entries)
             self.state.set(f"shard/{r}/{j}", own)
+            self.state.set(f"view/{r}", [list(plan.candidates), len(plan.shards)])
             await self._attest_canonical(r, j, own)
 
     async def _shards_to_compute(self, r: int, plan: RoundPlan, waited: float) -> tuple[int, ...]:
@@ -704,6 +705,12 @@ class NodeService:
     async def _check_quorum(self, r: int) -> None:
         found = await find_attested_result(self.board, self.genesis, r, self.fetch, self.store)
         if found is None:
+            return
+        view = self.state.get(f"view/{r}")
+        if view is not None and (tuple(view[0]), view[1]) != (found.candidates, len(found.shards)):
+            # a quorum for candidates this node did not merge (e.g. Sybil attestations in open
+            # mode): it keeps attesting its own shards and does not move on
+            logger.warning("round %d: a quorum attests a merge of other candidates than ours", r)
             return
         announce = []
         for shard in found.shards:

@@ -271,6 +271,7 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
         "attestation": b"a",
     }
     service.state.set("shard/0/1", own)  # this node computed shard 1 of 2
+    service.state.set("view/0", [candidates, 2])
 
     def attested(shard: int, recipe_id: str, fingerprint: str) -> AttestedResult:
         message = SimpleNamespace(
@@ -295,6 +296,10 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
     assert service.state.get("latest") is None
     assert service.round == 0
     found = AttestedRound([attested(0, "aa" * 32, "01" * 32), attested(1, "aa" * 32, "bb" * 32)], "12" * 32)
+    service.state.set("view/0", [[*candidates, "33" * 32], 2])  # it merged another candidate set
+    asyncio.run(service._check_quorum(0))
+    assert service.state.get("latest") is None
+    service.state.set("view/0", [candidates, 2])
     asyncio.run(service._check_quorum(0))
     latest = service.state.get("latest")
     assert latest["fingerprint"] == "12" * 32
