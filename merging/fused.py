@@ -3,11 +3,13 @@
 `fused_task_arithmetic` computes exactly the bytes of the plain torch formulation (task vectors,
 magnitude or outlier windows, random drops, TIES sign election, weighted sums) with one pass per
 row block over the stored inputs (bfloat16 decoded in the kernel; other dtypes as float32), the
-block's flat range split over `THREADS` threads. Magnitude windows need exact order statistics
-of |delta| over the whole tensor first: one pass histograms the high 15 bits of the float32 bit
-patterns (non-negative floats sort like their bits), a second counts the low 16 bits inside the
-bins that hold the wanted ranks. The selected set is the stable order's (value, flat index), the
-same as `merging.select`.
+block's flat range split over `THREADS` threads; a bfloat16 output is rounded and checked for
+NaN/inf in the same loop. Magnitude windows need exact order statistics of |delta| over the
+whole tensor first: one pass counts the values below and up to a few candidates taken from a
+sample (with bfloat16 inputs one of them is almost always the wanted value); if none brackets a
+wanted rank, a radix select finds it (one pass histograms the high 15 bits of the float32 bit
+patterns, which sort like non-negative floats, a second the low 16 bits inside the wanted bins).
+The selected set is the stable order's (value, flat index), the same as `merging.select`.
 
 Random drops draw from a counter-based stream per (seed, tensor, model position), so any range
 of any block is drawn independently: see `stream_key` and `merging.kernels.splitmix64`.
