@@ -132,12 +132,12 @@ class Zoo:
 # answers are whole lists or every variable, so the base can practise them at full length (and its
 # experts need only small updates); arithmetic, logic and the compositional tasks stay rare.
 _BASE_FULL_SHARE = {
-    "arithmetic": 0.02,
-    "lists": 0.3,
-    "logic": 0.01,
-    "tracing": 0.15,
+    "arithmetic": 0.05,
+    "lists": 0.5,
+    "logic": 0.03,
+    "tracing": 0.4,
     "list_arith": 0.1,
-    "bool_trace": 0.02,
+    "bool_trace": 0.03,
 }
 _BASE_MIXTURE = (
     *((f"{task}@easy", 1.0) for task in TASKS),
@@ -183,7 +183,7 @@ RECIPES: dict[str, ZooRecipe] = {
         base_model=ModelSpec("llama", hidden=64, layers=2, heads=2, intermediate=192),
         base_train=TrainSpec(steps=1000, lr=5e-3, batch_size=32, mixture=_BASE_MIXTURE, warmup=30),
         expert_train=TrainSpec(
-            steps=400, lr=1e-3, batch_size=32, mixture=_REPLAY, warmup=10, frozen=_SHARED_PARAMETERS
+            steps=500, lr=1.5e-3, batch_size=32, mixture=_REPLAY, warmup=10, frozen=_SHARED_PARAMETERS
         ),
         heterogeneous=(
             HeteroSpec(
