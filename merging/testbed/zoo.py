@@ -183,7 +183,7 @@ RECIPES: dict[str, ZooRecipe] = {
         base_model=ModelSpec("llama", hidden=64, layers=2, heads=2, intermediate=192),
         base_train=TrainSpec(steps=1000, lr=5e-3, batch_size=32, mixture=_BASE_MIXTURE, warmup=30),
         expert_train=TrainSpec(
-            steps=500, lr=1.5e-3, batch_size=32, mixture=_REPLAY, warmup=10, frozen=_SHARED_PARAMETERS
+            steps=1000, lr=1.5e-3, batch_size=32, mixture=_REPLAY, warmup=10, frozen=_SHARED_PARAMETERS
         ),
         heterogeneous=(
             HeteroSpec(
