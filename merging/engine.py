@@ -17,7 +17,7 @@ from merging.blocks import Reader, TensorStack
 from merging.config import MergeConfig, load_config
 from merging.errors import ConfigError
 from merging.layout import TensorInfo, TensorPlan, plan_tensors
-from merging.operators import FUSED_METHODS, OPERATORS
+from merging.operators import FUSED_METHODS, OPERATORS, TASK_ARITHMETIC_FAMILY
 from merging.parameters import ResolvedParameters, resolve_parameters
 
 __all__ = ["merge", "merge_state_dicts", "resolve_parameters"]
@@ -25,20 +25,7 @@ __all__ = ["merge", "merge_state_dicts", "resolve_parameters"]
 # Methods whose output is non-finite wherever an input is (masks multiply, NaN * 0 is NaN), so
 # their inputs are checked only when the output is not finite. slerp, model_stock and sce read
 # whole-tensor statistics or mask with `where`, so their inputs are checked as they are read.
-PROPAGATES_NON_FINITE = frozenset(
-    {
-        "linear",
-        "passthrough",
-        "task_arithmetic",
-        "ties",
-        "dare_linear",
-        "dare_ties",
-        "breadcrumbs",
-        "breadcrumbs_ties",
-        "della",
-        "della_linear",
-    }
-)
+PROPAGATES_NON_FINITE = frozenset({"linear", "passthrough", *TASK_ARITHMETIC_FAMILY})
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
