@@ -16,7 +16,6 @@ points at wrong or partial bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sqlite3
@@ -27,13 +26,9 @@ from pathlib import Path
 
 from merging.atomic import write_atomic
 from node.errors import ChunkHashMismatchError, ChunkNotFoundError, InvalidDigestError
+from protocol.encoding import sha256_hex
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
-
-
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    """The lowercase hex sha256 of `data`: the chunk's address."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def check_digest(digest: str) -> str:

@@ -27,7 +27,7 @@ _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     """Hex sha256 of `data`: the content address of chunks and messages."""
     return hashlib.sha256(data).hexdigest()
 
