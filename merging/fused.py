@@ -1,4 +1,4 @@
-"""The task-arithmetic family (except DELLA) in one compiled pass per block (`merging.kernels`).
+"""The task-arithmetic family (except DELLA) and `linear` in one compiled pass per block (`merging.kernels`).
 
 `fused_task_arithmetic` computes exactly the bytes of the plain torch formulation (task vectors,
 magnitude or outlier windows, random drops, TIES sign election, weighted sums) with one pass per
@@ -379,12 +379,49 @@ def fused_task_arithmetic(
         run_parallel(task, parts)
         if parts:
             plan.seen = starts[-1]
-        if not to_bfloat16:
-            yield torch.from_numpy(out).view(end - start, stack.width)
-            continue
-        if non_finite.any():
-            raise stack.non_finite_output()
-        yield torch.from_numpy(out16).view(torch.bfloat16).view(end - start, stack.width)
+        yield _block_result(stack, start, end, out, out16, non_finite, to_bfloat16)
+
+
+def fused_linear(
+    stack: TensorStack, members: list[int], weights: list[float], normalize: bool, total: float
+) -> Iterator[torch.Tensor]:
+    """`merging.operators.linear` over the stored inputs, one compiled pass per block."""
+    member_array = np.asarray(members, dtype=np.int64)
+    weight_array = np.asarray(weights, dtype=np.float32)
+    to_bfloat16 = stack.output_dtype == torch.bfloat16
+    for start, end, raw in stack.blocks():
+        inputs = kernel_inputs(raw)
+        size = inputs[0].size
+        parts = split(size, THREADS)
+        out = np.empty(0 if to_bfloat16 else size, dtype=np.float32)
+        out16 = np.empty(size if to_bfloat16 else 0, dtype=np.uint16)
+        non_finite = np.zeros(len(parts), dtype=np.int64)
+
+        def task(n: int, s: int, e: int, inputs=inputs, arrays=(out, out16, non_finite)) -> None:
+            out, out16, non_finite = arrays
+            non_finite[n] = kernels.weighted_sum_range(
+                inputs, member_array, weight_array, normalize, np.float32(total), s, e, out, out16
+            )
+
+        run_parallel(task, parts)
+        yield _block_result(stack, start, end, out, out16, non_finite, to_bfloat16)
+
+
+def _block_result(
+    stack: TensorStack,
+    start: int,
+    end: int,
+    out: np.ndarray,
+    out16: np.ndarray,
+    non_finite: np.ndarray,
+    to_bfloat16: bool,
+) -> torch.Tensor:
+    """A kernel's block output as `[rows, width]`: float32, or bfloat16 once checked for NaN and inf."""
+    if not to_bfloat16:
+        return torch.from_numpy(out).view(end - start, stack.width)
+    if non_finite.any():
+        raise stack.non_finite_output()
+    return torch.from_numpy(out16).view(torch.bfloat16).view(end - start, stack.width)
 
 
 def _range_tie_states(

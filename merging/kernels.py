@@ -434,6 +434,38 @@ def merge_range(
     return non_finite
 
 
+@njit(cache=True, nogil=True)
+def weighted_sum_range(inputs, members, weights, normalize, total, start, end, out, out16):
+    """Linear merge of the block positions `[start, end)`: sum of `inputs[members[j]] * weights[j]`.
+
+    Products and sums round to float32 in model order, then divide by `total` when `normalize`,
+    as the plain torch formulation does. The result goes to `out16` as bfloat16 if that is not
+    empty (returning how many float32 results were NaN or infinite), else to `out`.
+    """
+    non_finite = np.int64(0)
+    mixed = np.empty(TILE, dtype=np.float32)
+    identity = np.full(TILE, -0.0, dtype=np.float32)  # x + -0.0 == x for every x, -0.0 included
+    for tile in range(start, end, TILE):
+        count = min(TILE, end - tile)
+        first, weight = inputs[members[0]][tile : tile + count], weights[0]
+        for t in range(count):
+            mixed[t] = value_at(first, t) * weight
+        for j in range(1, len(members)):
+            x, weight = inputs[members[j]][tile : tile + count], weights[j]
+            for t in range(count):
+                mixed[t] = mixed[t] + value_at(x, t) * weight
+        if normalize:
+            for t in range(count):
+                mixed[t] = mixed[t] / total
+        if len(out16):
+            non_finite += _store_bfloat16(mixed, identity, count, out16[tile : tile + count])
+        else:
+            target = out[tile : tile + count]
+            for t in range(count):
+                target[t] = mixed[t]
+    return non_finite
+
+
 @njit(cache=True, inline="always")
 def _bfloat16_bits(value):
     """Round to nearest even, as torch converts float32 to bfloat16 (NaN aside)."""

@@ -4,7 +4,7 @@ Each operator reads a `TensorStack` (base and models, float32 row blocks), makes
 pass it needs over the whole tensor first, then yields the merged float32 rows block by block.
 Sums over models run in the config's order with plain adds (no fused multiply-add), statistics in
 float64 (see `merging.blocks`), so results are the same for any thread count or block size.
-The task-arithmetic family except DELLA runs as compiled kernels (`merging.fused`; DARE's drops
+`linear` and the task-arithmetic family except DELLA run as compiled kernels (`merging.fused`; DARE's drops
 come from a counter-based stream there); DELLA draws from one `torch.Generator` per (seed, tensor,
 model position).
 """
@@ -18,7 +18,7 @@ import torch
 
 from merging.blocks import ExactSum, Scratch, TensorStack, fixed_order_sum, row_sums
 from merging.errors import MergeError
-from merging.fused import FUSED_SPARSIFY, fused_task_arithmetic, stream_key
+from merging.fused import FUSED_SPARSIFY, fused_linear, fused_task_arithmetic, stream_key
 from merging.methods import METHODS
 from merging.parameters import TensorParameters
 from merging.select import WindowMasker, order_statistics, window_from_ranks, window_ranks
@@ -40,6 +40,9 @@ def linear(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[
     total = math.fsum(weights)
     if params.globals["normalize"] and total == 0:
         raise MergeError(f"the weights of tensor {params.tensor!r} sum to zero, so they cannot be normalized")
+    if stack.raw:
+        yield from fused_linear(stack, members, weights, params.globals["normalize"], total)
+        return
     for _, _, block in stack.blocks():
         merged = fixed_order_sum([block[i] * w for i, w in zip(members, weights, strict=True)])
         yield merged / total if params.globals["normalize"] else merged
@@ -310,7 +313,9 @@ TASK_ARITHMETIC_FAMILY = (
     "della_linear",
 )
 # methods computed by `merging.fused` from the stored inputs (their stacks read blocks raw)
-FUSED_METHODS = frozenset(name for name in TASK_ARITHMETIC_FAMILY if METHODS[name].sparsify in FUSED_SPARSIFY)
+FUSED_METHODS = frozenset(
+    ["linear", *(name for name in TASK_ARITHMETIC_FAMILY if METHODS[name].sparsify in FUSED_SPARSIFY)]
+)
 
 OPERATORS: dict[str, Operator] = {
     "linear": linear,

@@ -1,6 +1,7 @@
 """Input digests are remembered across merges and recomputed when a file changes."""
 
 import hashlib
+import mmap
 import os
 
 from merging import filehash
@@ -35,3 +36,12 @@ def test_an_unreadable_or_unwritable_record_only_means_hashing_again(tmp_path, m
     assert filehash.file_digests([path]) == [hashlib.sha256(b"x").hexdigest()]
     monkeypatch.setenv("UMM_CACHE_DIR", str(path))  # a file, not a folder: the record cannot be written
     assert filehash.file_digests([path]) == [hashlib.sha256(b"x").hexdigest()]
+
+
+def test_sha256_file_over_several_windows_and_empty(tmp_path, monkeypatch):
+    monkeypatch.setattr(filehash, "WINDOW_BYTES", mmap.ALLOCATIONGRANULARITY)
+    data = bytes(range(256)) * (3 * mmap.ALLOCATIONGRANULARITY // 256) + b"tail"
+    (tmp_path / "big").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    assert filehash.sha256_file(tmp_path / "big") == hashlib.sha256(data).hexdigest()
+    assert filehash.sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()

@@ -176,3 +176,29 @@ def test_non_finite_results_are_reported_for_bfloat16_output():
     huge = {m: torch.full_like(base, 3e38) for m in models}  # finite inputs, an infinite sum
     with pytest.raises(NonFiniteError, match="merged tensor"):
         merge_one("task_arithmetic", zero, huge, {m: {"weight": 1.0} for m in models})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_matches_the_plain_weighted_sum_bit_for_bit(dtype, normalize, monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    models = {m: torch.randn(70, 97, generator=generator).to(dtype) for m in "abc"}
+    models["a"][0, :4] = torch.tensor([-0.0, 0.0, -0.0, 1.0])  # negative zeros must stay negative
+    models["b"][0, :4] = torch.tensor([-0.0, -0.0, 0.0, -1.0])
+    models["c"][0, :4] = torch.tensor([-0.0, -0.0, -0.0, 0.0])
+    weights = {"a": 0.3, "b": 1.7, "c": 0.45}
+    expected = models["a"].float() * weights["a"]
+    for m in "bc":
+        expected = expected + models[m].float() * weights[m]
+    if normalize:
+        expected = expected / (0.3 + 1.7 + 0.45)
+    expected = expected.to(dtype)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for threads, block in ((1, None), (2, None), (3, 97 * 9)):
+        monkeypatch.setattr(fused, "THREADS", threads)
+        if block is not None:
+            monkeypatch.setattr(merging.blocks, "BLOCK_ELEMENTS", block)
+        params = {m: {"weight": w} for m, w in weights.items()}
+        merged = merge_one("linear", None, models, params, parameters={"normalize": normalize})
+        assert merged.dtype == dtype
+        assert torch.equal(merged.view(bits), expected.view(bits))
