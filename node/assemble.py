@@ -55,10 +55,31 @@ def all_finite(data: bytes, unsigned: type[np.unsignedinteger], mask: int) -> bo
     return not bool(np.any((bits & unsigned(mask)) == unsigned(mask)))
 
 
-def _streams_raw(entry: TensorEntry, chunk_size: int) -> bool:
+def streams_raw(entry: TensorEntry, chunk_size: int) -> bool:
     """Whether `entry`'s chunks are the tensor's own bytes, each a whole number of elements."""
     itemsize = DTYPES[entry.dtype].itemsize
     return entry.codec.name == "raw" and not entry.codec.zstd and chunk_size % itemsize == 0
+
+
+def safetensors_header(
+    layout: Sequence[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, int]:
+    """The file's first bytes (length prefix + JSON header, padded to 8) for tensors laid out in order.
+
+    `layout` lists (name, dtype name, shape, bytes); returns the prefix and the bytes of tensor data.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, dtype, shape, size in layout:
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded, offset
 
 
 def write_safetensors(
@@ -76,25 +97,18 @@ def write_safetensors(
     """
     ordered = sorted(entries, key=lambda e: e.name)
     decoded: dict[str, torch.Tensor] = {}
-    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
+    layout: list[tuple[str, str, tuple[int, ...], int]] = []
     for entry in ordered:
-        if _streams_raw(entry, chunk_size):
+        if streams_raw(entry, chunk_size):
             dtype, size = entry.dtype, numel_of(entry.shape) * DTYPES[entry.dtype].itemsize
         else:
             tensor = decode_entry(entry, read_chunk, chunk_size).contiguous()
             decoded[entry.name] = tensor
             dtype, size = DTYPE_NAMES[tensor.dtype], tensor.numel() * tensor.element_size()
-        header[entry.name] = {
-            "dtype": SAFETENSORS_DTYPES[dtype],
-            "shape": list(entry.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+        layout.append((entry.name, dtype, tuple(entry.shape), size))
+    encoded, offset = safetensors_header(layout, metadata)
     with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        handle.write(encoded)
         for entry in ordered:
             if entry.name in decoded:
                 handle.write(decoded.pop(entry.name).reshape(-1).view(torch.uint8).numpy().data)

@@ -7,6 +7,11 @@ on SIGTERM, terminates its own children (`p2pd`) before exiting, so a SIGKILLed 
 `RecordBoard` stores and reads small values (a few KiB) under a key with one subkey per owner:
 the subkey carries the owner's RSA public key and the value its signature (hivemind's
 `RSASignatureValidator`), so no peer can overwrite another's record. Every call has a timeout.
+
+`ClientBoard` is a reader for short-lived clients (`umm pull`, `umm status`): a client-mode DHT node
+inside the caller's event loop, with no child Python process, so it starts in about the time
+`p2pd` takes to start. A small `sh` guard stops that `p2pd` and removes both unix sockets if the
+caller dies without shutting down (even by SIGKILL): it waits on a pipe only the caller holds.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ import contextlib
 import ctypes
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -131,14 +140,7 @@ class RecordBoard:
     def read(self, key: str, *, latest: bool = True) -> dict[bytes, bytes]:
         """Every owner's current value under `key` as {owner subkey: value}, validated by hivemind."""
         future = self.dht.get(key, latest=latest, return_future=True)
-        found = self._wait(future, f"get of {key!r}")
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        records: dict[bytes, bytes] = {}
-        for subkey, item in found.value.items():
-            if isinstance(subkey, bytes) and isinstance(item.value, bytes):
-                records[subkey] = item.value
-        return records
+        return owner_values(self._wait(future, f"get of {key!r}"))
 
     async def apublish(self, key: str, value: bytes, *, ttl: float) -> bool:
         """`publish` without blocking the event loop."""
@@ -160,3 +162,129 @@ class RecordBoard:
                 f"expected the DHT {what} to succeed, "
                 f"got {type(exc).__name__} after {time.monotonic() - started:.1f} s"
             ) from exc
+
+
+def owner_values(found: object) -> dict[bytes, bytes]:
+    """{owner subkey: value} of a DHT `get` answer (a `ValueWithExpiration` of subkeys, or None)."""
+    value = getattr(found, "value", None)
+    if not isinstance(value, dict):
+        return {}
+    records: dict[bytes, bytes] = {}
+    for subkey, item in value.items():
+        if isinstance(subkey, bytes) and isinstance(getattr(item, "value", None), bytes):
+            records[subkey] = item.value
+    return records
+
+
+# Run by `sh` with the p2pd pid and its two socket paths: wait for the caller's end of the pipe to
+# close (it exits, however), then stop p2pd (SIGTERM, SIGKILL after 5 s) and remove the sockets.
+_GUARD_SCRIPT = (
+    'read _; kill -TERM "$1" 2>/dev/null; i=0; '
+    'while kill -0 "$1" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.05; i=$((i + 1)); done; '
+    'kill -KILL "$1" 2>/dev/null; rm -f "$2" "$3"'
+)
+
+
+class ClientBoard:
+    """A read-only, client-mode DHT node in the caller's event loop (see the module docstring).
+
+    Reads return what `RecordBoard.read` returns; `p2p` serves `fetch_chunks` directly.
+    """
+
+    def __init__(self, node: DHTNode, guard: subprocess.Popen, *, timeout: float) -> None:
+        self.node = node
+        self.p2p: P2P = node.p2p
+        self.timeout = timeout
+        self._guard = guard
+
+    @classmethod
+    async def start(
+        cls,
+        initial_peers: Sequence[str],
+        *,
+        host: str = "127.0.0.1",
+        timeout: float = DEFAULT_DHT_TIMEOUT,
+        start_timeout: float = 60.0,
+    ) -> ClientBoard:
+        """Start `p2pd` and a client DHT node joined to `initial_peers`; raises DHTError if it fails."""
+        # Generating the (unused) signing key the validator wants overlaps the daemon's start.
+        key = asyncio.create_task(asyncio.to_thread(RSAPrivateKey))
+        p2p = None
+        try:
+            p2p = await P2P.create(
+                initial_peers=list(initial_peers),
+                host_maddrs=[f"/ip4/{host}/tcp/0"],
+                nat_port_map=False,
+                auto_nat=False,
+                dht_mode="client",
+                startup_timeout=start_timeout,
+            )
+            guard = _start_guard(p2p)
+            try:
+                validator = CompositeValidator([RSASignatureValidator(await key)])
+                node = await asyncio.wait_for(
+                    DHTNode.create(
+                        p2p=p2p,
+                        initial_peers=list(initial_peers),
+                        client_mode=True,
+                        record_validator=validator,
+                    ),
+                    start_timeout,
+                )
+            except BaseException:
+                _stop_guard(guard)
+                raise
+        except Exception as exc:
+            if p2p is not None:
+                with contextlib.suppress(Exception):
+                    await p2p.shutdown()
+            raise DHTError(
+                f"expected a DHT client joined to {list(initial_peers)}, got {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await key
+        return cls(node, guard, timeout=timeout)
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes this client started: `p2pd` and its guard."""
+        child = getattr(self.p2p, "_child", None)
+        return [pid for pid in (getattr(child, "pid", None), self._guard.pid) if pid is not None]
+
+    async def aread(self, key: str, *, latest: bool = True) -> dict[bytes, bytes]:
+        """Every owner's current value under `key` as {owner subkey: value}, validated by hivemind."""
+        try:
+            found = await asyncio.wait_for(self.node.get(key, latest=latest), self.timeout)
+        except TimeoutError:
+            raise DHTError(
+                f"expected the DHT get of {key!r} within {self.timeout:g} s, got no answer"
+            ) from None
+        return owner_values(found)
+
+    async def shutdown(self) -> None:
+        """Stop the DHT node and `p2pd` (their sockets are removed); the guard goes first."""
+        _stop_guard(self._guard)
+        with contextlib.suppress(Exception):
+            await self.node.shutdown()
+        with contextlib.suppress(Exception):
+            await self.p2p.shutdown()
+
+
+def _start_guard(p2p: P2P) -> subprocess.Popen:
+    sockets = [str(p2p.daemon_listen_maddr["unix"]), str(p2p._client_listen_maddr["unix"])]
+    return subprocess.Popen(
+        ["sh", "-c", _GUARD_SCRIPT, "umm-p2pd-guard", str(p2p._child.pid), *sockets],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _stop_guard(guard: subprocess.Popen) -> None:
+    """End the guard without letting it act (the caller stops p2pd itself)."""
+    with contextlib.suppress(ProcessLookupError):
+        guard.kill()
+    guard.wait()
+    if guard.stdin is not None:
+        guard.stdin.close()

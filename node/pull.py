@@ -1,10 +1,13 @@
 """`umm pull`: find the network's latest attested result and write it as a loadable HF folder.
 
-A pull starts a client-mode DHT node, reads the genesis (verified against the network id), finds
-the highest round whose result carries a quorum of valid attestations on every shard
-(`find_attested_result`: signatures, hashes and the shard plan checked), fetches every chunk from
-any peer (verified by hash) into a resumable cache store, then writes ``model.safetensors`` and the
-base's side files (config, tokenizer) to a temp folder, fsyncs and renames it to ``--out``.
+A pull starts a client DHT node in its own event loop (`ClientBoard`: no child Python process),
+reads the genesis and the peer records at once, and finds the highest round whose result carries a
+quorum of valid attestations on every shard (`find_attested_result`: signatures, hashes and the
+shard plan checked; its small records are fetched into memory). Then one `fetch_chunks` over every
+chunk of the model and the base's side files (config, tokenizer) streams them from all peers into
+a `PartialModel`, which verifies each chunk and writes it at its final place in
+``model.safetensors`` as it arrives; the folder is fsynced and renamed to ``--out``. An interrupted
+pull leaves its work folder (``.<out>.umm-pull`` beside ``--out``) and the next one resumes there.
 """
 
 from __future__ import annotations
@@ -12,17 +15,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from node.assemble import write_safetensors
-from node.dht import RecordBoard, start_dht
-from node.errors import NodeError
-from node.service import claimed_latest_rounds, find_attested_result, peer_ids, read_genesis_from
-from node.store import ContentStore
-from node.transport import FetchReport, fetch_chunks
+from hivemind.p2p import PeerID
+
+from node.dht import ClientBoard
+from node.errors import ChunkHashMismatchError, ChunkNotFoundError, FetchError, NodeError
+from node.genesis import Genesis
+from node.partial import PartialModel, replace_folder
+from node.records import genesis_key, peers_key
+from node.service import (
+    AttestedRound,
+    find_attested_result,
+    genesis_from_records,
+    latest_rounds_from_records,
+    peers_from_records,
+)
+from node.store import check_digest
+from node.transport import fetch_chunks
+from protocol.encoding import sha256_hex
+
+__all__ = ["NoResultError", "PullOutcome", "pull", "replace_folder"]
+
+FETCH_ATTEMPTS = 3
 
 
 class NoResultError(NodeError):
@@ -40,26 +56,95 @@ class PullOutcome:
     bytes_fetched: int
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class MemoryChunks:
+    """A small in-memory chunk sink for the records a pull checks (manifests, results)."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[str, bytes] = {}
+
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        return [d for d in dict.fromkeys(digests) if d not in self._chunks]
+
+    def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
+        actual = sha256_hex(data)
+        if digest is not None and check_digest(digest) != actual:
+            raise ChunkHashMismatchError(f"expected bytes hashing to {digest}, got bytes hashing to {actual}")
+        self._chunks[actual] = bytes(data)
+        return actual
+
+    def get(self, digest: str) -> bytes:
+        try:
+            return self._chunks[digest]
+        except KeyError:
+            raise ChunkNotFoundError(f"expected chunk {digest} in memory, got no such chunk") from None
 
 
-def replace_folder(temp: Path, out: Path) -> None:
-    """Move a complete folder into place; an existing `out` is replaced only after `temp` is whole."""
-    _fsync_tree(temp)
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(temp, out)
-    shutil.rmtree(old, ignore_errors=True)
+@dataclasses.dataclass
+class _Found:
+    genesis: Genesis
+    attested: AttestedRound
+    peers: list[PeerID]
+
+
+async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fetched: list[int]) -> _Found:
+    """The genesis, the highest attested round and the announced peers; NoResultError after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    genesis: Genesis | None = None
+    records = MemoryChunks()
+    while True:
+        genesis_values, peer_values = await asyncio.gather(
+            client.aread(genesis_key(network_id)) if genesis is None else asyncio.sleep(0, {}),
+            client.aread(peers_key(network_id)),
+        )
+        if genesis is None:
+            found = genesis_from_records(genesis_values.values(), network_id)
+            genesis = found[0] if found is not None else None
+        peers = peers_from_records(peer_values.values())
+        if genesis is not None and peers:
+
+            async def fetch(digests: Sequence[str], holders: Iterable[str], peers=peers) -> None:
+                extra = []
+                for holder in holders:
+                    with contextlib.suppress(Exception):
+                        extra.append(PeerID.from_base58(holder))
+                sources = sorted(set(peers) | set(extra), key=str)
+                try:
+                    report = await fetch_chunks(client.p2p, digests, sources, records, timeout=20.0)
+                except FetchError as exc:
+                    fetched[0] += exc.bytes_received
+                    raise
+                fetched[0] += report.bytes_received
+
+            for round_number in latest_rounds_from_records(peer_values.values()):
+                attested = await find_attested_result(client, genesis, round_number, fetch, records)
+                if attested is not None:
+                    return _Found(genesis, attested, peers)
+        if loop.time() >= deadline:
+            raise NoResultError(
+                f"expected a result of {network_id} attested by a quorum within {timeout:g} s, got none"
+            )
+        await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+
+
+async def _stream(
+    client: ClientBoard, network_id: str, partial: PartialModel, peers: list[PeerID], fetched: list[int]
+) -> None:
+    """Fetch every chunk `partial` lacks in one go; on failure ask for the peers again and go on."""
+    error: FetchError | None = None
+    for attempt in range(FETCH_ATTEMPTS):
+        if attempt:
+            await asyncio.sleep(0.5)
+            peers = peers_from_records((await client.aread(peers_key(network_id))).values()) or peers
+        try:
+            report = await fetch_chunks(client.p2p, partial.wanted, peers, partial, timeout=20.0)
+        except FetchError as exc:
+            fetched[0] += exc.bytes_received
+            error = exc
+            continue
+        fetched[0] += report.bytes_received
+        return
+    raise error
 
 
 async def pull(
@@ -71,62 +156,27 @@ async def pull(
     timeout: float = 60.0,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> PullOutcome:
-    """Pull the latest attested result of `network_id` into `out` (see the module docstring)."""
+    """Pull the latest attested result of `network_id` into `out` (see the module docstring).
+
+    `cache_dir` is the work folder kept between attempts (default ``.<out name>.umm-pull`` beside
+    `out`). `progress("chunks", done, total)` is called once before the transfer and then from the
+    fetch's writer threads after each chunk is written.
+    """
     out = Path(out).absolute()
-    cache = Path(cache_dir) if cache_dir is not None else out.with_name(f".{out.name}.umm-pull")
-    dht, validator = await asyncio.to_thread(start_dht, initial_peers=list(initial_peers), client_mode=True)
-    board = RecordBoard(dht, validator)
-    p2p = await dht.replicate_p2p()
-    report = FetchReport()
+    work = Path(cache_dir) if cache_dir is not None else out.with_name(f".{out.name}.umm-pull")
+    fetched = [0]
+    client = await ClientBoard.start(list(initial_peers))
     try:
-        with ContentStore(cache / "store", durable=False) as store:  # a resumable cache
-
-            async def fetch(digests, holders=()) -> None:
-                peers = await asyncio.to_thread(peer_ids, board, network_id)
-                done = await fetch_chunks(p2p, digests, peers, store, timeout=20.0)
-                report.fetched += done.fetched
-                for peer, size in done.bytes_by_peer.items():
-                    report.bytes_by_peer[peer] = report.bytes_by_peer.get(peer, 0) + size
-
-            found_genesis = None
-            deadline = asyncio.get_running_loop().time() + timeout
-            attested = None
-            while asyncio.get_running_loop().time() < deadline:
-                found_genesis = found_genesis or await asyncio.to_thread(read_genesis_from, board, network_id)
-                if found_genesis is not None:
-                    genesis = found_genesis[0]
-                    for r in await asyncio.to_thread(claimed_latest_rounds, board, network_id):
-                        attested = await find_attested_result(board, genesis, r, fetch, store)
-                        if attested is not None:
-                            break
-                if attested is not None:
-                    break
-                await asyncio.sleep(1.0)
-            if attested is None:
-                raise NoResultError(
-                    f"expected a result of {network_id} attested by a quorum within {timeout:g} s, got none"
-                )
-            entries = attested.tensors
-            digests = [d for t in entries for d in t.chunks] + list(genesis.base_files.values())
-            total = len(digests)
-            done_before = total - len(store.missing(digests))
+        found = await _find_latest(client, network_id, timeout, fetched)
+        attested = found.attested
+        report = None if progress is None else (lambda done, total: progress("chunks", done, total))
+        with PartialModel(
+            work, attested.tensors, attested.chunk_size, found.genesis.base_files, progress=report
+        ) as partial:
             if progress is not None:
-                progress("chunks", done_before, total)
-            for start in range(0, total, 64):  # batches, so progress can be shown and a kill loses little
-                await fetch(digests[start : start + 64])
-                if progress is not None:
-                    progress("chunks", min(total, start + 64), total)
-            temp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-            shutil.rmtree(temp, ignore_errors=True)
-            temp.mkdir(parents=True)
-            model = temp / "model.safetensors"  # written chunk by chunk, with decode_entry's checks
-            await asyncio.to_thread(write_safetensors, entries, store.get, attested.chunk_size, model)
-            for name, digest in genesis.base_files.items():
-                (temp / name).write_bytes(store.get(digest))
-            replace_folder(temp, out)
-        shutil.rmtree(cache, ignore_errors=True)
-        return PullOutcome(out, attested.round, attested.fingerprint, attested.signers, report.bytes_received)
+                progress("chunks", partial.resumed, len(partial.wanted))
+            await _stream(client, network_id, partial, found.peers, fetched)
+            await asyncio.to_thread(partial.finish, out)
+        return PullOutcome(out, attested.round, attested.fingerprint, attested.signers, fetched[0])
     finally:
-        with contextlib.suppress(Exception):
-            await p2p.shutdown()
-        await asyncio.to_thread(dht.shutdown)
+        await client.shutdown()

@@ -27,8 +27,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -84,10 +85,10 @@ def network_genesis_id(network_id: str) -> str:
     return suffix
 
 
-def read_genesis_from(board: RecordBoard, network_id: str) -> tuple[Genesis, bytes] | None:
-    """The genesis of `network_id` from the DHT, verified against the id; None if nobody has it."""
+def genesis_from_records(values: Iterable[bytes], network_id: str) -> tuple[Genesis, bytes] | None:
+    """The first of `values` (genesis records) that is the genesis of `network_id`; None if none is."""
     expected = network_genesis_id(network_id)
-    for value in board.read(genesis_key(network_id)).values():
+    for value in values:
         try:
             genesis = open_genesis(value, expected_id=expected)
         except GenesisError:
@@ -97,10 +98,15 @@ def read_genesis_from(board: RecordBoard, network_id: str) -> tuple[Genesis, byt
     return None
 
 
-def peer_ids(board: RecordBoard, network_id: str, *, exclude: str | None = None) -> list[PeerID]:
-    """The libp2p peer ids that announced themselves on the network."""
+def read_genesis_from(board: RecordBoard, network_id: str) -> tuple[Genesis, bytes] | None:
+    """The genesis of `network_id` from the DHT, verified against the id; None if nobody has it."""
+    return genesis_from_records(board.read(genesis_key(network_id)).values(), network_id)
+
+
+def peers_from_records(values: Iterable[bytes], *, exclude: str | None = None) -> list[PeerID]:
+    """The libp2p peer ids in `values` (peer records), sorted, without `exclude`."""
     found = []
-    for value in board.read(peers_key(network_id)).values():
+    for value in values:
         record = parse_record("peers", value)
         if record is None or record["p2p"] == exclude:
             continue
@@ -109,14 +115,24 @@ def peer_ids(board: RecordBoard, network_id: str, *, exclude: str | None = None)
     return sorted(set(found), key=str)
 
 
-def claimed_latest_rounds(board: RecordBoard, network_id: str) -> list[int]:
-    """Rounds peers claim as their latest, highest first (claims are hints; quorum is checked)."""
+def latest_rounds_from_records(values: Iterable[bytes]) -> list[int]:
+    """Rounds the peer records in `values` claim as latest, highest first (hints; quorum is checked)."""
     rounds = set()
-    for value in board.read(peers_key(network_id)).values():
+    for value in values:
         record = parse_record("peers", value)
         if record is not None and record["latest"] >= 0:
             rounds.add(record["latest"])
     return sorted(rounds, reverse=True)
+
+
+def peer_ids(board: RecordBoard, network_id: str, *, exclude: str | None = None) -> list[PeerID]:
+    """The libp2p peer ids that announced themselves on the network."""
+    return peers_from_records(board.read(peers_key(network_id)).values(), exclude=exclude)
+
+
+def claimed_latest_rounds(board: RecordBoard, network_id: str) -> list[int]:
+    """Rounds peers claim as their latest, highest first (claims are hints; quorum is checked)."""
+    return latest_rounds_from_records(board.read(peers_key(network_id)).values())
 
 
 @dataclasses.dataclass
@@ -167,8 +183,14 @@ class ShardRecords:
     counts: set[int] = dataclasses.field(default_factory=set)
 
 
+class RecordReader(Protocol):
+    """What the round readers need of a DHT client (`RecordBoard` and `ClientBoard` are ones)."""
+
+    async def aread(self, key: str, *, latest: bool = True) -> dict[bytes, bytes]: ...
+
+
 async def read_shard_records(
-    board: RecordBoard, network_id: str, round_number: int, shard: int
+    board: RecordReader, network_id: str, round_number: int, shard: int
 ) -> ShardRecords:
     """The result records of `shard` in `round_number` (unverifiable attestations are dropped)."""
     found = ShardRecords()
@@ -189,7 +211,7 @@ async def read_shard_records(
     return found
 
 
-async def read_round_records(board: RecordBoard, network_id: str, round_number: int) -> list[dict]:
+async def read_round_records(board: RecordReader, network_id: str, round_number: int) -> list[dict]:
     """Every well-formed result record of a round, over all shards named by shard 0's attestations."""
     first = await board.aread(result_key(network_id, round_number, 0))
     records = [r for r in (parse_record("result", v) for v in first.values()) if r is not None]
@@ -205,43 +227,59 @@ async def read_round_records(board: RecordBoard, network_id: str, round_number: 
     return records
 
 
+class ChunkReader(Protocol):
+    """Where fetched chunks can be read back, verified (a `ContentStore` is one)."""
+
+    def get(self, digest: str) -> bytes: ...
+
+
 async def find_attested_result(
-    board: RecordBoard,
+    board: RecordReader,
     genesis: Genesis,
     round_number: int,
-    fetch: Callable[[Sequence[str], Iterable[str]], object],
-    store: ContentStore,
+    fetch: Callable[[Sequence[str], Iterable[str]], Awaitable[object]],
+    store: ChunkReader,
 ) -> AttestedRound | None:
     """The round's result whose every shard carries a quorum of valid distinct attestations.
 
-    Reads shard 0's records to learn the shard counts in play, then every shard's records; fetches
-    and verifies the results named by enough attestations; for each candidate set keeps, per shard,
-    the result with the most signers (ties: smallest id) and checks the whole with
-    `check_round_quorum` against the base's tensor plan. Of several complete rounds the one with the
-    most signers (ties: smallest fingerprint) wins.
+    Reads shard 0's records (while fetching the base's tensor list) to learn the shard counts in
+    play, then every other shard's records at once; fetches, in one call, the results named by
+    enough attestations and verifies them; for each candidate set keeps, per shard, the result with
+    the most signers (ties: smallest id) and checks the whole with `check_round_quorum` against the
+    base's tensor plan. Of several complete rounds the one with the most signers (ties: smallest
+    fingerprint) wins. `board` needs only `aread`; `fetch(digests, holders)` puts into `store`.
     """
-    await fetch([genesis.base_manifest], ())
+    network_id = genesis.network_id
+    first, _ = await asyncio.gather(
+        read_shard_records(board, network_id, round_number, 0), fetch([genesis.base_manifest], ())
+    )
     base = read_base_manifest(store.get(genesis.base_manifest))
     base_sizes = [(e.name, e.nbytes) for e in base]
-    first = await read_shard_records(board, genesis.network_id, round_number, 0)
+    counts = sorted(c for c in first.counts if c <= len(base))
+    shards = max(counts, default=1)
+    others = [read_shard_records(board, network_id, round_number, j) for j in range(1, shards)]
+    records = [first, *await asyncio.gather(*others)]
     least = genesis.quorum if genesis.quorum > 0 else 2
+    wanted = {
+        result_id: shard_records.holders.get(result_id, set())
+        for shard_records in records
+        for result_id, attestations in shard_records.attestations.items()
+        if len(set(attestations)) >= least
+    }
+    if wanted:  # one fetch for every shard's results; a result that cannot be had is skipped below
+        with contextlib.suppress(NodeError):
+            await fetch(sorted(wanted), sorted(set().union(*wanted.values())))
     now = int(time.time())
     complete: list[AttestedRound] = []
-    for count in sorted(c for c in first.counts if c <= len(base)):
-        records = [first] + [
-            await read_shard_records(board, genesis.network_id, round_number, j) for j in range(1, count)
-        ]
+    for count in counts:
         per_shard: list[dict[tuple[str, ...], AttestedResult]] = []
-        for j, shard_records in enumerate(records):
+        for j, shard_records in enumerate(records[:count]):
             best: dict[tuple[str, ...], AttestedResult] = {}
             for result_id, attestations in sorted(shard_records.attestations.items()):
-                if len({a for a in attestations}) < least:
+                if result_id not in wanted:
                     continue
                 try:
-                    await fetch([result_id], shard_records.holders.get(result_id, set()))
-                    result = verify_message(
-                        store.get(result_id), MergeResult, network_id=genesis.network_id, now=now
-                    )
+                    result = verify_message(store.get(result_id), MergeResult, network_id=network_id, now=now)
                 except (NodeError, ProtocolError):
                     continue
                 m = result.message
@@ -251,7 +289,7 @@ async def find_attested_result(
                     result,
                     attestations,
                     quorum=genesis.quorum_for(len(m.candidates)),
-                    network_id=genesis.network_id,
+                    network_id=network_id,
                     allowed_signers=genesis.allowed_signers,
                     now=now,
                 )
@@ -268,7 +306,7 @@ async def find_attested_result(
                 [c.attestations for c in chosen],
                 base_sizes=base_sizes,
                 quorum=genesis.quorum_for(len(candidates)),
-                network_id=genesis.network_id,
+                network_id=network_id,
                 allowed_signers=genesis.allowed_signers,
                 now=now,
             )

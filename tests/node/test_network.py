@@ -7,8 +7,13 @@ n1 creates the network; n1-n3 contribute honest experts; n4 contributes a poison
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import os
 import signal
+import sys
+import time
 
 import pytest
 import torch
@@ -18,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from merging.engine import merge
 from node.genesis import read_base_manifest
 from node.local import LocalNetwork
-from node.process import process_tree, wait_gone
+from node.process import bound_unix_sockets, process_tree, spawn_in_new_session, wait_gone
+from node.pull import pull
 from node.service import load_or_create_identity
 from node.state import NodeState
 from node.store import ContentStore
@@ -141,6 +147,84 @@ def test_late_joiner_pulls_byte_identical_loadable_weights(network, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert torch.equal(model.state_dict()["model.norm.weight"], expected["model.norm.weight"])
     assert not any(p.name.startswith(".merged") for p in tmp_path.iterdir())  # no partial folders left
+
+
+class Interrupted(Exception):
+    """Raised from a pull's progress report, as a kill would stop it between two chunks."""
+
+
+def test_interrupted_pull_resumes_to_byte_identical_weights(network, tmp_path):
+    out = tmp_path / "merged"
+    reports: list[int] = []
+
+    def stop_after_three_chunks(_what: str, done: int, total: int) -> None:
+        reports.append(done)
+        if len(reports) == 4:  # the report before the transfer, then one per chunk written
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        asyncio.run(
+            pull(network.network_id, out, initial_peers=[network.bootstrap], progress=stop_after_three_chunks)
+        )
+    work = tmp_path / ".merged.umm-pull"
+    journaled = (work / "received").stat().st_size // 32  # chunks written before the fetch stopped
+    assert not out.exists() and journaled >= 3
+
+    resumed: list[tuple[int, int]] = []
+    outcome = asyncio.run(
+        pull(
+            network.network_id,
+            out,
+            initial_peers=[network.bootstrap],
+            progress=lambda _what, done, total: resumed.append((done, total)),
+        )
+    )
+    total = resumed[0][1]
+    assert resumed[0] == (journaled, total) and resumed[-1] == (total, total)  # only the rest fetched
+    assert journaled < total
+    assert outcome.merged_fingerprint == network.converged["n1"]["fingerprint"]
+    assert weights_fingerprint(out) == outcome.merged_fingerprint
+    # An independent reference: the same tensors, decoded from a node's store, in safetensors' layout.
+    with ContentStore(network.root / "n1" / "store") as store:
+        shards = _shard_results(store, network.converged["n1"], network.network_id)
+        expected = {}
+        for shard in shards:
+            expected.update(decode_tensors(shard.tensors, store.get, shard.chunk_size))
+    reference = tmp_path / "reference.safetensors"
+    save_file(dict(sorted(expected.items())), reference, metadata={"format": "pt"})
+    pulled = load_file(out / "model.safetensors")
+    assert sorted(pulled) == sorted(expected)
+    assert all(torch.equal(pulled[name], tensor) for name, tensor in expected.items())
+    assert (
+        hashlib.sha256((out / "config.json").read_bytes()).hexdigest()
+        == network.genesis.base_files["config.json"]
+    )
+    assert not work.exists()
+
+
+def test_a_killed_pull_leaves_no_process_or_socket(network, tmp_path):
+    command = [sys.executable, "-m", "node.cli", "pull", "--network", "absent.0123456789abcdef"]
+    command += ["--out", str(tmp_path / "never"), "--initial-peers", network.bootstrap, "--timeout", "120"]
+    proc = spawn_in_new_session(command, log_path=tmp_path / "pull.log")
+    tree: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(tree := process_tree(proc.pid)) < 3 and time.monotonic() < deadline:  # pull, p2pd, guard
+            time.sleep(0.1)
+        time.sleep(0.5)
+        sockets = bound_unix_sockets(tree)
+        assert len(tree) == 3 and any("p2pd" in s for s in sockets), (tree, sockets)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert wait_gone(tree, 15.0) == []
+    finally:
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(os.path.exists(s) for s in sockets) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [s for s in sockets if os.path.exists(s)] == []
 
 
 def test_pull_completes_after_a_peer_is_killed(network, tmp_path):

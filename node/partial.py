@@ -1,0 +1,336 @@
+"""A pulled model folder written in place as its chunks arrive: verified, resumable, atomic.
+
+`PartialModel` is the sink a pull hands to `fetch_chunks`. Before the first chunk arrives it lays
+out ``model.safetensors`` — the header, then every tensor at its final offset (a merge result's
+entries use the raw codec: their chunks are the tensor's own bytes) — and knows where each chunk
+goes. Each arriving chunk is hashed against its address, checked (its length at each place it
+fills, finite floats) and written at each of its places with `os.pwrite`, on the fetch's writer
+threads while the transfer goes on. Each tensor's sha256 is computed in chunk order as its chunks
+arrive (a chunk that arrives early is read back from the file when its turn comes) and checked
+when its last chunk lands. Side files (config, tokenizer) are written whole.
+
+Work folder (`root`):
+    model/      becomes the output folder (renamed into place by `finish`)
+    received    journal: the raw 32-byte digest of each chunk written, appended after the write
+    lock        an flock held while a pull writes here (a second pull into it is refused)
+
+Resuming: the digests the journal names are checked again against the bytes at their places (a
+power cut may have lost a write the journal kept); those that match count as received, the rest
+are fetched again. `finish` fsyncs every file and the folder and renames the folder into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import hashlib
+import math
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+from merging.atomic import write_atomic
+from node.assemble import EXPONENT_MASKS, all_finite, safetensors_header, streams_raw
+from node.errors import ChunkHashMismatchError, StoreError
+from node.store import check_digest
+from protocol.codecs import DTYPES, numel_of
+from protocol.encoding import sha256_hex
+from protocol.errors import HashMismatchError, NonFiniteValuesError, TensorMismatchError
+from protocol.messages import TensorEntry
+
+MODEL_FILE = "model.safetensors"
+DIGEST_BYTES = 32
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class PullBusyError(StoreError):
+    """Another pull holds the work folder."""
+
+
+class UnexpectedChunkError(StoreError):
+    """A chunk that belongs nowhere in the model, or a model that is not complete."""
+
+
+def _writeback_starter() -> Callable[[int, int, int], object] | None:
+    """Linux's `sync_file_range(..., SYNC_FILE_RANGE_WRITE)`: start writing a range to disk now."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if function is None:
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, offset, length: function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+_start_writeback = _writeback_starter()
+
+
+@dataclasses.dataclass
+class _Tensor:
+    """One tensor's bytes in the model file and the running check of its sha256."""
+
+    entry: TensorEntry
+    start: int  # file offset of its first byte
+    chunk_size: int
+    lengths: list[int]  # of its chunks
+    exponent: tuple | None  # (unsigned view, exponent mask) for floats
+    arrived: set[int] = dataclasses.field(default_factory=set)
+    next: int = 0  # chunks 0..next-1 are hashed
+    hasher: object = dataclasses.field(default_factory=hashlib.sha256)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def verified(self) -> bool:
+        return self.next == len(self.lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Place:
+    """Where a chunk's bytes go: chunk `index` of tensor `tensor`, or the side file `file`."""
+
+    tensor: int = -1
+    index: int = 0
+    offset: int = 0
+    length: int = 0
+    file: str = ""
+
+
+def _check_file_name(name: str) -> str:
+    if not name or name in (".", "..", MODEL_FILE) or Path(name).name != name:
+        raise TensorMismatchError(f"expected a plain side file name other than {MODEL_FILE}, got {name!r}")
+    return name
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class PartialModel:
+    """The sink of a streaming pull (see the module docstring); use as a context manager.
+
+    `put` may run on several threads at once and keeps no reference to `data`. `progress(done,
+    total)` (chunks) is called from those threads after each chunk is written.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        entries: Sequence[TensorEntry],
+        chunk_size: int,
+        side_files: Mapping[str, str],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.folder = self.root / "model"
+        self.progress = progress
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = -1
+        self._journal = -1
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise PullBusyError(
+                f"expected no other pull writing {self.root}, got one holding its lock"
+            ) from None
+        try:
+            self._layout(entries, chunk_size, side_files)
+            self._resume()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ layout and resume
+    def _layout(self, entries: Sequence[TensorEntry], chunk_size: int, side_files: Mapping[str, str]) -> None:
+        ordered = sorted(entries, key=lambda e: e.name)
+        layout = []
+        for entry in ordered:
+            if not streams_raw(entry, chunk_size):
+                raise TensorMismatchError(
+                    f"expected raw entries in chunks of whole elements for {entry.name}, got codec "
+                    f"{entry.codec.name} with chunks of {chunk_size} bytes"
+                )
+            size = numel_of(entry.shape) * DTYPES[entry.dtype].itemsize
+            if entry.nbytes != size or len(entry.chunks) != math.ceil(size / chunk_size):
+                raise TensorMismatchError(
+                    f"expected {size} bytes in {math.ceil(size / chunk_size)} chunks for raw {entry.name} "
+                    f"of shape {list(entry.shape)}, got {entry.nbytes} bytes in {len(entry.chunks)} chunks"
+                )
+            layout.append((entry.name, entry.dtype, tuple(entry.shape), size))
+        header, data_bytes = safetensors_header(layout)
+        self.size = len(header) + data_bytes
+        self._places: dict[str, list[_Place]] = {}
+        self._tensors: list[_Tensor] = []
+        start = len(header)
+        for entry, (_, _, _, size) in zip(ordered, layout, strict=True):
+            lengths = [min(chunk_size, size - i * chunk_size) for i in range(len(entry.chunks))]
+            tensor = _Tensor(entry, start, chunk_size, lengths, EXPONENT_MASKS.get(entry.dtype))
+            for index, digest in enumerate(entry.chunks):
+                place = _Place(len(self._tensors), index, start + index * chunk_size, lengths[index])
+                self._places.setdefault(check_digest(digest), []).append(place)
+            self._tensors.append(tensor)
+            start += size
+        for name, digest in side_files.items():
+            self._places.setdefault(check_digest(digest), []).append(_Place(file=_check_file_name(name)))
+        self.wanted = list(self._places)  # in file order
+        for stray in self.folder.iterdir():  # left by a pull of another result
+            if stray.name != MODEL_FILE and stray.name not in side_files:
+                stray.unlink()
+        self._fd = os.open(self.folder / MODEL_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        os.ftruncate(self._fd, self.size)
+        _pwrite_all(self._fd, header, 0)
+        for tensor in self._tensors:
+            if not tensor.lengths:  # an empty tensor: its digest is that of no bytes
+                self._check_tensor(tensor)
+
+    def _resume(self) -> None:
+        """Count the journal's chunks whose bytes are still in place as received; keep only those."""
+        journal = self.root / "received"
+        named = journal.read_bytes() if journal.exists() else b""
+        self._received: set[str] = set()
+        for at in range(0, len(named) - DIGEST_BYTES + 1, DIGEST_BYTES):
+            digest = named[at : at + DIGEST_BYTES].hex()
+            if digest in self._places and digest not in self._received:
+                pieces = [self._read_place(place) for place in self._places[digest]]
+                if all(piece is not None and sha256_hex(piece) == digest for piece in pieces):
+                    self._received.add(digest)
+                    for place, piece in zip(self._places[digest], pieces, strict=True):
+                        if place.tensor >= 0:
+                            self._advance(place, piece)
+        write_atomic(journal, b"".join(bytes.fromhex(d) for d in self._received))
+        self._journal = os.open(journal, os.O_WRONLY | os.O_APPEND)
+        self.resumed = len(self._received)
+
+    def _read_place(self, place: _Place) -> bytes | None:
+        if place.file:
+            path = self.folder / place.file
+            return path.read_bytes() if path.exists() else None
+        return os.pread(self._fd, place.length, place.offset)
+
+    # ------------------------------------------------------------------ the sink
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        """The digests of `digests` (in order, without repeats) not yet written."""
+        return [d for d in dict.fromkeys(digests) if d not in self._received]
+
+    def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
+        """Verify a chunk and write it at each of its places; returns its digest."""
+        actual = sha256_hex(data)
+        if digest is not None and check_digest(digest) != actual:
+            raise ChunkHashMismatchError(f"expected bytes hashing to {digest}, got bytes hashing to {actual}")
+        places = self._places.get(actual)
+        if places is None:
+            raise UnexpectedChunkError(f"expected a chunk of the pulled model, got {actual}")
+        if actual in self._received:
+            return actual
+        for place in places:
+            if place.file:
+                (self.folder / place.file).write_bytes(data)
+                continue
+            tensor = self._tensors[place.tensor]
+            if len(data) != place.length:
+                raise TensorMismatchError(
+                    f"expected chunk {place.index} of {tensor.entry.name} to be {place.length} bytes, "
+                    f"got {len(data)}"
+                )
+            if tensor.exponent is not None and not all_finite(data, *tensor.exponent):
+                raise NonFiniteValuesError(f"expected finite values in {tensor.entry.name}, got NaN or Inf")
+            _pwrite_all(self._fd, data, place.offset)
+            if _start_writeback is not None:
+                _start_writeback(self._fd, place.offset, place.length)
+        os.write(self._journal, bytes.fromhex(actual))  # one small O_APPEND write: never interleaved
+        self._received.add(actual)
+        for place in places:
+            if place.tensor >= 0:
+                self._advance(place, data)
+        if self.progress is not None:
+            self.progress(len(self._received), len(self._places))
+        return actual
+
+    def _advance(self, place: _Place, data: bytes | bytearray | memoryview) -> None:
+        """Mark `place` arrived and hash the tensor's chunks that are now next in order."""
+        tensor = self._tensors[place.tensor]
+        with tensor.lock:
+            tensor.arrived.add(place.index)
+            while tensor.next in tensor.arrived:
+                index = tensor.next
+                if index == place.index:
+                    tensor.hasher.update(data)
+                else:  # arrived earlier: read it back (from the page cache)
+                    offset = tensor.start + index * tensor.chunk_size
+                    tensor.hasher.update(os.pread(self._fd, tensor.lengths[index], offset))
+                tensor.arrived.discard(index)
+                tensor.next += 1
+            if tensor.verified:
+                self._check_tensor(tensor)
+
+    @staticmethod
+    def _check_tensor(tensor: _Tensor) -> None:
+        if tensor.hasher.hexdigest() != tensor.entry.digest:
+            raise HashMismatchError(
+                f"expected {tensor.entry.name} bytes to hash to {tensor.entry.digest}, got another hash"
+            )
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, out: str | Path) -> None:
+        """Check that every chunk is in and every tensor verified; fsync and rename into `out`."""
+        missing = self.missing(self.wanted)
+        unverified = [t.entry.name for t in self._tensors if not t.verified]
+        if missing or unverified:
+            raise UnexpectedChunkError(
+                f"expected a complete model, got {len(missing)} chunks missing and "
+                f"{len(unverified)} tensors unverified"
+            )
+        os.close(self._fd)
+        self._fd = -1
+        replace_folder(self.folder, Path(out))
+        self.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def close(self) -> None:
+        """Close the files and release the lock; the work folder stays for a later resume."""
+        for attribute in ("_fd", "_journal", "_lock_fd"):
+            fd = getattr(self, attribute)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, attribute, -1)
+
+    def __enter__(self) -> PartialModel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_folder(folder)
+
+
+def replace_folder(temp: Path, out: Path) -> None:
+    """Move a complete folder into place; an existing `out` is replaced only after `temp` is whole."""
+    _fsync_tree(temp)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(temp, out)
+    _fsync_folder(out.parent)  # the rename itself
+    shutil.rmtree(old, ignore_errors=True)
