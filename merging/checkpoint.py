@@ -89,10 +89,10 @@ def merge_to_folder(
 
 
 def _hash_inputs(folders: dict[str, ModelFolder]) -> dict[str, dict[str, str]]:
-    hashes = {}
-    for name, folder in folders.items():
-        paths = list(folder.input_files())
-        hashes[name] = {path.name: digest for path, digest in zip(paths, file_digests(paths), strict=True)}
+    files = [(name, path) for name, folder in folders.items() for path in folder.input_files()]
+    hashes: dict[str, dict[str, str]] = {name: {} for name in folders}
+    for (name, path), digest in zip(files, file_digests([path for _, path in files]), strict=True):
+        hashes[name][path.name] = digest
     return hashes
 
 

@@ -17,12 +17,14 @@ import json
 import mmap
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from merging.atomic import write_atomic
 
 RECORD_NAME = "file-sha256.json"
 WINDOW_BYTES = 64 << 20  # a multiple of every page size
+HASH_THREADS = min(2, os.cpu_count() or 1)
 _lock = threading.Lock()
 
 
@@ -64,23 +66,31 @@ def _load(record: Path) -> dict:
 
 
 def file_digests(paths: list[Path]) -> list[str]:
-    """sha256 of each file, reusing remembered digests of unchanged files."""
+    """sha256 of each file, reusing remembered digests of unchanged files.
+
+    Files not remembered are hashed `HASH_THREADS` at a time (hashlib releases the GIL).
+    """
     record = cache_dir() / RECORD_NAME
     with _lock:
         entries = _load(record)
-    digests, changed = [], False
-    for path in paths:
+    digests: list[str | None] = []
+    missing: list[tuple[int, str, list[int]]] = []  # (position, record key, stamp before hashing)
+    for position, path in enumerate(paths):
         key = str(Path(path).resolve())
         stamp = _stamp(path)
         entry = entries.get(key)
-        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
-            digests.append(entry["sha256"])
-            continue
-        digest = sha256_file(path)
-        if _stamp(path) == stamp:  # unchanged while it was read
+        remembered = isinstance(entry, dict) and entry.get("stamp") == stamp
+        digests.append(entry["sha256"] if remembered and isinstance(entry.get("sha256"), str) else None)
+        if digests[-1] is None:
+            missing.append((position, key, stamp))
+    with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="umm-hash") as pool:
+        computed = list(pool.map(lambda item: sha256_file(paths[item[0]]), missing))
+    changed = False
+    for (position, key, stamp), digest in zip(missing, computed, strict=True):
+        digests[position] = digest
+        if _stamp(paths[position]) == stamp:  # unchanged while it was read
             entries[key] = {"stamp": stamp, "sha256": digest}
             changed = True
-        digests.append(digest)
     if changed:
         with _lock:
             merged = {k: v for k, v in {**_load(record), **entries}.items() if os.path.exists(k)}
