@@ -169,11 +169,11 @@ def pivot_counts(inputs, base, models, pivots, counts, start, end, below, upto):
             _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
             for p in range(counts[j]):
                 pivot = pivots[j, p]
-                less = np.int32(0)  # a tile's counts fit 32 bits, which vectorize twice as wide
+                less = np.int32(0)  # a tile's counts fit 32 bits; kept int32 (numba widens a += to int64)
                 at_most = np.int32(0)
                 for t in range(count):
-                    less += np.int32(magnitude[t] < pivot)
-                    at_most += np.int32(magnitude[t] <= pivot)
+                    less = np.int32(less + np.int32(magnitude[t] < pivot))
+                    at_most = np.int32(at_most + np.int32(magnitude[t] <= pivot))
                 below[j, p] += less
                 upto[j, p] += at_most
 
@@ -199,7 +199,7 @@ def count_equal(inputs, base, models, active, values, start, end, counts):
 def _equal_count(magnitude, count, value):
     equal = np.int32(0)
     for t in range(count):
-        equal += np.int32(magnitude[t] == value)
+        equal = np.int32(equal + np.int32(magnitude[t] == value))
     return np.int64(equal)
 
 
@@ -243,8 +243,8 @@ def _window_pass(x, count, base_values, low, high, density, rescale, weight, mag
         magnitude[t] = size
         kept = one if (size >= low) & (size <= high) else zero
         out[t] = _sparsified(delta, kept, density, rescale, weight)
-        equal_low += np.int32(size == low)
-        equal_high += np.int32(size == high)
+        equal_low = np.int32(equal_low + np.int32(size == low))
+        equal_high = np.int32(equal_high + np.int32(size == high))
     return equal_low, equal_high
 
 
@@ -479,7 +479,8 @@ def _store_bfloat16(mixed, base_values, count, target):
     non_finite = np.int32(0)
     for t in range(count):
         value = mixed[t] + base_values[t]
-        non_finite += np.int32((value - value) != np.float32(0.0))  # inf - inf and NaN - NaN are NaN
+        bad = (value - value) != np.float32(0.0)  # inf - inf and NaN - NaN are NaN
+        non_finite = np.int32(non_finite + np.int32(bad))
         target[t] = _bfloat16_bits(value)
     return np.int64(non_finite)
 
