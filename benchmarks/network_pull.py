@@ -4,11 +4,14 @@ A random float32 Llama of about MIB MiB is the base of a network of `nodes` node
 of them contribute an expert (base + seeded noise, bf16 deltas) and every node merges (ties).
 Then, in this process and in the same run:
 
-    pull            `node.pull.pull()` from call to a written, loadable folder (DHT start-up,
-                    lookups, attestation checks, fetch, decode, safetensors write, fsync, rename)
-    pull transfer   the part of it that fetches chunks (first to last progress report)
+    pull            `node.pull.pull()` from call to a written, loadable folder (DHT client start,
+                    lookups, attestation checks, the streaming fetch that writes each chunk in
+                    place, fsync, rename, shutdown), split by its progress reports into: up to the
+                    first chunk request, transfer (to the last chunk written), finish
+    client start    `ClientBoard.start` alone (p2pd + DHT join), and its shutdown
     fetch           `fetch_chunks` of exactly the pulled chunks (the result's chunks, re-derived
                     from the pulled weights, plus the side files) from the same peers, verified
+                    (hashed, not stored): the floor, "the time of moving its bytes"
     fetch + store   the same into a fresh on-disk `ContentStore`
     tcp floor       the same number of bytes over one plain TCP connection (raw, no hashing)
 """
@@ -63,7 +66,7 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
     from hivemind.p2p import PeerID
     from network_converge import make_models
 
-    from node.dht import start_dht
+    from node.dht import ClientBoard, start_dht
     from node.local import LocalNetwork
     from node.pull import pull
     from node.store import ContentStore
@@ -92,11 +95,44 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
             converged = time.perf_counter() - started
             print(f"model {model_mib:.0f} MiB float32, {nodes} nodes converged in {converged:.0f} s")
 
-            rows: dict[str, list[float]] = {}
+            # An untimed pull first: it names the chunks, and warms every cache both paths read from.
+            warm = root / "warm"
+            outcome = asyncio.run(pull(net.network_id, warm, initial_peers=[net.bootstrap]))
+            digests, fingerprint = pulled_digests(warm)
+            if fingerprint != outcome.merged_fingerprint:
+                raise RuntimeError("the pulled weights do not re-encode to the attested fingerprint")
+            shutil.rmtree(warm)
+
+            async def fetch_twice():
+                dht, _ = start_dht(initial_peers=[net.bootstrap], client_mode=True)
+                p2p = await dht.replicate_p2p()
+                try:
+                    await fetch_chunks(p2p, digests, peers, VerifyingSink(), **options)  # warm up
+                    cpu, tick = cpu_seconds(), time.perf_counter()
+                    report = await fetch_chunks(p2p, digests, peers, VerifyingSink(), **options)
+                    verified = (time.perf_counter() - tick, cpu_seconds() - cpu)
+                    with tempfile.TemporaryDirectory(dir=root) as folder, ContentStore(folder) as store:
+                        cpu, tick = cpu_seconds(), time.perf_counter()
+                        await fetch_chunks(p2p, digests, peers, store, **options)
+                        stored = (time.perf_counter() - tick, cpu_seconds() - cpu)
+                    return report.bytes_received, verified, stored
+                finally:
+                    await p2p.shutdown()
+                    dht.shutdown()
+
+            async def client_start():
+                tick = time.perf_counter()
+                client = await ClientBoard.start([net.bootstrap])
+                started = time.perf_counter()
+                await client.shutdown()
+                return started - tick, time.perf_counter() - started
+
+            rows: dict[str, list[tuple[float, float]]] = {}  # name: (seconds, CPU seconds) per attempt
+            ratios = []
             for attempt in range(repeat):
                 out = root / f"pulled{attempt}"
                 marks: list[float] = []
-                tick = time.perf_counter()
+                cpu, tick = cpu_seconds(), time.perf_counter()
                 outcome = asyncio.run(
                     pull(
                         net.network_id,
@@ -106,46 +142,46 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
                     )
                 )
                 finished = time.perf_counter()
-                rows.setdefault("pull (call to written folder)", []).append(finished - tick)
-                rows.setdefault("pull: up to the first chunk request", []).append(marks[0] - tick)
-                rows.setdefault("pull: transfer phase", []).append(marks[-1] - marks[0])
-                rows.setdefault("pull: decode, write, rename", []).append(finished - marks[-1])
-                digests, fingerprint = pulled_digests(out)
-                if fingerprint != outcome.merged_fingerprint:
+                rows.setdefault("pull (call to written folder)", []).append(
+                    (finished - tick, cpu_seconds() - cpu)
+                )
+                rows.setdefault("pull: up to the first chunk request", []).append((marks[0] - tick, 0.0))
+                for name, spent in outcome.seconds.items():
+                    rows.setdefault(f"pull: {name}", []).append((spent, 0.0))
+                if pulled_digests(out)[1] != outcome.merged_fingerprint:
                     raise RuntimeError("the pulled weights do not re-encode to the attested fingerprint")
                 pulled_mib = outcome.bytes_fetched / MiB
                 shutil.rmtree(out)
-
-                async def fetch_twice(digests=digests):
-                    dht, _ = start_dht(initial_peers=[net.bootstrap], client_mode=True)
-                    p2p = await dht.replicate_p2p()
-                    try:
-                        await fetch_chunks(p2p, digests, peers, VerifyingSink(), **options)  # warm up
-                        tick = time.perf_counter()
-                        report = await fetch_chunks(p2p, digests, peers, VerifyingSink(), **options)
-                        verified = time.perf_counter() - tick
-                        with tempfile.TemporaryDirectory(dir=root) as folder, ContentStore(folder) as store:
-                            tick = time.perf_counter()
-                            await fetch_chunks(p2p, digests, peers, store, **options)
-                            stored = time.perf_counter() - tick
-                        return report.bytes_received, verified, stored
-                    finally:
-                        await p2p.shutdown()
-                        dht.shutdown()
-
+                start, stop = asyncio.run(client_start())
+                rows.setdefault("ClientBoard.start (p2pd, DHT join)", []).append((start, 0.0))
+                rows.setdefault("ClientBoard.shutdown", []).append((stop, 0.0))
                 moved, verified, stored = asyncio.run(fetch_twice())
                 rows.setdefault("fetch_chunks, verified", []).append(verified)
                 rows.setdefault("fetch_chunks, into a store", []).append(stored)
-                rows.setdefault("tcp floor (raw bytes)", []).append(raw_tcp_seconds(moved))
+                rows.setdefault("tcp floor (raw bytes)", []).append((raw_tcp_seconds(moved), 0.0))
+                ratios.append((finished - tick) / verified[0])
     load = os.getloadavg()[0]
     print(
         f"pulled {pulled_mib:.0f} MiB from {nodes} peers ({model_mib:.0f} MiB model), median of {repeat}, "
         f"load average {load:.1f}"
     )
-    fetch = statistics.median(rows["fetch_chunks, verified"])
-    floor = statistics.median(rows["tcp floor (raw bytes)"])
-    print(f"{'step':34} {'s':>7} {'MiB/s':>7} {'x fetch':>8} {'x floor':>8}")
+    fetch = statistics.median(s for s, _ in rows["fetch_chunks, verified"])
+    floor = statistics.median(s for s, _ in rows["tcp floor (raw bytes)"])
+    print(f"{'step':36} {'s':>7} {'MiB/s':>7} {'x fetch':>8} {'x floor':>8} {'CPU s':>6}")
     for name, values in rows.items():
-        seconds = statistics.median(values)
+        seconds = statistics.median(s for s, _ in values)
+        cpu = statistics.median(c for _, c in values)
         rate = pulled_mib / seconds
-        print(f"{name:34} {seconds:7.2f} {rate:7.0f} {seconds / fetch:7.2f}x {seconds / floor:7.2f}x")
+        cpu_text = f"{cpu:6.2f}" if cpu else f"{'':6}"
+        print(
+            f"{name:36} {seconds:7.2f} {rate:7.0f} {seconds / fetch:7.2f}x {seconds / floor:7.2f}x {cpu_text}"
+        )
+    print("pull / fetch_chunks, verified, per attempt: " + ", ".join(f"{r:.2f}x" for r in ratios))
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process, its live descendants (nodes, p2pd) and its reaped children."""
+    from bench_network import tree_cpu_seconds
+
+    times = os.times()
+    return tree_cpu_seconds() + times.children_user + times.children_system

@@ -55,6 +55,24 @@ def all_finite(data: bytes, unsigned: type[np.unsignedinteger], mask: int) -> bo
     return not bool(np.any((bits & unsigned(mask)) == unsigned(mask)))
 
 
+NUMPY_FLOATS = {"float64": "<f8", "float32": "<f4", "float16": "<f2"}
+
+
+def finite_checker(dtype: str) -> Callable[[bytes | bytearray | memoryview], bool] | None:
+    """A test that every `dtype` value in a buffer is finite; None for integer dtypes.
+
+    numpy's `isfinite` where numpy has the type (twice as fast as the bits), exponent bits for
+    bfloat16; both on the calling thread.
+    """
+    if dtype in NUMPY_FLOATS:
+        kind = np.dtype(NUMPY_FLOATS[dtype])
+        return lambda data: bool(np.isfinite(np.frombuffer(data, dtype=kind)).all())
+    if dtype in EXPONENT_MASKS:
+        unsigned, mask = EXPONENT_MASKS[dtype]
+        return lambda data: all_finite(data, unsigned, mask)
+    return None
+
+
 def streams_raw(entry: TensorEntry, chunk_size: int) -> bool:
     """Whether `entry`'s chunks are the tensor's own bytes, each a whole number of elements."""
     itemsize = DTYPES[entry.dtype].itemsize

@@ -36,7 +36,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from merging.atomic import write_atomic
 from node.errors import DHTError
-from node.process import child_pids
+from node.process import child_pids, remove_unbound_sockets
 
 MAX_VALUE_BYTES = 8 * 1024
 DEFAULT_DHT_TIMEOUT = 15.0
@@ -86,6 +86,7 @@ def start_dht(
     client_mode: bool = False,
 ) -> tuple[NodeDHT, RSASignatureValidator]:
     """Start a DHT node on `host:port` joined to `initial_peers`; returns it and its record validator."""
+    remove_unbound_sockets()  # those of nodes killed without a chance to clean up
     validator = RSASignatureValidator(rsa_key if rsa_key is not None else RSAPrivateKey())
     dht = NodeDHT(
         initial_peers=list(initial_peers),
@@ -185,6 +186,19 @@ _GUARD_SCRIPT = (
 )
 
 
+class ReadOnlyValidator(RSASignatureValidator):
+    """Checks owners' signatures on the records it reads, with no key of its own.
+
+    hivemind's validator generates an RSA key when given none (35-250 ms at every start). This one
+    owns no record, so `sign_value` passes every value through as it is (a value it relays keeps
+    its owner's signature).
+    """
+
+    def __init__(self) -> None:  # no super().__init__: it would want or make a private key
+        self._private_key = None
+        self._local_public_key = self.PUBLIC_KEY_FORMAT.replace(b"_key_", b"read-only reader")
+
+
 class ClientBoard:
     """A read-only, client-mode DHT node in the caller's event loop (see the module docstring).
 
@@ -207,8 +221,7 @@ class ClientBoard:
         start_timeout: float = 60.0,
     ) -> ClientBoard:
         """Start `p2pd` and a client DHT node joined to `initial_peers`; raises DHTError if it fails."""
-        # Generating the (unused) signing key the validator wants overlaps the daemon's start.
-        key = asyncio.create_task(asyncio.to_thread(RSAPrivateKey))
+        remove_unbound_sockets()  # those of nodes and pulls killed without a chance to clean up
         p2p = None
         try:
             p2p = await P2P.create(
@@ -221,7 +234,7 @@ class ClientBoard:
             )
             guard = _start_guard(p2p)
             try:
-                validator = CompositeValidator([RSASignatureValidator(await key)])
+                validator = CompositeValidator([ReadOnlyValidator()])
                 node = await asyncio.wait_for(
                     DHTNode.create(
                         p2p=p2p,
@@ -241,9 +254,6 @@ class ClientBoard:
             raise DHTError(
                 f"expected a DHT client joined to {list(initial_peers)}, got {type(exc).__name__}: {exc}"
             ) from exc
-        finally:
-            with contextlib.suppress(Exception):
-                await key
         return cls(node, guard, timeout=timeout)
 
     @property

@@ -33,8 +33,10 @@ class LocalNetwork:
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, int] = {}
         self.sockets: dict[str, set[str]] = {}  # unix sockets each node's processes listen on
+        self.maddrs: dict[str, list[str]] = {}  # each node's multiaddrs, as its latest start printed
         self.genesis: Genesis | None = None
-        self.bootstrap = ""
+        self.bootstrap = ""  # a multiaddr of the first node started (updated when it restarts)
+        self.bootstrap_node = ""
 
     @property
     def network_id(self) -> str:
@@ -53,12 +55,23 @@ class LocalNetwork:
             state.set("genesis", record)
         return self.genesis
 
+    def _running_peer(self, name: str) -> str | None:
+        """A multiaddr of a running node other than `name`, the bootstrap node's first."""
+        order = sorted(self.maddrs, key=lambda n: n != self.bootstrap_node)
+        for other in order:
+            if other != name and self.maddrs[other] and self.procs[other].poll() is None:
+                return self.maddrs[other][0]
+        return None
+
     def start(self, name: str) -> subprocess.Popen:
-        """Start node `name`; every node but the first joins through the bootstrap's address."""
+        """Start (or restart) node `name`; it joins through a running node, the bootstrap if it runs."""
         command = [sys.executable, "-m", "node.cli", "node", "start", "--data-dir", str(self.root / name)]
         command += ["--poll", str(self.poll)]
         if self.bootstrap:
-            command += ["--network", self.network_id, "--initial-peers", self.bootstrap]
+            command += ["--network", self.network_id]
+            peer = self._running_peer(name)
+            if peer is not None:  # a restarted bootstrap with no other node running starts alone
+                command += ["--initial-peers", peer]
         proc = spawn_in_new_session(command, log_path=self.root / f"{name}.log")
         self.procs[name] = proc
         self.started[name] = self.started.get(name, 0) + 1
@@ -73,8 +86,13 @@ class LocalNetwork:
             if lines.count("ready") >= self.started[name]:
                 tree = process_tree(self.procs[name].pid)
                 self.sockets.setdefault(name, set()).update(bound_unix_sockets(tree))
-                maddrs = [line.split(": ", 1)[1] for line in lines if line.startswith("multiaddr: ")]
-                if not self.bootstrap:
+                ready_at = [i for i, line in enumerate(lines) if line == "ready"]
+                latest = lines[ready_at[-2] + 1 if len(ready_at) > 1 else 0 : ready_at[-1]]  # this start's
+                maddrs = [line.split(": ", 1)[1] for line in latest if line.startswith("multiaddr: ")]
+                self.maddrs[name] = maddrs
+                if not self.bootstrap_node:
+                    self.bootstrap_node = name
+                if name == self.bootstrap_node:
                     self.bootstrap = maddrs[0]
                 return maddrs
             if self.procs[name].poll() is not None:

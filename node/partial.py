@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from merging.atomic import write_atomic
-from node.assemble import EXPONENT_MASKS, all_finite, safetensors_header, streams_raw
+from node.assemble import finite_checker, safetensors_header, streams_raw
 from node.errors import ChunkHashMismatchError, StoreError
 from node.store import check_digest
 from protocol.codecs import DTYPES, numel_of
@@ -75,7 +75,7 @@ class _Tensor:
     start: int  # file offset of its first byte
     chunk_size: int
     lengths: list[int]  # of its chunks
-    exponent: tuple | None  # (unsigned view, exponent mask) for floats
+    finite: Callable[[bytes | bytearray | memoryview], bool] | None  # for floats
     arrived: set[int] = dataclasses.field(default_factory=set)
     next: int = 0  # chunks 0..next-1 are hashed
     hasher: object = dataclasses.field(default_factory=hashlib.sha256)
@@ -171,7 +171,7 @@ class PartialModel:
         start = len(header)
         for entry, (_, _, _, size) in zip(ordered, layout, strict=True):
             lengths = [min(chunk_size, size - i * chunk_size) for i in range(len(entry.chunks))]
-            tensor = _Tensor(entry, start, chunk_size, lengths, EXPONENT_MASKS.get(entry.dtype))
+            tensor = _Tensor(entry, start, chunk_size, lengths, finite_checker(entry.dtype))
             for index, digest in enumerate(entry.chunks):
                 place = _Place(len(self._tensors), index, start + index * chunk_size, lengths[index])
                 self._places.setdefault(check_digest(digest), []).append(place)
@@ -239,7 +239,7 @@ class PartialModel:
                     f"expected chunk {place.index} of {tensor.entry.name} to be {place.length} bytes, "
                     f"got {len(data)}"
                 )
-            if tensor.exponent is not None and not all_finite(data, *tensor.exponent):
+            if tensor.finite is not None and not tensor.finite(data):
                 raise NonFiniteValuesError(f"expected finite values in {tensor.entry.name}, got NaN or Inf")
             _pwrite_all(self._fd, data, place.offset)
             if _start_writeback is not None:

@@ -9,6 +9,8 @@ A process that is killed cannot remove the unix sockets it listens on (hivemind'
 ``/tmp/hivemind-p2pclient-*.sock`` and ``hivemind-p2pd-*.sock``, multiprocessing's
 ``/tmp/pymp-*/listener-*``); `bound_unix_sockets` finds them
 while the processes run and `remove_stale_sockets` deletes them once their owners are gone.
+`remove_unbound_sockets`, run when a node or a pull starts, deletes hivemind's sockets that no
+process holds bound any more (those of nodes killed by hand).
 """
 
 from __future__ import annotations
@@ -101,6 +103,43 @@ def bound_unix_sockets(pids: Sequence[int]) -> set[str]:
             if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith("/"):
                 paths.add(fields[7])
     return paths
+
+
+def _bound_socket_paths() -> set[str]:
+    """Paths of every unix socket some process holds bound now (Linux /proc/net/unix)."""
+    paths: set[str] = set()
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7].startswith("/"):
+                paths.add(fields[7])
+    return paths
+
+
+def remove_unbound_sockets(folder: str | Path = "/tmp") -> list[str]:
+    """Delete hivemind's socket files in `folder` that no process holds bound (their owner died).
+
+    The folder is listed before the kernel's table of bound sockets is read, so a socket bound
+    in between is never taken for a stale one. Returns the paths removed.
+    """
+    candidates = [p for p in Path(folder).glob(f"{HIVEMIND_SOCKET_PREFIX}*.sock") if _is_socket(p)]
+    if not candidates:
+        return []
+    bound = _bound_socket_paths()
+    removed = []
+    for path in candidates:
+        if str(path) not in bound:
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                path.unlink()
+                removed.append(str(path))
+    return removed
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def remove_stale_sockets(paths: Iterable[str], owners: Sequence[int]) -> list[str]:

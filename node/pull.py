@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class PullOutcome:
     merged_fingerprint: str
     attested_by: int
     bytes_fetched: int
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # per phase, in order
 
 
 class MemoryChunks:
@@ -165,18 +167,32 @@ async def pull(
     out = Path(out).absolute()
     work = Path(cache_dir) if cache_dir is not None else out.with_name(f".{out.name}.umm-pull")
     fetched = [0]
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = now - clock[0]
+        clock[0] = now
+
     client = await ClientBoard.start(list(initial_peers))
+    phase("client start")
     try:
         found = await _find_latest(client, network_id, timeout, fetched)
         attested = found.attested
+        phase("find attested result")
         report = None if progress is None else (lambda done, total: progress("chunks", done, total))
         with PartialModel(
             work, attested.tensors, attested.chunk_size, found.genesis.base_files, progress=report
         ) as partial:
+            phase("lay out (and check resumed chunks)")
             if progress is not None:
                 progress("chunks", partial.resumed, len(partial.wanted))
             await _stream(client, network_id, partial, found.peers, fetched)
+            phase("transfer, written in place")
             await asyncio.to_thread(partial.finish, out)
-        return PullOutcome(out, attested.round, attested.fingerprint, attested.signers, fetched[0])
+            phase("fsync and rename")
     finally:
         await client.shutdown()
+    phase("client shutdown")
+    return PullOutcome(out, attested.round, attested.fingerprint, attested.signers, fetched[0], seconds)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from node.assemble import EXPONENT_MASKS, all_finite, write_safetensors
+from node.assemble import EXPONENT_MASKS, all_finite, finite_checker, write_safetensors
 from protocol.aggregate import encode_result
 from protocol.chunks import encode_tensors
 from protocol.codecs import CodecSpec
@@ -79,6 +79,10 @@ def test_finite_check_by_exponent_bits_matches_torch(dtype):
         one = values[index : index + 1].contiguous()
         raw = one.view(torch.uint8).numpy().tobytes()
         expected = bool(torch.isfinite(one).all())
-        assert all_finite(raw, *EXPONENT_MASKS[str(dtype).removeprefix("torch.")]) is expected
+        name = str(dtype).removeprefix("torch.")
+        assert all_finite(raw, *EXPONENT_MASKS[name]) is expected
+        assert finite_checker(name)(raw) is expected
     big = torch.randn(1000, dtype=torch.float32).to(dtype)
     assert all_finite(big.view(torch.uint8).numpy().tobytes(), *EXPONENT_MASKS[str(dtype)[6:]])
+    assert finite_checker(str(dtype)[6:])(big.view(torch.uint8).numpy().tobytes())
+    assert finite_checker("int64") is None

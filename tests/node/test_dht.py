@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -9,7 +10,14 @@ import textwrap
 
 import pytest
 
-from node.dht import MAX_VALUE_BYTES, RecordBoard, load_or_create_rsa_key
+from node.dht import (
+    MAX_VALUE_BYTES,
+    ClientBoard,
+    ReadOnlyValidator,
+    RecordBoard,
+    load_or_create_rsa_key,
+    visible_maddrs,
+)
 from node.errors import DHTError
 from node.process import process_tree, spawn_in_new_session, stop_process_group, wait_gone
 
@@ -99,3 +107,36 @@ def test_stop_process_group_ends_the_whole_tree(tmp_path):
     proc, tree = _start_script_node(tmp_path)
     stop_process_group(proc.pid, grace=10.0)
     assert wait_gone(tree, 1.0) == []
+
+
+def test_a_client_board_reads_what_owners_signed_and_leaves_nothing_running(dht_peers, loop):
+    a, b, _ = dht_peers
+    assert a.board.publish("umm/test/client", b"signed by a", ttl=60)
+    assert b.board.publish("umm/test/client", b"signed by b", ttl=60)
+
+    async def read():
+        client = await ClientBoard.start(visible_maddrs(b.dht))
+        try:
+            return await client.aread("umm/test/client"), await client.aread("umm/test/none"), client.pids
+        finally:
+            await client.shutdown()
+
+    records, nothing, pids = loop.run_until_complete(read())
+    assert records == {a.board.owner: b"signed by a", b.board.owner: b"signed by b"}
+    assert nothing == {}
+    assert len(pids) == 2 and wait_gone(pids, 10.0) == []  # p2pd and its guard
+
+
+def test_the_read_only_validator_checks_signatures_without_a_key():
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    owner = RSASignatureValidator(RSAPrivateKey())
+    record = DHTRecord(key=b"key", subkey=owner.local_public_key, value=b"value", expiration_time=10.0**10)
+    signed = dataclasses.replace(record, value=owner.sign_value(record))
+    reader = ReadOnlyValidator()
+    assert reader.validate(signed)
+    assert not reader.validate(dataclasses.replace(signed, value=b"other" + signed.value[5:]))
+    assert reader.sign_value(signed) == signed.value  # relayed as the owner signed it
+    assert reader.local_public_key not in signed.subkey

@@ -238,8 +238,9 @@ def test_pull_completes_after_a_peer_is_killed(network, tmp_path):
     assert weights_fingerprint(tmp_path / "merged") == network.converged["n1"]["fingerprint"]
 
 
-def test_restart_keeps_store_and_state(network):
-    name = "n3"
+@pytest.mark.parametrize("name", ["n3", "n1"])  # n1 is the bootstrap: it rejoins through a running node
+def test_restart_keeps_store_and_state(network, name):
+    bootstrap_before = network.bootstrap
     data = network.root / name
     with ContentStore(data / "store") as store:
         chunks_before = sorted(store)
@@ -257,6 +258,9 @@ def test_restart_keeps_store_and_state(network):
     assert network.state(name, "latest") == network.converged[name]
     with ContentStore(data / "store") as store:
         assert sorted(store) == chunks_before
+    if name == "n1":  # its new address is the one later pulls and status calls bootstrap from
+        assert network.bootstrap != bootstrap_before
+        assert network.bootstrap == network.maddrs["n1"][0]
 
 
 def test_status_lists_peers_cards_and_attestations(network):

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from node.process import bound_unix_sockets, remove_stale_sockets, stop_process_group, wait_gone
+from node.process import (
+    bound_unix_sockets,
+    remove_stale_sockets,
+    remove_unbound_sockets,
+    stop_process_group,
+    wait_gone,
+)
 
 LISTENER = """
 import socket, sys, time
@@ -61,3 +68,23 @@ def test_stop_process_group_removes_the_sockets_its_tree_held(tmp_path):
     assert wait_gone([proc.pid], 1.0) == []
     assert time.monotonic() - started < 5.0  # SIGTERM to the leader was enough
     assert not path.exists()
+
+
+def test_unbound_hivemind_sockets_are_removed_and_bound_ones_kept(tmp_path):
+    live = tmp_path / "hivemind-p2pd-live.sock"
+    proc = _listener(live)
+    try:
+        dead = tmp_path / "hivemind-p2pclient-dead.sock"
+        closed = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        closed.bind(str(dead))  # bound, then closed without unlinking: what a killed process leaves
+        closed.close()
+        plain = tmp_path / "hivemind-notes.sock"
+        plain.write_text("a regular file")
+        other = tmp_path / "other-dead.sock"
+        foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        foreign.bind(str(other))
+        foreign.close()
+        assert remove_unbound_sockets(tmp_path) == [str(dead)]
+        assert live.exists() and plain.exists() and other.exists() and not dead.exists()
+    finally:
+        stop_process_group(proc.pid, grace=5.0, sockets=[str(live)])
