@@ -129,6 +129,7 @@ class PartialModel:
         self.root = Path(root)
         self.folder = self.root / "model"
         self.progress = progress
+        self._buffers = threading.local()
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._fd = -1
@@ -262,13 +263,29 @@ class PartialModel:
                 index = tensor.next
                 if index == place.index:
                     tensor.hasher.update(data)
-                else:  # arrived earlier: read it back (from the page cache)
+                else:  # arrived earlier: read it back (from the page cache) into this thread's buffer
                     offset = tensor.start + index * tensor.chunk_size
-                    tensor.hasher.update(os.pread(self._fd, tensor.lengths[index], offset))
+                    tensor.hasher.update(self._read_back(tensor.lengths[index], offset))
                 tensor.arrived.discard(index)
                 tensor.next += 1
             if tensor.verified:
                 self._check_tensor(tensor)
+
+    def _read_back(self, length: int, offset: int) -> memoryview:
+        """`length` bytes of the model file at `offset`, in a buffer reused by the calling thread."""
+        buffer = getattr(self._buffers, "buffer", None)
+        if buffer is None or len(buffer) < length:
+            buffer = self._buffers.buffer = bytearray(length)
+        view = memoryview(buffer)[:length]
+        got = 0
+        while got < length:
+            read = os.preadv(self._fd, [view[got:]], offset + got)
+            if read == 0:
+                raise UnexpectedChunkError(
+                    f"expected {length} bytes at {offset} of the model file, got {got}"
+                )
+            got += read
+        return view
 
     @staticmethod
     def _check_tensor(tensor: _Tensor) -> None:
