@@ -296,7 +296,10 @@ class PartialModel:
 
     # ------------------------------------------------------------------ the end
     def finish(self, out: str | Path) -> None:
-        """Check that every chunk is in and every tensor verified; fsync and rename into `out`."""
+        """Check that every chunk is in and every tensor verified; fsync and rename into `out`.
+
+        The folder is copied beside `out` first if the work folder is on another file system.
+        """
         missing = self.missing(self.wanted)
         unverified = [t.entry.name for t in self._tensors if not t.verified]
         if missing or unverified:
@@ -306,7 +309,13 @@ class PartialModel:
             )
         os.close(self._fd)
         self._fd = -1
-        replace_folder(self.folder, Path(out))
+        out = Path(out)
+        folder = self.folder
+        if os.stat(folder).st_dev != os.stat(out.parent).st_dev:  # a rename cannot cross file systems
+            folder = out.with_name(f".{out.name}.partial-{os.getpid()}")
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(self.folder, folder)
+        replace_folder(folder, out)
         self.close()
         shutil.rmtree(self.root, ignore_errors=True)
 

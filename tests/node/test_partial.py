@@ -6,6 +6,9 @@ import dataclasses
 import hashlib
 import os
 import random
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +189,19 @@ def test_finish_replaces_an_existing_folder_whole(tmp_path):
         partial.finish(out)
     assert os.listdir(out) == [MODEL_FILE]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_work_folder_on_another_file_system_is_copied_beside_the_output(tmp_path):
+    _, entries, chunks = _model()
+    work = Path(tempfile.mkdtemp(prefix="umm-partial-", dir="/dev/shm"))  # tmpfs: another device
+    try:
+        assert os.stat(work).st_dev != os.stat(tmp_path).st_dev
+        with PartialModel(work / "pull", entries, CHUNK, {}) as partial:
+            for digest in partial.wanted:
+                partial.put(chunks[digest], digest)
+            partial.finish(tmp_path / "out")
+        assert _file_digest(tmp_path / "out" / MODEL_FILE) == _expected_file(tmp_path, entries, chunks)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference.safetensors"]
+        assert not (work / "pull").exists()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
