@@ -23,7 +23,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import hivemind
@@ -219,26 +219,19 @@ class ClientBoard:
         host: str = "127.0.0.1",
         timeout: float = DEFAULT_DHT_TIMEOUT,
         start_timeout: float = 60.0,
-        daemon_threads: int | None = 1,
     ) -> ClientBoard:
-        """Start `p2pd` and a client DHT node joined to `initial_peers`; raises DHTError if it fails.
-
-        `daemon_threads` is `p2pd`'s GOMAXPROCS (None: Go's default, one per core; a GOMAXPROCS
-        already in the environment wins). One thread made a new client's first 247 MiB fetch cost
-        its `p2pd` 0.46 instead of 0.78 CPU s on 2 busy cores, and the fetch 1.26 instead of 1.46 s.
-        """
+        """Start `p2pd` and a client DHT node joined to `initial_peers`; raises DHTError if it fails."""
         remove_unbound_sockets()  # those of nodes and pulls killed without a chance to clean up
         p2p = None
         try:
-            with _go_threads(daemon_threads):
-                p2p = await P2P.create(
-                    initial_peers=list(initial_peers),
-                    host_maddrs=[f"/ip4/{host}/tcp/0"],
-                    nat_port_map=False,
-                    auto_nat=False,
-                    dht_mode="client",
-                    startup_timeout=start_timeout,
-                )
+            p2p = await P2P.create(
+                initial_peers=list(initial_peers),
+                host_maddrs=[f"/ip4/{host}/tcp/0"],
+                nat_port_map=False,
+                auto_nat=False,
+                dht_mode="client",
+                startup_timeout=start_timeout,
+            )
             guard = _start_guard(p2p)
             try:
                 validator = CompositeValidator([ReadOnlyValidator()])
@@ -286,19 +279,6 @@ class ClientBoard:
             await self.node.shutdown()
         with contextlib.suppress(Exception):
             await self.p2p.shutdown()
-
-
-@contextlib.contextmanager
-def _go_threads(threads: int | None) -> Iterator[None]:
-    """GOMAXPROCS=`threads` in the environment a `p2pd` started meanwhile inherits."""
-    if threads is None or "GOMAXPROCS" in os.environ:
-        yield
-        return
-    os.environ["GOMAXPROCS"] = str(threads)
-    try:
-        yield
-    finally:
-        os.environ.pop("GOMAXPROCS", None)
 
 
 def _start_guard(p2p: P2P) -> subprocess.Popen:
