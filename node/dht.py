@@ -8,10 +8,10 @@ on SIGTERM, terminates its own children (`p2pd`) before exiting, so a SIGKILLed 
 the subkey carries the owner's RSA public key and the value its signature (hivemind's
 `RSASignatureValidator`), so no peer can overwrite another's record. Every call has a timeout.
 
-`ClientBoard` is a reader for short-lived clients (`umm pull`, `umm status`): a client-mode DHT node
-inside the caller's event loop, with no child Python process, so it starts in about the time
-`p2pd` takes to start. A small `sh` guard stops that `p2pd` and removes both unix sockets if the
-caller dies without shutting down (even by SIGKILL): it waits on a pipe only the caller holds.
+`ClientBoard` is a reader for short-lived clients (`umm pull`): a client-mode DHT node inside the
+caller's event loop, with no child Python process, so it starts in about the time `p2pd` takes to
+start. Its `p2pd` is the caller's own child and exits with it, even after a SIGKILL (measured:
+within 0.05 s, its socket removed), as nothing else holds its control connection.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import contextlib
 import ctypes
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,15 +176,6 @@ def owner_values(found: object) -> dict[bytes, bytes]:
     return records
 
 
-# Run by `sh` with the p2pd pid and its two socket paths: wait for the caller's end of the pipe to
-# close (it exits, however), then stop p2pd (SIGTERM, SIGKILL after 5 s) and remove the sockets.
-_GUARD_SCRIPT = (
-    'read _; kill -TERM "$1" 2>/dev/null; i=0; '
-    'while kill -0 "$1" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.05; i=$((i + 1)); done; '
-    'kill -KILL "$1" 2>/dev/null; rm -f "$2" "$3"'
-)
-
-
 class ReadOnlyValidator(RSASignatureValidator):
     """Checks owners' signatures on the records it reads, with no key of its own.
 
@@ -205,11 +195,10 @@ class ClientBoard:
     Reads return what `RecordBoard.read` returns; `p2p` serves `fetch_chunks` directly.
     """
 
-    def __init__(self, node: DHTNode, guard: subprocess.Popen, *, timeout: float) -> None:
+    def __init__(self, node: DHTNode, *, timeout: float) -> None:
         self.node = node
         self.p2p: P2P = node.p2p
         self.timeout = timeout
-        self._guard = guard
 
     @classmethod
     async def start(
@@ -232,35 +221,27 @@ class ClientBoard:
                 dht_mode="client",
                 startup_timeout=start_timeout,
             )
-            guard = _start_guard(p2p)
-            try:
-                validator = CompositeValidator([ReadOnlyValidator()])
-                node = await asyncio.wait_for(
-                    DHTNode.create(
-                        p2p=p2p,
-                        initial_peers=list(initial_peers),
-                        client_mode=True,
-                        record_validator=validator,
-                    ),
-                    start_timeout,
-                )
-            except BaseException:
-                _stop_guard(guard)
-                raise
-        except Exception as exc:
+            validator = CompositeValidator([ReadOnlyValidator()])
+            joining = DHTNode.create(
+                p2p=p2p, initial_peers=list(initial_peers), client_mode=True, record_validator=validator
+            )
+            node = await asyncio.wait_for(joining, start_timeout)
+        except BaseException as exc:  # cancelled too: stop the daemon before going on
             if p2p is not None:
                 with contextlib.suppress(Exception):
                     await p2p.shutdown()
+            if not isinstance(exc, Exception):
+                raise
             raise DHTError(
                 f"expected a DHT client joined to {list(initial_peers)}, got {type(exc).__name__}: {exc}"
             ) from exc
-        return cls(node, guard, timeout=timeout)
+        return cls(node, timeout=timeout)
 
     @property
     def pids(self) -> list[int]:
-        """The processes this client started: `p2pd` and its guard."""
+        """The processes this client started: its `p2pd`."""
         child = getattr(self.p2p, "_child", None)
-        return [pid for pid in (getattr(child, "pid", None), self._guard.pid) if pid is not None]
+        return [child.pid] if child is not None else []
 
     async def aread(self, key: str, *, latest: bool = True) -> dict[bytes, bytes]:
         """Every owner's current value under `key` as {owner subkey: value}, validated by hivemind."""
@@ -273,28 +254,8 @@ class ClientBoard:
         return owner_values(found)
 
     async def shutdown(self) -> None:
-        """Stop the DHT node and `p2pd` (their sockets are removed); the guard goes first."""
-        _stop_guard(self._guard)
+        """Stop the DHT node and `p2pd` (their sockets are removed)."""
         with contextlib.suppress(Exception):
             await self.node.shutdown()
         with contextlib.suppress(Exception):
             await self.p2p.shutdown()
-
-
-def _start_guard(p2p: P2P) -> subprocess.Popen:
-    sockets = [str(p2p.daemon_listen_maddr["unix"]), str(p2p._client_listen_maddr["unix"])]
-    return subprocess.Popen(
-        ["sh", "-c", _GUARD_SCRIPT, "umm-p2pd-guard", str(p2p._child.pid), *sockets],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _stop_guard(guard: subprocess.Popen) -> None:
-    """End the guard without letting it act (the caller stops p2pd itself)."""
-    with contextlib.suppress(ProcessLookupError):
-        guard.kill()
-    guard.wait()
-    if guard.stdin is not None:
-        guard.stdin.close()

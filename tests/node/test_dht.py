@@ -124,7 +124,7 @@ def test_a_client_board_reads_what_owners_signed_and_leaves_nothing_running(dht_
     records, nothing, pids = loop.run_until_complete(read())
     assert records == {a.board.owner: b"signed by a", b.board.owner: b"signed by b"}
     assert nothing == {}
-    assert len(pids) == 2 and wait_gone(pids, 10.0) == []  # p2pd and its guard
+    assert len(pids) == 1 and wait_gone(pids, 10.0) == []  # its p2pd
 
 
 def test_the_read_only_validator_checks_signatures_without_a_key():
