@@ -151,6 +151,10 @@ class PartialModel:
     # ------------------------------------------------------------------ layout and resume
     def _layout(self, entries: Sequence[TensorEntry], chunk_size: int, side_files: Mapping[str, str]) -> None:
         ordered = sorted(entries, key=lambda e: e.name)
+        names = [entry.name for entry in ordered]
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise TensorMismatchError(f"expected each tensor name once, got {twice} more than once")
         layout = []
         for entry in ordered:
             if not streams_raw(entry, chunk_size):
@@ -182,7 +186,11 @@ class PartialModel:
             self._places.setdefault(check_digest(digest), []).append(_Place(file=_check_file_name(name)))
         self.wanted = list(self._places)  # in file order
         for stray in self.folder.iterdir():  # left by a pull of another result
-            if stray.name != MODEL_FILE and stray.name not in side_files:
+            if stray.name in side_files or stray.name == MODEL_FILE:
+                continue
+            if stray.is_dir():
+                shutil.rmtree(stray)
+            else:
                 stray.unlink()
         self._fd = os.open(self.folder / MODEL_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, self.size)

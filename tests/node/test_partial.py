@@ -164,6 +164,8 @@ def test_bad_chunks_and_layouts_are_refused(tmp_path):
     short = dataclasses.replace(weights, chunks=(first, second))
     with pytest.raises(TensorMismatchError, match=r"in 3 chunks for raw layers\.0\.w"):
         PartialModel(tmp_path / "d", [short], CHUNK, {})
+    with pytest.raises(TensorMismatchError, match=r"each tensor name once, got \['layers\.0\.w'\]"):
+        PartialModel(tmp_path / "f", [weights, weights], CHUNK, {})
     with pytest.raises(TensorMismatchError, match="plain side file name"):
         PartialModel(tmp_path / "e", [weights], CHUNK, {"../config.json": first})
 
