@@ -94,6 +94,7 @@ async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fet
     deadline = loop.time() + timeout
     genesis: Genesis | None = None
     records = MemoryChunks()
+    failure = ""
     while True:
         genesis_values, peer_values = await asyncio.gather(
             client.aread(genesis_key(network_id)) if genesis is None else asyncio.sleep(0, {}),
@@ -119,12 +120,17 @@ async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fet
                 fetched[0] += report.bytes_received
 
             for round_number in latest_rounds_from_records(peer_values.values()):
-                attested = await find_attested_result(client, genesis, round_number, fetch, records)
+                try:
+                    attested = await find_attested_result(client, genesis, round_number, fetch, records)
+                except FetchError as exc:  # e.g. the base's tensor list from peers that went away
+                    failure = f" (last fetch error: {exc})"
+                    continue
                 if attested is not None:
                     return _Found(genesis, attested, peers)
         if loop.time() >= deadline:
             raise NoResultError(
-                f"expected a result of {network_id} attested by a quorum within {timeout:g} s, got none"
+                f"expected a result of {network_id} attested by a quorum within {timeout:g} s, "
+                f"got none{failure}"
             )
         await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
 

@@ -24,7 +24,7 @@ from merging.engine import merge
 from node.genesis import read_base_manifest
 from node.local import LocalNetwork
 from node.process import bound_unix_sockets, process_tree, spawn_in_new_session, wait_gone
-from node.pull import pull
+from node.pull import NoResultError, pull
 from node.service import load_or_create_identity
 from node.state import NodeState
 from node.store import ContentStore
@@ -200,6 +200,14 @@ def test_interrupted_pull_resumes_to_byte_identical_weights(network, tmp_path):
         == network.genesis.base_files["config.json"]
     )
     assert not work.exists()
+
+
+def test_a_pull_of_an_unknown_network_times_out_with_a_typed_error(network, tmp_path):
+    absent = "absent.0123456789abcdef"
+    expected = f"expected a result of {absent} attested by a quorum within 1.5 s, got none"
+    with pytest.raises(NoResultError, match=f"^{expected}$"):
+        asyncio.run(pull(absent, tmp_path / "never", initial_peers=[network.bootstrap], timeout=1.5))
+    assert list(tmp_path.iterdir()) == []  # no output, no work folder
 
 
 def test_a_killed_pull_leaves_no_process_or_socket(network, tmp_path):
