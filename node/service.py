@@ -675,10 +675,13 @@ class NodeService:
         }
 
     async def _attest_canonical(self, r: int, j: int, own: dict) -> None:
-        """Attest the smallest result id of shard j with our recipe, fingerprint and candidates."""
+        """Attest the smallest result id of shard j equal to ours but for signer and time: the same
+        recipe, fingerprint and candidates, and the same chunk list (a result whose chunks do not
+        hold its tensors would pass the fingerprint yet fail every pull)."""
         now = int(time.time())
         canonical = own["result"]
-        ours = (own["recipe"], own["fingerprint"], r, j, own["shards"], tuple(own["candidates"]))
+        mine = verify_message(self.store.get(canonical), MergeResult, network_id=self.network_id).message
+        ours = _result_content(mine)
         for value in (await self.board.aread(result_key(self.network_id, r, j))).values():
             record = parse_record("result", value)
             if record is None or record["result"] >= canonical:
@@ -690,15 +693,7 @@ class NodeService:
                 ).message
             except (NodeError, ProtocolError):
                 continue
-            theirs = (
-                other.recipe.id,
-                other.merged_fingerprint,
-                other.round,
-                other.shard,
-                other.shards,
-                other.candidates,
-            )
-            if theirs == ours:
+            if _result_content(other) == ours:
                 canonical = record["result"]
         if own["attests"] != canonical:
             attestation = sign_message(
@@ -810,3 +805,17 @@ class NodeService:
             if len(signers) < plan.quorum:
                 lacking.add(j)
         return lacking
+
+
+def _result_content(result: MergeResult) -> tuple:
+    """What two nodes' results of one shard must share to be the same merge: all but signer and time."""
+    return (
+        result.recipe.id,
+        result.merged_fingerprint,
+        result.round,
+        result.shard,
+        result.shards,
+        result.candidates,
+        result.chunk_size,
+        result.tensors,
+    )

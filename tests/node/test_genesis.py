@@ -348,3 +348,88 @@ def test_a_node_merges_its_shards_then_after_the_fallback_time_the_ones_lacking_
         2,
         3,
     )
+
+
+def test_a_node_attests_anothers_result_only_if_its_chunk_list_matches(base_dir, tmp_path, monkeypatch):
+    import asyncio
+    import dataclasses
+    from types import SimpleNamespace
+
+    import torch
+
+    from node.service import NodeService
+    from protocol.aggregate import encode_result
+    from protocol.envelope import sign_message
+    from protocol.messages import SCHEMA_VERSION, MergeResult
+
+    with ContentStore(tmp_path / "store") as store:
+        _, record = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x08" * 32), store)
+    service = NodeService(tmp_path / "node", genesis_record=record)
+    candidates = ("11" * 32,)
+    recipe = service.genesis.recipe(0, list(candidates))
+    merged = {"w": torch.arange(6, dtype=torch.float32)}
+    entries, _, fingerprint = encode_result(merged, service.genesis.chunk_size)
+
+    def result(identity, tensors, created_at):
+        return sign_message(
+            MergeResult(
+                v=SCHEMA_VERSION,
+                network_id=service.network_id,
+                signer=identity.public_key,
+                created_at=created_at,
+                round=0,
+                recipe=recipe,
+                chunk_size=service.genesis.chunk_size,
+                tensors=tensors,
+                merged_fingerprint=fingerprint,
+                shard=0,
+                shards=1,
+                candidates=candidates,
+            ),
+            identity,
+        )
+
+    ours = result(service.identity, entries, 1_700_000_000)
+    service.store.put(ours.raw, ours.id)
+    other = Identity.from_seed(b"\x09" * 32)
+    wrong_chunks = (dataclasses.replace(entries[0], chunks=("ab" * 32,)),)  # same fingerprint, other bytes
+    theirs = {}
+    for label, tensors in (("same", entries), ("other chunks", wrong_chunks)):
+        created = 1_700_000_000
+        while (candidate := result(other, tensors, created)).id >= ours.id:
+            created += 1  # a smaller id than ours: the one every node would pick as canonical
+        service.store.put(candidate.raw, candidate.id)
+        theirs[label] = candidate
+    published = []
+
+    class Board:
+        def __init__(self, records):
+            self.records = records
+
+        async def aread(self, _key):
+            return self.records
+
+    async def no_fetch(*_args, **_kwargs):
+        return None
+
+    async def publish(_key, value):
+        published.append(parse_record("result", value))
+
+    monkeypatch.setattr(service, "fetch", no_fetch)
+    monkeypatch.setattr(service, "_publish", publish)
+    monkeypatch.setattr(service, "p2p", SimpleNamespace(peer_id="own-peer"))
+    own = {
+        "recipe": recipe.id,
+        "result": ours.id,
+        "fingerprint": fingerprint,
+        "candidates": list(candidates),
+        "shards": 1,
+        "attests": "",
+        "attestation": b"",
+    }
+    for label, expected in (("other chunks", ours.id), ("same", theirs["same"].id)):
+        record = make_record("result", result=theirs[label].id, attestation=b"x", p2p="peer")
+        service.board = Board({"them": record})
+        asyncio.run(service._attest_canonical(0, 0, dict(own)))
+        assert service.state.get("shard/0/0")["attests"] == expected, label
+    assert [p["result"] for p in published] == [ours.id, ours.id]  # our result, attested either way
