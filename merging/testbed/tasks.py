@@ -162,35 +162,48 @@ def _make_logic(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
 
 # --------------------------------------------------------------------------- tracing
 
-_VARS = ("a", "b", "c", "x", "y", "z")
+_VARS = ("a", "b", "c")  # `tracing` sets them in this order, so each keeps one slot
+# `bool_trace` draws three of these, first written in alphabetical order: with only two values per
+# variable, fixed names would make a few answers common enough to guess.
+_BOOL_VARS = ("a", "b", "c", "x", "y", "z")
+_UNSET = "_"
 
 
-def _env_answer(env: Mapping[str, object], names: Iterable[str]) -> str:
-    """The values of ``names``, sorted by name: ``a=3, x=7``."""
-    return ", ".join(f"{name}={env[name]}" for name in sorted(names))
+def _state(env: Mapping[str, object], order: Sequence[str]) -> str:
+    """Every variable in ``order`` with its value, ``_`` while unwritten: ``a=7, b=4, c=_``."""
+    return ", ".join(f"{name}={env.get(name, _UNSET)}" for name in order)
 
 
-def _traced(step: str, env: Mapping[str, object], written: Iterable[str]) -> str:
-    """One trace line: the statement worked out, then every variable written so far:
-    ``y=5+3=8 -> b=2, y=8``. The answer is the last line's state, so it needs no look-up."""
-    return f"{step} -> {_env_answer(env, written)}"
+def _trace(
+    code: Sequence[str], steps: Sequence[str], envs: Sequence[Mapping[str, object]]
+) -> tuple[str, list[str], str]:
+    """Prompt, trace and answer of a straight-line program.
+
+    The variables keep one slot each, in the order the program first writes them (the order the
+    question names them): every trace line works out one statement, then restates every slot,
+    ``c=4+3=7 -> a=7, b=4, c=7``, so a line is the line above with one value changed and the
+    answer is the last line's state. A model fills a slot by copying the value above it unless the
+    line's statement writes that variable; it never has to search for a value or reorder slots.
+    """
+    order = list(dict.fromkeys(statement.split("=", 1)[0] for statement in code))
+    lines = [f"{step} -> {_state(env, order)}" for step, env in zip(steps, envs, strict=True)]
+    return f"Run {'; '.join(code)}. What are {', '.join(order)}?", lines, _state(envs[-1], order)
 
 
 def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
-    """An assignment, then 3-4 statements (easy: 1-2), each reading the variable written before;
-    asks for every variable a statement wrote (at least two when full)."""
-    names = rng.sample(_VARS, 3)
+    """``a``, ``b`` and ``c`` set to digits, then 3-4 statements (easy: 1-2), each writing any of
+    the three and reading the variable written before; asks for every final value."""
     env: dict[str, int] = {}
-    code, steps = [], []
-    first = names[0]
-    env[first] = rng.randint(1, 9)
-    target = first
-    code.append(f"{first}={env[first]}")
-    steps.append(f"{first}={env[first]}")
-    written: set[str] = set()
-    for i in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
+    code, steps, envs = [], [], []
+    for name in _VARS:
+        env[name] = rng.randint(1, 9)
+        code.append(f"{name}={env[name]}")
+        steps.append(f"{name}={env[name]}")
+        envs.append(dict(env))
+    target = _VARS[-1]
+    for _ in range(rng.randint(1, 2) if easy else rng.randint(3, 4)):
         source = target  # each statement reads the variable the previous one wrote
-        target = names[1 + i] if i < 2 else rng.choice(names)
+        target = rng.choice(_VARS)
         # Every value stays a single digit: pick among the steps that keep it in 0..9.
         op, k = rng.choice(
             [("+", k) for k in range(1, 10) if env[source] + k <= 9]
@@ -199,10 +212,9 @@ def _make_tracing(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
         before = env[source]
         env[target] = before + k if op == "+" else before - k
         code.append(f"{target}={source}{op}{k}")
-        written.add(target)
-        steps.append(_traced(f"{target}={before}{op}{k}={env[target]}", env, written))
-    asked = ", ".join(sorted(written))
-    return f"Run {'; '.join(code)}. What are {asked}?", steps, _env_answer(env, written)
+        steps.append(f"{target}={before}{op}{k}={env[target]}")
+        envs.append(dict(env))
+    return _trace(code, steps, envs)
 
 
 # --------------------------------------------------------------------------- compositional
@@ -220,16 +232,16 @@ def _make_list_arith(rng: random.Random, easy: bool) -> tuple[str, list[str], st
 
 
 def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], str]:
-    """Two boolean assignments, then 3-4 statements (easy: 1) of and / or / not; asks for every
-    variable a statement wrote (at least two when full), so no answer is copied from the prompt."""
-    names = rng.sample(_VARS, 3)
+    """Two boolean assignments, then 3-4 statements (easy: 1) of and / or / not; asks for the
+    final value of every variable."""
+    names = sorted(rng.sample(_BOOL_VARS, 3))
     env: dict[str, bool] = {}
-    code, steps = [], []
+    code, steps, envs = [], [], []
     for name in names[:2]:
         env[name] = rng.random() < 0.5
         code.append(f"{name}={_BOOL[env[name]]}")
         steps.append(f"{name}={_BOOL[env[name]]}")
-    written: set[str] = set()
+        envs.append({n: _BOOL[v] for n, v in env.items()})
     for i in range(1 if easy else rng.randint(3, 4)):
         target = (names[2], names[0])[i] if i < 2 else rng.choice(names)
         known = sorted(env)
@@ -237,25 +249,25 @@ def _make_bool_trace(rng: random.Random, easy: bool) -> tuple[str, list[str], st
             src = rng.choice(known)
             value = not env[src]
             code.append(f"{target}=not {src}")
-            step = f"{target}=not {_BOOL[env[src]]}={_BOOL[value]}"
+            steps.append(f"{target}=not {_BOOL[env[src]]}={_BOOL[value]}")
         else:
             left, right = rng.choice(known), rng.choice(known)
             op = rng.choice(("and", "or"))
             value = (env[left] and env[right]) if op == "and" else (env[left] or env[right])
             code.append(f"{target}={left} {op} {right}")
-            step = f"{target}={_BOOL[env[left]]} {op} {_BOOL[env[right]]}={_BOOL[value]}"
+            steps.append(f"{target}={_BOOL[env[left]]} {op} {_BOOL[env[right]]}={_BOOL[value]}")
         env[target] = value
-        written.add(target)
-        steps.append(_traced(step, {name: _BOOL[v] for name, v in env.items()}, written))
-    answer = _env_answer({name: _BOOL[v] for name, v in env.items()}, written)
-    return f"Run {'; '.join(code)}. What are {', '.join(sorted(written))}?", steps, answer
+        envs.append({n: _BOOL[v] for n, v in env.items()})
+    return _trace(code, steps, envs)
 
 
 TASKS: dict[str, Task] = {
     "arithmetic": Task("arithmetic", ("arithmetic",), _make_arithmetic, "an integer"),
     "lists": Task("lists", ("lists",), _make_lists, "a list written like [1, 2, 3]"),
     "logic": Task("logic", ("logic",), _make_logic, "the value of each expression in order, like T F T"),
-    "tracing": Task("tracing", ("tracing",), _make_tracing, "every variable's final value, like a=3, x=7"),
+    "tracing": Task(
+        "tracing", ("tracing",), _make_tracing, "every variable's final value, like a=3, b=7, c=0"
+    ),
     "list_arith": Task("list_arith", ("lists", "arithmetic"), _make_list_arith, "an integer"),
     "bool_trace": Task(
         "bool_trace", ("tracing", "logic"), _make_bool_trace, "every variable's value, like a=T, x=F"

@@ -36,7 +36,7 @@ from merging.testbed.tasks import DOMAINS, TASKS
 from merging.testbed.tokenizers_build import bpe_tokenizer, char_tokenizer
 from merging.testbed.training import TrainSpec, corpus, pinned_threads, train
 
-SUITE_VERSION = "5"  # bump when task formats change: it is part of every recipe digest
+SUITE_VERSION = "6"  # bump when task formats change: it is part of every recipe digest
 ZOO_CACHE_ENV = "UMM_ZOO_CACHE"
 MANIFEST = "zoo.json"
 MODEL_META = "testbed.json"

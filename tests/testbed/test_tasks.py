@@ -53,9 +53,8 @@ def _reference_answer(task: str, prompt: str) -> str:
         target, expr = statement.split("=", 1)
         env[target] = eval(" ".join(_literal(tok) for tok in re.findall(r"\w+|[+-]", expr)), {}, env)
     names = asked.split(", ")
-    # both ask for the variables that a statement (not a constant) wrote
-    written = {t for t, e in (st.split("=", 1) for st in code.split("; ")) if not re.fullmatch(r"\d|T|F", e)}
-    assert names == sorted(written)
+    # the question names every variable, in the order the program first writes them
+    assert names == list(env)
     shown = {k: _bool_text(v) if isinstance(v, bool) else str(v) for k, v in env.items()}
     return ", ".join(f"{k}={shown[k]}" for k in names)
 
@@ -116,15 +115,51 @@ def test_first_dev_examples_show_their_work():
     assert logic.response == (
         "T and F = F, F or F = F\nT or F = T, T or T = T\nF and T = F, F and F = F\nAnswer: F T F"
     )
-    assert tracing.prompt == "Run c=7; x=c-3; a=x+3; x=a-6. What are a, x?"
-    assert (
-        tracing.response == "c=7\nx=7-3=4 -> x=4\na=4+3=7 -> a=7, x=4\nx=7-6=1 -> a=7, x=1\nAnswer: a=7, x=1"
-    )
+    assert tracing.prompt == "Run a=8; b=1; c=7; c=c-1; a=c+3; a=a-6; b=a+2. What are a, b, c?"
+    assert tracing.response.split("\n") == [
+        "a=8 -> a=8, b=_, c=_",
+        "b=1 -> a=8, b=1, c=_",
+        "c=7 -> a=8, b=1, c=7",
+        "c=7-1=6 -> a=8, b=1, c=6",
+        "a=6+3=9 -> a=9, b=1, c=6",
+        "a=9-6=3 -> a=3, b=1, c=6",
+        "b=3+2=5 -> a=3, b=5, c=6",
+        "Answer: a=3, b=5, c=6",
+    ]
     assert (lists.prompt, lists.response) == (
         "Sort descending [1, 7, 0, 6, 8, 9].",
         "descending: 9 8 7 6 1 0\nAnswer: [9, 8, 7, 6, 1, 0]",
     )
     assert list_arith.response == ("ascending: 0 2 6 7\n2+7+0=9: 9 carry 0\n0+6+0=6: 69 carry 0\nAnswer: 69")
+
+
+def test_tracing_sets_a_b_c_then_chains_three_or_four_statements():
+    for ex in generate("tracing", "test"):
+        statements = re.fullmatch(r"Run (.*)\. What are a, b, c\?", ex.prompt).group(1).split("; ")
+        assert [re.fullmatch(r"([abc])=[1-9]", st).group(1) for st in statements[:3]] == ["a", "b", "c"]
+        assert len(statements) in (6, 7)
+        previous = "c"
+        for statement in statements[3:]:
+            target, source = re.fullmatch(r"([abc])=([abc])[+-][1-9]", statement).groups()
+            assert source == previous  # each statement reads the variable written before
+            previous = target
+
+
+@pytest.mark.parametrize("task", ["tracing", "bool_trace"])
+def test_trace_lines_restate_every_variable_in_a_fixed_slot(task):
+    """Line i runs statement i, then shows every variable in order of first write (``_`` if unset)."""
+    for ex in generate(task, "test")[:50] + generate(task, "train", n=50, easy=True):
+        code, asked = re.fullmatch(r"Run (.*)\. What are (.*)\?", ex.prompt).groups()
+        names = asked.split(", ")
+        lines = ex.response.split("\n")[:-1]
+        env: dict[str, object] = {}
+        for statement, line in zip(code.split("; "), lines, strict=True):
+            target, expr = statement.split("=", 1)
+            env[target] = eval(" ".join(_literal(tok) for tok in re.findall(r"\w+|[+-]", expr)), {}, env)
+            shown = {k: _bool_text(v) if isinstance(v, bool) else str(v) for k, v in env.items()}
+            step, state = line.split(" -> ")
+            assert step.startswith(f"{target}=") and step.endswith(f"={shown[target]}")
+            assert state == ", ".join(f"{k}={shown.get(k, '_')}" for k in names), ex.prompt
 
 
 @pytest.mark.parametrize("task", list(TASKS))
