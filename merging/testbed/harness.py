@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from merging.testbed.kvcache import reserved_cache
 from merging.testbed.tasks import DOMAINS, TASKS, Example, generate, resolve_tasks
 
 # Appended to the instruction for chat models; tiny zoo models learned the format directly.
@@ -148,13 +149,15 @@ def greedy_generate(
     done = torch.zeros(len(enc), dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, device=device)
     generated: list[torch.Tensor] = []
-    cache = None
+    steps = max(budgets, default=0)
+    cache = reserved_cache(model, width + min(steps, 128))  # grown by doubling past that
+    full_mask = torch.cat([mask, torch.ones((len(enc), steps), dtype=mask.dtype, device=device)], dim=1)
     step_ids, step_pos = input_ids, positions
     row_budget = torch.tensor(budgets, device=device)
-    for step in range(max(budgets, default=0)):
+    for step in range(steps):
         out = model(
             input_ids=step_ids,
-            attention_mask=mask,
+            attention_mask=full_mask[:, : width + step],
             position_ids=step_pos,
             cache=cache,
             use_cache=True,
@@ -171,7 +174,6 @@ def greedy_generate(
             break
         step_ids = next_ids[:, None]
         step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     tokens = torch.stack(generated, 1).tolist() if generated else [[] for _ in enc]
     texts = []
     for row, budget in zip(tokens, budgets, strict=True):
