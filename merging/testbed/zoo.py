@@ -11,6 +11,7 @@
 
 `build_zoo` is deterministic (seeded, fixed torch thread count) and caches the zoo in a folder
 named by the sha256 of its recipe: an unchanged recipe returns at once, a changed one rebuilds.
+Experts train in parallel worker processes, one per core, after the base.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ SUITE_VERSION = "6"  # bump when task formats change: it is part of every recipe
 ZOO_CACHE_ENV = "UMM_ZOO_CACHE"
 MANIFEST = "zoo.json"
 MODEL_META = "testbed.json"
+BUILD_WORKERS = min(2, os.cpu_count() or 1)  # processes training experts side by side
 
 
 class ZooError(UmmError):
@@ -325,50 +329,92 @@ def build_zoo(
     return zoo
 
 
-def _timed(seconds: dict[str, float], name: str, say: Callable[[str], None], fn: Callable[[], Path]) -> Path:
-    start = time.perf_counter()
-    path = fn()
-    seconds[name] = round(time.perf_counter() - start, 2)
-    say(f"trained {name} in {seconds[name]:.1f} s")
+def _train_zoo(root: Path, recipe: ZooRecipe, say: Callable[[str], None]) -> Zoo:
+    """The base here; heterogeneous experts (from the start) and domain experts (once the base is
+    trained) on `BUILD_WORKERS` spawned processes, each with the recipe's torch threads. Every model
+    is seeded by the recipe alone, so the bytes do not depend on which process trains it. With one
+    worker everything runs in this process."""
+    seconds: dict[str, float] = {}
+    workers = max(1, min(BUILD_WORKERS, len(recipe.domains) + len(recipe.heterogeneous)))
+    if workers > 1:
+        pool_context = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        pool_context = _InProcess()
+    with pool_context as pool:
+        hetero_jobs = {s.name: pool.submit(_train_hetero, root, recipe, s) for s in recipe.heterogeneous}
+        start = time.perf_counter()
+        base, tok = _train_base(recipe)
+        base_path = _save(base, tok, root / "base", {"role": "base", "recipe": recipe.digest()})
+        seconds["base"] = round(time.perf_counter() - start, 2)
+        say(f"trained base in {seconds['base']:.1f} s")
+        base_state = {k: v.clone() for k, v in base.state_dict().items()}
+        expert_jobs = {
+            domain: pool.submit(_train_expert, root, recipe, base_state, i, domain)
+            for i, domain in enumerate(recipe.domains)
+        }
+        experts = {domain: _collect(job, domain, seconds, say) for domain, job in expert_jobs.items()}
+        hetero = {name: _collect(job, name, seconds, say) for name, job in hetero_jobs.items()}
+    return Zoo(root, recipe, base_path, experts, hetero, seconds)
+
+
+class _InProcess:
+    """A pool of one that runs each job as it is submitted (no process to spawn)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # delivered by `result()`, as a worker's would be
+            future.set_exception(exc)
+        return future
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _collect(job: Future, name: str, seconds: dict[str, float], say: Callable[[str], None]) -> Path:
+    path, took = job.result()
+    seconds[name] = took
+    say(f"trained {name} in {took:.1f} s")
     return path
 
 
-def _train_zoo(root: Path, recipe: ZooRecipe, say: Callable[[str], None]) -> Zoo:
-    seconds: dict[str, float] = {}
-    digest = recipe.digest()
+def _train_base(recipe: ZooRecipe) -> tuple[torch.nn.Module, Any]:
     tok = _make_tokenizer(recipe.base_model, recipe.seed)
     base = _make_model(recipe.base_model, tok, recipe.seed)
+    train(base, tok, recipe.base_train, seed=recipe.seed)
+    return base, tok
 
-    def train_base() -> Path:
-        train(base, tok, recipe.base_train, seed=recipe.seed)
-        return _save(base, tok, root / "base", {"role": "base", "recipe": digest})
 
-    base_path = _timed(seconds, "base", say, train_base)
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    experts: dict[str, Path] = {}
-    for i, domain in enumerate(recipe.domains):
+def _train_expert(
+    root: Path, recipe: ZooRecipe, base_state: dict[str, torch.Tensor], i: int, domain: str
+) -> tuple[Path, float]:
+    """A full fine-tune of the base on `domain` (run in a build worker): its folder and seconds."""
+    start = time.perf_counter()
+    with pinned_threads(recipe.threads):
+        tok = _make_tokenizer(recipe.base_model, recipe.seed)
+        expert = _make_model(recipe.base_model, tok, recipe.seed)
+        expert.load_state_dict(base_state)
+        spec = replace(recipe.expert_train, mixture=((domain, 1.0), *recipe.expert_train.mixture))
+        train(expert, tok, spec, seed=recipe.seed + 1 + i)
+        meta = {"role": "expert", "domain": domain, "recipe": recipe.digest()}
+        path = _save(expert, tok, root / "experts" / domain, meta)
+    return path, round(time.perf_counter() - start, 2)
 
-        def train_expert(domain: str = domain, i: int = i) -> Path:
-            expert = _make_model(recipe.base_model, tok, recipe.seed)
-            expert.load_state_dict(base_state)
-            spec = replace(recipe.expert_train, mixture=((domain, 1.0), *recipe.expert_train.mixture))
-            train(expert, tok, spec, seed=recipe.seed + 1 + i)
-            meta = {"role": "expert", "domain": domain, "recipe": digest}
-            return _save(expert, tok, root / "experts" / domain, meta)
 
-        experts[domain] = _timed(seconds, domain, say, train_expert)
-    hetero: dict[str, Path] = {}
-    for spec in recipe.heterogeneous:
-
-        def train_hetero(spec: HeteroSpec = spec) -> Path:
-            htok = _make_tokenizer(spec.model, recipe.seed)
-            model = _make_model(spec.model, htok, recipe.seed)
-            train(model, htok, spec.train, seed=recipe.seed)
-            meta = {"role": "heterogeneous", "domain": spec.domain, "recipe": digest}
-            return _save(model, htok, root / "heterogeneous" / spec.name, meta)
-
-        hetero[spec.name] = _timed(seconds, spec.name, say, train_hetero)
-    return Zoo(root, recipe, base_path, experts, hetero, seconds)
+def _train_hetero(root: Path, recipe: ZooRecipe, spec: HeteroSpec) -> tuple[Path, float]:
+    """A heterogeneous expert trained from scratch (run in a build worker): its folder and seconds."""
+    start = time.perf_counter()
+    with pinned_threads(recipe.threads):
+        htok = _make_tokenizer(spec.model, recipe.seed)
+        model = _make_model(spec.model, htok, recipe.seed)
+        train(model, htok, spec.train, seed=recipe.seed)
+        meta = {"role": "heterogeneous", "domain": spec.domain, "recipe": recipe.digest()}
+        path = _save(model, htok, root / "heterogeneous" / spec.name, meta)
+    return path, round(time.perf_counter() - start, 2)
 
 
 def model_meta(model_dir: str | Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ def _load(path):
 
 
 def test_cache_is_keyed_by_the_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo_module, "BUILD_WORKERS", 1)  # every model trained here, where `train` is patched
     first = build_zoo(recipe=_tiny_recipe(), cache_dir=tmp_path)
     weights = first.experts["logic"] / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
@@ -45,10 +46,13 @@ def test_cache_is_keyed_by_the_recipe(tmp_path, monkeypatch):
     assert (changed.base / "model.safetensors").exists()
 
 
-def test_training_is_deterministic(tmp_path):
+def test_training_is_deterministic_in_this_process_or_in_workers(tmp_path, monkeypatch):
+    monkeypatch.setattr(zoo_module, "BUILD_WORKERS", 1)
     one = build_zoo(recipe=_tiny_recipe(), cache_dir=tmp_path / "one")
+    monkeypatch.setattr(zoo_module, "BUILD_WORKERS", 2)
     two = build_zoo(recipe=_tiny_recipe(), cache_dir=tmp_path / "two")
-    for a, b in [(one.base, two.base), (one.experts["lists"], two.experts["lists"])]:
+    pairs = [(one.base, two.base), *((one.experts[d], two.experts[d]) for d in ("logic", "lists"))]
+    for a, b in [*pairs, (one.heterogeneous["gpt2-lists"], two.heterogeneous["gpt2-lists"])]:
         left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
         assert left.keys() == right.keys()
         assert all(torch.equal(left[k], right[k]) for k in left)
