@@ -33,10 +33,10 @@ import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from merging.atomic import write_atomic
+from merging.atomic import fsync_dir, write_atomic
 from node.assemble import finite_checker, safetensors_header, streams_raw
-from node.errors import ChunkHashMismatchError, StoreError
-from node.store import check_digest
+from node.errors import StoreError
+from node.store import check_digest, verified_digest
 from protocol.codecs import DTYPES, numel_of
 from protocol.encoding import sha256_hex
 from protocol.errors import HashMismatchError, NonFiniteValuesError, TensorMismatchError
@@ -230,9 +230,7 @@ class PartialModel:
 
     def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
         """Verify a chunk and write it at each of its places; returns its digest."""
-        actual = sha256_hex(data)
-        if digest is not None and check_digest(digest) != actual:
-            raise ChunkHashMismatchError(f"expected bytes hashing to {digest}, got bytes hashing to {actual}")
+        actual = verified_digest(data, digest)
         places = self._places.get(actual)
         if places is None:
             raise UnexpectedChunkError(f"expected a chunk of the pulled model, got {actual}")
@@ -343,19 +341,11 @@ class PartialModel:
         self.close()
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
-    _fsync_folder(folder)
+    fsync_dir(folder)
 
 
 def replace_folder(temp: Path, out: Path) -> None:
@@ -366,5 +356,5 @@ def replace_folder(temp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(out, old)
     os.replace(temp, out)
-    _fsync_folder(out.parent)  # the rename itself
+    fsync_dir(out.parent)  # the rename itself
     shutil.rmtree(old, ignore_errors=True)

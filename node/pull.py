@@ -22,7 +22,7 @@ from pathlib import Path
 from hivemind.p2p import PeerID
 
 from node.dht import ClientBoard
-from node.errors import ChunkHashMismatchError, ChunkNotFoundError, FetchError, NodeError
+from node.errors import ChunkNotFoundError, FetchError, NodeError
 from node.genesis import Genesis
 from node.partial import PartialModel, replace_folder
 from node.records import genesis_key, peers_key
@@ -33,9 +33,8 @@ from node.service import (
     latest_rounds_from_records,
     peers_from_records,
 )
-from node.store import check_digest
+from node.store import verified_digest
 from node.transport import fetch_chunks
-from protocol.encoding import sha256_hex
 
 __all__ = ["NoResultError", "PullOutcome", "pull", "replace_folder"]
 
@@ -68,9 +67,7 @@ class MemoryChunks:
         return [d for d in dict.fromkeys(digests) if d not in self._chunks]
 
     def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
-        actual = sha256_hex(data)
-        if digest is not None and check_digest(digest) != actual:
-            raise ChunkHashMismatchError(f"expected bytes hashing to {digest}, got bytes hashing to {actual}")
+        actual = verified_digest(data, digest)
         self._chunks[actual] = bytes(data)
         return actual
 

@@ -38,6 +38,14 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+def verified_digest(data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
+    """The sha256 of `data`; ChunkHashMismatchError if `digest` is given and differs."""
+    actual = sha256_hex(data)
+    if digest is not None and check_digest(digest) != actual:
+        raise ChunkHashMismatchError(f"expected bytes hashing to {digest}, got bytes hashing to {actual}")
+    return actual
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -103,9 +111,7 @@ class ContentStore:
     # ------------------------------------------------------------------ writes
     def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str:
         """Store `data` and return its digest; if `digest` is given, the bytes must hash to it."""
-        actual = sha256_hex(data)
-        if digest is not None and check_digest(digest) != actual:
-            raise ChunkHashMismatchError(f"expected bytes hashing to {digest}, got bytes hashing to {actual}")
+        actual = verified_digest(data, digest)
         if self.has(actual):
             return actual
         final = self._blob_path(actual)
