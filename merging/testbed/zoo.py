@@ -196,7 +196,7 @@ RECIPES: dict[str, ZooRecipe] = {
                 ModelSpec(
                     "gpt2", hidden=64, layers=2, heads=2, intermediate=256, tokenizer="bpe", bpe_vocab=400
                 ),
-                TrainSpec(steps=800, lr=5e-3, batch_size=32, mixture=_hetero_mixture("lists"), warmup=30),
+                TrainSpec(steps=2000, lr=5e-3, batch_size=32, mixture=_hetero_mixture("lists"), warmup=30),
             ),
         ),
     ),
