@@ -336,9 +336,7 @@ def fused_task_arithmetic(
         else:
             starts = _range_tie_states(plan, inputs, base, models, parts)
         part_number += len(parts)
-        out = np.empty(0 if to_bfloat16 else size, dtype=np.float32)
-        out16 = np.empty(size if to_bfloat16 else 0, dtype=np.uint16)
-        non_finite = np.zeros(len(parts), dtype=np.int64)
+        out = _BlockOutput(size, len(parts), to_bfloat16)
         offset = start * stack.width
 
         def task(
@@ -348,10 +346,9 @@ def fused_task_arithmetic(
             inputs=inputs,
             starts=starts,
             offset=offset,
-            arrays=(out, out16, non_finite),
+            out=out,
         ) -> None:
-            out, out16, non_finite = arrays
-            non_finite[n] = kernels.merge_range(
+            out.non_finite[n] = kernels.merge_range(
                 inputs,
                 base,
                 models,
@@ -372,14 +369,14 @@ def fused_task_arithmetic(
                 np.float32(plain_divisor),
                 np.float32(glob["lambda"]),
                 glob["lambda"] != 1.0,  # x * 1.0 == x, so skipping it changes no bit
-                out,
-                out16,  # bfloat16 output: converted and checked for NaN/inf in the same loop
+                out.values,
+                out.bfloat16,  # bfloat16 output: converted and checked for NaN/inf in the same loop
             )
 
         run_parallel(task, parts)
         if parts:
             plan.seen = starts[-1]
-        yield _block_result(stack, start, end, out, out16, non_finite, to_bfloat16)
+        yield out.rows(stack, end - start)
 
 
 def fused_linear(
@@ -393,35 +390,34 @@ def fused_linear(
         inputs = kernel_inputs(raw)
         size = inputs[0].size
         parts = split(size, THREADS)
-        out = np.empty(0 if to_bfloat16 else size, dtype=np.float32)
-        out16 = np.empty(size if to_bfloat16 else 0, dtype=np.uint16)
-        non_finite = np.zeros(len(parts), dtype=np.int64)
+        out = _BlockOutput(size, len(parts), to_bfloat16)
 
-        def task(n: int, s: int, e: int, inputs=inputs, arrays=(out, out16, non_finite)) -> None:
-            out, out16, non_finite = arrays
-            non_finite[n] = kernels.weighted_sum_range(
-                inputs, member_array, weight_array, normalize, np.float32(total), s, e, out, out16
+        def task(n: int, s: int, e: int, inputs=inputs, out=out) -> None:
+            divisor = np.float32(total)
+            out.non_finite[n] = kernels.weighted_sum_range(
+                inputs, member_array, weight_array, normalize, divisor, s, e, out.values, out.bfloat16
             )
 
         run_parallel(task, parts)
-        yield _block_result(stack, start, end, out, out16, non_finite, to_bfloat16)
+        yield out.rows(stack, end - start)
 
 
-def _block_result(
-    stack: TensorStack,
-    start: int,
-    end: int,
-    out: np.ndarray,
-    out16: np.ndarray,
-    non_finite: np.ndarray,
-    to_bfloat16: bool,
-) -> torch.Tensor:
-    """A kernel's block output as `[rows, width]`: float32, or bfloat16 once checked for NaN and inf."""
-    if not to_bfloat16:
-        return torch.from_numpy(out).view(end - start, stack.width)
-    if non_finite.any():
-        raise stack.non_finite_output()
-    return torch.from_numpy(out16).view(torch.bfloat16).view(end - start, stack.width)
+class _BlockOutput:
+    """One block's kernel output: float32 `values`, or `bfloat16` bit patterns with the count of
+    NaN/inf float32 results per range (the unused array is empty, which tells the kernel)."""
+
+    def __init__(self, size: int, ranges: int, to_bfloat16: bool) -> None:
+        self.values = np.empty(0 if to_bfloat16 else size, dtype=np.float32)
+        self.bfloat16 = np.empty(size if to_bfloat16 else 0, dtype=np.uint16)
+        self.non_finite = np.zeros(ranges, dtype=np.int64)
+
+    def rows(self, stack: TensorStack, rows: int) -> torch.Tensor:
+        """The block as `[rows, width]`; a bfloat16 block only once checked for NaN and inf."""
+        if not len(self.bfloat16):
+            return torch.from_numpy(self.values).view(rows, stack.width)
+        if self.non_finite.any():
+            raise stack.non_finite_output()
+        return torch.from_numpy(self.bfloat16).view(torch.bfloat16).view(rows, stack.width)
 
 
 def _range_tie_states(

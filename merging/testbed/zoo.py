@@ -340,16 +340,36 @@ def _train_zoo(root: Path, recipe: ZooRecipe, say: Callable[[str], None]) -> Zoo
         pool_context = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
     else:
         pool_context = _InProcess()
+    digest = recipe.digest()
     with pool_context as pool:
-        hetero_jobs = {s.name: pool.submit(_train_hetero, root, recipe, s) for s in recipe.heterogeneous}
+        hetero_jobs = {
+            s.name: pool.submit(
+                _train_in_worker,
+                root / "heterogeneous" / s.name,
+                recipe,
+                s.model,
+                s.train,
+                recipe.seed,
+                {"role": "heterogeneous", "domain": s.domain, "recipe": digest},
+            )
+            for s in recipe.heterogeneous
+        }
         start = time.perf_counter()
         base, tok = _train_base(recipe)
-        base_path = _save(base, tok, root / "base", {"role": "base", "recipe": recipe.digest()})
+        base_path = _save(base, tok, root / "base", {"role": "base", "recipe": digest})
         seconds["base"] = round(time.perf_counter() - start, 2)
         say(f"trained base in {seconds['base']:.1f} s")
-        base_state = {k: v.clone() for k, v in base.state_dict().items()}
         expert_jobs = {
-            domain: pool.submit(_train_expert, root, recipe, base_state, i, domain)
+            domain: pool.submit(
+                _train_in_worker,
+                root / "experts" / domain,
+                recipe,
+                recipe.base_model,
+                replace(recipe.expert_train, mixture=((domain, 1.0), *recipe.expert_train.mixture)),
+                recipe.seed + 1 + i,
+                {"role": "expert", "domain": domain, "recipe": digest},
+                base.state_dict(),
+            )
             for i, domain in enumerate(recipe.domains)
         }
         experts = {domain: _collect(job, domain, seconds, say) for domain, job in expert_jobs.items()}
@@ -389,31 +409,25 @@ def _train_base(recipe: ZooRecipe) -> tuple[torch.nn.Module, Any]:
     return base, tok
 
 
-def _train_expert(
-    root: Path, recipe: ZooRecipe, base_state: dict[str, torch.Tensor], i: int, domain: str
+def _train_in_worker(
+    folder: Path,
+    recipe: ZooRecipe,
+    model: ModelSpec,
+    spec: TrainSpec,
+    seed: int,
+    meta: dict[str, str],
+    start_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Path, float]:
-    """A full fine-tune of the base on `domain` (run in a build worker): its folder and seconds."""
+    """One expert, trained in a build worker from `start_state` (a domain expert: the base's
+    weights) or from its seeded initialization (a heterogeneous expert): its folder and seconds."""
     start = time.perf_counter()
     with pinned_threads(recipe.threads):
-        tok = _make_tokenizer(recipe.base_model, recipe.seed)
-        expert = _make_model(recipe.base_model, tok, recipe.seed)
-        expert.load_state_dict(base_state)
-        spec = replace(recipe.expert_train, mixture=((domain, 1.0), *recipe.expert_train.mixture))
-        train(expert, tok, spec, seed=recipe.seed + 1 + i)
-        meta = {"role": "expert", "domain": domain, "recipe": recipe.digest()}
-        path = _save(expert, tok, root / "experts" / domain, meta)
-    return path, round(time.perf_counter() - start, 2)
-
-
-def _train_hetero(root: Path, recipe: ZooRecipe, spec: HeteroSpec) -> tuple[Path, float]:
-    """A heterogeneous expert trained from scratch (run in a build worker): its folder and seconds."""
-    start = time.perf_counter()
-    with pinned_threads(recipe.threads):
-        htok = _make_tokenizer(spec.model, recipe.seed)
-        model = _make_model(spec.model, htok, recipe.seed)
-        train(model, htok, spec.train, seed=recipe.seed)
-        meta = {"role": "heterogeneous", "domain": spec.domain, "recipe": recipe.digest()}
-        path = _save(model, htok, root / "heterogeneous" / spec.name, meta)
+        tok = _make_tokenizer(model, recipe.seed)
+        network = _make_model(model, tok, recipe.seed)
+        if start_state is not None:
+            network.load_state_dict(start_state)
+        train(network, tok, spec, seed=seed)
+        path = _save(network, tok, folder, meta)
     return path, round(time.perf_counter() - start, 2)
 
 
