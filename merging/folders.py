@@ -11,6 +11,7 @@ merging), so an output tensor never has to be whole in memory.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -21,13 +22,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from merging.blocks import Reader, matrix_shape
+from merging.atomic import start_writeback
+from merging.blocks import Reader, Releaser, matrix_shape
 from merging.errors import MergeError, MissingTensorError, ShapeMismatchError
 from merging.layout import TensorInfo
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1000**3
+WRITEBACK_BYTES = 64 << 20  # start writing output back to disk after this many new bytes
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -63,6 +66,15 @@ def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
     return 8 + length, entries
 
 
+def _map_file(path: Path) -> mmap.mmap | None:
+    """The whole file mapped private and writable (copy on write), or None if it is empty."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return None
+        return mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
 class ModelFolder:
     """A local Hugging Face model folder opened for lazy reads (use as a context manager)."""
 
@@ -79,7 +91,7 @@ class ModelFolder:
         except (OSError, ValueError) as exc:
             raise MergeError(f"cannot read config.json of model {name!r}: {exc}") from None
         self.shards = self._shard_files()
-        self._descriptors: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap | None] = {}  # None: an empty file
         self.tensors: dict[str, TensorInfo] = {}
         self._location: dict[str, tuple[Path, int]] = {}  # tensor -> (shard, absolute byte offset)
         for shard in self.shards:
@@ -97,7 +109,7 @@ class ModelFolder:
                     )
                 self.tensors[key] = TensorInfo(tuple(entry["shape"]), dtype)
                 self._location[key] = (shard, data_start + entry["data_offsets"][0])
-            self._descriptors[shard] = os.open(shard, os.O_RDONLY)
+            self._maps[shard] = _map_file(shard)
 
     def _shard_files(self) -> list[Path]:
         index = self.path / INDEX_FILE
@@ -126,10 +138,14 @@ class ModelFolder:
         return sorted(files)
 
     def reader(self, tensor: str) -> Reader:
-        """Rows `[start, end)` of a tensor's `[rows, width]` view, read from the file on demand."""
+        """Rows `[start, end)` of a tensor's `[rows, width]` view: a view of the mapped file, no copy.
+
+        The map is private and writable, so writing into a view changes a private copy of the
+        page, never the file.
+        """
         info = self.tensors[tensor]
         shard, offset = self._location[tensor]
-        descriptor = self._descriptors[shard]
+        mapped = self._maps[shard]
         dtype = getattr(torch, info.dtype)
         width = matrix_shape(info.shape)[1]
         row_bytes = width * torch.empty((), dtype=dtype).element_size()
@@ -138,19 +154,43 @@ class ModelFolder:
             if len(info.shape) <= 1:
                 start, end = 0, 1
             size = (end - start) * row_bytes
-            buffer = torch.empty(size, dtype=torch.uint8)
-            if size and os.preadv(descriptor, [buffer.numpy()], offset + start * row_bytes) != size:
+            if not size:
+                return torch.empty(0, dtype=dtype).reshape(end - start, width)
+            first = offset + start * row_bytes
+            if mapped is None or first + size > len(mapped):
                 raise MergeError(
                     f"shard {shard.name} of model {self.name!r} is truncated at tensor {tensor!r}"
                 )
-            return buffer.view(dtype).reshape(end - start, width)
+            data = torch.frombuffer(mapped, dtype=torch.uint8, count=size, offset=first)
+            return data.view(dtype).reshape(end - start, width)
 
         return read
 
+    def releaser(self, tensor: str) -> Releaser:
+        """Drop the mapped pages of a tensor's rows `[start, end)` (whole pages around them).
+
+        Only page-table entries go: the file's pages stay in the page cache, and reading a dropped
+        page maps it again with the file's bytes (a view of it stays valid).
+        """
+        info = self.tensors[tensor]
+        shard, offset = self._location[tensor]
+        mapped = self._maps[shard]
+        width = matrix_shape(info.shape)[1]
+        row_bytes = width * torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
+
+        def release(start: int, end: int) -> None:
+            if mapped is None or len(info.shape) <= 1:
+                return
+            first = (offset + start * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            last = min(len(mapped), offset + end * row_bytes)
+            if last > first:
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+        return release
+
     def close(self) -> None:
-        for descriptor in self._descriptors.values():
-            os.close(descriptor)
-        self._descriptors.clear()
+        """Forget the maps; each is unmapped once no tensor read from it is left."""
+        self._maps.clear()
 
     def __enter__(self) -> ModelFolder:
         return self
@@ -231,6 +271,7 @@ class ShardWriter:
         self._written = 0  # bytes of the current tensor so far
         self._shard_no = -1
         self._file = None
+        self._unsynced = 0  # bytes written since writeback was last started
 
     def write(self, name: str, rows: torch.Tensor) -> None:
         """Append the next block of rows of tensor `name` (blocks arrive in order)."""
@@ -242,6 +283,11 @@ class ShardWriter:
         data = rows.contiguous().view(torch.uint8).numpy()
         self._file.write(memoryview(data))
         self._written += data.nbytes
+        self._unsynced += data.nbytes
+        if self._unsynced >= WRITEBACK_BYTES:  # write back as we go: the closing fsync has little left
+            self._file.flush()
+            start_writeback(self._file.fileno(), 0, 0)  # 0, 0: the whole file so far
+            self._unsynced = 0
         if self._written == tensor.nbytes:
             self._position += 1
             self._written = 0
