@@ -1,11 +1,13 @@
 """Hugging Face model folders: lazy tensor reads in, sharded safetensors out.
 
-Reading validates every `*.safetensors` shard's header with `safe_open`, then reads a tensor's rows
-with `os.preadv` into a fresh buffer only when an operator asks for them. Plain reads rather than a
-memory map keep the process's resident memory at the blocks in use: pages of a mapped input file
-would count toward it until the file is closed. Writing streams row blocks straight into shard
-files whose safetensors header is written first (every output shape and dtype is known before
-merging), so an output tensor never has to be whole in memory.
+Reading validates every `*.safetensors` shard's header with `safe_open`, maps each shard private
+and writable, and gives operators views of a tensor's rows in the map: no copy (a copy into fresh
+buffers cost more CPU time than some whole merges). Mapped pages count toward the process's
+resident memory until dropped, so each block's pages are dropped once it is used (`releaser`): the
+resident memory stays at the blocks in use while the file stays in the page cache. Writing
+streams row blocks straight into shard files whose safetensors header is written first (every
+output shape and dtype is known before merging), so an output tensor never has to be whole in
+memory.
 """
 
 from __future__ import annotations
@@ -76,7 +78,12 @@ def _map_file(path: Path) -> mmap.mmap | None:
 
 
 class ModelFolder:
-    """A local Hugging Face model folder opened for lazy reads (use as a context manager)."""
+    """A local Hugging Face model folder opened for lazy reads (use as a context manager).
+
+    Shards are memory-mapped: tensors are read in place from the page cache, without a copy. Their
+    headers and sizes are checked when the folder opens; a shard truncated by another process while
+    it is open ends this one with SIGBUS, not with a wrong merge.
+    """
 
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
