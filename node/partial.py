@@ -29,7 +29,6 @@ are fetched again. `finish` fsyncs every file and the folder and renames the fol
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
 import math
@@ -38,7 +37,7 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from merging.atomic import fsync_dir, write_atomic
+from merging.atomic import fsync_dir, start_writeback, write_atomic
 from node.assemble import finite_checker, safetensors_header, streams_raw
 from node.errors import StoreError
 from node.store import check_digest, verified_digest
@@ -49,7 +48,6 @@ from protocol.messages import TensorEntry
 
 MODEL_FILE = "model.safetensors"
 DIGEST_BYTES = 32
-_SYNC_FILE_RANGE_WRITE = 2
 
 
 class PullBusyError(StoreError):
@@ -58,18 +56,6 @@ class PullBusyError(StoreError):
 
 class UnexpectedChunkError(StoreError):
     """A chunk that belongs nowhere in the model, or a model that is not complete."""
-
-
-def _writeback_starter() -> Callable[[int, int, int], object] | None:
-    """Linux's `sync_file_range(..., SYNC_FILE_RANGE_WRITE)`: start writing a range to disk now."""
-    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    if function is None:
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return lambda fd, offset, length: function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-_start_writeback = _writeback_starter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +221,7 @@ class PartialModel:
                 (self.folder / place.file).write_bytes(data)
                 continue
             _pwrite_all(self._fd, data, place.offset)
-            if _start_writeback is not None:
-                _start_writeback(self._fd, place.offset, place.length)
+            start_writeback(self._fd, place.offset, place.length)
         os.write(self._journal, bytes.fromhex(actual))  # one small O_APPEND write: never interleaved
         self._received.add(actual)
         if self.progress is not None:
