@@ -77,6 +77,13 @@ def _map_file(path: Path) -> mmap.mmap | None:
         return mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+def _row_layout(info: TensorInfo) -> tuple[torch.dtype, int, int]:
+    """(dtype, width, bytes per row) of a stored tensor's `[rows, width]` view."""
+    dtype = getattr(torch, info.dtype)
+    width = matrix_shape(info.shape)[1]
+    return dtype, width, width * torch.empty((), dtype=dtype).element_size()
+
+
 class ModelFolder:
     """A local Hugging Face model folder opened for lazy reads (use as a context manager).
 
@@ -152,10 +159,7 @@ class ModelFolder:
         """
         info = self.tensors[tensor]
         shard, offset = self._location[tensor]
-        mapped = self._maps[shard]
-        dtype = getattr(torch, info.dtype)
-        width = matrix_shape(info.shape)[1]
-        row_bytes = width * torch.empty((), dtype=dtype).element_size()
+        mapped, dtype, width, row_bytes = self._maps[shard], *_row_layout(info)
 
         def read(start: int, end: int) -> torch.Tensor:
             if len(info.shape) <= 1:
@@ -181,9 +185,7 @@ class ModelFolder:
         """
         info = self.tensors[tensor]
         shard, offset = self._location[tensor]
-        mapped = self._maps[shard]
-        width = matrix_shape(info.shape)[1]
-        row_bytes = width * torch.empty((), dtype=getattr(torch, info.dtype)).element_size()
+        mapped, row_bytes = self._maps[shard], _row_layout(info)[2]
 
         def release(start: int, end: int) -> None:
             if mapped is None or len(info.shape) <= 1:
