@@ -54,6 +54,13 @@ ZERO = 1  # every entry times 0.0
 WINDOW = 2  # entries whose |delta| rank lies in a window (magnitude / outliers); then rescale
 RANDOM = 3  # entries whose draw is below the density; then rescale
 
+# where a tile lies against the rank at which a window bound's equal values change from dropped
+# to kept (low bound) or from kept to dropped (high bound)
+UNBOUNDED = 0
+BEFORE = 1  # the tile's equal values all precede it
+AFTER = 2  # they all follow it
+ACROSS = 3  # it may fall inside the tile
+
 GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
@@ -100,6 +107,13 @@ def pointer_to(typingctx, address, kind):
         return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
 
     return signature, codegen
+
+
+@njit(cache=True, inline="always")
+def row(matrix, j):
+    """Row `j` of a C-contiguous 2-D array as a view that holds no reference (the caller keeps
+    `matrix` alive): a counted view costs two atomic operations each time a tile takes it."""
+    return carray(pointer_to(matrix.ctypes.data + j * matrix.strides[0], matrix), matrix.shape[1])
 
 
 @njit(cache=True, inline="always")
@@ -268,26 +282,54 @@ def _dropped(x, t, base_values, weight):
 
 
 @njit(cache=True, inline="always")
-def _drop_all_equal(x, count, base_values, magnitude, value, weight, out):
+def _drop_all_equal(x, count, base_values, value, weight, out):
     for t in range(count):
-        out[t] = _dropped(x, t, base_values, weight) if magnitude[t] == value else out[t]
+        equal = abs(value_at(x, t) - base_values[t]) == value
+        out[t] = _dropped(x, t, base_values, weight) if equal else out[t]
 
 
 @njit(cache=True, inline="always")
-def _window_pass(x, count, base_values, low, high, density, rescale, weight, magnitude, out):
-    """Entries with low <= |delta| <= high kept; returns how many equal low and high."""
+def _equal_magnitudes(x, count, base_values, value):
+    """How many |x - base| of one tile equal `value`."""
+    equal = np.int32(0)
+    for t in range(count):
+        equal = np.int32(equal + np.int32(abs(value_at(x, t) - base_values[t]) == value))
+    return equal
+
+
+@njit(cache=True, inline="always")
+def _window_pass(x, count, base_values, bounds, bounded_above, density, rescale, weight, counted, out):
+    """Entries with bounds[0] <= |delta| (and <= bounds[1] when `bounded_above`; else that is
+    +inf) kept. When `counted` is given, returns how many |delta| equal `counted[0]` and
+    `counted[1]` (else zeros)."""
     one, zero = np.float32(1.0), np.float32(0.0)
+    low, high = bounds
     equal_low = np.int32(0)
     equal_high = np.int32(0)
     for t in range(count):
         delta = value_at(x, t) - base_values[t]
         size = abs(delta)
-        magnitude[t] = size
-        kept = one if (size >= low) & (size <= high) else zero
+        inside = ((size >= low) & (size <= high)) if bounded_above else size >= low
+        kept = one if inside else zero
         out[t] = _sparsified(delta, kept, density, rescale, weight)
-        equal_low = np.int32(equal_low + np.int32(size == low))
-        equal_high = np.int32(equal_high + np.int32(size == high))
-    return equal_low, equal_high
+        if counted is not None:
+            equal_low = np.int32(equal_low + np.int32(size == counted[0]))
+            equal_high = np.int32(equal_high + np.int32(size == counted[1]))
+    return np.int64(equal_low), np.int64(equal_high)
+
+
+@njit(cache=True, inline="always")
+def _flagged_window_pass(
+    x, count, base_values, bounds, bounded_above, density, rescale, weight, counted, out
+):
+    """`_window_pass` with constant flags in each copy of the loop: a branch inside would not vectorize."""
+    if rescale and bounded_above:
+        return _window_pass(x, count, base_values, bounds, True, density, True, weight, counted, out)
+    if rescale:
+        return _window_pass(x, count, base_values, bounds, False, density, True, weight, counted, out)
+    if bounded_above:
+        return _window_pass(x, count, base_values, bounds, True, density, False, weight, counted, out)
+    return _window_pass(x, count, base_values, bounds, False, density, False, weight, counted, out)
 
 
 @njit(cache=True, inline="always")
@@ -299,44 +341,73 @@ def _random_pass(x, count, base_values, key, first, density, rescale, weight, ou
 
 
 @njit(cache=True, inline="always")
-def _window(x, count, base_values, density, rescale, weight, bounds, has_bounds, seen, quota, magnitude, out):
+def _window(x, count, base_values, density, rescale, weight, bounds, has_bounds, seen, quota, out):
     """Keep the entries whose |delta| rank lies in a window (ties broken in flat order).
 
     `seen[0|1]` counts the values equal to the low/high bound before this tile (updated); equal
     values of rank below `quota[0]` (low) or at or above `quota[1]` (high) among them are dropped.
+    Where that drops all or none of a tile's equal values, the pass's bound is made strict or
+    kept inclusive; only a tile holding the rank where it changes is handled value by value.
     A NaN fails both bounds and is dropped: NaN * 0.0 is NaN, as NaN * 1.0 is.
     """
-    low = bounds[0] if has_bounds[0] else np.float32(-np.inf)
-    high = bounds[1] if has_bounds[1] else np.float32(np.inf)
-    if rescale:  # two copies of the loop with a constant flag: a branch inside would not vectorize
-        equal_low, equal_high = _window_pass(
-            x, count, base_values, low, high, density, True, weight, magnitude, out
+    inf = np.float32(np.inf)
+    low = bounds[0] if has_bounds[0] else -inf
+    high = bounds[1] if has_bounds[1] else inf
+    pass_low, pass_high = low, high
+    low_state = _tie_state(has_bounds[0], seen[0], quota[0], count)
+    high_state = _tie_state(has_bounds[1], seen[1], quota[1], count)
+    if low_state == BEFORE:  # every value equal to low is dropped: low < |delta|
+        pass_low = np.nextafter(low, inf)
+    if high_state == AFTER:  # every value equal to high is dropped: |delta| < high
+        pass_high = np.nextafter(high, -inf)
+    bounds_used = (pass_low, pass_high)
+    counted = (low, high)
+    counting = low_state == BEFORE or high_state == BEFORE
+    if counting:
+        equal = _flagged_window_pass(
+            x, count, base_values, bounds_used, has_bounds[1], density, rescale, weight, counted, out
         )
+        if low_state == BEFORE:
+            seen[0] += equal[0]
+        if high_state == BEFORE:
+            seen[1] += equal[1]
     else:
-        equal_low, equal_high = _window_pass(
-            x, count, base_values, low, high, density, False, weight, magnitude, out
+        _flagged_window_pass(
+            x, count, base_values, bounds_used, has_bounds[1], density, rescale, weight, None, out
         )
-    if has_bounds[0] and seen[0] < quota[0]:
-        if seen[0] + equal_low <= quota[0]:  # every equal value in this tile is dropped
-            _drop_all_equal(x, count, base_values, magnitude, low, weight, out)
-            seen[0] += equal_low
+    if low_state == ACROSS:
+        equal = _equal_magnitudes(x, count, base_values, low)
+        if seen[0] + equal <= quota[0]:  # every equal value in this tile is dropped
+            _drop_all_equal(x, count, base_values, low, weight, out)
+            seen[0] += equal
         else:
             for t in range(count):
-                if magnitude[t] == low:
+                if abs(value_at(x, t) - base_values[t]) == low:
                     if seen[0] < quota[0]:
                         out[t] = _dropped(x, t, base_values, weight)
                     seen[0] += 1
-    if has_bounds[1]:
-        if seen[1] >= quota[1]:  # every equal value from here on is dropped
-            _drop_all_equal(x, count, base_values, magnitude, high, weight, out)
-        elif seen[1] + equal_high <= quota[1]:  # none in this tile is dropped
-            seen[1] += equal_high
+    if high_state == ACROSS:
+        equal = _equal_magnitudes(x, count, base_values, high)
+        if seen[1] + equal <= quota[1]:  # none in this tile is dropped
+            seen[1] += equal
         else:
             for t in range(count):
-                if magnitude[t] == high:
+                if abs(value_at(x, t) - base_values[t]) == high:
                     if seen[1] >= quota[1]:
                         out[t] = _dropped(x, t, base_values, weight)
                     seen[1] += 1
+
+
+@njit(cache=True, inline="always")
+def _tie_state(bounded, seen, quota, count):
+    """Where a tile of `count` values lies against the rank `quota` of the equal values."""
+    if not bounded:
+        return UNBOUNDED
+    if seen >= quota:
+        return AFTER
+    if seen + count <= quota:
+        return BEFORE
+    return ACROSS
 
 
 @njit(cache=True, inline="always")
@@ -354,10 +425,58 @@ def _task_vector(x, count, base_values, mode, density, rescale, weight, key, fir
     elif mode == RANDOM:
         _random_pass(x, count, base_values, key, first, density, False, weight, out)
     else:
-        bounds, has_bounds, seen, quota, magnitude = window
-        _window(
-            x, count, base_values, density, rescale, weight, bounds, has_bounds, seen, quota, magnitude, out
-        )
+        bounds, has_bounds, seen, quota = window
+        _window(x, count, base_values, density, rescale, weight, bounds, has_bounds, seen, quota, out)
+
+
+@njit(cache=True, inline="always")
+def _add_rows(total, rows, count):
+    """total[t] = (total[t] + rows[1][t]) + rows[2][t] ... in row order, four rows per pass."""
+    j = 1
+    while j + 4 <= rows.shape[0]:
+        a, b, c, d = row(rows, j), row(rows, j + 1), row(rows, j + 2), row(rows, j + 3)
+        for t in range(count):
+            total[t] = (((total[t] + a[t]) + b[t]) + c[t]) + d[t]
+        j += 4
+    while j < rows.shape[0]:
+        a = row(rows, j)
+        for t in range(count):
+            total[t] = total[t] + a[t]
+        j += 1
+
+
+@njit(cache=True, inline="always")
+def _agree(term, sign):
+    """1.0 where the entry's sign is the elected one (a zero agrees with neither), else 0.0."""
+    return np.float32(1.0) if term * sign > np.float32(0.0) else np.float32(0.0)
+
+
+@njit(cache=True, inline="always")
+def _elect(rows, weights, sign, count, mixed, divisor):
+    """TIES's disjoint sum: mixed = sum of the rows' agreeing entries, divisor = sum of their
+    weights, in row order; `mixed` holds row 0 on entry. Four rows per pass."""
+    weight = weights[0]
+    for t in range(count):
+        agree = _agree(mixed[t], sign[t])
+        divisor[t] = agree * weight
+        mixed[t] = mixed[t] * agree
+    j = 1
+    while j + 4 <= rows.shape[0]:
+        a, b, c, d = row(rows, j), row(rows, j + 1), row(rows, j + 2), row(rows, j + 3)
+        wa, wb, wc, wd = weights[j], weights[j + 1], weights[j + 2], weights[j + 3]
+        for t in range(count):
+            s = sign[t]
+            ga, gb, gc, gd = _agree(a[t], s), _agree(b[t], s), _agree(c[t], s), _agree(d[t], s)
+            mixed[t] = (((mixed[t] + a[t] * ga) + b[t] * gb) + c[t] * gc) + d[t] * gd
+            divisor[t] = (((divisor[t] + ga * wa) + gb * wb) + gc * wc) + gd * wd
+        j += 4
+    while j < rows.shape[0]:
+        a, wa = row(rows, j), weights[j]
+        for t in range(count):
+            ga = _agree(a[t], sign[t])
+            mixed[t] = mixed[t] + a[t] * ga
+            divisor[t] = divisor[t] + ga * wa
+        j += 1
 
 
 @njit(cache=True, nogil=True)
@@ -399,7 +518,6 @@ def merge_range(
     non_finite = np.int64(0)
     k = len(models)
     base_values = np.empty(TILE, dtype=np.float32)
-    magnitude = np.empty(TILE, dtype=np.float32)
     weighted = np.empty((k, TILE), dtype=np.float32)
     mixed = np.empty(TILE, dtype=np.float32)
     divisor = np.empty(TILE, dtype=np.float32)
@@ -410,7 +528,7 @@ def merge_range(
         decode(source(inputs, base), tile, count, base_values)
         for j in range(k):
             x = source(inputs, models[j])[tile : tile + count]
-            window = (bounds[j], has_bounds[j], seen[j], quota[j], magnitude)
+            window = (row(bounds, j), row(has_bounds, j), row(seen, j), row(quota, j))
             _task_vector(
                 x,
                 count,
@@ -422,45 +540,24 @@ def merge_range(
                 keys[j],
                 offset + tile,
                 window,
-                weighted[j],
+                row(weighted, j),
             )
-        first = weighted[0]
+        first = row(weighted, 0)
+        for t in range(count):
+            mixed[t] = first[t]
         if consensus:
-            if k > 1:
-                second = weighted[1]
-                for t in range(count):
-                    sign[t] = first[t] + second[t]
-                for j in range(2, k):
-                    term = weighted[j]
-                    for t in range(count):
-                        sign[t] = sign[t] + term[t]
-            else:
-                for t in range(count):
-                    sign[t] = first[t]
+            for t in range(count):
+                sign[t] = first[t]
+            _add_rows(sign, weighted, count)
             for t in range(count):
                 sign[t] = one if sign[t] >= zero else -one
-            weight = weights[0]
-            for t in range(count):
-                agree = one if first[t] * sign[t] > zero else zero
-                mixed[t] = first[t] * agree
-                divisor[t] = agree * weight
-            for j in range(1, k):
-                term, weight = weighted[j], weights[j]
-                for t in range(count):
-                    agree = one if term[t] * sign[t] > zero else zero
-                    mixed[t] = mixed[t] + term[t] * agree
-                    divisor[t] = divisor[t] + agree * weight
+            _elect(weighted, weights, sign, count, mixed, divisor)
             if normalize:
                 for t in range(count):
                     d = divisor[t]
                     mixed[t] = mixed[t] / (d + (one if d == zero else zero))
         else:
-            for t in range(count):
-                mixed[t] = first[t]
-            for j in range(1, k):
-                term = weighted[j]
-                for t in range(count):
-                    mixed[t] = mixed[t] + term[t]
+            _add_rows(mixed, weighted, count)
             if normalize:
                 for t in range(count):
                     mixed[t] = mixed[t] / plain_divisor

@@ -71,7 +71,7 @@ def _magnitude_case(case):
     return base, {m: base + torch.randn(70, 97, generator=generator) * 0.3 for m in "abc"}
 
 
-def _magnitude_reference(method, base, models, params):
+def _magnitude_reference(method, base, models, params, rescale):
     base, models = base.float(), {m: x.float() for m, x in models.items()}
     n = base.numel()
     weighted, weights = [], []
@@ -81,7 +81,10 @@ def _magnitude_reference(method, base, models, params):
         if method == "breadcrumbs_ties":
             top = int(params[m]["gamma"] * n)
             lo, hi = n - keep - top, n - top
-        weighted.append(reference_trim(x - base, lo, hi) * params[m]["weight"])
+        trimmed = reference_trim(x - base, lo, hi)
+        if rescale:
+            trimmed = trimmed / params[m]["density"]
+        weighted.append(trimmed * params[m]["weight"])
         weights.append(params[m]["weight"])
     if method == "ties":
         return base + reference_elect(weighted, weights)
@@ -96,7 +99,10 @@ def _magnitude_reference(method, base, models, params):
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
 @pytest.mark.parametrize("path", ["pivots", "radix"])
 @pytest.mark.parametrize("case", ["runs", "continuous"])
-def test_magnitude_windows_match_the_reference_for_any_threads_and_blocks(method, path, case, monkeypatch):
+@pytest.mark.parametrize("rescale", [False, True])
+def test_magnitude_windows_match_the_reference_for_any_threads_and_blocks(
+    method, path, case, rescale, monkeypatch
+):
     base, models = _magnitude_case(case)
     params = {
         "a": {"weight": 0.7, "density": 0.4, "gamma": 0.05},
@@ -118,13 +124,14 @@ def test_magnitude_windows_match_the_reference_for_any_threads_and_blocks(method
         monkeypatch.setattr(fused, "MIN_RANGE", 64)  # several ranges per thread even in small blocks
         if block is not None:
             monkeypatch.setattr(merging.blocks, "BLOCK_ELEMENTS", block)
-        results.append(merge_one(method, base, models, params, parameters={"normalize": method == "ties"}))
+        parameters = {"normalize": method == "ties", "rescale": rescale}
+        results.append(merge_one(method, base, models, params, parameters=parameters))
     if case == "runs":
         assert not used  # the sampled pivots hold every statistic: one pass, ties counted per range
     bits = torch.int16 if base.dtype == torch.bfloat16 else torch.int32
     for result in results[1:]:
         assert torch.equal(result.view(bits), results[0].view(bits))
-    expected = _magnitude_reference(method, base, models, params).to(base.dtype)
+    expected = _magnitude_reference(method, base, models, params, rescale).to(base.dtype)
     assert torch.equal(results[0], expected)  # values; the sign of a zero may differ from the reference
 
 
