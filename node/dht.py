@@ -11,7 +11,9 @@ the subkey carries the owner's RSA public key and the value its signature (hivem
 `ClientBoard` is a reader for short-lived clients (`umm pull`): a client-mode DHT node inside the
 caller's event loop, with no child Python process, so it starts in about the time `p2pd` takes to
 start. Its `p2pd` is the caller's own child and exits with it, even after a SIGKILL (measured:
-within 0.05 s, its socket removed), as nothing else holds its control connection.
+within 0.05 s, its socket removed), as nothing else holds its control connection. Once in about
+40 such kills on a loaded machine (load 4-8) it exited but left its socket file; the next node or
+pull start removes such files (`remove_unbound_sockets`).
 """
 
 from __future__ import annotations
