@@ -13,9 +13,11 @@ Every `poll` seconds a node, on its own:
    stores the shard's chunks and publishes a signed MergeResult per shard;
 3. attests, per shard, the canonical result of its recipe, fingerprint and candidates — of all
    published results that agree, the one with the smallest id — so attestations pile up on one id;
-4. when every shard of the round carries a result with attestations from >= quorum distinct keys
-   (`find_attested_result`), it fetches the shards it did not merge, records the assembled result
-   as its latest and moves to the next round.
+   every shard it does not merge it spot-checks (`node.spotcheck`): it recomputes a sample of the
+   shard's tensors drawn with its own key and attests the result (``sampled``) if they match;
+4. when every shard of the round carries a result with attestations from >= quorum distinct keys,
+   at least `protocol.spotcheck.full_quorum` of them full (`find_attested_result`), it fetches
+   the shards it did not merge, records the assembled result as its latest and moves on.
 
 A restart resumes from the state in ``--data-dir`` (store + state.sqlite): same keys, same round.
 """
@@ -47,6 +49,7 @@ from node.records import (
     summary_key,
 )
 from node.rounds import Contribution, RoundPlan, admit, plan_round, select_contributions
+from node.spotcheck import spot_check_shards
 from node.state import NodeState
 from node.store import ContentStore
 from node.transport import ChunkServer, fetch_chunks
@@ -56,6 +59,7 @@ from protocol.envelope import Signed, sign_message
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.messages import SCHEMA_VERSION, Attestation, DeltaManifest, ExpertCard, MergeResult, TensorEntry
+from protocol.spotcheck import full_quorum
 from protocol.verify import check_quorum, check_round_quorum, verify_message
 
 logger = logging.getLogger(__name__)
@@ -473,6 +477,10 @@ class NodeService:
         if await self.board.apublish(key, value, ttl=RECORD_TTL):
             self._last_published[key] = (value, time.monotonic())
 
+    async def shard_records(self, r: int, j: int) -> ShardRecords:
+        """The verified result records of shard `j` of round `r` on the DHT."""
+        return await read_shard_records(self.board, self.network_id, r, j)
+
     def _base_entries(self):
         return read_base_manifest(self.store.get(self.genesis.base_manifest))
 
@@ -552,6 +560,19 @@ class NodeService:
         plan = plan_round(self.genesis, contributions, base_entries)
         waited = time.monotonic() - seen[1] - self.genesis.settle_seconds
         shards = await self._shards_to_compute(r, plan, waited)
+        await self._merge_shards(r, plan, contributions, shards, base_entries)
+        others = [j for j in range(len(plan.shards)) if j not in shards]
+        await spot_check_shards(self, r, plan, contributions, others, base_entries)
+
+    async def _merge_shards(
+        self,
+        r: int,
+        plan: RoundPlan,
+        contributions: list[Contribution],
+        shards: Sequence[int],
+        base_entries: Sequence[TensorEntry],
+    ) -> None:
+        """Merge (or re-attest) shards `shards` of the round in full."""
         todo = []
         for j in shards:
             # a shard merged for these candidates is final: admission is a function of their bytes
@@ -594,7 +615,7 @@ class NodeService:
     async def _shards_to_compute(self, r: int, plan: RoundPlan, waited: float) -> tuple[int, ...]:
         """This node's shards; every shard when the workers alone cannot reach the quorum; after
         FALLBACK_SECONDS without a decided round, also the shards that still lack a quorum."""
-        if plan.replicas < plan.quorum:
+        if len(plan.workers) < plan.quorum:
             return tuple(range(len(plan.shards)))
         mine = set(plan.shards_of(self.identity.public_key))
         if waited >= FALLBACK_SECONDS:
@@ -708,6 +729,10 @@ class NodeService:
                     merged_fingerprint=own["fingerprint"],
                     shard=j,
                     shards=own["shards"],
+                    kind="full",
+                    checked_tensors=len(mine.tensors),
+                    checked_bytes=sum(t.nbytes for t in mine.tensors),
+                    sample_proof=b"",
                 ),
                 self.identity,
             )
@@ -765,6 +790,14 @@ class NodeService:
                     )
                     return
                 announce.append([message.shard, own["attests"], own["attestation"]])
+            elif shard.result.id in self.state.get(f"refused/{r}", []):
+                # our spot check found a sampled tensor that differs from this result
+                logger.warning(
+                    "round %d: a quorum attests %s, which our spot check refused", r, shard.result.id
+                )
+                return
+            elif (spot := self.state.get(f"spot/{r}/{message.shard}")) and spot["result"] == shard.result.id:
+                announce.append([message.shard, spot["result"], spot["attestation"]])
             else:
                 # a shard this node did not compute: it still serves and re-announces the result
                 announce.append([message.shard, shard.result.id, shard.attestations[0]])
@@ -795,14 +828,15 @@ class NodeService:
         lacking = set()
         for j in range(len(plan.shards)):
             records = await read_shard_records(self.board, self.network_id, r, j)
-            signers = set()
+            reached = False
             for attestations in records.attestations.values():
-                counted = {
-                    verify_message(a, Attestation, network_id=self.network_id).message.signer
-                    for a in attestations
-                }
-                signers = max(signers, counted, key=len)
-            if len(signers) < plan.quorum:
+                messages = [
+                    verify_message(a, Attestation, network_id=self.network_id).message for a in attestations
+                ]
+                signers = {m.signer for m in messages}
+                full = {m.signer for m in messages if m.kind == "full"}
+                reached |= len(signers) >= plan.quorum and len(full) >= full_quorum(plan.quorum)
+            if not reached:
                 lacking.add(j)
         return lacking
 
