@@ -12,7 +12,8 @@ Every `poll` seconds a node, on its own:
    candidate, admits per shard (robust admission), merges each shard with `protocol.aggregate`,
    stores the shard's chunks and publishes a signed MergeResult per shard;
 3. attests, per shard, the canonical result of its recipe, fingerprint and candidates — of all
-   published results that agree, the one with the smallest id — so attestations pile up on one id;
+   published results that agree, the one with the most distinct attesters (ties: the smallest id)
+   — so attestations pile up on one id and a quorum, once reached, is kept;
    every shard it does not merge it spot-checks (`node.spotcheck`): it recomputes a sample of the
    shard's tensors drawn with its own key and attests the result (``sampled``) if they match;
 4. when every shard of the round carries a result with attestations from >= quorum distinct keys,
@@ -49,7 +50,7 @@ from node.records import (
     summary_key,
 )
 from node.rounds import Contribution, RoundPlan, admit, plan_round, select_contributions
-from node.spotcheck import spot_check_shards
+from node.spotcheck import attesters, spot_check_shards
 from node.state import NodeState
 from node.store import ContentStore
 from node.transport import ChunkServer, fetch_chunks
@@ -696,26 +697,41 @@ class NodeService:
         }
 
     async def _attest_canonical(self, r: int, j: int, own: dict) -> None:
-        """Attest the smallest result id of shard j equal to ours but for signer and time: the same
-        recipe, fingerprint and candidates, and the same chunk list (a result whose chunks do not
-        hold its tensors would pass the fingerprint yet fail every pull)."""
+        """Attest, of the results of shard j equal to ours but for signer and time (the same recipe,
+        fingerprint and candidates, and the same chunk list: a result whose chunks do not hold its
+        tensors would pass the fingerprint yet fail every pull), the one attested by the most
+        distinct keys (ties: the smallest id).
+
+        Following the most attested result, not simply the smallest id, keeps a quorum once it is
+        reached: a node that records the round stops updating its attestations, so switching to a
+        smaller id published later would split the attestations between two ids of the same merge
+        and leave the nodes that have not yet recorded the round without a quorum on either.
+        """
         now = int(time.time())
-        canonical = own["result"]
-        mine = verify_message(self.store.get(canonical), MergeResult, network_id=self.network_id).message
+        mine = verify_message(self.store.get(own["result"]), MergeResult, network_id=self.network_id).message
         ours = _result_content(mine)
-        for value in (await self.board.aread(result_key(self.network_id, r, j))).values():
-            record = parse_record("result", value)
-            if record is None or record["result"] >= canonical:
-                continue
+        records = await read_shard_records(self.board, self.network_id, r, j)
+        canonical = own["result"]
+        rank = {  # most distinct attesters first, then the smallest id
+            result_id: (
+                -len(attesters(records.attestations.get(result_id, ()), result_id, self.network_id)[0]),
+                result_id,
+            )
+            for result_id in {*records.holders, canonical}
+        }
+        for result_id in sorted(rank, key=rank.__getitem__):
+            if rank[result_id] >= rank[canonical]:
+                break
             try:
-                await self.fetch([record["result"]], [record["p2p"]], attempts=1)
+                await self.fetch([result_id], sorted(records.holders[result_id]), attempts=1)
                 other = verify_message(
-                    self.store.get(record["result"]), MergeResult, network_id=self.network_id, now=now
+                    self.store.get(result_id), MergeResult, network_id=self.network_id, now=now
                 ).message
             except (NodeError, ProtocolError):
                 continue
             if _result_content(other) == ours:
-                canonical = record["result"]
+                canonical = result_id
+                break
         if own["attests"] != canonical:
             attestation = sign_message(
                 Attestation(

@@ -2,10 +2,10 @@
 
 For every shard of a settled round that the node does not merge in full, each poll:
 
-1. it orders the shard's published results by distinct full attesters (most first; ties: the
-   smaller id) and takes the first it has not refused that states this round, this shard and
-   shard count, the node's own candidates, the shard's planned tensors and the genesis recipe of
-   its admitted contributions;
+1. it orders the shard's published results by distinct full attesters (most first), then by
+   distinct attesters of any kind (most first; ties: the smaller id) and takes the first it has
+   not refused that states this round, this shard and shard count, the node's own candidates, the
+   shard's planned tensors and the genesis recipe of its admitted contributions;
 2. it draws its sample (`protocol.spotcheck.sign_sample` / `result_sample`: about
    ``SPOT_CHECK_DELTAS / contributions`` of the tensors, unpredictable to the publisher), fetches
    those tensors of the result and of every admitted contribution (the base is local), and
@@ -42,19 +42,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def attesters(raw: Sequence[bytes], result_id: str, network_id: str) -> tuple[set[bytes], set[bytes]]:
+    """The distinct signers of the valid attestations in `raw` that name `result_id`, and those of
+    them that attest in full."""
+    signers, full = set(), set()
+    for data in raw:
+        with contextlib.suppress(ProtocolError):
+            att = verify_message(data, Attestation, network_id=network_id).message
+            if att.result_id == result_id:
+                signers.add(att.signer)
+                if att.kind == "full":
+                    full.add(att.signer)
+    return signers, full
+
+
 def spot_targets(attestations: dict[str, list[bytes]], network_id: str) -> list[str]:
-    """Result ids with at least one full attestation, most distinct full attesters first (ties: id)."""
+    """Result ids with at least one full attestation: most distinct full attesters first, then most
+    distinct attesters of any kind (so a result that already carries a quorum keeps it), then id."""
     counts = {}
     for result_id, raw in attestations.items():
-        full = set()
-        for data in raw:
-            with contextlib.suppress(ProtocolError):
-                att = verify_message(data, Attestation, network_id=network_id).message
-                if att.kind == "full" and att.result_id == result_id:
-                    full.add(att.signer)
+        signers, full = attesters(raw, result_id, network_id)
         if full:
-            counts[result_id] = len(full)
-    return sorted(counts, key=lambda result_id: (-counts[result_id], result_id))
+            counts[result_id] = (-len(full), -len(signers), result_id)
+    return sorted(counts, key=counts.__getitem__)
 
 
 async def spot_check_shards(

@@ -19,7 +19,7 @@ from node.genesis import create_genesis, read_base_manifest
 from node.records import make_record, parse_record
 from node.rounds import Contribution, admit, plan_round
 from node.service import AttestedResult, AttestedRound, NodeService
-from node.spotcheck import spot_check_shard
+from node.spotcheck import _sampled_attestation, spot_check_shard, spot_targets
 from node.store import ContentStore
 from protocol.aggregate import aggregate, encode_result
 from protocol.chunks import decode_tensors, encode_tensors
@@ -249,3 +249,61 @@ def test_a_forged_tensor_outside_the_sample_passes_this_checker(node):
     # one sampled checker misses it (probability 1 - f); the quorum rule still needs 2 full workers
     (record,) = node.published
     assert record["result"] == forged.id and node.service.state.get("refused/0") is None
+
+
+def _same_merge_by(node, *publishers: int):
+    """Shard 0 results of the same merge by `publishers`, sorted by id (smallest first)."""
+    return sorted((_result(node, _who(n)) for n in publishers), key=lambda result: result.id)
+
+
+def _own_shard(result) -> dict:
+    m = result.message
+    return {
+        "recipe": m.recipe.id,
+        "result": result.id,
+        "fingerprint": m.merged_fingerprint,
+        "candidates": list(m.candidates),
+        "shards": m.shards,
+        "attests": "",
+        "attestation": b"",
+    }
+
+
+def test_a_worker_attests_the_most_attested_result_of_its_merge_not_a_smaller_id(node):
+    # nodes that recorded the round keep their attestations of `quorate`; had this worker moved to
+    # the smaller id of the same merge, neither id would hold a quorum for the nodes still waiting
+    smaller, ours, quorate = _same_merge_by(node, 30, 31, 32)
+    attested = [(quorate, _who(n)) for n in (40, 41, 42, 43)] + [(smaller, _who(30))]
+    _board(node, *attested)
+    asyncio.run(node.service._attest_canonical(0, 0, _own_shard(ours)))
+    (record,) = node.published
+    att = open_envelope(record["attestation"], Attestation, network_id=node.service.network_id).message
+    assert (record["result"], att.result_id, att.kind) == (ours.id, quorate.id, "full")
+    # with as many attesters on each, the smallest id wins, so attestations gather on one id
+    node.published.clear()
+    _board(node, (quorate, _who(40)), (smaller, _who(30)))
+    asyncio.run(node.service._attest_canonical(0, 0, _own_shard(ours)))
+    (record,) = node.published
+    assert (
+        open_envelope(
+            record["attestation"], Attestation, network_id=node.service.network_id
+        ).message.result_id
+        == smaller.id
+    )
+
+
+def test_spot_targets_break_a_tie_of_full_attesters_by_all_attesters(node):
+    smaller, larger = _same_merge_by(node, 30, 31)
+    network_id = node.service.network_id
+    sampled = [
+        _sampled_attestation(SimpleNamespace(identity=_who(n), network_id=network_id), larger).raw
+        for n in (41, 42)
+    ]
+    attestations = {
+        smaller.id: [_full(smaller, _who(30)).raw],
+        larger.id: [_full(larger, _who(31)).raw, *sampled],
+    }
+    assert spot_targets(attestations, network_id) == [larger.id, smaller.id]
+    # more full attesters come first whatever the sampled ones
+    attestations[smaller.id].append(_full(smaller, _who(32)).raw)
+    assert spot_targets(attestations, network_id) == [smaller.id, larger.id]
