@@ -269,25 +269,41 @@ def _own_shard(result) -> dict:
     }
 
 
+def _sampled(result, who: Identity):
+    return _sampled_attestation(SimpleNamespace(identity=who, network_id=result.message.network_id), result)
+
+
 def test_a_worker_attests_the_most_attested_result_of_its_merge_not_a_smaller_id(node):
-    # nodes that recorded the round keep their attestations of `quorate`; had this worker moved to
-    # the smaller id of the same merge, neither id would hold a quorum for the nodes still waiting
-    smaller, ours, quorate = _same_merge_by(node, 30, 31, 32)
-    attested = [(quorate, _who(n)) for n in (40, 41, 42, 43)] + [(smaller, _who(30))]
-    _board(node, *attested)
+    """Three workers merge shard 0 (this node is one); one worker's result holds its full
+    attestation and sampled ones of three checkers, kept by nodes that recorded the round. The
+    third worker's result, of the same merge but a smaller id, arrives later. Moving to it would
+    leave the first result one full attestation short and the smaller one with two keys: no
+    quorum of 4 on either, ever."""
+    smaller, ours, quorate = _same_merge_by(node, 31, 32, 33)
+    network_id = node.service.network_id
+    held = [_full(quorate, _who(32)), *(_sampled(quorate, _who(n)) for n in (41, 42, 43))]
+    records = {
+        bytes([index]): make_record("result", result=quorate.id, attestation=att.raw, p2p=f"peer{index}")
+        for index, att in enumerate(held)
+    }
+    records[b"w33"] = make_record(
+        "result", result=smaller.id, attestation=_full(smaller, _who(33)).raw, p2p="peer33"
+    )
+    node.service.board = Board(records)
+    assert not check_quorum(quorate, [a.raw for a in held], quorum=4, network_id=network_id).ok
     asyncio.run(node.service._attest_canonical(0, 0, _own_shard(ours)))
     (record,) = node.published
-    att = open_envelope(record["attestation"], Attestation, network_id=node.service.network_id).message
+    att = open_envelope(record["attestation"], Attestation, network_id=network_id).message
     assert (record["result"], att.result_id, att.kind) == (ours.id, quorate.id, "full")
+    atts = [*(a.raw for a in held), record["attestation"]]
+    assert check_quorum(quorate, atts, quorum=4, network_id=network_id).ok
     # with as many attesters on each, the smallest id wins, so attestations gather on one id
     node.published.clear()
-    _board(node, (quorate, _who(40)), (smaller, _who(30)))
+    _board(node, (quorate, _who(32)), (smaller, _who(33)))
     asyncio.run(node.service._attest_canonical(0, 0, _own_shard(ours)))
     (record,) = node.published
     assert (
-        open_envelope(
-            record["attestation"], Attestation, network_id=node.service.network_id
-        ).message.result_id
+        open_envelope(record["attestation"], Attestation, network_id=network_id).message.result_id
         == smaller.id
     )
 
@@ -295,10 +311,7 @@ def test_a_worker_attests_the_most_attested_result_of_its_merge_not_a_smaller_id
 def test_spot_targets_break_a_tie_of_full_attesters_by_all_attesters(node):
     smaller, larger = _same_merge_by(node, 30, 31)
     network_id = node.service.network_id
-    sampled = [
-        _sampled_attestation(SimpleNamespace(identity=_who(n), network_id=network_id), larger).raw
-        for n in (41, 42)
-    ]
+    sampled = [_sampled(larger, _who(n)).raw for n in (41, 42)]
     attestations = {
         smaller.id: [_full(smaller, _who(30)).raw],
         larger.id: [_full(larger, _who(31)).raw, *sampled],
