@@ -9,11 +9,13 @@ temp folder, then runs, each in its own process:
   the faster counts;
 - `umm`'s merge for each method.
 
-Wall time is the merge call inside the child process (imports excluded); peak RSS is the child's
-own high-water mark (`VmHWM` in /proc/self/status; `ru_maxrss` would also count the pages of the
-parent it was forked from). The checkpoints are built in a child too. Merges record the sha256 of
-every input: with `--digest-cache warm` (default) the digests are remembered beforehand, as on a
-node merging the same experts again; `cold` makes every merge hash every input. Usage:
+Wall time is the merge call inside the child process (imports excluded); CPU s is the child's
+user + system time over its work, all threads (steadier than wall time on a shared machine);
+peak RSS is the child's own high-water mark (`VmHWM` in /proc/self/status; `ru_maxrss` would
+also count the pages of the parent it was forked from). The checkpoints are built in a child
+too. Merges record the sha256 of every input: with `--digest-cache warm` (default) the digests
+are remembered beforehand, as on a node merging the same experts again; `cold` makes every
+merge hash every input. Usage:
 
     python benchmarks/bench_merge.py --experts 8 --methods ties,dare_ties,task_arithmetic,linear
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -100,7 +103,7 @@ def build_checkpoints(root: Path, experts: int, shape: dict[str, int]) -> list[P
 
 
 def floor(inputs: list[str], out: str) -> float:
-    """Read every input tensor once, add in float32, write one bf16 output; returns seconds."""
+    """Read every input tensor once, add in float32, write one bf16 output; returns seconds (wall)."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -118,7 +121,7 @@ def floor(inputs: list[str], out: str) -> float:
 
 
 def merge_child(method: str, folders: list[str], out: str) -> float:
-    """One umm merge; returns seconds."""
+    """One umm merge; returns seconds (wall)."""
     from merging.engine import merge
 
     base, experts = folders[0], folders[1:]
@@ -146,19 +149,25 @@ def peak_rss_gb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def run_child(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(seconds reported by the child, its peak RSS in GB)."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """(wall seconds reported by the child, its peak RSS in GB, its CPU seconds meanwhile)."""
     result = subprocess.run(
         [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, check=False, env=env
     )
     if result.returncode != 0:
         raise SystemExit(f"child {args} failed")
-    seconds, rss = result.stdout.strip().splitlines()[-1].split()
-    return float(seconds), float(rss)
+    seconds, rss, cpu = result.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(rss), float(cpu)
 
 
-def fastest_floor(inputs: list[str], out: Path) -> tuple[float, float, int]:
-    """The floor run with 1 and with 2 torch threads; the faster one is the floor (seconds, GB, threads).
+def fastest_floor(inputs: list[str], out: Path) -> tuple[float, float, float, int]:
+    """The floor run with 1 and with 2 torch threads; the faster one is the floor (s, GB, CPU s, threads).
 
     On shared cores a two-thread elementwise add can take twice as long as one thread (its
     threads wait on each other), so the lower bound is the faster of the two.
@@ -166,8 +175,8 @@ def fastest_floor(inputs: list[str], out: Path) -> tuple[float, float, int]:
     runs = []
     for threads in (1, 2):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        seconds, rss = run_child(["--child", "floor", *inputs, str(out)], env)
-        runs.append((seconds, rss, threads))
+        seconds, rss, cpu = run_child(["--child", "floor", *inputs, str(out)], env)
+        runs.append((seconds, rss, cpu, threads))
     return min(runs)
 
 
@@ -192,6 +201,7 @@ def main() -> None:
     shape = {**QWEN2_05B, "layers": args.layers, "vocab": args.vocab}
     if args.child:
         kind, *rest = args.child
+        cpu_before = cpu_seconds()
         if kind == "build":
             build_checkpoints(Path(rest[0]), args.experts, shape)
             seconds = 0.0
@@ -199,7 +209,7 @@ def main() -> None:
             seconds = floor(rest[:-1], rest[-1])
         else:
             seconds = merge_child(kind, rest[:-1], rest[-1])
-        print(f"{seconds:.3f} {peak_rss_gb():.3f}")
+        print(f"{seconds:.3f} {peak_rss_gb():.3f} {cpu_seconds() - cpu_before:.3f}")
         return
     root = args.workdir or Path(tempfile.mkdtemp(prefix="umm-bench-"))
     try:
@@ -232,23 +242,24 @@ def main() -> None:
 
             os.environ["UMM_CACHE_DIR"] = str(cache)
             file_digests([Path(p) for p in inputs])
-        floor_s, floor_rss, floor_threads = fastest_floor(inputs, root / "floor.safetensors")
-        rows = [(f"floor (read + add + write, {floor_threads} thread(s))", floor_s, 1.0, floor_rss)]
+        floor_s, floor_rss, floor_cpu, floor_threads = fastest_floor(inputs, root / "floor.safetensors")
+        floor_name = f"floor (read + add + write, {floor_threads} thread(s))"
+        rows = [(floor_name, floor_s, 1.0, floor_rss, floor_cpu)]
         for method in args.methods.split(","):
             out = root / f"out-{method}"
             if args.digest_cache == "cold":
                 shutil.rmtree(cache, ignore_errors=True)
-            seconds, rss = run_child(["--child", method, *[str(f) for f in folders], str(out)], env)
-            rows.append((method, seconds, seconds / floor_s, rss))
+            seconds, rss, cpu = run_child(["--child", method, *[str(f) for f in folders], str(out)], env)
+            rows.append((method, seconds, seconds / floor_s, rss, cpu))
             shutil.rmtree(out, ignore_errors=True)
         print(
             f"\nshape: {shape['layers']} layers, vocab {shape['vocab']}; base + {args.experts} experts, "
             f"bf16, {size:.2f} GB of inputs; {os.cpu_count()} cores; digest cache {args.digest_cache}; "
             f"load average at the end {os.getloadavg()[0]:.1f}"
         )
-        print("| run | wall s | x floor | peak RSS GB |\n|---|---|---|---|")
-        for name, seconds, ratio, rss in rows:
-            print(f"| {name} | {seconds:.1f} | {ratio:.2f} | {rss:.2f} |")
+        print("| run | wall s | x floor | peak RSS GB | CPU s |\n|---|---|---|---|---|")
+        for name, seconds, ratio, rss, cpu in rows:
+            print(f"| {name} | {seconds:.1f} | {ratio:.2f} | {rss:.2f} | {cpu:.1f} |")
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -13,6 +13,9 @@ Then, in this process and in the same run:
                     from the pulled weights, plus the side files) from the same peers, verified
                     (hashed, not stored), after a warm-up fetch: the floor, "the time of moving
                     its bytes"; also as the first fetch of a freshly started client
+    fetch + write   the pull's transfer alone: the first fetch of a freshly started client into a
+                    `PartialModel` (each chunk verified and written in place), then its fsync and
+                    rename; the pull minus its start-up and lookups
     fetch + store   the same into a fresh on-disk `ContentStore`
     tcp floor       the same number of bytes over one plain TCP connection (raw, no hashing)
 """
@@ -33,19 +36,25 @@ HIDDEN = 1024
 LAYER_MIB = 49  # one Llama layer of hidden 1024 and intermediate 2816 in float32
 
 
-def pulled_digests(folder: Path) -> tuple[list[str], str]:
-    """The chunk digests a pull of `folder` fetched, and the merged fingerprint they encode."""
+def pulled_layout(folder: Path) -> tuple[tuple, dict[str, str], str]:
+    """The result entries a pull of `folder` wrote, its side files' digests and the fingerprint."""
     from safetensors.torch import load_file
 
     from protocol.aggregate import encode_result
 
     entries, _, fingerprint = encode_result(load_file(folder / "model.safetensors"))
-    sides = [
-        hashlib.sha256(p.read_bytes()).hexdigest()
+    sides = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.iterdir())
         if p.name != "model.safetensors"
-    ]
-    return [d for e in entries for d in e.chunks] + sides, fingerprint
+    }
+    return entries, sides, fingerprint
+
+
+def pulled_digests(folder: Path) -> tuple[list[str], str]:
+    """The chunk digests a pull of `folder` fetched, and the merged fingerprint they encode."""
+    entries, sides, fingerprint = pulled_layout(folder)
+    return [d for e in entries for d in e.chunks] + list(sides.values()), fingerprint
 
 
 def raw_tcp_seconds(nbytes: int) -> float:
@@ -69,9 +78,11 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
 
     from node.dht import ClientBoard, start_dht
     from node.local import LocalNetwork
+    from node.partial import PartialModel
     from node.pull import pull
     from node.store import ContentStore
     from node.transport import fetch_chunks
+    from protocol.messages import DEFAULT_CHUNK_SIZE
 
     layers = max(1, round(mib / LAYER_MIB))
     options = dict(zip(("streams_per_peer", "batch", "depth"), shape, strict=True))
@@ -99,7 +110,8 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
             # An untimed pull first: it names the chunks, and warms every cache both paths read from.
             warm = root / "warm"
             outcome = asyncio.run(pull(net.network_id, warm, initial_peers=[net.bootstrap]))
-            digests, fingerprint = pulled_digests(warm)
+            entries, sides, fingerprint = pulled_layout(warm)
+            digests = [d for e in entries for d in e.chunks] + list(sides.values())
             if fingerprint != outcome.merged_fingerprint:
                 raise RuntimeError("the pulled weights do not re-encode to the attested fingerprint")
             shutil.rmtree(warm)
@@ -133,6 +145,20 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
                 finally:
                     await client.shutdown()
 
+            async def fresh_write(attempt: int):
+                """A new client's first fetch into a `PartialModel`, then fsync and rename."""
+                client = await ClientBoard.start([net.bootstrap])
+                out = root / f"written{attempt}"
+                try:
+                    cpu, tick = cpu_seconds(), time.perf_counter()
+                    with PartialModel(root / f"work{attempt}", entries, DEFAULT_CHUNK_SIZE, sides) as partial:
+                        await fetch_chunks(client.p2p, partial.wanted, peers, partial, **options)
+                        await asyncio.to_thread(partial.finish, out)
+                    return time.perf_counter() - tick, cpu_seconds() - cpu
+                finally:
+                    await client.shutdown()
+                    shutil.rmtree(out, ignore_errors=True)
+
             load_before = os.getloadavg()[0]
             rows: dict[str, list[tuple[float, float]]] = {}  # name: (seconds, CPU seconds) per attempt
             ratios = []
@@ -164,6 +190,9 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
                 moved, verified, stored = asyncio.run(fetch_twice())
                 rows.setdefault("fetch_chunks, verified", []).append(verified)
                 rows.setdefault("fetch_chunks, verified, fresh client", []).append(fresh)
+                rows.setdefault("fetch + write in place, fresh client", []).append(
+                    asyncio.run(fresh_write(attempt))
+                )
                 rows.setdefault("fetch_chunks, into a store", []).append(stored)
                 rows.setdefault("tcp floor (raw bytes)", []).append((raw_tcp_seconds(moved), 0.0))
                 ratios.append(((finished - tick) / verified[0], (finished - tick) / fresh[0]))

@@ -6,9 +6,13 @@ writes a file (merged folders, the test-bed zoo, the node's store and records) g
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+_SYNC_FILE_RANGE_WRITE = 2
 
 
 def fsync_dir(path: Path) -> None:
@@ -18,6 +22,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _writeback_starter() -> Callable[[int, int, int], object]:
+    """Linux's `sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)`, or a no-op elsewhere."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if function is None:
+        return lambda fd, offset, length: None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, offset, length: function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+start_writeback = _writeback_starter()
+start_writeback.__doc__ = """Start writing a range of an open file to disk now, without waiting for it.
+
+A later fsync then waits only for what is still in flight: large outputs are written back while the
+work that produces them goes on. It promises nothing about durability; only fsync does."""
 
 
 def write_atomic(

@@ -23,6 +23,7 @@ from merging.errors import NonFiniteError
 BLOCK_ELEMENTS = 6 << 20  # values per input per block (24 MiB in float32); fits a 0.5B MLP matrix
 
 Reader = Callable[[int, int], torch.Tensor]  # rows [start, end) of the [rows, width] view, stored dtype
+Releaser = Callable[[int, int], None]  # rows [start, end) are not needed for now (a mapped file's pages)
 
 
 def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
@@ -50,11 +51,13 @@ class TensorStack:
         check_inputs: bool = True,
         raw: bool = False,
         output_dtype: torch.dtype = torch.float32,
+        releasers: Sequence[Releaser] = (),
     ) -> None:
         self.tensor = tensor
         self.shape = tuple(shape)
         self.inputs = list(inputs)
         self.readers = list(readers)
+        self.releasers = list(releasers)  # per input, if its reader maps a file: drop the rows' pages
         self.base_index = self.inputs.index(base) if base is not None else None
         self.rows, self.width = matrix_shape(self.shape)
         self.numel = self.rows * self.width
@@ -109,6 +112,8 @@ class TensorStack:
             if self._executor is not None and number + 1 < len(self.ranges):
                 pending = self._executor.submit(self.load, *self.ranges[number + 1])
             yield start, end, block
+            if len(self.ranges) > 1:
+                self._release_rows(start, end)
 
     def check_inputs(self) -> None:
         """Raise `NonFiniteError` naming the first input with a NaN or infinite value in this tensor."""
@@ -124,9 +129,17 @@ class TensorStack:
         )
 
     def release(self) -> None:
-        """Drop cached blocks."""
+        """Drop cached blocks and the pages of the last block read."""
         self._cached = None
         self._first = None
+        if self.ranges:
+            self._release_rows(*self.ranges[0 if len(self.ranges) == 1 else -1])
+
+    def _release_rows(self, start: int, end: int) -> None:
+        """Let the inputs' mapped pages of rows `[start, end)` go: the resident memory stays one block
+        (or two, with the one read ahead). Reading them again maps them again from the page cache."""
+        for release in self.releasers:
+            release(start, end)
 
 
 def _check_finite(raw: torch.Tensor, tensor: str, model: str) -> None:

@@ -115,8 +115,10 @@ def _write_tensors(
     ):
 
         def stack_for(plan: TensorPlan):
-            readers = [folders[m].reader(s) for m, s in zip(plan.inputs, plan.sources, strict=True)]
-            return make_stack(config, plan, readers, reader)
+            sources = list(zip(plan.inputs, plan.sources, strict=True))
+            readers = [folders[m].reader(s) for m, s in sources]
+            releasers = [folders[m].releaser(s) for m, s in sources]
+            return make_stack(config, plan, readers, reader, releasers)
 
         current = stack_for(plans[0]) if plans else None
         pending: Future | None = reader.submit(current.prefetch) if current else None

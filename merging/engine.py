@@ -6,14 +6,14 @@ share `merge_tensor`, so they produce the same bytes for the same inputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from merging.blocks import Reader, TensorStack
+from merging.blocks import Reader, Releaser, TensorStack
 from merging.config import MergeConfig, load_config
 from merging.errors import ConfigError
 from merging.layout import TensorInfo, TensorPlan, plan_tensors
@@ -42,7 +42,11 @@ def output_dtype(config: MergeConfig, plan: TensorPlan) -> torch.dtype:
 
 
 def make_stack(
-    config: MergeConfig, plan: TensorPlan, readers: list[Reader], executor: ThreadPoolExecutor | None = None
+    config: MergeConfig,
+    plan: TensorPlan,
+    readers: list[Reader],
+    executor: ThreadPoolExecutor | None = None,
+    releasers: Sequence[Releaser] = (),
 ) -> TensorStack:
     """The inputs of one output tensor, ready to be read in row blocks."""
     base = config.base_model if config.base_model in plan.inputs else None
@@ -56,6 +60,7 @@ def make_stack(
         check_inputs=config.merge_method not in PROPAGATES_NON_FINITE,
         raw=config.merge_method in FUSED_METHODS,
         output_dtype=output_dtype(config, plan),
+        releasers=releasers,
     )
 
 

@@ -1,16 +1,19 @@
 """Hugging Face model folders: lazy tensor reads in, sharded safetensors out.
 
-Reading validates every `*.safetensors` shard's header with `safe_open`, then reads a tensor's rows
-with `os.preadv` into a fresh buffer only when an operator asks for them. Plain reads rather than a
-memory map keep the process's resident memory at the blocks in use: pages of a mapped input file
-would count toward it until the file is closed. Writing streams row blocks straight into shard
-files whose safetensors header is written first (every output shape and dtype is known before
-merging), so an output tensor never has to be whole in memory.
+Reading validates every `*.safetensors` shard's header with `safe_open`, maps each shard private
+and writable, and gives operators views of a tensor's rows in the map: no copy (a copy into fresh
+buffers cost more CPU time than some whole merges). Mapped pages count toward the process's
+resident memory until dropped, so each block's pages are dropped once it is used (`releaser`): the
+resident memory stays at the blocks in use while the file stays in the page cache. Writing
+streams row blocks straight into shard files whose safetensors header is written first (every
+output shape and dtype is known before merging), so an output tensor never has to be whole in
+memory.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Sequence
@@ -21,13 +24,15 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from merging.blocks import Reader, matrix_shape
+from merging.atomic import start_writeback
+from merging.blocks import Reader, Releaser, matrix_shape
 from merging.errors import MergeError, MissingTensorError, ShapeMismatchError
 from merging.layout import TensorInfo
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1000**3
+WRITEBACK_BYTES = 64 << 20  # start writing output back to disk after this many new bytes
 SAFETENSORS_DTYPES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -63,8 +68,29 @@ def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
     return 8 + length, entries
 
 
+def _map_file(path: Path) -> mmap.mmap | None:
+    """The whole file mapped private and writable (copy on write), or None if it is empty."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return None
+        return mmap.mmap(handle.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _row_layout(info: TensorInfo) -> tuple[torch.dtype, int, int]:
+    """(dtype, width, bytes per row) of a stored tensor's `[rows, width]` view."""
+    dtype = getattr(torch, info.dtype)
+    width = matrix_shape(info.shape)[1]
+    return dtype, width, width * torch.empty((), dtype=dtype).element_size()
+
+
 class ModelFolder:
-    """A local Hugging Face model folder opened for lazy reads (use as a context manager)."""
+    """A local Hugging Face model folder opened for lazy reads (use as a context manager).
+
+    Shards are memory-mapped: tensors are read in place from the page cache, without a copy. Their
+    headers and sizes are checked when the folder opens; a shard truncated by another process while
+    it is open ends this one with SIGBUS, not with a wrong merge.
+    """
 
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
@@ -79,7 +105,7 @@ class ModelFolder:
         except (OSError, ValueError) as exc:
             raise MergeError(f"cannot read config.json of model {name!r}: {exc}") from None
         self.shards = self._shard_files()
-        self._descriptors: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap | None] = {}  # None: an empty file
         self.tensors: dict[str, TensorInfo] = {}
         self._location: dict[str, tuple[Path, int]] = {}  # tensor -> (shard, absolute byte offset)
         for shard in self.shards:
@@ -97,7 +123,7 @@ class ModelFolder:
                     )
                 self.tensors[key] = TensorInfo(tuple(entry["shape"]), dtype)
                 self._location[key] = (shard, data_start + entry["data_offsets"][0])
-            self._descriptors[shard] = os.open(shard, os.O_RDONLY)
+            self._maps[shard] = _map_file(shard)
 
     def _shard_files(self) -> list[Path]:
         index = self.path / INDEX_FILE
@@ -126,31 +152,54 @@ class ModelFolder:
         return sorted(files)
 
     def reader(self, tensor: str) -> Reader:
-        """Rows `[start, end)` of a tensor's `[rows, width]` view, read from the file on demand."""
+        """Rows `[start, end)` of a tensor's `[rows, width]` view: a view of the mapped file, no copy.
+
+        The map is private and writable, so writing into a view changes a private copy of the
+        page, never the file.
+        """
         info = self.tensors[tensor]
         shard, offset = self._location[tensor]
-        descriptor = self._descriptors[shard]
-        dtype = getattr(torch, info.dtype)
-        width = matrix_shape(info.shape)[1]
-        row_bytes = width * torch.empty((), dtype=dtype).element_size()
+        mapped, dtype, width, row_bytes = self._maps[shard], *_row_layout(info)
 
         def read(start: int, end: int) -> torch.Tensor:
             if len(info.shape) <= 1:
                 start, end = 0, 1
             size = (end - start) * row_bytes
-            buffer = torch.empty(size, dtype=torch.uint8)
-            if size and os.preadv(descriptor, [buffer.numpy()], offset + start * row_bytes) != size:
+            if not size:
+                return torch.empty(0, dtype=dtype).reshape(end - start, width)
+            first = offset + start * row_bytes
+            if mapped is None or first + size > len(mapped):
                 raise MergeError(
                     f"shard {shard.name} of model {self.name!r} is truncated at tensor {tensor!r}"
                 )
-            return buffer.view(dtype).reshape(end - start, width)
+            data = torch.frombuffer(mapped, dtype=torch.uint8, count=size, offset=first)
+            return data.view(dtype).reshape(end - start, width)
 
         return read
 
+    def releaser(self, tensor: str) -> Releaser:
+        """Drop the mapped pages of a tensor's rows `[start, end)` (whole pages around them).
+
+        Only page-table entries go: the file's pages stay in the page cache, and reading a dropped
+        page maps it again with the file's bytes (a view of it stays valid).
+        """
+        info = self.tensors[tensor]
+        shard, offset = self._location[tensor]
+        mapped, row_bytes = self._maps[shard], _row_layout(info)[2]
+
+        def release(start: int, end: int) -> None:
+            if mapped is None or len(info.shape) <= 1:
+                return
+            first = (offset + start * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            last = min(len(mapped), offset + end * row_bytes)
+            if last > first:
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+        return release
+
     def close(self) -> None:
-        for descriptor in self._descriptors.values():
-            os.close(descriptor)
-        self._descriptors.clear()
+        """Forget the maps; each is unmapped once no tensor read from it is left."""
+        self._maps.clear()
 
     def __enter__(self) -> ModelFolder:
         return self
@@ -231,6 +280,7 @@ class ShardWriter:
         self._written = 0  # bytes of the current tensor so far
         self._shard_no = -1
         self._file = None
+        self._unsynced = 0  # bytes written since writeback was last started
 
     def write(self, name: str, rows: torch.Tensor) -> None:
         """Append the next block of rows of tensor `name` (blocks arrive in order)."""
@@ -242,6 +292,11 @@ class ShardWriter:
         data = rows.contiguous().view(torch.uint8).numpy()
         self._file.write(memoryview(data))
         self._written += data.nbytes
+        self._unsynced += data.nbytes
+        if self._unsynced >= WRITEBACK_BYTES:  # write back as we go: the closing fsync has little left
+            self._file.flush()
+            start_writeback(self._file.fileno(), 0, 0)  # 0, 0: the whole file so far
+            self._unsynced = 0
         if self._written == tensor.nbytes:
             self._position += 1
             self._written = 0

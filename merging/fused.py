@@ -18,6 +18,7 @@ of any block is drawn independently: see `stream_key` and `merging.kernels.split
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from numba.typed import List
 
 from merging import kernels
 from merging.blocks import TensorStack
@@ -33,6 +33,8 @@ from merging.parameters import TensorParameters
 from merging.select import OrderStatistic, RankWindow, window_from_ranks
 
 THREADS = min(2, os.cpu_count() or 1)  # ranges per block run in parallel; the bytes do not depend on it
+RANGES_PER_THREAD = 4  # ranges per block and thread in the main passes, handed out as threads free up
+MIN_RANGE = 1 << 16  # values: a smaller block is one range, run on the calling thread
 ALIGN = 64  # range boundaries at multiples of this many values (whole cache lines)
 FUSED_SPARSIFY = (None, "magnitude", "outliers", "random")
 SAMPLE = 1 << 14  # values of the first block sampled to guess magnitude statistics
@@ -54,13 +56,21 @@ def uniforms(key: int, first: int, count: int) -> np.ndarray:
     return kernels.uniforms(np.uint64(key), first, count)
 
 
-def kernel_inputs(raw: Sequence[torch.Tensor]) -> List:
-    """The inputs as flat numpy arrays: bfloat16 bit patterns (uint16) if all are bfloat16, else float32."""
-    if all(t.dtype == torch.bfloat16 for t in raw):
-        arrays = [t.reshape(-1).view(torch.int16).numpy().view(np.uint16) for t in raw]
-    else:
-        arrays = [t.reshape(-1).to(torch.float32).numpy() for t in raw]
-    return List(arrays)
+class KernelInputs:
+    """A block's inputs as the kernels read them: flat numpy arrays, all bfloat16 bit patterns
+    (uint16) or all float32, passed by address (`packed`); this object keeps them alive."""
+
+    def __init__(self, raw: Sequence[torch.Tensor]) -> None:
+        if all(t.dtype == torch.bfloat16 for t in raw):
+            self.arrays = [t.reshape(-1).view(torch.int16).numpy().view(np.uint16) for t in raw]
+        else:
+            self.arrays = [np.ascontiguousarray(t.reshape(-1).to(torch.float32).numpy()) for t in raw]
+        self.size = int(self.arrays[0].size)
+        if any(a.size != self.size for a in self.arrays):
+            sizes = [a.size for a in self.arrays]
+            raise ValueError(f"expected inputs of {self.size} values each, got {sizes}")
+        addresses = np.asarray([a.ctypes.data for a in self.arrays], dtype=np.int64)
+        self.packed = (addresses, self.size, np.empty(0, dtype=self.arrays[0].dtype))
 
 
 def split(count: int, parts: int) -> list[tuple[int, int]]:
@@ -70,16 +80,30 @@ def split(count: int, parts: int) -> list[tuple[int, int]]:
     return [(start, min(count, start + step)) for start in range(0, count, max(step, 1))]
 
 
+def block_ranges(size: int) -> list[tuple[int, int]]:
+    """A block's `[0, size)` in the ranges its kernels run: several per thread, none under `MIN_RANGE`."""
+    return split(size, min(THREADS * RANGES_PER_THREAD, -(-size // MIN_RANGE)))
+
+
 def run_parallel(task: Callable[[int, int, int], None], ranges: list[tuple[int, int]]) -> None:
-    """`task(number, start, end)` for each range, the first on this thread, the rest on the pool."""
+    """`task(number, start, end)` for each range, on this thread and `THREADS - 1` pool threads.
+
+    Each thread takes the next range not yet taken, so a thread slowed by other work (the writer,
+    the reader, another process) takes fewer ranges instead of holding up the block.
+    """
     global _pool
+    taken = itertools.count()  # next() of a count is atomic under the GIL
+
+    def work() -> None:
+        while (n := next(taken)) < len(ranges):
+            task(n, *ranges[n])
+
     futures = []
-    if len(ranges) > 1:
+    if len(ranges) > 1 and THREADS > 1:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=max(1, THREADS - 1), thread_name_prefix="umm-kernel")
-        futures = [_pool.submit(task, n, s, e) for n, (s, e) in enumerate(ranges) if n > 0]
-    if ranges:
-        task(0, *ranges[0])
+        futures = [_pool.submit(work) for _ in range(min(THREADS, len(ranges)) - 1)]
+    work()
     for future in futures:
         future.result()
 
@@ -92,12 +116,12 @@ def magnitude_statistics(
     count = len(models)
     high = np.zeros((count, kernels.HIGH_BINS), dtype=np.int64)
     for _, _, raw in stack.blocks():
-        inputs = kernel_inputs(raw)
-        parts = split(inputs[0].size, THREADS)
+        inputs = KernelInputs(raw)
+        parts = split(inputs.size, THREADS)
         partial = np.zeros((len(parts), count, kernels.HIGH_BINS), dtype=np.int64)
         run_parallel(
             lambda n, s, e, inputs=inputs, partial=partial: kernels.magnitude_histogram(
-                inputs, stack.base_index, models, s, e, partial[n]
+                inputs.packed, stack.base_index, models, s, e, partial[n]
             ),
             parts,
         )
@@ -116,12 +140,12 @@ def magnitude_statistics(
     low = np.zeros((count, 2, kernels.LOW_BINS), dtype=np.int64)
     if (bins >= 0).any():
         for _, _, raw in stack.blocks():
-            inputs = kernel_inputs(raw)
-            parts = split(inputs[0].size, THREADS)
+            inputs = KernelInputs(raw)
+            parts = split(inputs.size, THREADS)
             partial = np.zeros((len(parts), count, 2, kernels.LOW_BINS), dtype=np.int64)
             run_parallel(
                 lambda n, s, e, inputs=inputs, partial=partial: kernels.magnitude_refine(
-                    inputs, stack.base_index, models, bins, s, e, partial[n]
+                    inputs.packed, stack.base_index, models, bins, s, e, partial[n]
                 ),
                 parts,
             )
@@ -148,14 +172,14 @@ def _wanted_ranks(n: int, bounds: list[tuple[int, int]]) -> list[list[int]]:
     return wanted
 
 
-def _pivots(stack: TensorStack, inputs: List, wanted: list[list[int]]) -> np.ndarray:
+def _pivots(stack: TensorStack, inputs: KernelInputs, wanted: list[list[int]]) -> np.ndarray:
     """Per model, up to `PIVOTS` sorted candidate values of |delta| around the wanted ranks.
 
     They are values of a sample of the first block (`SAMPLE_RUNS` evenly spaced runs of
     contiguous values, cheap to read), at the wanted quantiles and a few standard errors either
     side: with many equal magnitudes (bfloat16 inputs) the wanted value is usually one of them.
     """
-    size = inputs[0].size
+    size = inputs.size
     if size > SAMPLE:
         run = SAMPLE // SAMPLE_RUNS
         starts = np.arange(SAMPLE_RUNS, dtype=np.int64) * ((size - run) // (SAMPLE_RUNS - 1))
@@ -164,8 +188,9 @@ def _pivots(stack: TensorStack, inputs: List, wanted: list[list[int]]) -> np.nda
         positions = np.arange(size, dtype=np.int64)
     models = np.asarray(stack.others, dtype=np.int64)
     samples = np.empty((len(models), positions.size), dtype=np.float32)
-    kernels.sample_magnitudes(inputs, stack.base_index, models, positions, samples)
+    kernels.sample_magnitudes(inputs.packed, stack.base_index, models, positions, samples)
     count = positions.size
+    samples.sort(axis=1)  # one vectorized sort of every row beats a multi-rank partition per row
     pivots = np.full((len(wanted), PIVOTS), np.nan, dtype=np.float32)
     for j, ranks in enumerate(wanted):
         places = set()
@@ -176,7 +201,7 @@ def _pivots(stack: TensorStack, inputs: List, wanted: list[list[int]]) -> np.nda
                 places.add(min(count - 1, max(0, round(fraction * count + step * spread))))
         if not places:
             continue
-        chosen = np.partition(samples[j], sorted(places))[sorted(places)]
+        chosen = samples[j][sorted(places)]
         values = sorted({float(v) for v in chosen if not math.isnan(v)})  # NaN: left to the radix path
         pivots[j, : len(values[:PIVOTS])] = values[:PIVOTS]
     return pivots
@@ -188,17 +213,17 @@ def _pivot_pass(stack: TensorStack, wanted: list[list[int]]):
     pivots = None
     below_parts, upto_parts = [], []
     for _, _, raw in stack.blocks():
-        inputs = kernel_inputs(raw)
+        inputs = KernelInputs(raw)
         if pivots is None:
             pivots = _pivots(stack, inputs, wanted)
             counts = np.count_nonzero(~np.isnan(pivots), axis=1).astype(np.int64)
-        parts = split(inputs[0].size, THREADS)
+        parts = block_ranges(inputs.size)
         below = np.zeros((len(parts), *pivots.shape), dtype=np.int64)
         upto = np.zeros_like(below)
         run_parallel(
             lambda n, s, e, inputs=inputs, below=below, upto=upto, pivots=pivots, counts=counts: (
                 kernels.pivot_counts(
-                    inputs, stack.base_index, models, pivots, counts, s, e, below[n], upto[n]
+                    inputs.packed, stack.base_index, models, pivots, counts, s, e, below[n], upto[n]
                 )
             ),
             parts,
@@ -328,9 +353,9 @@ def fused_task_arithmetic(
     to_bfloat16 = stack.output_dtype == torch.bfloat16  # converted here, checked for NaN and inf first
     part_number = 0
     for start, end, raw in stack.blocks():
-        inputs = kernel_inputs(raw)
-        size = inputs[0].size
-        parts = split(size, THREADS)
+        inputs = KernelInputs(raw)
+        size = inputs.size
+        parts = block_ranges(size)
         if tie_states is not None:
             starts = [tie_states[part_number + n].copy() for n in range(len(parts))]
         else:
@@ -349,7 +374,7 @@ def fused_task_arithmetic(
             out=out,
         ) -> None:
             out.non_finite[n] = kernels.merge_range(
-                inputs,
+                inputs.packed,
                 base,
                 models,
                 plan.modes,
@@ -387,15 +412,15 @@ def fused_linear(
     weight_array = np.asarray(weights, dtype=np.float32)
     to_bfloat16 = stack.output_dtype == torch.bfloat16
     for start, end, raw in stack.blocks():
-        inputs = kernel_inputs(raw)
-        size = inputs[0].size
-        parts = split(size, THREADS)
+        inputs = KernelInputs(raw)
+        size = inputs.size
+        parts = block_ranges(size)
         out = _BlockOutput(size, len(parts), to_bfloat16)
 
         def task(n: int, s: int, e: int, inputs=inputs, out=out) -> None:
             divisor = np.float32(total)
             out.non_finite[n] = kernels.weighted_sum_range(
-                inputs, member_array, weight_array, normalize, divisor, s, e, out.values, out.bfloat16
+                inputs.packed, member_array, weight_array, normalize, divisor, s, e, out.values, out.bfloat16
             )
 
         run_parallel(task, parts)
@@ -421,7 +446,7 @@ class _BlockOutput:
 
 
 def _range_tie_states(
-    plan: _Plan, inputs: List, base: int, models: np.ndarray, parts: list[tuple[int, int]]
+    plan: _Plan, inputs: KernelInputs, base: int, models: np.ndarray, parts: list[tuple[int, int]]
 ) -> list[np.ndarray]:
     """The window tie state at the start of each range: the block's, plus equal values in earlier ranges."""
     active = plan.counting()
@@ -429,7 +454,9 @@ def _range_tie_states(
         return [plan.seen.copy() for _ in parts]
     counts = np.zeros((len(parts) - 1, *plan.seen.shape), dtype=np.int64)
     run_parallel(
-        lambda n, s, e: kernels.count_equal(inputs, base, models, active, plan.bounds, s, e, counts[n]),
+        lambda n, s, e: kernels.count_equal(
+            inputs.packed, base, models, active, plan.bounds, s, e, counts[n]
+        ),
         parts[:-1],
     )
     starts = [plan.seen.copy()]

@@ -11,14 +11,38 @@ of a block on several threads.
 Random dropping uses a counter-based generator: the keep draw of flat element `g` of a model's
 task vector is output `g` of SplitMix64 seeded with that model's 64-bit key (see
 `merging.fused.stream_key`), its top 24 bits as a float32 in [0, 1).
+
+Inputs arrive as one tuple `(addresses, size, kind)`: the start address of each input's `size`
+values, all of the dtype of the empty array `kind` (uint16 bfloat16 patterns or float32); the
+caller keeps the arrays alive for the call (`merging.fused.KernelInputs`). A tuple of fixed types,
+unlike a numba typed list, needs no per-process compilation, and the kernels' disk cache covers any
+number of inputs.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
+
+
+def _prefer_full_vector_width() -> None:
+    """Let LLVM use the CPU's whole vector width: on AVX-512 CPUs it keeps to 256 bits by default.
+
+    Set before the first compilation of the process (else it has no effect); the kernels are
+    element-wise in a fixed order, so the width changes their speed, never their bytes. The disk
+    cache keys compiled code by these features.
+    """
+    if numba.config.CPU_FEATURES is None and numba.config.CPU_NAME is None:
+        features = get_host_cpu_features()
+        if "+avx512f" in features.split(","):
+            numba.config.CPU_FEATURES = features + ",-prefer-256-bit"
+
+
+_prefer_full_vector_width()
 
 TILE = 512
 HIGH_BINS = 1 << 15  # bits 16..30 of a non-negative float32
@@ -67,6 +91,24 @@ def as_uint32(typingctx, value):
     return signature, codegen
 
 
+@intrinsic
+def pointer_to(typingctx, address, kind):
+    """The integer `address` as a pointer to elements of the array `kind`'s dtype."""
+    signature = types.CPointer(kind.dtype)(address, kind)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@njit(cache=True, inline="always")
+def source(inputs, i):
+    """Input `i` of the `(addresses, size, kind)` tuple as a 1-D C-contiguous array."""
+    addresses, size, kind = inputs
+    return carray(pointer_to(addresses[i], kind), size)
+
+
 def value_at(tile, t):
     """Element `t` of an input slice as float32 (bfloat16 bit patterns are widened exactly)."""
 
@@ -111,10 +153,10 @@ def magnitude_histogram(inputs, base, models, start, end, hist):
     magnitude_bits = magnitude.view(np.uint32)
     for tile in range(start, end, TILE):
         count = min(TILE, end - tile)
-        decode(inputs[base], tile, count, base_values)
+        decode(source(inputs, base), tile, count, base_values)
         for j in range(len(models)):
             row = hist[j]
-            _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
+            _magnitudes(source(inputs, models[j]), tile, count, base_values, magnitude)
             for t in range(count):
                 row[magnitude_bits[t] >> U16] += 1
 
@@ -127,12 +169,12 @@ def magnitude_refine(inputs, base, models, bins, start, end, hist):
     magnitude_bits = magnitude.view(np.uint32)
     for tile in range(start, end, TILE):
         count = min(TILE, end - tile)
-        decode(inputs[base], tile, count, base_values)
+        decode(source(inputs, base), tile, count, base_values)
         for j in range(len(models)):
             first, second = bins[j, 0], bins[j, 1]
             if first < 0 and second < 0:
                 continue
-            _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
+            _magnitudes(source(inputs, models[j]), tile, count, base_values, magnitude)
             for t in range(count):
                 high = np.int64(magnitude_bits[t] >> U16)
                 if high == first:
@@ -144,9 +186,9 @@ def magnitude_refine(inputs, base, models, bins, start, end, hist):
 @njit(cache=True, nogil=True)
 def sample_magnitudes(inputs, base, models, positions, out):
     """out[j, i] = |delta| of model j at flat position `positions[i]`."""
-    base_values = inputs[base]
+    base_values = source(inputs, base)
     for j in range(len(models)):
-        values = inputs[models[j]]
+        values = source(inputs, models[j])
         row = out[j]
         for i in range(len(positions)):
             row[i] = abs(value_at(values, positions[i]) - value_at(base_values, positions[i]))
@@ -162,11 +204,11 @@ def pivot_counts(inputs, base, models, pivots, counts, start, end, below, upto):
     magnitude = np.empty(TILE, dtype=np.float32)
     for tile in range(start, end, TILE):
         count = min(TILE, end - tile)
-        decode(inputs[base], tile, count, base_values)
+        decode(source(inputs, base), tile, count, base_values)
         for j in range(len(models)):
             if counts[j] == 0:
                 continue
-            _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
+            _magnitudes(source(inputs, models[j]), tile, count, base_values, magnitude)
             for p in range(counts[j]):
                 pivot = pivots[j, p]
                 less = np.int32(0)  # a tile's counts fit 32 bits; kept int32 (numba widens a += to int64)
@@ -185,11 +227,11 @@ def count_equal(inputs, base, models, active, values, start, end, counts):
     magnitude = np.empty(TILE, dtype=np.float32)
     for tile in range(start, end, TILE):
         count = min(TILE, end - tile)
-        decode(inputs[base], tile, count, base_values)
+        decode(source(inputs, base), tile, count, base_values)
         for j in range(len(models)):
             if not (active[j, 0] or active[j, 1]):
                 continue
-            _magnitudes(inputs[models[j]], tile, count, base_values, magnitude)
+            _magnitudes(source(inputs, models[j]), tile, count, base_values, magnitude)
             for side in range(2):
                 if active[j, side]:
                     counts[j, side] += _equal_count(magnitude, count, values[j, side])
@@ -365,9 +407,9 @@ def merge_range(
     one, zero = np.float32(1.0), np.float32(0.0)
     for tile in range(start, end, TILE):
         count = min(TILE, end - tile)
-        decode(inputs[base], tile, count, base_values)
+        decode(source(inputs, base), tile, count, base_values)
         for j in range(k):
-            x = inputs[models[j]][tile : tile + count]
+            x = source(inputs, models[j])[tile : tile + count]
             window = (bounds[j], has_bounds[j], seen[j], quota[j], magnitude)
             _task_vector(
                 x,
@@ -436,7 +478,7 @@ def merge_range(
 
 @njit(cache=True, nogil=True)
 def weighted_sum_range(inputs, members, weights, normalize, total, start, end, out, out16):
-    """Linear merge of the block positions `[start, end)`: sum of `inputs[members[j]] * weights[j]`.
+    """Linear merge of the block positions `[start, end)`: sum of `source(inputs, members[j]) * weights[j]`.
 
     Products and sums round to float32 in model order, then divide by `total` when `normalize`,
     as the plain torch formulation does. The result goes to `out16` as bfloat16 if that is not
@@ -447,11 +489,11 @@ def weighted_sum_range(inputs, members, weights, normalize, total, start, end, o
     identity = np.full(TILE, -0.0, dtype=np.float32)  # x + -0.0 == x for every x, -0.0 included
     for tile in range(start, end, TILE):
         count = min(TILE, end - tile)
-        first, weight = inputs[members[0]][tile : tile + count], weights[0]
+        first, weight = source(inputs, members[0])[tile : tile + count], weights[0]
         for t in range(count):
             mixed[t] = value_at(first, t) * weight
         for j in range(1, len(members)):
-            x, weight = inputs[members[j]][tile : tile + count], weights[j]
+            x, weight = source(inputs, members[j])[tile : tile + count], weights[j]
             for t in range(count):
                 mixed[t] = mixed[t] + value_at(x, t) * weight
         if normalize:

@@ -5,9 +5,16 @@ out ``model.safetensors`` — the header, then every tensor at its final offset 
 entries use the raw codec: their chunks are the tensor's own bytes) — and knows where each chunk
 goes. Each arriving chunk is hashed against its address, checked (its length at each place it
 fills, finite floats) and written at each of its places with `os.pwrite`, on the fetch's writer
-threads while the transfer goes on. Each tensor's sha256 is computed in chunk order as its chunks
-arrive (a chunk that arrives early is read back from the file when its turn comes) and checked
-when its last chunk lands. Side files (config, tokenizer) are written whole.
+threads while the transfer goes on. Side files (config, tokenizer) are written whole.
+
+Why the chunk hashes suffice (no tensor is hashed again): the entries come from a MergeResult
+with a quorum of attestations, and an attestation signs the result's id, the sha256 of that exact
+signed message (protocol.verify.check_quorum counts only attestations naming it). A node attests
+a result only when its whole content, the chunk list of every tensor included, equals the result
+of its own merge (node.service `_attest_canonical`), whose chunk digests it computed from its own
+bytes. So attestation -> result id -> chunk list -> chunk hashes: every byte written has the
+sha256 its attesters computed, in the place they computed it, and the tensor digests and the
+fingerprint (over the same bytes) hold without reading the bytes again.
 
 Work folder (`root`):
     model/      becomes the output folder (renamed into place by `finish`)
@@ -22,29 +29,25 @@ are fetched again. `finish` fsyncs every file and the folder and renames the fol
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
-import hashlib
 import math
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from merging.atomic import fsync_dir, write_atomic
+from merging.atomic import fsync_dir, start_writeback, write_atomic
 from node.assemble import finite_checker, safetensors_header, streams_raw
 from node.errors import StoreError
 from node.store import check_digest, verified_digest
 from protocol.codecs import DTYPES, numel_of
 from protocol.encoding import sha256_hex
-from protocol.errors import HashMismatchError, NonFiniteValuesError, TensorMismatchError
+from protocol.errors import NonFiniteValuesError, TensorMismatchError
 from protocol.messages import TensorEntry
 
 MODEL_FILE = "model.safetensors"
 DIGEST_BYTES = 32
-_SYNC_FILE_RANGE_WRITE = 2
 
 
 class PullBusyError(StoreError):
@@ -55,35 +58,12 @@ class UnexpectedChunkError(StoreError):
     """A chunk that belongs nowhere in the model, or a model that is not complete."""
 
 
-def _writeback_starter() -> Callable[[int, int, int], object] | None:
-    """Linux's `sync_file_range(..., SYNC_FILE_RANGE_WRITE)`: start writing a range to disk now."""
-    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-    if function is None:
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return lambda fd, offset, length: function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-_start_writeback = _writeback_starter()
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class _Tensor:
-    """One tensor's bytes in the model file and the running check of its sha256."""
+    """One tensor of the model file: its entry and the check its values must pass."""
 
     entry: TensorEntry
-    start: int  # file offset of its first byte
-    chunk_size: int
-    lengths: list[int]  # of its chunks
     finite: Callable[[bytes | bytearray | memoryview], bool] | None  # for floats
-    arrived: set[int] = dataclasses.field(default_factory=set)
-    next: int = 0  # chunks 0..next-1 are hashed
-    hasher: object = dataclasses.field(default_factory=hashlib.sha256)
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-
-    @property
-    def verified(self) -> bool:
-        return self.next == len(self.lengths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +109,6 @@ class PartialModel:
         self.root = Path(root)
         self.folder = self.root / "model"
         self.progress = progress
-        self._buffers = threading.local()
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         self._fd = -1
@@ -175,12 +154,11 @@ class PartialModel:
         self._tensors: list[_Tensor] = []
         start = len(header)
         for entry, (_, _, _, size) in zip(ordered, layout, strict=True):
-            lengths = [min(chunk_size, size - i * chunk_size) for i in range(len(entry.chunks))]
-            tensor = _Tensor(entry, start, chunk_size, lengths, finite_checker(entry.dtype))
             for index, digest in enumerate(entry.chunks):
-                place = _Place(len(self._tensors), index, start + index * chunk_size, lengths[index])
+                length = min(chunk_size, size - index * chunk_size)
+                place = _Place(len(self._tensors), index, start + index * chunk_size, length)
                 self._places.setdefault(check_digest(digest), []).append(place)
-            self._tensors.append(tensor)
+            self._tensors.append(_Tensor(entry, finite_checker(entry.dtype)))
             start += size
         for name, digest in side_files.items():
             self._places.setdefault(check_digest(digest), []).append(_Place(file=_check_file_name(name)))
@@ -195,9 +173,6 @@ class PartialModel:
         self._fd = os.open(self.folder / MODEL_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         os.ftruncate(self._fd, self.size)
         _pwrite_all(self._fd, header, 0)
-        for tensor in self._tensors:
-            if not tensor.lengths:  # an empty tensor: its digest is that of no bytes
-                self._check_tensor(tensor)
 
     def _resume(self) -> None:
         """Count the journal's chunks whose bytes are still in place as received; keep only those."""
@@ -207,12 +182,13 @@ class PartialModel:
         for at in range(0, len(named) - DIGEST_BYTES + 1, DIGEST_BYTES):
             digest = named[at : at + DIGEST_BYTES].hex()
             if digest in self._places and digest not in self._received:
-                pieces = [self._read_place(place) for place in self._places[digest]]
-                if all(piece is not None and sha256_hex(piece) == digest for piece in pieces):
+                places = self._places[digest]
+                pieces = [self._read_place(place) for place in places]
+                if all(
+                    piece is not None and sha256_hex(piece) == digest and self._fits(place, piece) is None
+                    for place, piece in zip(places, pieces, strict=True)
+                ):
                     self._received.add(digest)
-                    for place, piece in zip(self._places[digest], pieces, strict=True):
-                        if place.tensor >= 0:
-                            self._advance(place, piece)
         write_atomic(journal, b"".join(bytes.fromhex(d) for d in self._received))
         self._journal = os.open(journal, os.O_WRONLY | os.O_APPEND)
         self.resumed = len(self._received)
@@ -237,82 +213,44 @@ class PartialModel:
         if actual in self._received:
             return actual
         for place in places:
+            problem = self._fits(place, data)
+            if problem is not None:
+                raise problem
+        for place in places:
             if place.file:
                 (self.folder / place.file).write_bytes(data)
                 continue
-            tensor = self._tensors[place.tensor]
-            if len(data) != place.length:
-                raise TensorMismatchError(
-                    f"expected chunk {place.index} of {tensor.entry.name} to be {place.length} bytes, "
-                    f"got {len(data)}"
-                )
-            if tensor.finite is not None and not tensor.finite(data):
-                raise NonFiniteValuesError(f"expected finite values in {tensor.entry.name}, got NaN or Inf")
             _pwrite_all(self._fd, data, place.offset)
-            if _start_writeback is not None:
-                _start_writeback(self._fd, place.offset, place.length)
+            start_writeback(self._fd, place.offset, place.length)
         os.write(self._journal, bytes.fromhex(actual))  # one small O_APPEND write: never interleaved
         self._received.add(actual)
-        for place in places:
-            if place.tensor >= 0:
-                self._advance(place, data)
         if self.progress is not None:
             self.progress(len(self._received), len(self._places))
         return actual
 
-    def _advance(self, place: _Place, data: bytes | bytearray | memoryview) -> None:
-        """Mark `place` arrived and hash the tensor's chunks that are now next in order."""
+    def _fits(self, place: _Place, data: bytes | bytearray | memoryview) -> Exception | None:
+        """Why a chunk's bytes cannot fill `place` (its length, its values), or None if they can."""
+        if place.file:
+            return None
         tensor = self._tensors[place.tensor]
-        with tensor.lock:
-            tensor.arrived.add(place.index)
-            while tensor.next in tensor.arrived:
-                index = tensor.next
-                if index == place.index:
-                    tensor.hasher.update(data)
-                else:  # arrived earlier: read it back (from the page cache) into this thread's buffer
-                    offset = tensor.start + index * tensor.chunk_size
-                    tensor.hasher.update(self._read_back(tensor.lengths[index], offset))
-                tensor.arrived.discard(index)
-                tensor.next += 1
-            if tensor.verified:
-                self._check_tensor(tensor)
-
-    def _read_back(self, length: int, offset: int) -> memoryview:
-        """`length` bytes of the model file at `offset`, in a buffer reused by the calling thread."""
-        buffer = getattr(self._buffers, "buffer", None)
-        if buffer is None or len(buffer) < length:
-            buffer = self._buffers.buffer = bytearray(length)
-        view = memoryview(buffer)[:length]
-        got = 0
-        while got < length:
-            read = os.preadv(self._fd, [view[got:]], offset + got)
-            if read == 0:
-                raise UnexpectedChunkError(
-                    f"expected {length} bytes at {offset} of the model file, got {got}"
-                )
-            got += read
-        return view
-
-    @staticmethod
-    def _check_tensor(tensor: _Tensor) -> None:
-        if tensor.hasher.hexdigest() != tensor.entry.digest:
-            raise HashMismatchError(
-                f"expected {tensor.entry.name} bytes to hash to {tensor.entry.digest}, got another hash"
+        if len(data) != place.length:
+            return TensorMismatchError(
+                f"expected chunk {place.index} of {tensor.entry.name} to be {place.length} bytes, "
+                f"got {len(data)}"
             )
+        if tensor.finite is not None and not tensor.finite(data):
+            return NonFiniteValuesError(f"expected finite values in {tensor.entry.name}, got NaN or Inf")
+        return None
 
     # ------------------------------------------------------------------ the end
     def finish(self, out: str | Path) -> None:
-        """Check that every chunk is in and every tensor verified; fsync and rename into `out`.
+        """Check that every chunk is in; fsync and rename the folder into `out`.
 
         The folder is copied beside `out` first if the work folder is on another file system.
         """
         missing = self.missing(self.wanted)
-        unverified = [t.entry.name for t in self._tensors if not t.verified]
-        if missing or unverified:
-            raise UnexpectedChunkError(
-                f"expected a complete model, got {len(missing)} chunks missing and "
-                f"{len(unverified)} tensors unverified"
-            )
+        if missing:
+            raise UnexpectedChunkError(f"expected a complete model, got {len(missing)} chunks missing")
         os.close(self._fd)
         self._fd = -1
         out = Path(out)

@@ -8,6 +8,10 @@ chunk of the model and the base's side files (config, tokenizer) streams them fr
 a `PartialModel`, which verifies each chunk and writes it at its final place in
 ``model.safetensors`` as it arrives; the folder is fsynced and renamed to ``--out``. An interrupted
 pull leaves its work folder (``.<out>.umm-pull`` beside ``--out``) and the next one resumes there.
+
+Each chunk is hashed once, against its address, and no tensor is hashed again: the attestations
+sign the result's id, the id fixes the result's chunk lists (a node attests only a result whose
+chunk lists equal those of its own merge), and the chunk hashes fix the bytes (see node.partial).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import merging.blocks
 from merging.engine import merge, merge_state_dicts
 from merging.errors import MergeError, NonFiniteError, ShapeMismatchError
+from merging.folders import ModelFolder
 
 TINY = {
     "vocab_size": 96,
@@ -191,3 +192,19 @@ def test_architecture_and_shape_mismatches_are_reported(zoo, tmp_path):
     with pytest.raises(MergeError, match="is not a local folder"):
         merge(config, tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_mapped_reads_survive_released_pages_and_never_write_the_file(zoo):
+    shard = zoo["base"] / "model.safetensors"
+    before = shard.read_bytes()
+    expected = load_file(shard)["model.embed_tokens.weight"]
+    with ModelFolder("base", zoo["base"]) as folder:
+        read = folder.reader("model.embed_tokens.weight")
+        release = folder.releaser("model.embed_tokens.weight")
+        rows = read(10, 60)
+        assert torch.equal(rows, expected[10:60])
+        release(0, 96)  # the pages go; the view stays valid and maps them again
+        assert torch.equal(rows, expected[10:60])
+        rows.fill_(7.0)  # a private map: the process sees its own copy, the file is untouched
+        assert bool((read(10, 60) == 7.0).all())
+    assert shard.read_bytes() == before

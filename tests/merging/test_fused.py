@@ -115,6 +115,7 @@ def test_magnitude_windows_match_the_reference_for_any_threads_and_blocks(method
     results = []
     for threads, block in ((1, None), (2, None), (3, 97 * 9), (2, 97 * 31)):
         monkeypatch.setattr(fused, "THREADS", threads)
+        monkeypatch.setattr(fused, "MIN_RANGE", 64)  # several ranges per thread even in small blocks
         if block is not None:
             monkeypatch.setattr(merging.blocks, "BLOCK_ELEMENTS", block)
         results.append(merge_one(method, base, models, params, parameters={"normalize": method == "ties"}))
@@ -196,6 +197,7 @@ def test_linear_matches_the_plain_weighted_sum_bit_for_bit(dtype, normalize, mon
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     for threads, block in ((1, None), (2, None), (3, 97 * 9)):
         monkeypatch.setattr(fused, "THREADS", threads)
+        monkeypatch.setattr(fused, "MIN_RANGE", 64)  # several ranges per thread even in small blocks
         if block is not None:
             monkeypatch.setattr(merging.blocks, "BLOCK_ELEMENTS", block)
         params = {m: {"weight": w} for m, w in weights.items()}

@@ -18,7 +18,7 @@ from node.assemble import write_safetensors
 from node.errors import ChunkHashMismatchError
 from node.partial import MODEL_FILE, PartialModel, PullBusyError, UnexpectedChunkError
 from protocol.aggregate import encode_result
-from protocol.errors import HashMismatchError, NonFiniteValuesError, TensorMismatchError
+from protocol.errors import NonFiniteValuesError, TensorMismatchError
 
 CHUNK = 4096
 CONFIG = b'{"model_type": "llama"}'
@@ -137,13 +137,20 @@ def test_bad_chunks_and_layouts_are_refused(tmp_path):
             partial.finish(tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
-    # Two genuine chunks in each other's place: each verifies, the tensor's digest does not.
-    swapped = dataclasses.replace(weights, chunks=(second, first, third))
-    with PartialModel(tmp_path / "b", [swapped], CHUNK, {}) as partial:
-        partial.put(chunks[third], third)
-        partial.put(chunks[first], first)
-        with pytest.raises(HashMismatchError, match=r"layers\.0\.w bytes to hash to"):
-            partial.put(chunks[second], second)
+    # A corrupted chunk (one bit flipped) is refused and nothing of it is written or journaled.
+    corrupt = bytearray(chunks[second])
+    corrupt[100] ^= 1
+    with PartialModel(tmp_path / "b", [weights], CHUNK, {}) as partial:
+        with pytest.raises(ChunkHashMismatchError, match=f"expected bytes hashing to {second}"):
+            partial.put(corrupt, second)
+        with pytest.raises(UnexpectedChunkError, match="chunk of the pulled model"):
+            partial.put(corrupt)
+        assert partial.missing(weights.chunks) == list(weights.chunks)
+        model = tmp_path / "b" / "model" / MODEL_FILE
+        assert model.read_bytes().count(bytes(corrupt[:200])) == 0
+        partial.put(chunks[second], second)
+        assert partial.missing(weights.chunks) == [first, third]
+    assert (tmp_path / "b" / "received").read_bytes() == bytes.fromhex(second)
 
     values = torch.arange(2048, dtype=torch.float32)
     (entry,), _, _ = encode_result({"w": values}, CHUNK)
