@@ -218,7 +218,7 @@ def run_converge(args, port: int, total: int, tcp_proc, tcp_conn) -> None:
     finally:
         stop_process(tcp_proc, tcp_conn)
     rows = [
-        measure(int(n), args.hidden, args.layers, floor, quorum=int(q))
+        measure(int(n), args.hidden, args.layers, floor, quorum=int(q), timeout=args.converge_timeout)
         for q in args.quorum.split(",")
         for n in args.converge.split(",")
     ]
@@ -239,6 +239,12 @@ def main() -> None:
         "--quorum",
         default="0,2",
         help="converge: genesis quorums to measure, 0 = the default majority of the contributors",
+    )
+    parser.add_argument(
+        "--converge-timeout",
+        type=float,
+        default=600.0,
+        help="converge: seconds to wait for every node's result (on timeout the node logs are kept)",
     )
     parser.add_argument("--streams", type=int, default=2, help="streams per peer")
     parser.add_argument("--batch", type=int, default=4, help="chunks per request")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -61,11 +62,31 @@ def make_models(root: Path, count: int, hidden: int, layers: int) -> tuple[Path,
 QUORUM = 0  # the genesis default: a majority of the contributors
 
 
-def measure(peers: int, hidden: int, layers: int, tcp_rate: float, quorum: int = QUORUM) -> dict[str, float]:
+def keep_logs(net_root: Path) -> Path:
+    """Copy every node's log and state database out of `net_root` (about to be removed); the copy's folder."""
+    kept = Path(tempfile.mkdtemp(prefix="umm-bench-converge-stalled-"))
+    for log in net_root.glob("*.log"):
+        shutil.copy2(log, kept / log.name)
+    for state in net_root.glob("*/state.sqlite*"):  # the database and its write-ahead log
+        shutil.copy2(state, kept / f"{state.parent.name}.{state.name}")
+    return kept
+
+
+def measure(
+    peers: int,
+    hidden: int,
+    layers: int,
+    tcp_rate: float,
+    quorum: int = QUORUM,
+    timeout: float = 600.0,
+) -> dict[str, float]:
     """One row: converge seconds, MiB sent/received per node, pull seconds vs its bytes at `tcp_rate`.
 
-    `quorum` 0 is the genesis default (a majority of the contributors, at least 2)."""
+    `quorum` 0 is the genesis default (a majority of the contributors, at least 2). If the nodes do
+    not all converge within `timeout` seconds, their logs and states are kept (`keep_logs`) and the
+    NodeError names the folder."""
     load_before = os.getloadavg()[0]
+    from node.errors import NodeError
     from node.local import LocalNetwork
     from node.pull import pull
 
@@ -82,7 +103,10 @@ def measure(peers: int, hidden: int, layers: int, tcp_rate: float, quorum: int =
             for name, expert in zip(names, experts, strict=True):
                 net.contribute(name, expert, codec="bf16")
             started = time.perf_counter()
-            net.wait_converged(names, timeout=600)
+            try:
+                net.wait_converged(names, timeout=timeout)
+            except NodeError as exc:
+                raise NodeError(f"{exc}; node logs kept in {keep_logs(root / 'net')}") from exc
             converge = time.perf_counter() - started
             time.sleep(2 * net.poll)  # let every node write its final byte counters
             stats = [net.state(n, "stats") for n in names]

@@ -68,6 +68,7 @@ logger = logging.getLogger(__name__)
 RECORD_TTL = 600.0
 FETCH_PATIENCE = 10
 FALLBACK_SECONDS = 120.0
+WAITING_LOG_SECONDS = 20.0
 
 
 def identity_path(data_dir: Path) -> Path:
@@ -186,6 +187,14 @@ class ShardRecords:
     attestations: dict[str, list[bytes]] = dataclasses.field(default_factory=dict)
     holders: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     counts: set[int] = dataclasses.field(default_factory=set)
+
+    def tally(self, network_id: str) -> str:
+        """``<id prefix> <full>f+<sampled>s`` per attested result, for logs."""
+        parts = []
+        for result_id, raw in sorted(self.attestations.items()):
+            signers, full = attesters(raw, result_id, network_id)
+            parts.append(f"{result_id[:8]} {len(full)}f+{len(signers) - len(full)}s")
+        return ", ".join(parts) or "none"
 
 
 class RecordReader(Protocol):
@@ -365,6 +374,7 @@ class NodeService:
         self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
         self._missing_polls: dict[str, int] = {}
         self._last_published: dict[str, tuple[bytes, float]] = {}
+        self._waiting_logged = 0.0
         self.bytes_received = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -754,6 +764,13 @@ class NodeService:
             )
             own = {**own, "attests": canonical, "attestation": attestation.raw}
             self.state.set(f"shard/{r}/{j}", own)
+            logger.info(
+                "round %d shard %d: attests %s in full (records: %s)",
+                r,
+                j,
+                canonical[:8],
+                records.tally(self.network_id),
+            )
         await self._publish(
             result_key(self.network_id, r, j),
             make_record(
@@ -779,6 +796,7 @@ class NodeService:
     async def _check_quorum(self, r: int) -> None:
         found = await find_attested_result(self.board, self.genesis, r, self.fetch, self.store)
         if found is None:
+            await self._log_waiting(r)
             return
         view = self.state.get(f"view/{r}")
         if view is not None and (tuple(view[0]), view[1]) != (found.candidates, len(found.shards)):
@@ -832,12 +850,25 @@ class NodeService:
         included = sorted({c for s in found.shards for c in s.result.message.recipe.contributions})
         self._carry_over(r, tuple(included))
         logger.info(
-            "round %d: result %s (%d shards) attested by >= %d keys per shard",
+            "round %d: result %s (%d shards: %s) attested by >= %d keys per shard",
             r,
             found.fingerprint,
             len(found.shards),
+            " ".join(s.result.id[:8] for s in found.shards),
             found.signers,
         )
+
+    async def _log_waiting(self, r: int) -> None:
+        """Every WAITING_LOG_SECONDS without a decided round: what each shard's records attest."""
+        view = self.state.get(f"view/{r}")
+        if view is None or time.monotonic() - self._waiting_logged < WAITING_LOG_SECONDS:
+            return
+        self._waiting_logged = time.monotonic()
+        tallies = []
+        for j in range(view[1]):
+            records = await read_shard_records(self.board, self.network_id, r, j)
+            tallies.append(f"shard {j}: {records.tally(self.network_id)}")
+        logger.info("round %d: no quorum yet; %s", r, "; ".join(tallies))
 
     async def _lacking_shards(self, r: int, plan: RoundPlan) -> set[int]:
         """Shards of `plan` whose results do not (yet) carry a quorum of valid attestations."""

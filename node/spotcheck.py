@@ -108,6 +108,13 @@ async def spot_check_shard(
                 continue
             spot = {"result": result_id, "attestation": _sampled_attestation(service, result).raw}
             service.state.set(f"spot/{r}/{j}", spot)
+            logger.info(
+                "round %d shard %d: attests %s sampled (records: %s)",
+                r,
+                j,
+                result_id[:8],
+                records.tally(service.network_id),
+            )
             service.state.set(f"view/{r}", [list(plan.candidates), len(plan.shards)])
         await service._publish(
             result_key(service.network_id, r, j),
