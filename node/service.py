@@ -12,13 +12,16 @@ Every `poll` seconds a node, on its own:
    candidate, admits per shard (robust admission), merges each shard with `protocol.aggregate`,
    stores the shard's chunks and publishes a signed MergeResult per shard;
 3. attests, per shard, the canonical result of its recipe, fingerprint and candidates — of all
-   published results that agree, the one with the most distinct attesters (ties: the smallest id)
+   published results that agree, the first by `node.spotcheck.result_rank` (most distinct full
+   attesters, then most attesters, ties: the smallest id; the order spot checkers follow too)
    — so attestations pile up on one id and a quorum, once reached, is kept;
    every shard it does not merge it spot-checks (`node.spotcheck`): it recomputes a sample of the
    shard's tensors drawn with its own key and attests the result (``sampled``) if they match;
 4. when every shard of the round carries a result with attestations from >= quorum distinct keys,
    at least `protocol.spotcheck.full_quorum` of them full (`find_attested_result`), it fetches
-   the shards it did not merge, records the assembled result as its latest and moves on.
+   the shards it did not merge, records the assembled result as its latest and moves on; from then
+   on it announces, per shard, its own attestation of the decided result where it merged or
+   spot-checked that merge (`_attest_decided`, `node.spotcheck.attest_decided`).
 
 A restart resumes from the state in ``--data-dir`` (store + state.sqlite): same keys, same round.
 """
@@ -50,7 +53,7 @@ from node.records import (
     summary_key,
 )
 from node.rounds import Contribution, RoundPlan, admit, plan_round, select_contributions
-from node.spotcheck import attesters, spot_check_shards
+from node.spotcheck import attest_decided, attesters, merge_content, result_rank, spot_check_shards
 from node.state import NodeState
 from node.store import ContentStore
 from node.transport import ChunkServer, fetch_chunks
@@ -707,26 +710,23 @@ class NodeService:
         }
 
     async def _attest_canonical(self, r: int, j: int, own: dict) -> None:
-        """Attest, of the results of shard j equal to ours but for signer and time (the same recipe,
-        fingerprint and candidates, and the same chunk list: a result whose chunks do not hold its
-        tensors would pass the fingerprint yet fail every pull), the one attested by the most
-        distinct keys (ties: the smallest id).
+        """Attest, of the results of shard j of our merge (`merge_content`: equal but for signer and
+        time), the first in `result_rank` order (most full attesters, then most attesters, then the
+        smallest id): the order spot checkers follow too.
 
         Following the most attested result, not simply the smallest id, keeps a quorum once it is
-        reached: a node that records the round stops updating its attestations, so switching to a
-        smaller id published later would split the attestations between two ids of the same merge
-        and leave the nodes that have not yet recorded the round without a quorum on either.
+        reached: a node that records the round keeps the attestations it then holds
+        (`_attest_decided`), so switching to a smaller id published later would split the
+        attestations between two ids of the same merge and leave the nodes that have not yet
+        recorded the round without a quorum on either.
         """
         now = int(time.time())
         mine = verify_message(self.store.get(own["result"]), MergeResult, network_id=self.network_id).message
-        ours = _result_content(mine)
+        ours = merge_content(mine)
         records = await read_shard_records(self.board, self.network_id, r, j)
         canonical = own["result"]
-        rank = {  # most distinct attesters first, then the smallest id
-            result_id: (
-                -len(attesters(records.attestations.get(result_id, ()), result_id, self.network_id)[0]),
-                result_id,
-            )
+        rank = {
+            result_id: result_rank(records.attestations.get(result_id, ()), result_id, self.network_id)
             for result_id in {*records.holders, canonical}
         }
         for result_id in sorted(rank, key=rank.__getitem__):
@@ -739,31 +739,11 @@ class NodeService:
                 ).message
             except (NodeError, ProtocolError):
                 continue
-            if _result_content(other) == ours:
+            if merge_content(other) == ours:
                 canonical = result_id
                 break
         if own["attests"] != canonical:
-            attestation = sign_message(
-                Attestation(
-                    v=SCHEMA_VERSION,
-                    network_id=self.network_id,
-                    signer=self.identity.public_key,
-                    created_at=now,
-                    round=r,
-                    recipe_id=own["recipe"],
-                    result_id=canonical,
-                    merged_fingerprint=own["fingerprint"],
-                    shard=j,
-                    shards=own["shards"],
-                    kind="full",
-                    checked_tensors=len(mine.tensors),
-                    checked_bytes=sum(t.nbytes for t in mine.tensors),
-                    sample_proof=b"",
-                ),
-                self.identity,
-            )
-            own = {**own, "attests": canonical, "attestation": attestation.raw}
-            self.state.set(f"shard/{r}/{j}", own)
+            own = self._attest_full(r, j, own, canonical, mine)
             logger.info(
                 "round %d shard %d: attests %s in full (records: %s)",
                 r,
@@ -777,6 +757,44 @@ class NodeService:
                 "result", result=own["result"], attestation=own["attestation"], p2p=str(self.p2p.peer_id)
             ),
         )
+
+    def _attest_full(self, r: int, j: int, own: dict, result_id: str, mine: MergeResult) -> dict:
+        """Sign a full attestation of `result_id` (a result of our merge `mine` of shard j) and keep it
+        in our shard state; the updated state."""
+        attestation = sign_message(
+            Attestation(
+                v=SCHEMA_VERSION,
+                network_id=self.network_id,
+                signer=self.identity.public_key,
+                created_at=int(time.time()),
+                round=r,
+                recipe_id=own["recipe"],
+                result_id=result_id,
+                merged_fingerprint=own["fingerprint"],
+                shard=j,
+                shards=own["shards"],
+                kind="full",
+                checked_tensors=len(mine.tensors),
+                checked_bytes=sum(t.nbytes for t in mine.tensors),
+                sample_proof=b"",
+            ),
+            self.identity,
+        )
+        own = {**own, "attests": result_id, "attestation": attestation.raw}
+        self.state.set(f"shard/{r}/{j}", own)
+        return own
+
+    def _attest_decided(self, r: int, own: dict, result: Signed) -> tuple[str, bytes]:
+        """What this node keeps announcing for a shard it merged once it records the round on
+        `result`: a full attestation of `result` itself when it is our merge (`merge_content`), so
+        the attestation counts towards the quorum the nodes still deciding the round read (else, or
+        if our result cannot be read back, the attestation it holds)."""
+        if own["attests"] != result.id:
+            with contextlib.suppress(NodeError, ProtocolError):
+                mine = verify_message(self.store.get(own["result"]), MergeResult, network_id=self.network_id)
+                if merge_content(mine.message) == merge_content(result.message):
+                    own = self._attest_full(r, result.message.shard, own, result.id, mine.message)
+        return own["attests"], own["attestation"]
 
     def _carry_over(self, r: int, included: tuple[str, ...]) -> None:
         """Re-sign our contribution for round r + 1 if round r was decided without it."""
@@ -823,15 +841,15 @@ class NodeService:
                         message.shard,
                     )
                     return
-                announce.append([message.shard, own["attests"], own["attestation"]])
+                announce.append([message.shard, *self._attest_decided(r, own, shard.result)])
             elif shard.result.id in self.state.get(f"refused/{r}", []):
                 # our spot check found a sampled tensor that differs from this result
                 logger.warning(
                     "round %d: a quorum attests %s, which our spot check refused", r, shard.result.id
                 )
                 return
-            elif (spot := self.state.get(f"spot/{r}/{message.shard}")) and spot["result"] == shard.result.id:
-                announce.append([message.shard, spot["result"], spot["attestation"]])
+            elif (sampled := attest_decided(self, r, shard.result)) is not None:
+                announce.append([message.shard, *sampled])
             else:
                 # a shard this node did not compute: it still serves and re-announces the result
                 announce.append([message.shard, shard.result.id, shard.attestations[0]])
@@ -886,17 +904,3 @@ class NodeService:
             if not reached:
                 lacking.add(j)
         return lacking
-
-
-def _result_content(result: MergeResult) -> tuple:
-    """What two nodes' results of one shard must share to be the same merge: all but signer and time."""
-    return (
-        result.recipe.id,
-        result.merged_fingerprint,
-        result.round,
-        result.shard,
-        result.shards,
-        result.candidates,
-        result.chunk_size,
-        result.tensors,
-    )

@@ -56,15 +56,62 @@ def attesters(raw: Sequence[bytes], result_id: str, network_id: str) -> tuple[se
     return signers, full
 
 
+def result_rank(raw: Sequence[bytes], result_id: str, network_id: str) -> tuple[int, int, str]:
+    """How a node orders results of one merge (smaller first): most distinct full attesters, then
+    most distinct attesters of any kind, then the smaller id.
+
+    Workers (`NodeService._attest_canonical`) and spot checkers (`spot_targets`) order by the same
+    rank, so they move to the same id. While a shard's full attesters are its three workers (each
+    attests one id), a result with a quorum (two of them) outranks every other result of its merge,
+    so the nodes that have not yet recorded the round keep attesting it, whatever the quorum.
+    """
+    signers, full = attesters(raw, result_id, network_id)
+    return -len(full), -len(signers), result_id
+
+
 def spot_targets(attestations: dict[str, list[bytes]], network_id: str) -> list[str]:
-    """Result ids with at least one full attestation: most distinct full attesters first, then most
-    distinct attesters of any kind (so a result that already carries a quorum keeps it), then id."""
-    counts = {}
-    for result_id, raw in attestations.items():
-        signers, full = attesters(raw, result_id, network_id)
-        if full:
-            counts[result_id] = (-len(full), -len(signers), result_id)
-    return sorted(counts, key=counts.__getitem__)
+    """Result ids with at least one full attestation, in `result_rank` order."""
+    ranks = {result_id: result_rank(raw, result_id, network_id) for result_id, raw in attestations.items()}
+    return sorted((result_id for result_id, rank in ranks.items() if rank[0] < 0), key=ranks.__getitem__)
+
+
+def merge_content(result: MergeResult) -> tuple:
+    """What two nodes' results of one shard must share to be the same merge: all but signer and time
+    (the same recipe, fingerprint and candidates, and the same chunk list: a result whose chunks do
+    not hold its tensors would pass the fingerprint yet fail every pull)."""
+    return (
+        result.recipe.id,
+        result.merged_fingerprint,
+        result.round,
+        result.shard,
+        result.shards,
+        result.candidates,
+        result.chunk_size,
+        result.tensors,
+    )
+
+
+def attest_decided(service: NodeService, r: int, result: Signed) -> tuple[str, bytes] | None:
+    """This node's sampled attestation of `result`, the decided result of its shard, if its spot
+    check passed a result of the same merge (same content: the same sample and the same verdict);
+    None if it passed none. The attestation then counts towards the quorum that the nodes still
+    deciding the round read, instead of naming another id of the same merge."""
+    j = result.message.shard
+    spot = service.state.get(f"spot/{r}/{j}")
+    if spot is None:
+        return None
+    if spot["result"] != result.id:
+        try:
+            checked = verify_message(
+                service.store.get(spot["result"]), MergeResult, network_id=service.network_id
+            )
+        except (NodeError, ProtocolError):
+            return None
+        if merge_content(checked.message) != merge_content(result.message):
+            return None
+        spot = {"result": result.id, "attestation": _sampled_attestation(service, result).raw}
+        service.state.set(f"spot/{r}/{j}", spot)
+    return spot["result"], spot["attestation"]
 
 
 async def spot_check_shards(

@@ -320,3 +320,101 @@ def test_spot_targets_break_a_tie_of_full_attesters_by_all_attesters(node):
     # more full attesters come first whatever the sampled ones
     attestations[smaller.id].append(_full(smaller, _who(32)).raw)
     assert spot_targets(attestations, network_id) == [smaller.id, larger.id]
+
+
+def _decide(node, monkeypatch, result, attestations: list[bytes]) -> dict:
+    """The node's quorum check when the DHT holds `attestations` of `result` (shard 0): its latest."""
+    found = AttestedRound([AttestedResult(result, attestations, len(attestations))], "cd" * 32)
+
+    async def fake_find(*_args):
+        return found
+
+    monkeypatch.setattr(node_service, "find_attested_result", fake_find)
+    asyncio.run(node.service._check_quorum(0))
+    return node.service.state.get("latest")
+
+
+def test_a_worker_that_records_the_round_attests_the_decided_result_of_its_merge(node, monkeypatch):
+    """This node and workers 32 and 33 merge shard 0; it still attests its own result when it reads
+    a quorum of 4 on worker 32's (workers 32 and 33 in full, checkers 41 and 42 sampled). Its
+    attestation, kept unchanged once it records the round, must name the decided result: naming its
+    own id it adds nothing to that quorum, which then holds only as long as both other workers stay
+    on it, and the nodes still deciding may be left without two full attestations on any id."""
+    ours, decided = _same_merge_by(node, 1, 32)
+    own = {**_own_shard(ours), "attests": ours.id, "attestation": _full(ours, node.service.identity).raw}
+    node.service.state.set("shard/0/0", own)
+    network_id = node.service.network_id
+    held = [_full(decided, _who(n)).raw for n in (32, 33)] + [
+        _sampled(decided, _who(n)).raw for n in (41, 42)
+    ]
+    latest = _decide(node, monkeypatch, decided, held)
+    assert latest is not None and latest["results"] == [decided.id]
+    ((shard, result_id, raw),) = latest["announce"]
+    att = open_envelope(raw, Attestation, network_id=network_id).message
+    assert (shard, result_id) == (0, decided.id)
+    assert (att.signer, att.kind, att.result_id) == (node.service.identity.public_key, "full", decided.id)
+    # with workers 32 and 33 gone to another id, it and the checkers still hold a quorum of 4 with 2 full
+    others = [_full(decided, _who(32)).raw, *held[2:]]
+    assert not check_quorum(decided, others, quorum=4, network_id=network_id).ok
+    assert check_quorum(decided, [*others, raw], quorum=4, network_id=network_id).ok
+    assert node.service.state.get("shard/0/0")["attests"] == decided.id
+
+
+def test_a_checker_that_records_the_round_attests_the_decided_result_of_the_merge_it_checked(
+    node, monkeypatch
+):
+    """This node's spot check passed worker 31's result; it reads a quorum on worker 32's result of
+    the same merge. Its sampled attestation, kept unchanged once it records the round, must name the
+    decided result (the same content: the same sample, the same verdict), not copy another key's."""
+    checked, decided = _same_merge_by(node, 31, 32)
+    spot = {"result": checked.id, "attestation": _sampled(checked, node.service.identity).raw}
+    node.service.state.set("spot/0/0", spot)
+    network_id = node.service.network_id
+    held = [_full(decided, _who(n)).raw for n in (32, 33)] + [
+        _sampled(decided, _who(n)).raw for n in (41, 42)
+    ]
+    latest = _decide(node, monkeypatch, decided, held)
+    ((shard, result_id, raw),) = latest["announce"]
+    att = open_envelope(raw, Attestation, network_id=network_id).message
+    assert (shard, result_id) == (0, decided.id)
+    assert (att.signer, att.kind, att.result_id) == (node.service.identity.public_key, "sampled", decided.id)
+    assert check_quorum(decided, [*held[:3], raw], quorum=4, network_id=network_id).ok
+    # a result of another merge is not followed: the node keeps the attestation its check passed
+    other = _forgery(node, _who(32), caught=False)
+    node.service.state.set("spot/0/0", spot)
+    node.service.state.set("latest", None)
+    latest = _decide(node, monkeypatch, other, [_full(other, _who(n)).raw for n in (32, 33)])
+    copied = open_envelope(latest["announce"][0][2], Attestation, network_id=network_id).message
+    assert copied.signer != node.service.identity.public_key
+    assert node.service.state.get("spot/0/0") == spot
+
+
+def test_workers_and_checkers_rank_results_of_one_merge_alike(node):
+    """Under a quorum of 2 (two full attestations), this node and worker 32 attest one result of
+    their merge: a quorum, which some nodes may already have recorded. Another result of the same
+    merge holds worker 33 and four sampled checkers. A worker ranking by attesters of any kind would
+    leave the quorum for it (and the checkers, ranking by full attesters first, would leave it for
+    the quorum); ranking as the checkers do, it stays, and so does the quorum."""
+    ours, decided, crowded = _same_merge_by(node, 1, 32, 33)
+    network_id = node.service.network_id
+    full = [_full(decided, node.service.identity), _full(decided, _who(32))]
+    sampled = [_sampled(crowded, _who(n)) for n in (41, 42, 43, 44)]
+    held = [(decided, att) for att in full] + [(crowded, att) for att in (_full(crowded, _who(33)), *sampled)]
+    node.service.board = Board(
+        {
+            bytes([index]): make_record("result", result=result.id, attestation=att.raw, p2p=f"peer{index}")
+            for index, (result, att) in enumerate(held)
+        }
+    )
+    own = {**_own_shard(ours), "attests": decided.id, "attestation": full[0].raw}
+    asyncio.run(node.service._attest_canonical(0, 0, own))
+    (record,) = node.published
+    assert (
+        open_envelope(record["attestation"], Attestation, network_id=network_id).message.result_id
+        == decided.id
+    )
+    assert check_quorum(decided, [a.raw for a in full], quorum=2, network_id=network_id).ok
+    attestations = {result.id: [] for result, _ in held}
+    for result, att in held:
+        attestations[result.id].append(att.raw)
+    assert spot_targets(attestations, network_id)[0] == decided.id
