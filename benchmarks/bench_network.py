@@ -18,7 +18,9 @@ servers, every p2pd) spent per GiB moved: on a shared machine this moves far les
 Usage: python benchmarks/bench_network.py [--mib 128] [--chunk-kib 1024] [--peers 1,3] [--repeat 3]
                                           [--streams 2] [--batch 4] [--depth 2]
        python benchmarks/bench_network.py --converge 3,5,8 [--hidden 256] [--layers 4] [--quorum 0,2]
-       (time to converge and bytes per node; see benchmarks/network_converge.py)
+                                          [--converge-timeout 600]
+       (time to converge and bytes per node; see benchmarks/network_converge.py; on a timeout the
+       nodes' logs and states are kept and their folder named)
        python benchmarks/bench_network.py --pull 256 [--pull-nodes 3] [--repeat 3]
        (pull time vs moving its bytes; see benchmarks/network_pull.py)
 """
