@@ -17,8 +17,10 @@ servers, every p2pd) spent per GiB moved: on a shared machine this moves far les
 
 Usage: python benchmarks/bench_network.py [--mib 128] [--chunk-kib 1024] [--peers 1,3] [--repeat 3]
                                           [--streams 2] [--batch 4] [--depth 2]
-       python benchmarks/bench_network.py --converge 3,5,8 [--hidden 256] [--layers 4]
-       (time to converge and bytes per node; see benchmarks/network_converge.py)
+       python benchmarks/bench_network.py --converge 3,5,8 [--hidden 256] [--layers 4] [--quorum 0,2]
+                                          [--converge-timeout 600]
+       (time to converge and bytes per node; see benchmarks/network_converge.py; on a timeout the
+       nodes' logs and states are kept and their folder named)
        python benchmarks/bench_network.py --pull 256 [--pull-nodes 3] [--repeat 3]
        (pull time vs moving its bytes; see benchmarks/network_pull.py)
 """
@@ -217,7 +219,11 @@ def run_converge(args, port: int, total: int, tcp_proc, tcp_conn) -> None:
         floor = max(asyncio.run(tcp_floor(port, total)) for _ in range(args.repeat))
     finally:
         stop_process(tcp_proc, tcp_conn)
-    rows = [measure(int(n), args.hidden, args.layers, floor) for n in args.converge.split(",")]
+    rows = [
+        measure(int(n), args.hidden, args.layers, floor, quorum=int(q), timeout=args.converge_timeout)
+        for q in args.quorum.split(",")
+        for n in args.converge.split(",")
+    ]
     report(rows, floor)
 
 
@@ -231,6 +237,17 @@ def main() -> None:
     )
     parser.add_argument("--hidden", type=int, default=256, help="converge: hidden size of the random Llama")
     parser.add_argument("--layers", type=int, default=4, help="converge: layers of the random Llama")
+    parser.add_argument(
+        "--quorum",
+        default="0,2",
+        help="converge: genesis quorums to measure, 0 = the default majority of the contributors",
+    )
+    parser.add_argument(
+        "--converge-timeout",
+        type=float,
+        default=600.0,
+        help="converge: seconds to wait for every node's result (on timeout the node logs are kept)",
+    )
     parser.add_argument("--streams", type=int, default=2, help="streams per peer")
     parser.add_argument("--batch", type=int, default=4, help="chunks per request")
     parser.add_argument("--depth", type=int, default=2, help="requests in flight per stream")

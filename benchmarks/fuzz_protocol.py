@@ -38,6 +38,7 @@ from protocol.envelope import open_envelope, sign_message, signing_input
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.messages import (
+    SCHEMA_VERSION,
     Attestation,
     DeltaManifest,
     DistributionSummary,
@@ -55,7 +56,7 @@ CHUNK = 4096
 def corpus() -> tuple[list[bytes], dict[str, bytes], DistributionSummary]:
     """Valid signed envelopes of every type, their chunks, and one summary."""
     alice, bob = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
-    common = {"v": 1, "network_id": NETWORK, "signer": alice.public_key, "created_at": NOW - 60}
+    common = {"v": SCHEMA_VERSION, "network_id": NETWORK, "signer": alice.public_key, "created_at": NOW - 60}
     card = sign_message(
         ExpertCard(
             **common,
@@ -142,6 +143,10 @@ def corpus() -> tuple[list[bytes], dict[str, bytes], DistributionSummary]:
             merged_fingerprint=fingerprint,
             shard=0,
             shards=1,
+            kind="full",
+            checked_tensors=len(r_entries),
+            checked_bytes=sum(t.nbytes for t in r_entries),
+            sample_proof=b"",
         ),
         bob,
     )

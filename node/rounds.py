@@ -11,9 +11,11 @@
    nodes that saw the same contributions build byte-identical recipes.
 
 Sharded rounds (`plan_round`, rules in protocol.shards): the workers are the selected
-contributions' signers; the base's tensors are split into byte-balanced shards, each computed by
-``R`` workers. `admit` then runs per shard: the name/shape check stays global (every manifest must
-cover exactly the base's tensors), while decoding (NaN/Inf) and the norm-outlier rule look at the
+contributions' signers; the base's tensors are split into byte-balanced shards, each computed in
+full by ``R`` workers, ``R = replica_count(W, full_quorum(quorum))`` (3 when there are 3 or more
+workers, whatever the quorum); the other nodes spot-check it (protocol.spotcheck). `admit` then
+runs per shard: the name/shape check stays global (every manifest must cover exactly the base's
+tensors), while decoding (NaN/Inf) and the norm-outlier rule look at the
 shard's tensors only, so every worker of a shard decides identically from the same bytes.
 """
 
@@ -31,6 +33,7 @@ from protocol.envelope import Signed
 from protocol.errors import ProtocolError
 from protocol.messages import DeltaManifest, ExpertCard, TensorEntry
 from protocol.shards import plan_for, replica_count, shard_count, shard_workers, shards_of_worker
+from protocol.spotcheck import full_quorum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,8 +164,8 @@ class RoundPlan:
     """Who computes which tensors in a round: the public, deterministic split of the merge.
 
     ``candidates``: the selected contribution ids (sorted); ``workers``: their distinct signers
-    (sorted public keys); ``shards``: the base's tensor names per shard; ``replicas``: workers per
-    shard; ``quorum``: distinct attestations each shard needs.
+    (sorted public keys); ``shards``: the base's tensor names per shard; ``replicas``: workers that
+    merge each shard in full; ``quorum``: distinct attestations (full or sampled) each shard needs.
     """
 
     candidates: tuple[str, ...]
@@ -197,6 +200,6 @@ def plan_round(
         candidates=tuple(sorted(c.id for c in contributions)),
         workers=workers,
         shards=shards,
-        replicas=replica_count(len(workers), quorum),
+        replicas=replica_count(len(workers), full_quorum(quorum)),
         quorum=quorum,
     )

@@ -12,10 +12,16 @@ Every `poll` seconds a node, on its own:
    candidate, admits per shard (robust admission), merges each shard with `protocol.aggregate`,
    stores the shard's chunks and publishes a signed MergeResult per shard;
 3. attests, per shard, the canonical result of its recipe, fingerprint and candidates — of all
-   published results that agree, the one with the smallest id — so attestations pile up on one id;
-4. when every shard of the round carries a result with attestations from >= quorum distinct keys
-   (`find_attested_result`), it fetches the shards it did not merge, records the assembled result
-   as its latest and moves to the next round.
+   published results that agree, the first by `node.spotcheck.result_rank` (most distinct full
+   attesters, then most attesters, ties: the smallest id; the order spot checkers follow too)
+   — so attestations pile up on one id and a quorum, once reached, is kept;
+   every shard it does not merge it spot-checks (`node.spotcheck`): it recomputes a sample of the
+   shard's tensors drawn with its own key and attests the result (``sampled``) if they match;
+4. when every shard of the round carries a result with attestations from >= quorum distinct keys,
+   at least `protocol.spotcheck.full_quorum` of them full (`find_attested_result`), it fetches
+   the shards it did not merge, records the assembled result as its latest and moves on; from then
+   on it announces, per shard, its own attestation of the decided result where it merged or
+   spot-checked that merge (`_attest_decided`, `node.spotcheck.attest_decided`).
 
 A restart resumes from the state in ``--data-dir`` (store + state.sqlite): same keys, same round.
 """
@@ -47,6 +53,7 @@ from node.records import (
     summary_key,
 )
 from node.rounds import Contribution, RoundPlan, admit, plan_round, select_contributions
+from node.spotcheck import attest_decided, attesters, merge_content, result_rank, spot_check_shards
 from node.state import NodeState
 from node.store import ContentStore
 from node.transport import ChunkServer, fetch_chunks
@@ -56,6 +63,7 @@ from protocol.envelope import Signed, sign_message
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.messages import SCHEMA_VERSION, Attestation, DeltaManifest, ExpertCard, MergeResult, TensorEntry
+from protocol.spotcheck import full_quorum
 from protocol.verify import check_quorum, check_round_quorum, verify_message
 
 logger = logging.getLogger(__name__)
@@ -63,6 +71,7 @@ logger = logging.getLogger(__name__)
 RECORD_TTL = 600.0
 FETCH_PATIENCE = 10
 FALLBACK_SECONDS = 120.0
+WAITING_LOG_SECONDS = 20.0
 
 
 def identity_path(data_dir: Path) -> Path:
@@ -181,6 +190,14 @@ class ShardRecords:
     attestations: dict[str, list[bytes]] = dataclasses.field(default_factory=dict)
     holders: dict[str, set[str]] = dataclasses.field(default_factory=dict)
     counts: set[int] = dataclasses.field(default_factory=set)
+
+    def tally(self, network_id: str) -> str:
+        """``<id prefix> <full>f+<sampled>s`` per attested result, for logs."""
+        parts = []
+        for result_id, raw in sorted(self.attestations.items()):
+            signers, full = attesters(raw, result_id, network_id)
+            parts.append(f"{result_id[:8]} {len(full)}f+{len(signers) - len(full)}s")
+        return ", ".join(parts) or "none"
 
 
 class RecordReader(Protocol):
@@ -360,6 +377,7 @@ class NodeService:
         self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
         self._missing_polls: dict[str, int] = {}
         self._last_published: dict[str, tuple[bytes, float]] = {}
+        self._waiting_logged = 0.0
         self.bytes_received = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -473,6 +491,10 @@ class NodeService:
         if await self.board.apublish(key, value, ttl=RECORD_TTL):
             self._last_published[key] = (value, time.monotonic())
 
+    async def shard_records(self, r: int, j: int) -> ShardRecords:
+        """The verified result records of shard `j` of round `r` on the DHT."""
+        return await read_shard_records(self.board, self.network_id, r, j)
+
     def _base_entries(self):
         return read_base_manifest(self.store.get(self.genesis.base_manifest))
 
@@ -552,6 +574,19 @@ class NodeService:
         plan = plan_round(self.genesis, contributions, base_entries)
         waited = time.monotonic() - seen[1] - self.genesis.settle_seconds
         shards = await self._shards_to_compute(r, plan, waited)
+        await self._merge_shards(r, plan, contributions, shards, base_entries)
+        others = [j for j in range(len(plan.shards)) if j not in shards]
+        await spot_check_shards(self, r, plan, contributions, others, base_entries)
+
+    async def _merge_shards(
+        self,
+        r: int,
+        plan: RoundPlan,
+        contributions: list[Contribution],
+        shards: Sequence[int],
+        base_entries: Sequence[TensorEntry],
+    ) -> None:
+        """Merge (or re-attest) shards `shards` of the round in full."""
         todo = []
         for j in shards:
             # a shard merged for these candidates is final: admission is a function of their bytes
@@ -594,7 +629,7 @@ class NodeService:
     async def _shards_to_compute(self, r: int, plan: RoundPlan, waited: float) -> tuple[int, ...]:
         """This node's shards; every shard when the workers alone cannot reach the quorum; after
         FALLBACK_SECONDS without a decided round, also the shards that still lack a quorum."""
-        if plan.replicas < plan.quorum:
+        if len(plan.workers) < plan.quorum:
             return tuple(range(len(plan.shards)))
         mine = set(plan.shards_of(self.identity.public_key))
         if waited >= FALLBACK_SECONDS:
@@ -675,50 +710,91 @@ class NodeService:
         }
 
     async def _attest_canonical(self, r: int, j: int, own: dict) -> None:
-        """Attest the smallest result id of shard j equal to ours but for signer and time: the same
-        recipe, fingerprint and candidates, and the same chunk list (a result whose chunks do not
-        hold its tensors would pass the fingerprint yet fail every pull)."""
+        """Attest, of the results of shard j of our merge (`merge_content`: equal but for signer and
+        time), the first in `result_rank` order (most full attesters, then most attesters, then the
+        smallest id): the order spot checkers follow too.
+
+        Following the most attested result, not simply the smallest id, keeps a quorum once it is
+        reached: a node that records the round keeps the attestations it then holds
+        (`_attest_decided`), so switching to a smaller id published later would split the
+        attestations between two ids of the same merge and leave the nodes that have not yet
+        recorded the round without a quorum on either.
+        """
         now = int(time.time())
+        mine = verify_message(self.store.get(own["result"]), MergeResult, network_id=self.network_id).message
+        ours = merge_content(mine)
+        records = await read_shard_records(self.board, self.network_id, r, j)
         canonical = own["result"]
-        mine = verify_message(self.store.get(canonical), MergeResult, network_id=self.network_id).message
-        ours = _result_content(mine)
-        for value in (await self.board.aread(result_key(self.network_id, r, j))).values():
-            record = parse_record("result", value)
-            if record is None or record["result"] >= canonical:
-                continue
+        rank = {
+            result_id: result_rank(records.attestations.get(result_id, ()), result_id, self.network_id)
+            for result_id in {*records.holders, canonical}
+        }
+        for result_id in sorted(rank, key=rank.__getitem__):
+            if rank[result_id] >= rank[canonical]:
+                break
             try:
-                await self.fetch([record["result"]], [record["p2p"]], attempts=1)
+                await self.fetch([result_id], sorted(records.holders[result_id]), attempts=1)
                 other = verify_message(
-                    self.store.get(record["result"]), MergeResult, network_id=self.network_id, now=now
+                    self.store.get(result_id), MergeResult, network_id=self.network_id, now=now
                 ).message
             except (NodeError, ProtocolError):
                 continue
-            if _result_content(other) == ours:
-                canonical = record["result"]
+            if merge_content(other) == ours:
+                canonical = result_id
+                break
         if own["attests"] != canonical:
-            attestation = sign_message(
-                Attestation(
-                    v=SCHEMA_VERSION,
-                    network_id=self.network_id,
-                    signer=self.identity.public_key,
-                    created_at=now,
-                    round=r,
-                    recipe_id=own["recipe"],
-                    result_id=canonical,
-                    merged_fingerprint=own["fingerprint"],
-                    shard=j,
-                    shards=own["shards"],
-                ),
-                self.identity,
+            own = self._attest_full(r, j, own, canonical, mine)
+            logger.info(
+                "round %d shard %d: attests %s in full (records: %s)",
+                r,
+                j,
+                canonical[:8],
+                records.tally(self.network_id),
             )
-            own = {**own, "attests": canonical, "attestation": attestation.raw}
-            self.state.set(f"shard/{r}/{j}", own)
         await self._publish(
             result_key(self.network_id, r, j),
             make_record(
                 "result", result=own["result"], attestation=own["attestation"], p2p=str(self.p2p.peer_id)
             ),
         )
+
+    def _attest_full(self, r: int, j: int, own: dict, result_id: str, mine: MergeResult) -> dict:
+        """Sign a full attestation of `result_id` (a result of our merge `mine` of shard j) and keep it
+        in our shard state; the updated state."""
+        attestation = sign_message(
+            Attestation(
+                v=SCHEMA_VERSION,
+                network_id=self.network_id,
+                signer=self.identity.public_key,
+                created_at=int(time.time()),
+                round=r,
+                recipe_id=own["recipe"],
+                result_id=result_id,
+                merged_fingerprint=own["fingerprint"],
+                shard=j,
+                shards=own["shards"],
+                kind="full",
+                checked_tensors=len(mine.tensors),
+                checked_bytes=sum(t.nbytes for t in mine.tensors),
+                sample_proof=b"",
+            ),
+            self.identity,
+        )
+        own = {**own, "attests": result_id, "attestation": attestation.raw}
+        self.state.set(f"shard/{r}/{j}", own)
+        return own
+
+    def _attest_decided(self, r: int, own: dict, result: Signed) -> tuple[str, bytes]:
+        """What this node keeps announcing for a shard it merged once it records the round on
+        `result`: a full attestation of `result` itself when it is our merge (`merge_content`), so
+        the attestation counts towards the quorum the nodes still deciding the round read (else, or
+        if our result cannot be read back, the attestation it holds)."""
+        if own["attests"] != result.id:
+            with contextlib.suppress(NodeError, ProtocolError):
+                mine = verify_message(self.store.get(own["result"]), MergeResult, network_id=self.network_id)
+                if merge_content(mine.message) == merge_content(result.message):
+                    own = self._attest_full(r, result.message.shard, own, result.id, mine.message)
+        return own["attests"], own["attestation"]
 
     def _carry_over(self, r: int, included: tuple[str, ...]) -> None:
         """Re-sign our contribution for round r + 1 if round r was decided without it."""
@@ -738,6 +814,7 @@ class NodeService:
     async def _check_quorum(self, r: int) -> None:
         found = await find_attested_result(self.board, self.genesis, r, self.fetch, self.store)
         if found is None:
+            await self._log_waiting(r)
             return
         view = self.state.get(f"view/{r}")
         if view is not None and (tuple(view[0]), view[1]) != (found.candidates, len(found.shards)):
@@ -764,7 +841,15 @@ class NodeService:
                         message.shard,
                     )
                     return
-                announce.append([message.shard, own["attests"], own["attestation"]])
+                announce.append([message.shard, *self._attest_decided(r, own, shard.result)])
+            elif shard.result.id in self.state.get(f"refused/{r}", []):
+                # our spot check found a sampled tensor that differs from this result
+                logger.warning(
+                    "round %d: a quorum attests %s, which our spot check refused", r, shard.result.id
+                )
+                return
+            elif (sampled := attest_decided(self, r, shard.result)) is not None:
+                announce.append([message.shard, *sampled])
             else:
                 # a shard this node did not compute: it still serves and re-announces the result
                 announce.append([message.shard, shard.result.id, shard.attestations[0]])
@@ -783,39 +868,39 @@ class NodeService:
         included = sorted({c for s in found.shards for c in s.result.message.recipe.contributions})
         self._carry_over(r, tuple(included))
         logger.info(
-            "round %d: result %s (%d shards) attested by >= %d keys per shard",
+            "round %d: result %s (%d shards: %s) attested by >= %d keys per shard",
             r,
             found.fingerprint,
             len(found.shards),
+            " ".join(s.result.id[:8] for s in found.shards),
             found.signers,
         )
+
+    async def _log_waiting(self, r: int) -> None:
+        """Every WAITING_LOG_SECONDS without a decided round: what each shard's records attest."""
+        view = self.state.get(f"view/{r}")
+        if view is None or time.monotonic() - self._waiting_logged < WAITING_LOG_SECONDS:
+            return
+        self._waiting_logged = time.monotonic()
+        tallies = []
+        for j in range(view[1]):
+            records = await read_shard_records(self.board, self.network_id, r, j)
+            tallies.append(f"shard {j}: {records.tally(self.network_id)}")
+        logger.info("round %d: no quorum yet; %s", r, "; ".join(tallies))
 
     async def _lacking_shards(self, r: int, plan: RoundPlan) -> set[int]:
         """Shards of `plan` whose results do not (yet) carry a quorum of valid attestations."""
         lacking = set()
         for j in range(len(plan.shards)):
             records = await read_shard_records(self.board, self.network_id, r, j)
-            signers = set()
+            reached = False
             for attestations in records.attestations.values():
-                counted = {
-                    verify_message(a, Attestation, network_id=self.network_id).message.signer
-                    for a in attestations
-                }
-                signers = max(signers, counted, key=len)
-            if len(signers) < plan.quorum:
+                messages = [
+                    verify_message(a, Attestation, network_id=self.network_id).message for a in attestations
+                ]
+                signers = {m.signer for m in messages}
+                full = {m.signer for m in messages if m.kind == "full"}
+                reached |= len(signers) >= plan.quorum and len(full) >= full_quorum(plan.quorum)
+            if not reached:
                 lacking.add(j)
         return lacking
-
-
-def _result_content(result: MergeResult) -> tuple:
-    """What two nodes' results of one shard must share to be the same merge: all but signer and time."""
-    return (
-        result.recipe.id,
-        result.merged_fingerprint,
-        result.round,
-        result.shard,
-        result.shards,
-        result.candidates,
-        result.chunk_size,
-        result.tensors,
-    )

@@ -27,7 +27,7 @@ from protocol.schema import (
     text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: attestations say whether they are full or sampled (spot checks)
 KiB = 1024
 MiB = 1024 * KiB
 CHUNK_SIZE_LIMIT = 4 * MiB
@@ -329,9 +329,28 @@ class MergeResult(RoundMessage):
             raise SchemaError(f"expected merged_fingerprint {fingerprint} of the tensors, got {got}")
 
 
+ATTESTATION_KINDS = ("full", "sampled")
+SAMPLE_PROOF_SIZE = 64  # an Ed25519 signature (protocol.spotcheck)
+
+
+def _sample_proof(name: str, value: Any) -> bytes:
+    if type(value) is not bytes or len(value) not in (0, SAMPLE_PROOF_SIZE):
+        got = f"{len(value)} bytes" if isinstance(value, bytes) else type(value).__name__
+        raise SchemaError(f"expected {name} to be 0 or {SAMPLE_PROOF_SIZE} bytes, got {got}")
+    return value
+
+
 @dataclass(frozen=True)
 class Attestation(RoundMessage):
-    """A signer who recomputed one shard's recipe and got this result's merged fingerprint."""
+    """A signer who recomputed one shard's result, in full or a sample of its tensors, and got its bytes.
+
+    ``kind`` ``full``: the signer merged the whole shard and got this result's merged fingerprint
+    (``checked_tensors`` and ``checked_bytes`` are all of the result's tensors and bytes,
+    ``sample_proof`` is empty). ``sampled``: the signer recomputed the tensors that
+    ``sample_proof`` (its signature over the result's content) selects by protocol.spotcheck's
+    rule, ``checked_tensors`` of them holding ``checked_bytes`` result bytes, and every one equals
+    the result's entry.
+    """
 
     TYPE: ClassVar[str] = "attestation"
     MAX_SIZE: ClassVar[int] = 4 * KiB
@@ -341,9 +360,19 @@ class Attestation(RoundMessage):
     merged_fingerprint: str = field(hex64)
     shard: int = field(shard_index)
     shards: int = field(shard_count)
+    kind: str = field(text(16, "|".join(ATTESTATION_KINDS)))
+    checked_tensors: int = field(integer(1, MAX_TENSORS))
+    checked_bytes: int = field(integer(0, 2**50))
+    sample_proof: bytes = field(_sample_proof)
 
     def _validate(self) -> None:
         _check_shard(self.shard, self.shards, "Attestation")
+        expected = 0 if self.kind == "full" else SAMPLE_PROOF_SIZE
+        if len(self.sample_proof) != expected:
+            raise SchemaError(
+                f"expected a {expected}-byte sample_proof for a {self.kind} attestation, "
+                f"got {len(self.sample_proof)} bytes"
+            )
 
 
 MESSAGE_TYPES: dict[str, type[SignedMessage]] = {

@@ -7,9 +7,11 @@ all-gather:
 
 - workers: the round's ``W`` distinct contribution signers, sorted by public key;
 - shards: ``S = min(W, tensors)`` byte-balanced groups of the base's tensors (`plan_shards`);
-- shard ``j`` is computed by the workers at positions ``(j + t) mod W`` for ``t < R``
-  (`shard_workers`), with ``R = min(W, quorum + 1)`` (`replica_count`): one spare worker per shard,
-  so one dead or lying worker does not stall the shard;
+- shard ``j`` is computed in full by the workers at positions ``(j + t) mod W`` for ``t < R``
+  (`shard_workers`), with ``R = min(W, full + 1)`` (`replica_count`) where ``full`` is the number of
+  full attestations a shard needs (protocol.spotcheck: ``min(quorum, 2)``): one spare worker per
+  shard, so one dead or lying worker does not stall the shard; the rest of the quorum comes from
+  sampled attestations of the other nodes (protocol.spotcheck);
 - every node assembles the round's result from the shards' attested results; its fingerprint is
   `assembled_fingerprint`, equal to the fingerprint of the full merge when every shard admitted
   the same contributions.
@@ -30,7 +32,8 @@ def shard_count(workers: int, tensors: int) -> int:
 
 
 def replica_count(workers: int, quorum: int) -> int:
-    """Workers per shard: the quorum plus one spare, at least 2, at most `workers`."""
+    """Workers per shard: `quorum` (the full attestations needed) plus one spare, at least 2, at
+    most `workers`."""
     return max(1, min(workers, max(2, quorum + 1)))
 
 

@@ -35,6 +35,7 @@ from protocol.messages import (
     SignedMessage,
 )
 from protocol.shards import assembled_fingerprint, plan_shards
+from protocol.spotcheck import check_attestation_claim, full_quorum
 
 verify_message = open_envelope  # the raising form: verify one envelope, see `open_envelope`
 
@@ -67,17 +68,33 @@ def check_message(
 
 @dataclass(frozen=True)
 class QuorumCheck:
-    """Outcome of `check_quorum`: the distinct valid signers, the rejected attestations and why."""
+    """Outcome of `check_quorum`: the distinct valid signers (and those of them that attest in full),
+    the rejected attestations and why."""
 
     ok: bool
     quorum: int
     signers: frozenset[bytes]
     rejected: tuple[tuple[int, str], ...]
+    full_signers: frozenset[bytes] = frozenset()
+    full_quorum: int = 0
 
     @property
     def missing(self) -> int:
-        """How many more distinct valid attestations the quorum needs."""
-        return max(0, self.quorum - len(self.signers))
+        """How many more distinct valid attestations (full ones, where those fall short) are needed."""
+        return max(0, self.quorum - len(self.signers), self.full_quorum - len(self.full_signers))
+
+    @property
+    def problem(self) -> str:
+        """Why the quorum is not met (empty when it is)."""
+        if len(self.full_signers) < self.full_quorum:
+            return (
+                f"expected full attestations from at least {self.full_quorum} distinct signers, "
+                f"got {len(self.full_signers)}"
+            )
+        if len(self.signers) < self.quorum:
+            got = len(self.signers)
+            return f"expected attestations from at least {self.quorum} distinct signers, got {got}"
+        return ""
 
 
 def check_quorum(
@@ -88,18 +105,24 @@ def check_quorum(
     network_id: str,
     allowed_signers: frozenset[bytes] | None = None,
     now: int | None = None,
+    full: int | None = None,
 ) -> QuorumCheck:
     """Count distinct signers of valid attestations for `result` (a verified MergeResult).
 
-    An attestation counts when it verifies, names this result's id, recipe id, round and merged
-    fingerprint, and (with an allowlist) comes from an allowed signer. Each signer counts once.
+    An attestation counts when it verifies, names this result's id, recipe id, round, shard and
+    merged fingerprint, claims exactly what its kind checks (`check_attestation_claim`: all tensors
+    for ``full``, the sample its proof selects for ``sampled``) and (with an allowlist) comes from
+    an allowed signer. Each signer counts once. The quorum is met with at least `quorum` distinct
+    signers of which at least `full` (default `full_quorum(quorum)`) attest in full.
     """
     if quorum < 1:
         raise RuntimeError("check_quorum: quorum must be at least 1")
+    full_needed = full_quorum(quorum) if full is None else full
     message = result.message
     if not isinstance(message, MergeResult):
         raise RuntimeError("check_quorum: result must be a verified MergeResult")
     signers: set[bytes] = set()
+    full_signers: set[bytes] = set()
     rejected: list[tuple[int, str]] = []
     for index, data in enumerate(attestations):
         try:
@@ -107,11 +130,15 @@ def check_quorum(
             _check_attestation_matches(att, result)
             if allowed_signers is not None and att.signer not in allowed_signers:
                 raise UnknownSignerError(f"expected an allowed signer, got {att.peer_id}")
+            check_attestation_claim(att, message)
         except ProtocolError as exc:
             rejected.append((index, f"{exc.reason}: {exc}"))
             continue
         signers.add(att.signer)
-    return QuorumCheck(len(signers) >= quorum, quorum, frozenset(signers), tuple(rejected))
+        if att.kind == "full":
+            full_signers.add(att.signer)
+    ok = len(signers) >= quorum and len(full_signers) >= full_needed
+    return QuorumCheck(ok, quorum, frozenset(signers), tuple(rejected), frozenset(full_signers), full_needed)
 
 
 def verify_quorum(
@@ -123,14 +150,13 @@ def verify_quorum(
     allowed_signers: frozenset[bytes] | None = None,
     now: int | None = None,
 ) -> QuorumCheck:
-    """The raising form of `check_quorum`: QuorumError when too few distinct valid signers attest."""
+    """The raising form of `check_quorum`: QuorumError when too few distinct valid signers attest
+    (or too few of them in full)."""
     outcome = check_quorum(
         result, attestations, quorum=quorum, network_id=network_id, allowed_signers=allowed_signers, now=now
     )
     if not outcome.ok:
-        raise QuorumError(
-            f"expected attestations from at least {quorum} distinct signers, got {len(outcome.signers)}"
-        )
+        raise QuorumError(outcome.problem)
     return outcome
 
 
@@ -200,7 +226,14 @@ def check_round_quorum(
         for result, atts in zip(results, attestations, strict=True)
     )
     short = [j for j, check in enumerate(checks) if not check.ok]
-    problem = f"expected a quorum of {quorum} on every shard, got fewer on shard {short[0]}" if short else ""
+    problem = ""
+    if short:
+        first = checks[short[0]]
+        if len(first.signers) < quorum:
+            problem = f"expected a quorum of {quorum} on every shard, got fewer on shard {short[0]}"
+        else:
+            full = first.full_quorum
+            problem = f"expected {full} full attestations on every shard, got fewer on shard {short[0]}"
     return RoundCheck(not short, checks, assembled_fingerprint(messages), problem or None)
 
 

@@ -341,8 +341,9 @@ def test_a_node_merges_its_shards_then_after_the_fallback_time_the_ones_lacking_
     monkeypatch.setattr(service, "_lacking_shards", lacking)
     assert asyncio.run(service._shards_to_compute(0, plan, FALLBACK_SECONDS - 1)) == mine
     assert asyncio.run(service._shards_to_compute(0, plan, FALLBACK_SECONDS)) == (0, 1, 2, 3)
-    # workers alone cannot reach the quorum: every node merges every shard
-    assert asyncio.run(service._shards_to_compute(0, dataclasses.replace(plan, quorum=4), 0.0)) == (
+    # the four workers alone (full or sampled) cannot reach the quorum: every node merges every shard
+    assert asyncio.run(service._shards_to_compute(0, dataclasses.replace(plan, quorum=4), 0.0)) == mine
+    assert asyncio.run(service._shards_to_compute(0, dataclasses.replace(plan, quorum=5), 0.0)) == (
         0,
         1,
         2,

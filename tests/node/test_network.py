@@ -1,8 +1,10 @@
 """A local network of node processes: convergence, late pull, a killed peer, a poisoned expert, restart.
 
-Four `umm node start` processes on 127.0.0.1 (each in its own process group, p2pd included):
-n1 creates the network; n1-n3 contribute honest experts; n4 contributes a poisoned delta
-(100x the others' norm) that robust admission must exclude.
+Six `umm node start` processes on 127.0.0.1 (each in its own process group, p2pd included):
+n1 creates the network with the default quorum (a majority of the contributors: 4 of 6); n1-n5
+contribute honest experts; n6 contributes a poisoned delta (100x the others' norm) that robust
+admission must exclude. Each shard is merged in full by 3 nodes, so its quorum needs at least one
+sampled attestation (a spot check) of another node.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from node.store import ContentStore
 from protocol.chunks import decode_tensors
 from protocol.envelope import open_envelope
 from protocol.fingerprint import weights_fingerprint
-from protocol.messages import DeltaManifest, MergeResult
+from protocol.messages import Attestation, DeltaManifest, MergeResult
+from protocol.verify import check_round_quorum
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-NODES = ("n1", "n2", "n3", "n4")
-HONEST = ("n1", "n2", "n3")
+NODES = ("n1", "n2", "n3", "n4", "n5", "n6")
+HONEST = ("n1", "n2", "n3", "n4", "n5")
+POISONED = "n6"
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def network(tmp_path_factory):
     make_base(root / "base")
     for index, name in enumerate(HONEST):
         make_expert(root / "base", root / f"expert-{name}", seed=100 + index)
-    make_expert(root / "base", root / "expert-n4", seed=999, scale=2.0)  # the poisoned delta
+    make_expert(root / "base", root / f"expert-{POISONED}", seed=999, scale=2.0)  # the poisoned delta
     make_base(root / "wider", seed=5, hidden=48)
     with LocalNetwork(root) as net:
         net.create(
@@ -59,8 +63,7 @@ def network(tmp_path_factory):
             root / "base",
             network_name="tiny",
             method="ties",
-            min_contributions=len(NODES),
-            quorum=2,  # 4 workers, 3 per shard: each node computes 3 of the 4 shards
+            min_contributions=len(NODES),  # the default quorum: a majority, 4 of the 6 contributors
             probe_set=["t1 t2 t3", "t4 t5 t6"],
             settle_seconds=1.0,
         )
@@ -92,13 +95,13 @@ def test_nodes_converge_on_the_offline_merge_without_the_poisoned_expert(network
         for name in NODES:
             with NodeState(network.root / name) as node_state:
                 honest[name] = node_state.get("contribution/0")["manifest"]
-        # four workers: four shards, each computed by three nodes (quorum 2 + one spare)
+        # six workers: six shards, each computed in full by three nodes (two full attestations + one spare)
         assert [(s.shard, s.shards) for s in shards] == [(j, len(NODES)) for j in range(len(NODES))]
         assert len({s.recipe.id for s in shards}) == 1  # every shard admitted the same contributions
         result = shards[0]
         assert sorted(result.candidates) == sorted(honest.values())
         assert sorted(result.recipe.contributions) == sorted(honest[n] for n in HONEST)
-        assert honest["n4"] not in result.recipe.contributions
+        assert honest[POISONED] not in result.recipe.contributions
         computed = {}
         for name in NODES:
             with NodeState(network.root / name) as node_state:
@@ -132,6 +135,54 @@ def test_nodes_converge_on_the_offline_merge_without_the_poisoned_expert(network
     }
     offline = merge(config, tmp_path / "offline", progress=False)
     assert weights_fingerprint(offline) == fingerprint
+
+
+def _drawn_sample(proof: bytes, names, contributions: int) -> list[str]:
+    """The spot-check rule written out: tensor drawn if its 64-bit hash < 2/contributions of 2**64."""
+    drawn = []
+    for name in names:
+        h = int.from_bytes(hashlib.sha256(b"umm-spot-tensor-v1" + proof + name.encode()).digest()[:8], "big")
+        if h * contributions < min(2, contributions) * 2**64:
+            drawn.append(name)
+    return drawn
+
+
+def test_every_shard_quorum_holds_full_and_sampled_attestations(network):
+    latest = network.converged["n1"]
+    with ContentStore(network.root / "n1" / "store") as store:
+        results = [
+            open_envelope(store.get(i), MergeResult, network_id=network.network_id) for i in latest["results"]
+        ]
+        base_sizes = [
+            (e.name, e.nbytes) for e in read_base_manifest(store.get(network.genesis.base_manifest))
+        ]
+    sampled_seen = 0
+    for result, attestations in zip(results, latest["attestations"], strict=True):
+        messages = {}
+        for data in attestations:
+            att = open_envelope(data, Attestation, network_id=network.network_id).message
+            messages[att.signer] = att
+        full = [a for a in messages.values() if a.kind == "full"]
+        sampled = [a for a in messages.values() if a.kind == "sampled"]
+        assert len(full) >= 2 and len(full) + len(sampled) >= 4, (len(full), len(sampled))
+        tensors = {t.name: t.nbytes for t in result.message.tensors}
+        for att in sampled:
+            drawn = _drawn_sample(att.sample_proof, tensors, len(result.message.recipe.contributions))
+            drawn = drawn or [
+                min(
+                    tensors,
+                    key=lambda n: hashlib.sha256(
+                        b"umm-spot-tensor-v1" + att.sample_proof + n.encode()
+                    ).digest()[:8],
+                )
+            ]
+            assert (att.checked_tensors, att.checked_bytes) == (len(drawn), sum(tensors[n] for n in drawn))
+        sampled_seen += len(sampled)
+    assert sampled_seen >= len(results)  # 3 full workers per shard cannot make a quorum of 4 alone
+    check = check_round_quorum(
+        results, latest["attestations"], base_sizes=base_sizes, quorum=4, network_id=network.network_id
+    )
+    assert check.ok and check.fingerprint == latest["fingerprint"]
 
 
 def test_late_joiner_pulls_byte_identical_loadable_weights(network, tmp_path):

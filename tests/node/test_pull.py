@@ -95,6 +95,10 @@ def attestation(identity: Identity, network: Network, result) -> bytes:
             merged_fingerprint=result.message.merged_fingerprint,
             shard=0,
             shards=1,
+            kind="full",
+            checked_tensors=len(result.message.tensors),
+            checked_bytes=sum(t.nbytes for t in result.message.tensors),
+            sample_proof=b"",
         ),
         identity,
     ).raw

@@ -21,7 +21,7 @@ from protocol.codecs import parse_codec
 from protocol.envelope import sign_message
 from protocol.errors import NonFiniteValuesError
 from protocol.identity import Identity
-from protocol.messages import DeltaManifest, ExpertCard
+from protocol.messages import SCHEMA_VERSION, DeltaManifest, ExpertCard
 
 CHUNK = 4096
 NOW = 1_800_000_000
@@ -66,7 +66,7 @@ def _contribution(
 ):
     card = sign_message(
         ExpertCard(
-            v=1,
+            v=SCHEMA_VERSION,
             network_id=genesis.network_id,
             signer=who.public_key,
             created_at=NOW - 100,
@@ -83,7 +83,7 @@ def _contribution(
     deltas = {k: torch.randn(v.shape, generator=gen) * scale for k, v in BASE.items()}
     entries, chunks = encode_tensors(deltas, parse_codec("bf16"), CHUNK)
     fields = dict(
-        v=1,
+        v=SCHEMA_VERSION,
         network_id=genesis.network_id,
         signer=who.public_key,
         created_at=NOW - 50,

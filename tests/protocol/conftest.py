@@ -14,6 +14,7 @@ from protocol.envelope import Signed, sign_message
 from protocol.fingerprint import fingerprint_state_dict
 from protocol.identity import Identity
 from protocol.messages import (
+    SCHEMA_VERSION,
     Attestation,
     DeltaManifest,
     ExpertCard,
@@ -37,7 +38,7 @@ def identity(n: int) -> Identity:
 
 def card(who: Identity, **changes) -> ExpertCard:
     fields = dict(
-        v=1,
+        v=SCHEMA_VERSION,
         network_id=NETWORK,
         signer=who.public_key,
         created_at=NOW - 100,
@@ -64,7 +65,7 @@ def manifest(who: Identity, card_id: str, round_number: int = 1, seed: int = 0, 
     """A DeltaManifest and its chunks."""
     entries, chunks = encode_tensors(delta_tensors(seed), parse_codec("int8+zstd"), chunk_size=CHUNK)
     fields = dict(
-        v=1,
+        v=SCHEMA_VERSION,
         network_id=NETWORK,
         signer=who.public_key,
         created_at=NOW - 50,
@@ -98,7 +99,7 @@ def result(who: Identity, round_number: int = 1, seed: int = 0, **changes):
     tensors = {k: v.bfloat16() for k, v in delta_tensors(seed + 100).items()}
     entries, chunks = encode_tensors(tensors, CodecSpec(name="raw", zstd=False, k=0, block_size=0), CHUNK)
     fields = dict(
-        v=1,
+        v=SCHEMA_VERSION,
         network_id=NETWORK,
         signer=who.public_key,
         created_at=NOW - 10,
@@ -118,7 +119,7 @@ def result(who: Identity, round_number: int = 1, seed: int = 0, **changes):
 def attestation(who: Identity, signed_result: Signed, **changes) -> Attestation:
     res = signed_result.message
     fields = dict(
-        v=1,
+        v=SCHEMA_VERSION,
         network_id=NETWORK,
         signer=who.public_key,
         created_at=NOW - 5,
@@ -128,6 +129,10 @@ def attestation(who: Identity, signed_result: Signed, **changes) -> Attestation:
         merged_fingerprint=res.merged_fingerprint,
         shard=res.shard,
         shards=res.shards,
+        kind="full",
+        checked_tensors=len(res.tensors),
+        checked_bytes=sum(t.nbytes for t in res.tensors),
+        sample_proof=b"",
     )
     fields.update(changes)
     return Attestation(**fields)

@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from merging.distribution import token_strings, top_k_distribution
 from merging.errors import MergeError
 from protocol.errors import HashMismatchError, SchemaError
-from protocol.messages import DistributionSummary
+from protocol.messages import SCHEMA_VERSION, DistributionSummary
 from protocol.summary import decode_summary, encode_summary, probe_set_fingerprint
 
 VOCAB = [f"<{c}>" for c in "abcdefghijklmnopqrstuvwx"]
@@ -73,7 +73,7 @@ def summary_for(f, dist, strings):
     entries, chunks = encode_summary(dist, strings, chunk_size=f.CHUNK)
     who = f.identity(1)
     summary = DistributionSummary(
-        v=1,
+        v=SCHEMA_VERSION,
         network_id=f.NETWORK,
         signer=who.public_key,
         created_at=f.NOW,
