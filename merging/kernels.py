@@ -238,25 +238,14 @@ def pivot_counts(inputs, base, models, pivots, counts, start, end, below, upto):
 def count_equal(inputs, base, models, active, values, start, end, counts):
     """counts[j, s] += how many |delta| of model j over `[start, end)` equal `values[j, s]` (if `active`)."""
     base_values = np.empty(TILE, dtype=np.float32)
-    magnitude = np.empty(TILE, dtype=np.float32)
     for tile in range(start, end, TILE):
         count = min(TILE, end - tile)
         decode(source(inputs, base), tile, count, base_values)
         for j in range(len(models)):
-            if not (active[j, 0] or active[j, 1]):
-                continue
-            _magnitudes(source(inputs, models[j]), tile, count, base_values, magnitude)
+            x = source(inputs, models[j])[tile : tile + count]
             for side in range(2):
                 if active[j, side]:
-                    counts[j, side] += _equal_count(magnitude, count, values[j, side])
-
-
-@njit(cache=True, inline="always")
-def _equal_count(magnitude, count, value):
-    equal = np.int32(0)
-    for t in range(count):
-        equal = np.int32(equal + np.int32(magnitude[t] == value))
-    return np.int64(equal)
+                    counts[j, side] += _equal_magnitudes(x, count, base_values, values[j, side])
 
 
 @njit(cache=True, inline="always")
@@ -294,7 +283,7 @@ def _equal_magnitudes(x, count, base_values, value):
     equal = np.int32(0)
     for t in range(count):
         equal = np.int32(equal + np.int32(abs(value_at(x, t) - base_values[t]) == value))
-    return equal
+    return np.int64(equal)
 
 
 @njit(cache=True, inline="always")
