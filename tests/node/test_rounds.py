@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from node_messages import signed_contribution
 
 from node.genesis import Genesis
 from node.rounds import (
@@ -21,7 +22,6 @@ from protocol.codecs import parse_codec
 from protocol.envelope import sign_message
 from protocol.errors import NonFiniteValuesError
 from protocol.identity import Identity
-from protocol.messages import SCHEMA_VERSION, DeltaManifest, ExpertCard
 
 CHUNK = 4096
 NOW = 1_800_000_000
@@ -64,40 +64,9 @@ def _who(n: int) -> Identity:
 def _contribution(
     who: Identity, *, scale: float = 0.01, seed: int = 0, genesis: Genesis = GENESIS, **changes
 ):
-    card = sign_message(
-        ExpertCard(
-            v=SCHEMA_VERSION,
-            network_id=genesis.network_id,
-            signer=who.public_key,
-            created_at=NOW - 100,
-            name="expert",
-            base_fingerprint=genesis.base_fingerprint,
-            architecture_fingerprint=genesis.architecture_fingerprint,
-            tokenizer_fingerprint=genesis.tokenizer_fingerprint,
-            domains=("math",),
-            license="mit",
-        ),
-        who,
+    return signed_contribution(
+        who, genesis, BASE, chunk_size=CHUNK, now=NOW, scale=scale, seed=seed, manifest_changes=changes
     )
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {k: torch.randn(v.shape, generator=gen) * scale for k, v in BASE.items()}
-    entries, chunks = encode_tensors(deltas, parse_codec("bf16"), CHUNK)
-    fields = dict(
-        v=SCHEMA_VERSION,
-        network_id=genesis.network_id,
-        signer=who.public_key,
-        created_at=NOW - 50,
-        round=0,
-        card_id=card.id,
-        base_fingerprint=genesis.base_fingerprint,
-        architecture_fingerprint=genesis.architecture_fingerprint,
-        chunk_size=CHUNK,
-        total_bytes=sum(e.nbytes for e in entries),
-        tensors=entries,
-    )
-    fields.update(changes)
-    manifest = sign_message(DeltaManifest(**fields), who)
-    return card, manifest, chunks
 
 
 def test_valid_pairs_are_selected_in_id_order():

@@ -11,7 +11,7 @@ import hashlib
 from types import SimpleNamespace
 
 import pytest
-import torch
+from node_messages import signed_contribution
 from node_models import make_base
 
 import node.service as node_service
@@ -22,12 +22,11 @@ from node.service import AttestedResult, AttestedRound, NodeService
 from node.spotcheck import _sampled_attestation, spot_check_shard, spot_targets
 from node.store import ContentStore
 from protocol.aggregate import aggregate, encode_result
-from protocol.chunks import decode_tensors, encode_tensors
-from protocol.codecs import parse_codec
+from protocol.chunks import decode_tensors
 from protocol.encoding import pack
 from protocol.envelope import open_envelope, sign_message
 from protocol.identity import Identity
-from protocol.messages import SCHEMA_VERSION, Attestation, DeltaManifest, ExpertCard, MergeResult
+from protocol.messages import SCHEMA_VERSION, Attestation, MergeResult
 from protocol.verify import check_quorum
 
 NOW = 1_750_000_000  # every message's time is fixed, so every id and every draw is the same each run
@@ -50,39 +49,11 @@ def node(tmp_path, monkeypatch):
     contributions = []
     for n in (11, 12, 13):
         who = _who(n)
-        common = dict(v=SCHEMA_VERSION, network_id=genesis.network_id, signer=who.public_key)
-        card = sign_message(
-            ExpertCard(
-                **common,
-                created_at=NOW - 100,
-                name=f"expert{n}",
-                base_fingerprint=genesis.base_fingerprint,
-                architecture_fingerprint=genesis.architecture_fingerprint,
-                tokenizer_fingerprint=genesis.tokenizer_fingerprint,
-                domains=("math",),
-                license="mit",
-            ),
-            who,
+        card, manifest, chunks = signed_contribution(
+            who, genesis, base, chunk_size=genesis.chunk_size, now=NOW, name=f"expert{n}", scale=0.02, seed=n
         )
-        gen = torch.Generator().manual_seed(n)
-        deltas = {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in base.items()}
-        entries, chunks = encode_tensors(deltas, parse_codec("bf16"), genesis.chunk_size)
         for digest, data in chunks.items():
             service.store.put(data, digest)
-        manifest = sign_message(
-            DeltaManifest(
-                **common,
-                created_at=NOW - 50,
-                round=0,
-                card_id=card.id,
-                base_fingerprint=genesis.base_fingerprint,
-                architecture_fingerprint=genesis.architecture_fingerprint,
-                chunk_size=genesis.chunk_size,
-                total_bytes=sum(e.nbytes for e in entries),
-                tensors=entries,
-            ),
-            who,
-        )
         contributions.append(Contribution(card, manifest))
     contributions.sort(key=lambda c: c.id)
     plan = plan_round(genesis, contributions, base_entries)
