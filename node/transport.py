@@ -5,7 +5,8 @@ Wire protocol on the stream handler `umm.chunks/1`, in frames of `node.framing`:
              kind 2 HAVE  payload: 1..MAX_BATCH raw 32-byte sha256 digests
     response kind = an `ErrorCode`; GET: one frame per digest, in order, OK carrying the chunk's bytes;
              HAVE: one OK frame with one byte (0 or 1) per digest; errors carry a UTF-8 message.
-A stream carries any number of requests; the server closes it on a bad request.
+A stream carries any number of requests; after a bad request the server answers, waits (bounded)
+for the peer to close, and closes.
 
 The fetcher pulls different chunks from several peers at once (a few streams per peer, each
 pipelining a batch of chunks), verifies every chunk's sha256 before it reaches the sink, retries a
@@ -50,6 +51,7 @@ DIGEST_BYTES = 32
 MAX_BATCH = 256
 DEFAULT_TIMEOUT = 30.0
 SEND_BUFFER_BYTES = 4 << 20  # Linux caps it at net.core.wmem_max
+LINGER_SECONDS = 5.0  # how long a server waits for the peer to close after a final error reply
 
 
 class RequestKind(enum.IntEnum):
@@ -90,6 +92,19 @@ def unpack_digests(payload: bytes) -> list[str]:
             f"expected 1..{MAX_BATCH} digests of {DIGEST_BYTES} bytes, got a {len(payload)}-byte payload"
         )
     return [payload[i : i + DIGEST_BYTES].hex() for i in range(0, len(payload), DIGEST_BYTES)]
+
+
+async def _await_peer_close(reader: asyncio.StreamReader, timeout: float) -> None:
+    """Drop what the peer still sends until it closes its side, for at most `timeout` seconds.
+
+    A server that closes first races its own reply: the daemon closes the libp2p stream both ways,
+    its copy from the stream then fails and resets it, and a reset discards the reply the peer's
+    daemon has not yet handed on.
+    """
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(timeout):
+            while await reader.read(1 << 16):
+                pass
 
 
 class ChunkServer:
@@ -143,6 +158,7 @@ class ChunkServer:
                         else f"expected a request kind 1 or 2, got {kind}"
                     )
                     await write_frame(writer, ErrorCode.BAD_REQUEST, message.encode(), timeout=self.timeout)
+                    await _await_peer_close(reader, min(self.timeout, LINGER_SECONDS))
                     return
                 if request is RequestKind.HAVE:
                     await self._answer_have(writer, digests)

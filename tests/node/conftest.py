@@ -26,7 +26,8 @@ def loop():
     pending = asyncio.all_tasks(event_loop)
     for task in pending:
         task.cancel()
-    event_loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    if pending:  # gather() of nothing makes a future on the current loop, not on this one
+        event_loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
     event_loop.run_until_complete(event_loop.shutdown_asyncgens())
     gc.collect()  # finalizers of streams and tasks run now, not in the middle of a later import
     event_loop.close()

@@ -168,16 +168,20 @@ def test_missing_chunk_fails_then_fetch_resumes(servers, loop, tmp_path):
 def test_server_answers_bad_requests_with_a_code(servers, loop):
     (p0, _, client), _, _ = servers
 
-    async def raw(kind: int, payload: bytes):
+    async def raw(kind: int, payload: bytes, *, then_wait: float = 0.0):
         _, reader, writer = await client.call_binary_stream_handler(p0.peer_id, HANDLER_NAME)
         try:
             await write_frame(writer, kind, payload, timeout=5)
-            return await read_frame(reader, timeout=5)
+            frame = await read_frame(reader, timeout=5)
+            if then_wait:  # the server waits for us to close first: closing first could lose its reply
+                with pytest.raises(RemoteTimeoutError):
+                    await read_frame(reader, timeout=then_wait)
+            return frame
         finally:
             writer.close()
             await writer.wait_closed()
 
-    code, message = loop.run_until_complete(raw(9, b"\0" * 32))
+    code, message = loop.run_until_complete(raw(9, b"\0" * 32, then_wait=0.5))
     assert (code, message) == (ErrorCode.BAD_REQUEST, b"expected a request kind 1 or 2, got 9")
     code, message = loop.run_until_complete(raw(1, b"\0" * 31))
     assert code == ErrorCode.BAD_REQUEST
