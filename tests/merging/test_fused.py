@@ -1,6 +1,8 @@
 """The compiled task-arithmetic path: its random stream, statistics paths and thread independence."""
 
 import hashlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -211,3 +213,14 @@ def test_linear_matches_the_plain_weighted_sum_bit_for_bit(dtype, normalize, mon
         merged = merge_one("linear", None, models, params, parameters={"normalize": normalize})
         assert merged.dtype == dtype
         assert torch.equal(merged.view(bits), expected.view(bits))
+
+
+def test_a_first_kernel_call_does_not_load_scipy_linalg():
+    """numba's BLAS probe would import scipy.linalg (~0.4 CPU-s per merge); the kernels need no BLAS."""
+    script = (
+        "import sys, numpy as np, merging.kernels as k\n"
+        "k.splitmix64(np.uint64(1), np.uint64(2))\n"
+        "print('scipy.linalg' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
