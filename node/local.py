@@ -18,18 +18,25 @@ from node.contribute import PreparedContribution, contribute
 from node.errors import NodeError
 from node.genesis import Genesis, create_genesis
 from node.process import bound_unix_sockets, process_tree, spawn_in_new_session, stop_process_group
-from node.service import load_or_create_identity
+from node.service import FALLBACK_SECONDS, load_or_create_identity
 from node.state import NodeState
 from node.store import ContentStore
 
 
 class LocalNetwork:
-    """Node processes sharing one network (see the module docstring)."""
+    """Node processes sharing one network (see the module docstring).
 
-    def __init__(self, root: str | Path, *, poll: float = 0.5) -> None:
+    `poll` and `fallback_seconds` are every node's ``--poll`` and ``--fallback-seconds``;
+    `start` can override them for one node.
+    """
+
+    def __init__(
+        self, root: str | Path, *, poll: float = 0.5, fallback_seconds: float = FALLBACK_SECONDS
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.poll = poll
+        self.fallback_seconds = fallback_seconds
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, int] = {}
         self.sockets: dict[str, set[str]] = {}  # unix sockets each node's processes listen on
@@ -63,10 +70,17 @@ class LocalNetwork:
                 return self.maddrs[other][0]
         return None
 
-    def start(self, name: str) -> subprocess.Popen:
-        """Start (or restart) node `name`; it joins through a running node, the bootstrap if it runs."""
+    def start(
+        self, name: str, *, poll: float | None = None, fallback_seconds: float | None = None
+    ) -> subprocess.Popen:
+        """Start (or restart) node `name`; it joins through a running node, the bootstrap if it runs.
+
+        `poll` and `fallback_seconds` override the network's settings for this start of this node.
+        """
         command = [sys.executable, "-m", "node.cli", "node", "start", "--data-dir", str(self.root / name)]
-        command += ["--poll", str(self.poll)]
+        command += ["--poll", str(self.poll if poll is None else poll)]
+        fallback = self.fallback_seconds if fallback_seconds is None else fallback_seconds
+        command += ["--fallback-seconds", str(fallback)]
         if self.bootstrap:
             command += ["--network", self.network_id]
             peer = self._running_peer(name)

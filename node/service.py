@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -72,6 +73,13 @@ RECORD_TTL = 600.0
 FETCH_PATIENCE = 10
 FALLBACK_SECONDS = 120.0
 WAITING_LOG_SECONDS = 20.0
+
+
+def checked_fallback_seconds(value: object) -> float:
+    """`value` as a fallback delay: a positive, finite number of seconds (NodeError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < math.inf:
+        raise NodeError(f"expected the fallback delay to be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def identity_path(data_dir: Path) -> Path:
@@ -349,7 +357,9 @@ class NodeService:
         poll: float = 1.0,
         on_ready: Callable[[NodeService], None] | None = None,
         aggregate_rounds: bool = True,
+        fallback_seconds: float = FALLBACK_SECONDS,
     ) -> None:
+        self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = ContentStore(self.data_dir / "store")
@@ -628,11 +638,11 @@ class NodeService:
 
     async def _shards_to_compute(self, r: int, plan: RoundPlan, waited: float) -> tuple[int, ...]:
         """This node's shards; every shard when the workers alone cannot reach the quorum; after
-        FALLBACK_SECONDS without a decided round, also the shards that still lack a quorum."""
+        ``fallback_seconds`` without a decided round, also the shards that still lack a quorum."""
         if len(plan.workers) < plan.quorum:
             return tuple(range(len(plan.shards)))
         mine = set(plan.shards_of(self.identity.public_key))
-        if waited >= FALLBACK_SECONDS:
+        if waited >= self.fallback_seconds:
             mine |= await self._lacking_shards(r, plan)
         return tuple(sorted(j for j in mine if j < len(plan.shards)))
 

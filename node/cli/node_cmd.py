@@ -61,6 +61,13 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
     help="Write this node's multiaddrs to a file once it is ready (for joiners).",
 )
 @click.option("--poll", default=1.0, show_default=True, help="Seconds between round steps.")
+@click.option(
+    "--fallback-seconds",
+    default=120.0,
+    show_default=True,
+    help="Seconds after a round's candidates settle before this node also merges the shards still "
+    "lacking a quorum (local behaviour: nodes may differ).",
+)
 @click.option("--log-level", default="INFO", show_default=True, help="Python log level of the node.")
 def start(
     data_dir,
@@ -72,6 +79,7 @@ def start(
     initial_peers_file,
     write_maddrs,
     poll,
+    fallback_seconds,
     log_level,
 ) -> None:
     """Start a node: DHT, chunk server, store and rounds, until SIGINT/SIGTERM.
@@ -79,8 +87,9 @@ def start(
     Example: umm node start --data-dir node2 --network demo.0123456789abcdef \
         --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     """
-    from node.service import NodeService
+    from node.service import NodeService, checked_fallback_seconds
 
+    checked_fallback_seconds(fallback_seconds)  # a bad value fails before the node starts
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     peers = list(initial_peers)
@@ -105,6 +114,7 @@ def start(
         initial_peers=peers,
         poll=poll,
         on_ready=ready,
+        fallback_seconds=fallback_seconds,
     )
 
     async def main() -> None:
