@@ -386,6 +386,7 @@ class NodeService:
         self.maddrs: list[str] = []
         self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
         self._missing_polls: dict[str, int] = {}
+        self._fetched_again: set[str] = set()  # given-up contributions a quorum admitted: retried once
         self._last_published: dict[str, tuple[bytes, float]] = {}
         self._waiting_logged = 0.0
         self.bytes_received = 0
@@ -842,6 +843,8 @@ class NodeService:
                 and (tuple(own["candidates"]), own["shards"]) == (message.candidates, message.shards)
             ):
                 if (own["recipe"], own["fingerprint"]) != (message.recipe.id, message.merged_fingerprint):
+                    if self._fetch_again(r, own, message):
+                        return
                     # a quorum for a shard this node computed otherwise (e.g. Sybil attestations in
                     # open mode): it keeps attesting its own result and does not move on
                     logger.warning(
@@ -885,6 +888,35 @@ class NodeService:
             " ".join(s.result.id[:8] for s in found.shards),
             found.signers,
         )
+
+    def _fetch_again(self, r: int, own: dict, decided: MergeResult) -> bool:
+        """Whether this node forgets its merge of `decided`'s shard to fetch its inputs again.
+
+        It does when the quorum's recipe admits contributions this node merged without because it
+        gave up fetching them (after FETCH_PATIENCE polls), and only once per contribution: the next
+        polls wait for their chunks, which the attesters now hold, and merge the shard again (a
+        worker) or spot-check the decided result (a fallback merger). A quorum admitting any other
+        contribution it lacks (e.g. Sybil attestations in open mode) is still refused.
+        """
+        gave_up = {c for c, polls in self._missing_polls.items() if polls >= FETCH_PATIENCE}
+        if not gave_up - self._fetched_again:
+            return False
+        mine = verify_message(self.store.get(own["result"]), MergeResult, network_id=self.network_id)
+        lacked = set(decided.recipe.contributions) - set(mine.message.recipe.contributions)
+        if not lacked or not lacked <= gave_up - self._fetched_again:
+            return False
+        self._fetched_again |= lacked
+        for contribution in lacked:
+            del self._missing_polls[contribution]
+        self.state.set(f"shard/{r}/{decided.shard}", None)
+        logger.info(
+            "round %d: the quorum's merge of shard %d admits %d contributions this node gave up "
+            "fetching; fetching them again",
+            r,
+            decided.shard,
+            len(lacked),
+        )
+        return True
 
     async def _log_waiting(self, r: int) -> None:
         """Every WAITING_LOG_SECONDS without a decided round: what each shard's records attest."""

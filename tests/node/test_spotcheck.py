@@ -80,11 +80,13 @@ def node(tmp_path, monkeypatch):
     service.state.close()
 
 
-def _result(node, publisher: Identity, forge: str | None = None, amount: float = 0.01):
-    """Shard 0 of the round merged from the node's inputs (tensor `forge` moved by `amount`)."""
+def _result(node, publisher: Identity, forge: str | None = None, amount: float = 0.01, contributions=None):
+    """Shard 0 of the round merged from the node's inputs, or from `contributions` of them (tensor
+    `forge` moved by `amount`)."""
     service, plan = node.service, node.plan
     names = plan.shards[0]
-    admission, deltas = admit(service.genesis, node.contributions, node.entries, service._decode, names)
+    inputs = node.contributions if contributions is None else contributions
+    admission, deltas = admit(service.genesis, inputs, node.entries, service._decode, names)
     recipe = service.genesis.recipe(0, list(admission.admitted))
     merged = aggregate(
         recipe, {n: node.base[n] for n in names}, deltas, model_tensors=[e.name for e in node.entries]
@@ -389,3 +391,46 @@ def test_workers_and_checkers_rank_results_of_one_merge_alike(node):
     for result, att in held:
         attestations[result.id].append(att.raw)
     assert spot_targets(attestations, network_id)[0] == decided.id
+
+
+def test_a_node_that_gave_up_on_a_contribution_merges_again_when_a_quorum_admits_it(node, monkeypatch):
+    """This node merged shard 0 without contribution X, whose chunks it gave up waiting for. A quorum
+    decides the shard with X. The node forgets its merge and X's missed polls (once), merges again
+    from the chunks it now holds, and records the decided round; a quorum admitting a contribution it
+    never lacked stays refused."""
+    service = node.service
+    lacked = node.contributions[1]
+    without = _result(
+        node, service.identity, contributions=[c for c in node.contributions if c is not lacked]
+    )
+    assert lacked.id not in without.message.recipe.contributions
+    decided = _result(node, _who(32))
+    held = [_full(decided, _who(n)).raw for n in (32, 33)] + [
+        _sampled(decided, _who(n)).raw for n in (41, 42)
+    ]
+    mine = {**_own_shard(without), "attestation": _full(without, service.identity).raw}
+
+    # it never lacked X (its admission left X out): the quorum is refused, its merge kept
+    service.state.set("shard/0/0", mine)
+    assert _decide(node, monkeypatch, decided, held) is None
+    assert service.state.get("shard/0/0") == mine
+
+    # it gave up on X: its merge of the shard is forgotten and X is waited for again
+    service._missing_polls[lacked.id] = node_service.FETCH_PATIENCE
+    assert _decide(node, monkeypatch, decided, held) is None
+    assert service.state.get("shard/0/0") is None and lacked.id not in service._missing_polls
+
+    # the next poll merges the shard from every contribution, and the quorum is recorded
+    node.service.board = Board({})
+    asyncio.run(service._merge_shards(0, node.plan, node.contributions, [0], node.entries))
+    assert service.state.get("shard/0/0")["fingerprint"] == decided.message.merged_fingerprint
+    service.state.set("view/0", None)  # `_decide` reads a round of shard 0 alone, not the plan's 3
+    latest = _decide(node, monkeypatch, decided, held)
+    assert latest is not None and latest["results"] == [decided.id]
+
+    # once only: giving up on X again leaves a later quorum with X refused
+    service.state.set("latest", None)
+    service.state.set("shard/0/0", mine)
+    service._missing_polls[lacked.id] = node_service.FETCH_PATIENCE
+    assert _decide(node, monkeypatch, decided, held) is None
+    assert service.state.get("shard/0/0") == mine
