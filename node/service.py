@@ -898,12 +898,13 @@ class NodeService:
         worker) or spot-check the decided result (a fallback merger). A quorum admitting any other
         contribution it lacks (e.g. Sybil attestations in open mode) is still refused.
         """
-        gave_up = {c for c, polls in self._missing_polls.items() if polls >= FETCH_PATIENCE}
-        if not gave_up - self._fetched_again:
+        retryable = {c for c, polls in self._missing_polls.items() if polls >= FETCH_PATIENCE}
+        retryable -= self._fetched_again
+        if not retryable:
             return False
         mine = verify_message(self.store.get(own["result"]), MergeResult, network_id=self.network_id)
         lacked = set(decided.recipe.contributions) - set(mine.message.recipe.contributions)
-        if not lacked or not lacked <= gave_up - self._fetched_again:
+        if not lacked or not lacked <= retryable:
             return False
         self._fetched_again |= lacked
         for contribution in lacked:
