@@ -84,6 +84,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "sce", needs_base=True, min_models=1, global_params={"select_topk": 1.0, "int8_mask": False}
         ),
+        MethodSpec("varm", needs_base=True, min_models=1),
         MethodSpec("passthrough", needs_base=False, min_models=1, max_models=1, model_params={"scale": 1.0}),
     )
 }

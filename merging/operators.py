@@ -292,6 +292,26 @@ def sce(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[tor
         yield block[base] + fixed_order_sum(mixed) / torch.where(divisor_sum == 0, 1.0, divisor_sum)
 
 
+def varm(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+    """Weight each model's task vector by its share of the tensor's mean squared change.
+
+    FuseChat's VaRM, https://arxiv.org/abs/2402.16107: w_i = mean((m_i - base)^2) / sum_j of the
+    same, per tensor; the output is base + sum_i w_i (m_i - base). Equal weights if nothing changed.
+    """
+    others, base = stack.others, stack.base_index
+    squares = [ExactSum() for _ in others]
+    for _, _, block in stack.blocks():
+        for j, i in enumerate(others):
+            delta = (block[i] - block[base]).to(torch.float64)
+            squares[j].add(delta * delta)
+    energy = [s.value() / stack.numel for s in squares]
+    total = math.fsum(energy)
+    weights = [1.0 / len(others)] * len(others) if total == 0 else [e / total for e in energy]
+    for _, _, block in stack.blocks():
+        deltas = [(block[i] - block[base]) * w for i, w in zip(others, weights, strict=True)]
+        yield block[base] + fixed_order_sum(deltas)
+
+
 def _task_arithmetic_operator(name: str) -> Operator:
     spec = METHODS[name]
 
@@ -323,5 +343,6 @@ OPERATORS: dict[str, Operator] = {
     "slerp": slerp,
     "model_stock": model_stock,
     "sce": sce,
+    "varm": varm,
     **{name: _task_arithmetic_operator(name) for name in TASK_ARITHMETIC_FAMILY},
 }
