@@ -139,21 +139,33 @@ class SimNetwork:
             self.start(name, via=names[0])
         self.wait_ready(names[1:], timeout)
 
-    def contribute(self, pairs: Sequence[tuple[str, Path]], timeout: float = 600.0) -> None:
-        """`umm contribute EXPERT --codec bf16` for every (node, expert) pair at once."""
+    def contribute(self, pairs: Sequence[tuple[str, Path]], timeout: float = 600.0) -> float:
+        """`umm contribute EXPERT --codec bf16` for every (node, expert) pair at once.
+
+        Returns the time (`time.time()`, within 50 ms) at which the last of them printed that its
+        deltas are stored, which is when the nodes can see them all (the processes exit later).
+        """
         running = []
         for name, expert in pairs:
             argv = [*UMM, "contribute", str(expert), "--data-dir", str(self.data(name)), "--codec", "bf16"]
             log = self.links.root / f"{name}.contribute.log"
             running.append((name, log, self.links.spawn(name, argv, log_path=log, env=node_env())))
+        stored: dict[str, float] = {}
+        deadline = time.monotonic() + timeout
+        while len(stored) < len(running) and time.monotonic() < deadline:
+            for name, log, proc in running:
+                if name not in stored and (": manifest " in log.read_text() or proc.poll() is not None):
+                    stored[name] = time.time()
+            time.sleep(0.05)
         for name, log, proc in running:
             try:
-                code = proc.wait(timeout=timeout)
+                code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 raise NetsimError(f"expected `umm contribute` in {name} to end in {timeout:g} s") from None
             if code != 0:
                 got = log.read_text()[-400:]
                 raise NetsimError(f"expected `umm contribute` in {name} to succeed, got: {got}")
+        return max(stored.values())
 
     def state(self, name: str, key: str) -> Any:
         from node.state import NodeState
@@ -169,17 +181,19 @@ class SimNetwork:
         stats = self.state(name, "stats") or {}
         return int(stats.get("bytes_sent", 0))
 
-    def wait_converged(self, names: Sequence[str], timeout: float, round_number: int = 0) -> dict[str, float]:
-        """Seconds until each node recorded an attested result of `round_number` (polled every 0.2 s)."""
-        started = time.perf_counter()
+    def wait_converged(
+        self, names: Sequence[str], timeout: float, *, since: float, round_number: int = 0
+    ) -> dict[str, float]:
+        """Seconds from `since` (a `time.time()`) until each node recorded an attested result of
+        `round_number` (polled every 0.2 s)."""
         done: dict[str, float] = {}
         while len(done) < len(names):
             for name in names:
                 if name not in done:
                     latest = self.state(name, "latest")
                     if latest is not None and latest["round"] >= round_number:
-                        done[name] = time.perf_counter() - started
-            if len(done) < len(names) and time.perf_counter() - started > timeout:
+                        done[name] = time.time() - since
+            if len(done) < len(names) and time.time() - since > timeout:
                 missing = sorted(set(names) - set(done))
                 raise NetsimError(f"expected {missing} to record round {round_number} within {timeout:g} s")
             time.sleep(0.2)

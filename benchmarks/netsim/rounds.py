@@ -87,18 +87,18 @@ def measure_round(
 ) -> RoundReport:
     """Contribute `experts` from `names` (in pairs, at once) and time round 0 until `wait_for` record it.
 
-    The clock starts when the last `umm contribute` has stored its deltas. `during(clock_start)` runs
-    right after (e.g. to kill nodes mid-round); `wait_for` defaults to `names`.
+    The clock starts when the last `umm contribute` has stored its deltas (`SimNetwork.contribute`).
+    `during(clock_start)` runs right after (e.g. to kill nodes mid-round); `wait_for` defaults to
+    `names`.
     """
     waiting = list(wait_for if wait_for is not None else names)
     idle = {n: net.memory(n) for n in names}
     before_received = {n: net.received(n) for n in names}
     before_sent = {n: net.sent(n) for n in names}
-    net.contribute(list(zip(names, experts, strict=True)))
-    clock_start = time.time()
+    clock_start = net.contribute(list(zip(names, experts, strict=True)))
     if during is not None:
         during(clock_start)
-    converge = net.wait_converged(waiting, timeout=timeout)
+    converge = net.wait_converged(waiting, timeout=timeout, since=clock_start)
     time.sleep(3 * net.poll)  # the nodes write their byte counters once a poll
     return RoundReport(
         names=waiting,
