@@ -1,0 +1,147 @@
+"""Summaries in, a distilled pivot copy out: what `umm summarize` and `umm fuse` run.
+
+`summarize_model` writes an expert's response summary on a probe set; `fuse_into_pivot` loads
+summaries (all on one probe set), aligns each to the pivot's tokenizer, fuses them (MinCE or
+AvgCE), distills the result into a copy of the pivot, and writes it as a Hugging Face folder
+(atomically: built beside the target, then renamed) with ``fusion.json`` recording what it was
+distilled from (the summaries' sha256, the probe fingerprint), the alignment quality per source,
+the settings and the losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from merging.atomic import fsync_dir, write_text_atomic
+from merging.fusion import FusionError
+from merging.fusion.distill import DistillSpec, distill
+from merging.fusion.fuse import MINCE, fuse
+from merging.fusion.progress import counted_progress
+from merging.fusion.summary import ProbeSet, load_summary, save_summary, summarize
+from merging.fusion.transfer import AlignmentQuality, PivotTokens, align_summary
+from merging.testbed.models import load_pretrained
+from merging.testbed.training import pinned_threads
+
+PROVENANCE = "fusion.json"
+
+
+def summarize_model(
+    model_dir: str | Path,
+    probe: ProbeSet,
+    out: str | Path,
+    *,
+    k: int = 10,
+    max_new_tokens: int = 128,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Write the response summary of the model in `model_dir` on `probe` to `out`."""
+    model, tokenizer = load_pretrained(model_dir)
+    with pinned_threads(threads), counted_progress("summarizing", len(probe.prompts), progress) as advance:
+        summary = summarize(
+            model,
+            tokenizer,
+            probe,
+            k=k,
+            max_new_tokens=max_new_tokens,
+            model_name=Path(model_dir).name,
+            advance=advance,
+        )
+    return save_summary(summary, out)
+
+
+@dataclass(frozen=True)
+class FusionReport:
+    """What `fuse_into_pivot` did."""
+
+    out_dir: Path
+    probe_fingerprint: str
+    summaries: dict[str, str]  # path -> sha256 of the file
+    quality: dict[str, dict[str, float]]  # path -> alignment shares
+    losses: list[float]
+
+
+def load_summaries(paths: Sequence[str | Path], probe: ProbeSet | None = None):
+    """The summaries at `paths`, all on one probe set (`probe` if given, else the first one's)."""
+    if not paths:
+        raise FusionError("expected at least one summary file, got none")
+    summaries = []
+    for path in paths:
+        summary = load_summary(path, probe)
+        probe = probe or summary.probe
+        summaries.append(summary)
+    return summaries
+
+
+def fuse_into_pivot(
+    pivot_dir: str | Path,
+    summary_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    probe: ProbeSet | None = None,
+    method: str = MINCE,
+    spec: DistillSpec | None = None,
+    progress: bool = True,
+) -> FusionReport:
+    """Distill the fused summaries into a copy of the pivot and write it to `out_dir`."""
+    spec = spec or DistillSpec()
+    summaries = load_summaries(summary_paths, probe)
+    model, tokenizer = load_pretrained(pivot_dir)
+    pivot = PivotTokens(tokenizer)
+    aligned, quality = [], {}
+    for path, summary in zip(summary_paths, summaries, strict=True):
+        with counted_progress(f"aligning {Path(path).name}", len(summary.responses), progress) as advance:
+            examples, report = align_summary(summary, pivot, source=str(path), advance=advance)
+        aligned.append(examples)
+        quality[str(path)] = _shares(report)
+    fused = fuse(aligned, method)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with counted_progress("distilling", spec.steps, progress) as advance:
+        losses = distill(model, fused, spec, pad_id, on_step=lambda _s, loss: advance(1, loss=f"{loss:.3f}"))
+    digests = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in summary_paths}
+    provenance = {
+        "pivot": str(pivot_dir),
+        "probe_fingerprint": summaries[0].probe.fingerprint(),
+        "summaries": digests,
+        "method": method,
+        "distill": asdict(spec),
+        "alignment": quality,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+    out = save_model_folder(model, tokenizer, out_dir, provenance)
+    return FusionReport(out, provenance["probe_fingerprint"], digests, quality, losses)
+
+
+def _shares(quality: AlignmentQuality) -> dict[str, float]:
+    return {key: round(value, 6) for key, value in quality.shares().items()}
+
+
+def save_model_folder(model, tokenizer, out_dir: str | Path, provenance: dict | None = None) -> Path:
+    """Save `model` and `tokenizer` as an HF folder at `out_dir`, every file fsynced, then renamed in."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(temp)
+        tokenizer.save_pretrained(temp)
+        if provenance is not None:
+            write_text_atomic(temp / PROVENANCE, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        for path in temp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(temp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return out

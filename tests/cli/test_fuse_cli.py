@@ -1,0 +1,111 @@
+"""`umm summarize` and `umm fuse` end to end on tiny models built in the test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from node.cli import cli
+from tests.merging.test_fusion_summary import PROBE, save_tiny, tiny_pivot, tiny_source
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuse-cli")
+    source = save_tiny(*tiny_source(), root / "source")
+    pivot = save_tiny(*tiny_pivot(), root / "pivot")
+    probe = root / "probe.json"
+    probe.write_text(json.dumps(list(PROBE.prompts)))
+    return root, source, pivot, probe
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_summarize_then_fuse_writes_a_loadable_pivot_copy_with_its_provenance(folders):
+    from merging.fusion.summary import load_summary
+    from merging.testbed.models import load_pretrained
+
+    root, source, pivot, probe = folders
+    summary = root / "source.summary"
+    done = _run(
+        "summarize",
+        source,
+        "--probe",
+        probe,
+        "--out",
+        summary,
+        "--k",
+        3,
+        "--max-new-tokens",
+        6,
+        "--no-progress",
+    )
+    assert done.exit_code == 0, done.output
+    assert load_summary(summary).k == 3
+    out = root / "fused"
+    done = _run(
+        "fuse",
+        "--pivot",
+        pivot,
+        "--summaries",
+        summary,
+        "--out",
+        out,
+        "--steps",
+        3,
+        "--batch-size",
+        2,
+        "--probe",
+        probe,
+        "--no-progress",
+    )
+    assert done.exit_code == 0, done.output
+    assert "top-k mass exact" in done.output
+    provenance = json.loads((out / "fusion.json").read_text())
+    assert provenance["probe_fingerprint"] == PROBE.fingerprint()
+    assert list(provenance["summaries"]) == [str(summary)]
+    fused, tokenizer = load_pretrained(out)
+    original, _ = load_pretrained(pivot)
+    assert len(tokenizer) == len(tiny_pivot()[1])
+    before, after = original.state_dict(), fused.state_dict()
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_fuse_refuses_a_summary_of_another_probe_set(folders):
+    root, source, pivot, probe = folders
+    summary = root / "again.summary"
+    assert (
+        _run(
+            "summarize", source, "--probe", probe, "--out", summary, "--max-new-tokens", 3, "--no-progress"
+        ).exit_code
+        == 0
+    )
+    other = root / "other.json"
+    other.write_text(json.dumps(list(PROBE.prompts[:1])))
+    done = _run(
+        "fuse",
+        "--pivot",
+        pivot,
+        "--summaries",
+        summary,
+        "--out",
+        root / "x",
+        "--probe",
+        other,
+        "--no-progress",
+    )
+    assert done.exit_code == 2
+    assert done.output.startswith("Error: expected a summary of probe set")
+    assert not (root / "x").exists()
+
+
+def test_fuse_without_summaries_is_an_error(folders):
+    root, _, pivot, _ = folders
+    done = _run("fuse", "--pivot", pivot, "--out", root / "y")
+    assert done.exit_code == 2 and "Error: expected at least one summary file" in done.output
