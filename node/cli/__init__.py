@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.cli.node_cmd",
     "node.cli.testbed_cmd",
     "node.cli.demo_cmd",
+    "node.cli.fuse_cmd",
 )
 
 
