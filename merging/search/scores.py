@@ -1,0 +1,101 @@
+"""Scores of an in-memory model on a task split: teacher-forced proxies and greedy accuracy.
+
+One forward pass per batch over `prompt + reference response` gives, per task:
+
+* `loglik`: the mean log-probability of a response token;
+* `seqprob`: the mean over examples of the probability of the whole reference response (the
+  chance that sampling reproduces it, a smooth stand-in for exact-match accuracy);
+* `tf_exact`: the share of examples whose every response token is the model's top choice given the
+  reference so far (greedy decoding then writes the reference itself, so this bounds accuracy from
+  below).
+
+`accuracy` is the harness's greedy-decoding exact match (`merging.testbed.harness.evaluate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from merging.testbed.harness import evaluate, plain_prompt
+from merging.testbed.tasks import generate
+
+PROXY_METRICS = ("loglik", "seqprob", "tf_exact")
+METRICS = (*PROXY_METRICS, "accuracy")
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """Right-padded `prompt + response + eos` rows of one task; `targets` is -100 off the response."""
+
+    task: str
+    input_ids: torch.Tensor  # [rows, width]
+    attention_mask: torch.Tensor  # [rows, width]
+    targets: torch.Tensor  # [rows, width - 1], the next token where it is a response token
+
+
+def teacher_forced_batches(
+    tokenizer: Any, tasks: Sequence[str], split: str, limit: int | None, batch_size: int
+) -> list[TaskBatch]:
+    """The first `limit` examples of each task's `split`, tokenized once, in batches of one task."""
+    batches = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for task in tasks:
+        examples = generate(task, split)[:limit]
+        rows = []
+        for ex in examples:
+            prompt = tokenizer(plain_prompt(ex.prompt), add_special_tokens=False)["input_ids"]
+            response = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
+            rows.append((prompt, [*response, tokenizer.eos_token_id]))
+        for lo in range(0, len(rows), batch_size):
+            chunk = rows[lo : lo + batch_size]
+            width = max(len(p) + len(r) for p, r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            targets = torch.full((len(chunk), width - 1), -100, dtype=torch.long)
+            for row, (prompt, response) in enumerate(chunk):
+                seq = prompt + response
+                ids[row, : len(seq)] = torch.tensor(seq)
+                mask[row, : len(seq)] = 1
+                targets[row, len(prompt) - 1 : len(seq) - 1] = torch.tensor(response)
+            batches.append(TaskBatch(task, ids, mask, targets))
+    return batches
+
+
+@torch.inference_mode()
+def proxy_scores(model: Any, batches: Sequence[TaskBatch]) -> dict[str, dict[str, float]]:
+    """`{metric: {task: value}}` for the teacher-forced metrics (see the module docstring)."""
+    sums: dict[str, dict[str, float]] = {m: {} for m in (*PROXY_METRICS, "tokens", "rows")}
+    for batch in batches:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        on = batch.targets != -100
+        safe = batch.targets.clamp(min=0)
+        token_lp = logprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * on  # [rows, width - 1]
+        hit = (logits.argmax(-1) == safe) | ~on
+        add = {
+            "loglik": float(token_lp.sum(dtype=torch.float64)),
+            "seqprob": float(token_lp.sum(-1, dtype=torch.float64).exp().sum()),
+            "tf_exact": float(hit.all(-1).sum()),
+            "tokens": float(on.sum()),
+            "rows": float(len(batch.targets)),
+        }
+        for metric, value in add.items():
+            sums[metric][batch.task] = sums[metric].get(batch.task, 0.0) + value
+    out: dict[str, dict[str, float]] = {}
+    for metric in PROXY_METRICS:
+        denominator = sums["tokens"] if metric == "loglik" else sums["rows"]
+        out[metric] = {task: value / denominator[task] for task, value in sums[metric].items()}
+    return out
+
+
+def accuracy_scores(
+    model: Any, tokenizer: Any, tasks: Sequence[str], split: str, limit: int | None, batch_size: int = 512
+) -> dict[str, float]:
+    """Greedy-decoding exact match per task (the harness's)."""
+    return dict(
+        evaluate(model, tokenizer, list(tasks), split=split, limit=limit, batch_size=batch_size).accuracy
+    )
