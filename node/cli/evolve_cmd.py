@@ -123,7 +123,8 @@ def evolve_command(config: Path, out_dir: Path, **options: Any) -> None:
     searched, uniform = report["models"]["searched"], report["models"]["uniform"]
     click.echo(
         f"best dev fitness {result.best.fitness:.4f} after {len(result.evaluations)} evaluations; "
-        f"test retention {_fmt(searched.get('retention_mean'))} (uniform {_fmt(uniform.get('retention_mean'))}); "
+        f"test retention {_fmt(searched.get('retention_mean'))} "
+        f"(uniform {_fmt(uniform.get('retention_mean'))}); "
         f"written to {out_dir}"
     )
 
