@@ -272,22 +272,27 @@ def run_namespaces() -> list[str]:
     return [line.split()[0] for line in listed.stdout.splitlines() if line.startswith(PREFIX)]
 
 
+def cleanup_run(state_file: Path) -> list[str]:
+    """Remove what the run of `state_file` recorded (processes, namespaces, folders); its namespaces."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state_file.unlink(missing_ok=True)
+        return []
+    processes = {int(pid): started for pid, started in state.get("processes", {}).items()}
+    namespaces = state.get("namespaces", [])
+    _remove(namespaces, processes, [Path(p) for p in state.get("tmp", [])])
+    state_file.unlink(missing_ok=True)
+    return namespaces
+
+
 def cleanup_leftovers() -> list[str]:
-    """Remove what killed runs left: their recorded processes, namespaces and folders, then any
-    namespace named PREFIX... still there. Run it only while no simulation runs. Returns the
-    namespaces removed.
+    """Remove what killed runs left: every recorded run (`cleanup_run`), then any namespace named
+    PREFIX... still there. Run it only while no simulation runs. Returns the namespaces removed.
     """
     removed: list[str] = []
     for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.exists() else []:
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)
-            continue
-        processes = {int(pid): started for pid, started in state.get("processes", {}).items()}
-        _remove(state.get("namespaces", []), processes, [Path(p) for p in state.get("tmp", [])])
-        removed += state.get("namespaces", [])
-        path.unlink(missing_ok=True)
+        removed += cleanup_run(path)
     stray = run_namespaces()
     _remove(stray, {}, [])
     return removed + stray
