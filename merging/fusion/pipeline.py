@@ -24,6 +24,13 @@ from merging.fusion import FusionError
 from merging.fusion.distill import DistillSpec, distill
 from merging.fusion.fuse import MINCE, fuse
 from merging.fusion.progress import counted_progress
+from merging.fusion.refusal import (
+    DEFAULT_HELD_OUT,
+    DEFAULT_MARGIN,
+    FusionCheck,
+    held_out_cross_entropy,
+    split_held_out,
+)
 from merging.fusion.summary import ProbeSet, load_summary, save_summary, summarize
 from merging.fusion.transfer import AlignmentQuality, PivotTokens, align_summary
 from merging.testbed.models import load_pretrained
@@ -66,6 +73,7 @@ class FusionReport:
     summaries: dict[str, str]  # path -> sha256 of the file
     quality: dict[str, dict[str, float]]  # path -> alignment shares
     losses: list[float]
+    check: FusionCheck | None  # held-out cross-entropy, pivot vs fused (None without held-out prompts)
 
 
 def load_summaries(paths: Sequence[str | Path], probe: ProbeSet | None = None):
@@ -88,9 +96,16 @@ def fuse_into_pivot(
     probe: ProbeSet | None = None,
     method: str = MINCE,
     spec: DistillSpec | None = None,
+    held_out: float = DEFAULT_HELD_OUT,
+    margin: float = DEFAULT_MARGIN,
     progress: bool = True,
 ) -> FusionReport:
-    """Distill the fused summaries into a copy of the pivot and write it to `out_dir`."""
+    """Distill the fused summaries into a copy of the pivot and write it to `out_dir`.
+
+    The `held_out` share of the probe prompts (`merging.fusion.refusal.is_held_out`) is not trained
+    on; the pivot's and the fused model's cross-entropy on them are recorded with the verdict a
+    peer would reach at `margin`.
+    """
     spec = spec or DistillSpec()
     summaries = load_summaries(summary_paths, probe)
     model, tokenizer = load_pretrained(pivot_dir)
@@ -101,10 +116,16 @@ def fuse_into_pivot(
             examples, report = align_summary(summary, pivot, source=str(path), advance=advance)
         aligned.append(examples)
         quality[str(path)] = _shares(report)
-    fused = fuse(aligned, method)
+    train, held = split_held_out(summaries[0].probe.prompts, fuse(aligned, method), held_out)
+    if not train:
+        raise FusionError(
+            f"expected probe prompts left to distill on after holding out {held_out:.0%}, got none"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    before = held_out_cross_entropy(model, held, pad_id) if held else None
     with counted_progress("distilling", spec.steps, progress) as advance:
-        losses = distill(model, fused, spec, pad_id, on_step=lambda _s, loss: advance(1, loss=f"{loss:.3f}"))
+        losses = distill(model, train, spec, pad_id, on_step=lambda _s, loss: advance(1, loss=f"{loss:.3f}"))
+    check = FusionCheck(before, held_out_cross_entropy(model, held, pad_id), margin) if held else None
     digests = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in summary_paths}
     provenance = {
         "pivot": str(pivot_dir),
@@ -115,9 +136,17 @@ def fuse_into_pivot(
         "alignment": quality,
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "held_out": {
+            "share": held_out,
+            "prompts": len(held),
+            "pivot_cross_entropy": check.pivot if check else None,
+            "fused_cross_entropy": check.fused if check else None,
+            "margin": margin,
+            "accepted": check.accepted if check else None,
+        },
     }
     out = save_model_folder(model, tokenizer, out_dir, provenance)
-    return FusionReport(out, provenance["probe_fingerprint"], digests, quality, losses)
+    return FusionReport(out, provenance["probe_fingerprint"], digests, quality, losses, check)
 
 
 def _shares(quality: AlignmentQuality) -> dict[str, float]:

@@ -55,6 +55,12 @@ def summarize_command(
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="torch threads (the result depends on it).")
+@click.option(
+    "--held-out", default=0.1, show_default=True, help="Share of probe prompts kept out of training."
+)
+@click.option(
+    "--margin", default=0.05, show_default=True, help="Held-out cross-entropy drop a peer requires."
+)
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bars.")
 def fuse_command(
     more_summaries: tuple[Path, ...],
@@ -69,6 +75,8 @@ def fuse_command(
     batch_size: int,
     seed: int,
     threads: int,
+    held_out: float,
+    margin: float,
     no_progress: bool,
 ) -> None:
     """Distill the summaries' fused distributions into a copy of the PIVOT model, written to OUT.
@@ -88,12 +96,26 @@ def fuse_command(
     spec = DistillSpec(steps=steps, lr=lr, batch_size=batch_size, lam=lam, seed=seed, threads=threads)
     probe = read_probe_file(probe_file) if probe_file is not None else None
     report = fuse_into_pivot(
-        pivot, paths, out, probe=probe, method=method, spec=spec, progress=not no_progress
+        pivot,
+        paths,
+        out,
+        probe=probe,
+        method=method,
+        spec=spec,
+        held_out=held_out,
+        margin=margin,
+        progress=not no_progress,
     )
     for path, shares in report.quality.items():
         click.echo(
             f"{path}: top-k mass exact {shares['exact']:.1%}, edit {shares['edit']:.1%}, "
             f"dropped {shares['dropped']:.1%}; positions with a distribution {shares['positions']:.1%}"
+        )
+    if report.check is not None:
+        verdict = "accepted" if report.check.accepted else "would be refused"
+        click.echo(
+            f"held-out cross-entropy to the fused distributions: pivot {report.check.pivot:.4f}, "
+            f"fused {report.check.fused:.4f} ({verdict} at margin {report.check.margin:.0%})"
         )
     click.echo(
         f"fused pivot written to {report.out_dir} (loss {report.losses[0]:.3f} -> {report.losses[-1]:.3f})"

@@ -109,3 +109,25 @@ def test_fuse_without_summaries_is_an_error(folders):
     root, _, pivot, _ = folders
     done = _run("fuse", "--pivot", pivot, "--out", root / "y")
     assert done.exit_code == 2 and "Error: expected at least one summary file" in done.output
+
+
+def test_fuse_records_the_held_out_check(folders):
+    root, source, pivot, probe = folders
+    summary = root / "held.summary"
+    assert (
+        _run(
+            "summarize", source, "--probe", probe, "--out", summary, "--max-new-tokens", 4, "--no-progress"
+        ).exit_code
+        == 0
+    )
+    out = root / "held"
+    done = _run("fuse", "--pivot", pivot, "--summaries", summary, "--out", out, "--steps", 2, "--no-progress")
+    assert done.exit_code == 0, done.output
+    held = json.loads((out / "fusion.json").read_text())["held_out"]
+    assert held["prompts"] == 1  # of the three probe prompts, "Compute 60 + 96.\n" hashes below 10 %
+    assert held["accepted"] == (held["fused_cross_entropy"] <= 0.95 * held["pivot_cross_entropy"])
+    assert "held-out cross-entropy" in done.output
+    everything = _run(
+        "fuse", "--pivot", pivot, summary, "--out", root / "z", "--held-out", 1.0, "--no-progress"
+    )
+    assert everything.exit_code == 2 and "left to distill on" in everything.output
