@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,10 @@ def pinned_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+Encoder = Callable[[Any, Example], tuple[list[int], int]]  # (tokenizer, example) -> (ids, prompt length)
+StepHook = Callable[[int, float], None]  # called after each step with (steps done, loss)
+
+
 def _encode(tokenizer: Any, example: Example) -> tuple[list[int], int]:
     prompt_ids = tokenizer(plain_prompt(example.prompt), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
@@ -70,7 +74,7 @@ def _examples(entry: str, n: int, seed: int, easy: bool) -> list[Example]:
 
 
 def _batches(
-    tokenizer: Any, spec: TrainSpec, rng: random.Random, seed: int
+    tokenizer: Any, spec: TrainSpec, rng: random.Random, seed: int, encode: Encoder = _encode
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (input_ids, labels) batches from the mixture's fixed train splits (cycled)."""
     total = sum(weight for _, weight in spec.mixture)
@@ -79,7 +83,7 @@ def _batches(
         for task, weight in spec.mixture
     }
     pools = {
-        task: [_encode(tokenizer, ex) for ex in _examples(task, n, seed, spec.easy)]
+        task: [encode(tokenizer, ex) for ex in _examples(task, n, seed, spec.easy)]
         for task, n in need.items()
     }
     cursors = dict.fromkeys(pools, 0)
@@ -100,8 +104,38 @@ def _batches(
         yield input_ids, labels
 
 
-def train(model: torch.nn.Module, tokenizer: Any, spec: TrainSpec, seed: int) -> list[float]:
-    """Train ``model`` in place for ``spec.steps`` steps; returns the loss of every step."""
+def _full_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=input_ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+
+
+def response_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same cross-entropy, with the output head applied only where a label is scored: on a
+    large vocabulary (Gemma-3's 262k tokens) the head over every position dominates a step."""
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    scored = targets != -100
+    logits = model.get_output_embeddings()(hidden[scored])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    spec: TrainSpec,
+    seed: int,
+    *,
+    encode: Encoder = _encode,
+    on_step: StepHook | None = None,
+    scored_head_only: bool = False,
+) -> list[float]:
+    """Train ``model`` in place for ``spec.steps`` steps; returns the loss of every step.
+
+    ``encode`` turns an example into token ids (default: the plain prompt format of the tiny
+    zoo); ``scored_head_only`` computes logits on labelled positions only (`response_loss`)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     trained, held = [], []
@@ -120,19 +154,19 @@ def train(model: torch.nn.Module, tokenizer: Any, spec: TrainSpec, seed: int) ->
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model.train()
     losses: list[float] = []
-    batches = _batches(tokenizer, spec, rng, seed)
-    for _ in range(spec.steps):
+    batches = _batches(tokenizer, spec, rng, seed, encode)
+    loss_of = response_loss if scored_head_only else _full_loss
+    for step in range(spec.steps):
         input_ids, labels = next(batches)
-        logits = model(input_ids=input_ids).logits[:, :-1]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-        )
+        loss = loss_of(model, input_ids, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
     for param in held:
         param.requires_grad_(True)
     model.eval()

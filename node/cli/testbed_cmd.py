@@ -96,7 +96,7 @@ def zoo_group():
 
 
 @zoo_group.command("build")
-@click.option("--size", type=click.Choice(list(RECIPES)), default="micro", show_default=True)
+@click.option("--size", type=click.Choice([*RECIPES, "real"]), default="micro", show_default=True)
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
@@ -110,14 +110,21 @@ def zoo_build(size, cache_dir, run_eval, limit):
 
     Example: umm zoo build --size small --eval
     """
-    zoo = build_zoo(size, cache_dir, log=click.echo)
     console = Console()
+    if size == "real":
+        from merging.testbed.real_zoo import build_real_zoo
+        from merging.testbed.training_progress import rich_reporter
+
+        with rich_reporter(console) as reporter:
+            zoo = build_real_zoo(cache_dir, log=console.print, reporter=reporter)
+    else:
+        zoo = build_zoo(size, cache_dir, log=click.echo)
     for name, path in zoo.models().items():
         console.print(f"{name:12s} {path}  ({zoo.build_seconds.get(name, 0):.1f} s)")
     if run_eval:
         names = resolve_tasks(None)
         dirs = [str(p) for p in zoo.models().values()]
-        results = _evaluate_dirs(dirs, names, "test", limit, 256, "plain")
+        results = _evaluate_dirs(dirs, names, "test", limit, 256, "auto" if size == "real" else "plain")
         by_name = {name: results[str(path)].to_dict() for name, path in zoo.models().items()}
         console.print(_accuracy_table(f"{size} zoo, exact match, test split", by_name, names))
 
