@@ -63,8 +63,12 @@ class RoundReport:
     peak: dict[str, Memory] = field(default_factory=dict)
 
     def floor(self, name: str) -> float:
-        """Seconds its link needs for its round bytes: max(received, sent) over its rate (each way)."""
-        return max(self.received[name], self.sent[name]) * 8 / (self.rates[name] * 1e6)
+        """The link floor: seconds its link needs to receive its round's bytes."""
+        return self.received[name] * 8 / (self.rates[name] * 1e6)
+
+    def uplink(self, name: str) -> float:
+        """Seconds its link needs to send what it served in the round (the other way of the link)."""
+        return self.sent[name] * 8 / (self.rates[name] * 1e6)
 
     @property
     def round_seconds(self) -> float:
@@ -92,6 +96,10 @@ def measure_round(
     `names`.
     """
     waiting = list(wait_for if wait_for is not None else names)
+    for _ in range(100):  # byte counters start after the base fetch: wait for the first (<= 10 s)
+        if all(net.state(n, "stats") is not None for n in names):
+            break
+        time.sleep(0.1)
     idle = {n: net.memory(n) for n in names}
     before_received = {n: net.received(n) for n in names}
     before_sent = {n: net.sent(n) for n in names}
@@ -122,7 +130,7 @@ def print_round(report: RoundReport, title: str) -> None:
     """Per node: rate, converge s, MiB in/out, link floor, ratio, phases; then the round's summary."""
     print(title)
     print(
-        f"{'node':>7} {'Mbit/s':>6} {'conv s':>6} {'recv MiB':>8} {'sent MiB':>8} {'floor s':>7} "
+        f"{'node':>7} {'Mbit/s':>6} {'conv s':>6} {'recv MiB':>8} {'sent MiB':>8} {'floor s':>7} {'up s':>5} "
         f"{'x floor':>7} {'inputs@':>7} {'fetch s':>7} {'merged@':>7} {'rec@':>6}"
     )
     for n in report.names:
@@ -130,7 +138,8 @@ def print_round(report: RoundReport, title: str) -> None:
         floor = report.floor(n)
         print(
             f"{n:>7} {report.rates[n]:>6g} {report.converge[n]:>6.1f} {report.received[n] / MiB:>8.1f} "
-            f"{report.sent[n] / MiB:>8.1f} {floor:>7.2f} {report.converge[n] / floor:>6.2f}x "
+            f"{report.sent[n] / MiB:>8.1f} {floor:>7.2f} {report.uplink(n):>5.1f} "
+            f"{report.converge[n] / floor:>6.2f}x "
             f"{_fmt(p.inputs_fetched):>7} {p.fetch_seconds:>7.1f} {_fmt(p.merged):>7} {_fmt(p.recorded):>6}"
         )
     worst = max(report.floor(n) for n in report.names)
@@ -143,9 +152,11 @@ def print_round(report: RoundReport, title: str) -> None:
         (p.recorded - p.merged) if p.recorded is not None and p.merged is not None else None
         for p in report.phases.values()
     ]
+    busiest = max(report.names, key=report.uplink)
     print(
-        f"round {report.round_seconds:.1f} s = {report.round_seconds / worst:.2f}x the slowest node's "
-        f"link floor ({worst:.2f} s); agreed: {report.agreed}"
+        f"round {report.round_seconds:.1f} s = {report.round_seconds / worst:.2f}x the largest link floor "
+        f"(received bytes / rate: {worst:.2f} s); agreed: {report.agreed}; busiest uplink {busiest}: "
+        f"{report.sent[busiest] / MiB:.1f} MiB = {report.uplink(busiest):.1f} s"
     )
     print(
         f"median per node: input fetch {_median(fetch)} s (link), merge {_median(merge)} s (CPU), "
