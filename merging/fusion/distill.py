@@ -39,6 +39,7 @@ class DistillSpec:
     weight_decay: float = 0.0
     seed: int = 0
     threads: int = 1
+    frozen: tuple[str, ...] = ()  # parameters whose name contains one of these stay as they are
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.lam <= 1.0:
@@ -114,7 +115,11 @@ def distill(
     with pinned_threads(spec.threads):
         torch.manual_seed(spec.seed)
         rng = random.Random(spec.seed)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [
+            p
+            for name, p in model.named_parameters()
+            if p.requires_grad and not any(f in name for f in spec.frozen)
+        ]
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
         def schedule(step: int) -> float:

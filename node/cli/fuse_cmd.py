@@ -75,6 +75,7 @@ def fuse_command(
     batch_size: int,
     seed: int,
     threads: int,
+    freeze: str,
     held_out: float,
     margin: float,
     no_progress: bool,
@@ -93,7 +94,10 @@ def fuse_command(
     paths = [*summaries, *more_summaries]
     if not paths:
         raise FusionError("expected at least one summary file (--summaries S...), got none")
-    spec = DistillSpec(steps=steps, lr=lr, batch_size=batch_size, lam=lam, seed=seed, threads=threads)
+    frozen = tuple(part.strip() for part in freeze.split(",") if part.strip())
+    spec = DistillSpec(
+        steps=steps, lr=lr, batch_size=batch_size, lam=lam, seed=seed, threads=threads, frozen=frozen
+    )
     probe = read_probe_file(probe_file) if probe_file is not None else None
     report = fuse_into_pivot(
         pivot,

@@ -91,3 +91,16 @@ def test_bad_settings_are_refused():
         DistillSpec(steps=0)
     with pytest.raises(FusionError, match="at least one fused example"):
         distill(tiny_pivot()[0], [], DistillSpec(steps=1), 0)
+
+
+def test_frozen_parameters_stay_as_they_are(fused):
+    examples, tok = fused
+    model, _ = tiny_pivot()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    distill(
+        model, examples, DistillSpec(steps=3, batch_size=2, frozen=("embed_tokens", "norm")), tok.pad_token_id
+    )
+    after = model.state_dict()
+    for name in before:
+        frozen = "embed_tokens" in name or "norm" in name or name == "lm_head.weight"
+        assert torch.equal(before[name], after[name]) == frozen, name
