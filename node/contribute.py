@@ -20,15 +20,17 @@ from pathlib import Path
 import torch
 
 from merging.distribution import token_strings, top_k_distribution
+from node.datafolder import check_node_folder, load_or_create_identity
 from node.errors import NodeError
-from node.genesis import Genesis, load_base, open_genesis, read_base_manifest, read_probe_set
-from node.service import load_or_create_identity
+from node.genesis import load_base
+from node.round_state import OwnContribution, OwnSummary, RoundState
 from node.state import NodeState
 from node.store import ContentStore
 from protocol.chunks import decode_tensors, encode_deltas
 from protocol.codecs import parse_codec
 from protocol.envelope import sign_message
 from protocol.fingerprint import fingerprint_model
+from protocol.genesis import Genesis, open_genesis, read_base_manifest, read_probe_set
 from protocol.messages import SCHEMA_VERSION, DeltaManifest, DistributionSummary, ExpertCard
 from protocol.summary import encode_summary
 
@@ -61,15 +63,16 @@ def contribute(
     k: int = 10,
 ) -> PreparedContribution:
     """Sign and store `expert_dir`'s deltas (or its distribution summary) for the node in `data_dir`."""
-    data_dir = Path(data_dir)
+    data_dir = check_node_folder(data_dir)  # before anything is created there
     with NodeState(data_dir) as state, ContentStore(data_dir / "store") as store:
-        record = state.get("genesis")
+        rounds = RoundState(state)
+        record = rounds.genesis_record()
         if record is None:
             raise NodeError(f"expected a node data folder with a network genesis at {data_dir}, got none")
         genesis: Genesis = open_genesis(record)
         fingerprints = fingerprint_model(expert_dir)
         identity = load_or_create_identity(data_dir)
-        r = state.get("round", 0) if round_number is None else round_number
+        r = rounds.round if round_number is None else round_number
         card = _sign_card(genesis, identity, fingerprints, name or Path(expert_dir).name, domains, license)
         if fingerprints.architecture != genesis.architecture_fingerprint:
             if not genesis.probe_set_fingerprint:
@@ -78,7 +81,7 @@ def contribute(
                     f"(or a network with a probe set for distribution summaries), "
                     f"got {fingerprints.architecture[:16]}"
                 )
-            return _contribute_summary(genesis, identity, card, expert_dir, store, state, r, k)
+            return _contribute_summary(genesis, identity, card, expert_dir, store, rounds, r, k)
         base = decode_tensors(
             read_base_manifest(store.get(genesis.base_manifest)), store.get, genesis.chunk_size
         )
@@ -101,7 +104,9 @@ def contribute(
             identity,
         )
         total = manifest.message.total_bytes
-        return _save(store, state, f"contribution/{r}", "manifest", card, manifest, chunks, total, "delta")
+        _save(store, manifest, chunks)
+        rounds.set_contribution(r, OwnContribution(card.raw, manifest.id))
+        return PreparedContribution(r, card.id, manifest.id, total, len(chunks), "delta")
 
 
 def _sign_card(genesis: Genesis, identity, fingerprints, name: str, domains, license: str):
@@ -123,7 +128,7 @@ def _sign_card(genesis: Genesis, identity, fingerprints, name: str, domains, lic
 
 
 def _contribute_summary(
-    genesis, identity, card, expert_dir, store, state, r: int, k: int
+    genesis, identity, card, expert_dir, store, rounds: RoundState, r: int, k: int
 ) -> PreparedContribution:
     """Publish the expert's top-k distributions on the network's probe set (FuseLLM-style)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,15 +159,13 @@ def _contribute_summary(
         identity,
     )
     total = sum(e.nbytes for e in entries)
-    return _save(store, state, f"summary/{r}", "summary", card, summary, chunks, total, "summary")
+    _save(store, summary, chunks)
+    rounds.set_summary(r, OwnSummary(card.raw, summary.id))
+    return PreparedContribution(r, card.id, summary.id, total, len(chunks), "summary")
 
 
-def _save(
-    store, state, key: str, field: str, card, signed, chunks, total: int, kind: str
-) -> PreparedContribution:
-    """Store the chunks and the signed envelope, record the contribution for the node to announce."""
+def _save(store, signed, chunks) -> None:
+    """Store the chunks and the signed envelope (before the round state names them)."""
     for digest, data in chunks.items():
         store.put(data, digest)
     store.put(signed.raw, signed.id)
-    state.set(key, {"card": card.raw, field: signed.id})
-    return PreparedContribution(signed.message.round, card.id, signed.id, total, len(chunks), kind)

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from node.contribute import PreparedContribution, contribute
+from node.datafolder import load_or_create_identity
 from node.errors import NodeError
 from node.genesis import Genesis, create_genesis
 from node.process import bound_unix_sockets, process_tree, spawn_in_new_session, stop_process_group
-from node.service import FALLBACK_SECONDS, load_or_create_identity
+from node.settings import FALLBACK_SECONDS
 from node.state import NodeState
 from node.store import ContentStore
 

@@ -17,7 +17,6 @@ chunk lists equal those of its own merge), and the chunk hashes fix the bytes (s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,23 +25,21 @@ from pathlib import Path
 from hivemind.p2p import PeerID
 
 from node.dht import ClientBoard
+from node.discover import find_attested_result
 from node.errors import ChunkNotFoundError, FetchError, NodeError
-from node.genesis import Genesis
+from node.fetcher import Fetcher, FetchPolicy
+from node.lookups import latest_rounds_from_records, peers_from_records, read_peers
 from node.partial import PartialModel, replace_folder
 from node.records import genesis_key, peers_key
-from node.service import (
-    AttestedRound,
-    find_attested_result,
-    genesis_from_records,
-    latest_rounds_from_records,
-    peers_from_records,
-)
+from node.settings import PULL_TIMEOUT
 from node.store import verified_digest
-from node.transport import fetch_chunks
+from protocol.decision import AttestedRound
+from protocol.genesis import Genesis, genesis_from_records
 
 __all__ = ["NoResultError", "PullOutcome", "pull", "replace_folder"]
 
-FETCH_ATTEMPTS = 3
+RECORD_FETCH = FetchPolicy(attempts=1)  # a result or manifest another holder may have: no retry
+MODEL_FETCH = FetchPolicy(attempts=3)  # the model's chunks: peers named anew before each retry
 
 
 class NoResultError(NodeError):
@@ -106,28 +103,20 @@ async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fet
             genesis = found[0] if found is not None else None
         peers = peers_from_records(peer_values.values())
         if genesis is not None and peers:
-
-            async def fetch(digests: Sequence[str], holders: Iterable[str], peers=peers) -> None:
-                extra = []
-                for holder in holders:
-                    with contextlib.suppress(Exception):
-                        extra.append(PeerID.from_base58(holder))
-                sources = sorted(set(peers) | set(extra), key=str)
-                try:
-                    report = await fetch_chunks(client.p2p, digests, sources, records, timeout=20.0)
-                except FetchError as exc:
-                    fetched[0] += exc.bytes_received
-                    raise
-                fetched[0] += report.bytes_received
-
-            for round_number in latest_rounds_from_records(peer_values.values()):
-                try:
-                    attested = await find_attested_result(client, genesis, round_number, fetch, records)
-                except FetchError as exc:  # e.g. the base's tensor list from peers that went away
-                    failure = f" (last fetch error: {exc})"
-                    continue
-                if attested is not None:
-                    return _Found(genesis, attested, peers)
+            fetcher = Fetcher(client.p2p, records, _known(peers), policy=RECORD_FETCH)
+            try:
+                for round_number in latest_rounds_from_records(peer_values.values()):
+                    try:
+                        attested = await find_attested_result(
+                            client, genesis, round_number, fetcher.fetch, records
+                        )
+                    except FetchError as exc:  # e.g. the base's tensor list from peers that went away
+                        failure = f" (last fetch error: {exc})"
+                        continue
+                    if attested is not None:
+                        return _Found(genesis, attested, peers)
+            finally:
+                fetched[0] += fetcher.bytes_received
         if loop.time() >= deadline:
             raise NoResultError(
                 f"expected a result of {network_id} attested by a quorum within {timeout:g} s, "
@@ -136,24 +125,26 @@ async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fet
         await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
 
 
+def _known(peers: list[PeerID]):
+    async def find_peers(_attempt: int) -> list[PeerID]:
+        return peers
+
+    return find_peers
+
+
 async def _stream(
     client: ClientBoard, network_id: str, partial: PartialModel, peers: list[PeerID], fetched: list[int]
 ) -> None:
     """Fetch every chunk `partial` lacks in one go; on failure ask for the peers again and go on."""
-    error: FetchError | None = None
-    for attempt in range(FETCH_ATTEMPTS):
-        if attempt:
-            await asyncio.sleep(0.5)
-            peers = peers_from_records((await client.aread(peers_key(network_id))).values()) or peers
-        try:
-            report = await fetch_chunks(client.p2p, partial.wanted, peers, partial, timeout=20.0)
-        except FetchError as exc:
-            fetched[0] += exc.bytes_received
-            error = exc
-            continue
-        fetched[0] += report.bytes_received
-        return
-    raise error
+
+    async def find_peers(attempt: int) -> list[PeerID]:
+        return (await read_peers(client, network_id) or peers) if attempt else peers
+
+    fetcher = Fetcher(client.p2p, partial, find_peers, policy=MODEL_FETCH)
+    try:
+        await fetcher.fetch(partial.wanted)
+    finally:
+        fetched[0] += fetcher.bytes_received
 
 
 async def pull(
@@ -162,7 +153,7 @@ async def pull(
     *,
     initial_peers: Sequence[str],
     cache_dir: str | Path | None = None,
-    timeout: float = 60.0,
+    timeout: float = PULL_TIMEOUT,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> PullOutcome:
     """Pull the latest attested result of `network_id` into `out` (see the module docstring).

@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from node.genesis import Genesis
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError
+from protocol.genesis import Genesis
 from protocol.messages import DeltaManifest, ExpertCard, TensorEntry
+from protocol.quorum import full_quorum
 from protocol.shards import plan_for, replica_count, shard_count, shard_workers, shards_of_worker
-from protocol.spotcheck import full_quorum
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Sampled attestations (spot checks): which tensors of a shard result a checker recomputes.
 
-A shard is merged in full by a few workers (protocol.shards: ``FULL_ATTESTATIONS + 1`` of them);
-every other node checks a sample of its tensors. The sample is unpredictable to the result's
+A shard is merged in full by a few workers (protocol.shards: ``FULL_ATTESTATIONS + 1`` of them,
+protocol.quorum); every other node checks a sample of its tensors. The sample is unpredictable to the result's
 publisher, yet anyone can verify it afterwards:
 
 - the checker signs `sample_input` — the network, round, shard, shard count, recipe id and merged
@@ -22,7 +22,8 @@ publisher, yet anyone can verify it afterwards:
   attestation says it checked: the proof's signature and the sample it selects.
 
 A forged tensor escapes one sampled checker with probability ``1 - f`` and ``q`` independent
-checkers with ``(1 - f)^q``; a round needs at least `full_quorum` full attestations per shard.
+checkers with ``(1 - f)^q``; a round needs at least `protocol.quorum.full_quorum` full attestations
+per shard.
 """
 
 from __future__ import annotations
@@ -39,14 +40,8 @@ from protocol.identity import Identity, verify_signature
 from protocol.messages import Attestation, MergeResult
 
 SPOT_CHECK_DELTAS = 2  # a checker's expected spot-check input per round, in contributions' deltas
-FULL_ATTESTATIONS = 2  # full attestations a shard needs (fewer only when the quorum is smaller)
 SAMPLE_DOMAIN = "umm-spot-v1"
 TENSOR_DOMAIN = b"umm-spot-tensor-v1"
-
-
-def full_quorum(quorum: int) -> int:
-    """Full attestations a shard needs under `quorum`: ``min(quorum, FULL_ATTESTATIONS)``."""
-    return min(quorum, FULL_ATTESTATIONS)
 
 
 def sample_input(result: MergeResult | Attestation) -> bytes:

@@ -1,41 +1,27 @@
-"""Verification rules: pure functions (a raising form and a result-object form) and `TrustedState`.
-
-Pure functions:
+"""Verification rules: pure functions, each in a raising form and a result-object form.
 
 - `verify_message` (raises) / `check_message` (returns `Verification`): one signed envelope;
 - `verify_quorum` (raises) / `check_quorum` (returns `QuorumCheck`): attestations of a result;
 - `verify_round_quorum` (raises) / `check_round_quorum` (returns `RoundCheck`): a sharded round's
-  shard results, each with a quorum of attestations, fitting the shard plan;
+  shard results, each with a quorum of attestations, fitting the shard plan (`round_check` combines
+  quorum checks already made);
 - chunk checks live in protocol.chunks (`verify_chunk` / `check_chunk`).
 
-`TrustedState` holds what a verifier has accepted and applies the replay and rollback rules.
+The quorum rule itself is protocol.quorum; deciding which round result holds, from what a reader
+found on the network, is protocol.decision (what the node, `umm pull` and `umm status` apply).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from protocol.envelope import DEFAULT_MAX_CLOCK_SKEW, Signed, open_envelope
-from protocol.errors import (
-    FutureTimeError,
-    ProtocolError,
-    QuorumError,
-    RollbackError,
-    SchemaError,
-    StaleRoundError,
-    UnknownSignerError,
-)
-from protocol.messages import (
-    Attestation,
-    DeltaManifest,
-    DistributionSummary,
-    ExpertCard,
-    MergeResult,
-    SignedMessage,
-)
+from protocol.errors import ProtocolError, QuorumError, SchemaError, UnknownSignerError
+from protocol.messages import Attestation, MergeResult, SignedMessage
+from protocol.quorum import full_quorum
 from protocol.shards import assembled_fingerprint, plan_shards
-from protocol.spotcheck import check_attestation_claim, full_quorum
+from protocol.spotcheck import check_attestation_claim
 
 verify_message = open_envelope  # the raising form: verify one envelope, see `open_envelope`
 
@@ -99,7 +85,7 @@ class QuorumCheck:
 
 def check_quorum(
     result: Signed,
-    attestations: Iterable[bytes],
+    attestations: Iterable[bytes | Signed],
     *,
     quorum: int,
     network_id: str,
@@ -109,11 +95,13 @@ def check_quorum(
 ) -> QuorumCheck:
     """Count distinct signers of valid attestations for `result` (a verified MergeResult).
 
-    An attestation counts when it verifies, names this result's id, recipe id, round, shard and
-    merged fingerprint, claims exactly what its kind checks (`check_attestation_claim`: all tensors
-    for ``full``, the sample its proof selects for ``sampled``) and (with an allowlist) comes from
-    an allowed signer. Each signer counts once. The quorum is met with at least `quorum` distinct
-    signers of which at least `full` (default `full_quorum(quorum)`) attest in full.
+    `attestations` are envelope bytes, or attestations already verified for this network (`Signed`,
+    as protocol.decision holds them: their signature is not checked again). An attestation counts
+    when it verifies, names this result's id, recipe id, round, shard and merged fingerprint, claims
+    exactly what its kind checks (`check_attestation_claim`: all tensors for ``full``, the sample
+    its proof selects for ``sampled``) and (with an allowlist) comes from an allowed signer. Each
+    signer counts once. The quorum is met with at least `quorum` distinct signers of which at least
+    `full` (default `full_quorum(quorum)`) attest in full.
     """
     if quorum < 1:
         raise RuntimeError("check_quorum: quorum must be at least 1")
@@ -126,7 +114,7 @@ def check_quorum(
     rejected: list[tuple[int, str]] = []
     for index, data in enumerate(attestations):
         try:
-            att = verify_message(data, Attestation, network_id=network_id, now=now).message
+            att = _attestation(data, network_id, now)
             _check_attestation_matches(att, result)
             if allowed_signers is not None and att.signer not in allowed_signers:
                 raise UnknownSignerError(f"expected an allowed signer, got {att.peer_id}")
@@ -158,6 +146,15 @@ def verify_quorum(
     if not outcome.ok:
         raise QuorumError(outcome.problem)
     return outcome
+
+
+def _attestation(data: bytes | Signed, network_id: str, now: int | None) -> Attestation:
+    if not isinstance(data, Signed):
+        return verify_message(data, Attestation, network_id=network_id, now=now).message
+    att = data.message
+    if not isinstance(att, Attestation) or att.network_id != network_id:
+        raise SchemaError(f"expected a verified attestation of network {network_id}, got another message")
+    return att
 
 
 def _check_attestation_matches(att: Attestation, result: Signed) -> None:
@@ -210,11 +207,10 @@ def check_round_quorum(
     """
     if len(results) != len(attestations):
         raise RuntimeError("check_round_quorum: one list of attestations per shard result is needed")
-    messages = [r.message for r in results]
-    problem = _shard_layout_problem(messages, base_sizes)
+    problem = _shard_layout_problem([r.message for r in results], base_sizes)
     if problem is not None:
         return RoundCheck(False, (), None, problem)
-    checks = tuple(
+    checks = [
         check_quorum(
             result,
             atts,
@@ -224,7 +220,25 @@ def check_round_quorum(
             now=now,
         )
         for result, atts in zip(results, attestations, strict=True)
-    )
+    ]
+    return round_check(results, checks, base_sizes=base_sizes, quorum=quorum)
+
+
+def round_check(
+    results: Sequence[Signed],
+    checks: Sequence[QuorumCheck],
+    *,
+    base_sizes: Sequence[tuple[str, int]],
+    quorum: int,
+) -> RoundCheck:
+    """`check_round_quorum` from quorum checks already made (`checks[j]`: `check_quorum` of shard j)."""
+    if len(results) != len(checks):
+        raise RuntimeError("round_check: one quorum check per shard result is needed")
+    messages = [r.message for r in results]
+    problem = _shard_layout_problem(messages, base_sizes)
+    if problem is not None:
+        return RoundCheck(False, (), None, problem)
+    checks = tuple(checks)
     short = [j for j, check in enumerate(checks) if not check.ok]
     problem = ""
     if short:
@@ -282,132 +296,3 @@ def verify_round_quorum(
     if outcome.fingerprint is None:
         raise SchemaError(f"{outcome.problem}")
     raise QuorumError(f"{outcome.problem}")
-
-
-@dataclass
-class TrustedState:
-    """What one verifier has accepted on one network, and the replay/rollback rules it enforces.
-
-    No I/O: the caller passes bytes and the current time. Rules, applied by the `update_*` methods
-    (in this order of dependence: round, cards, manifests/summaries, results):
-
-    1. Every message must verify (`verify_message`) for this ``network_id``; other networks are
-       rejected (`NetworkMismatchError`), as are times beyond ``now + max_clock_skew``
-       (`FutureTimeError`) and, with an allowlist, unknown signers (`UnknownSignerError`).
-    2. `update_round`: the current round only moves forward (`RollbackError`).
-    3. `update_card`: per signer, a card replaces the held one only if strictly newer
-       (``created_at``); an older or conflicting card is a `RollbackError`; the same bytes are a no-op.
-    4. `update_manifest` / `update_summary`: needs the signer's card (`UnknownSignerError`), its
-       ``card_id`` must be that card; rounds below the current round are stale (`StaleRoundError`),
-       rounds beyond ``current + max_rounds_ahead`` are refused (`FutureTimeError`); per (signer,
-       round) the newest ``created_at`` wins, older or conflicting ones are `RollbackError`.
-    5. `update_result`: the result must carry a quorum of distinct valid attestations
-       (`QuorumError`); a result for a round older than the held latest, or a different result for
-       the same round, is a `RollbackError`; stale rounds as in 4.
-    """
-
-    network_id: str
-    allowed_signers: frozenset[bytes] | None = None
-    max_clock_skew: int = DEFAULT_MAX_CLOCK_SKEW
-    max_rounds_ahead: int = 1
-    current_round: int = 0
-    cards: dict[bytes, Signed] = field(default_factory=dict)
-    manifests: dict[tuple[bytes, int], Signed] = field(default_factory=dict)
-    summaries: dict[tuple[bytes, int], Signed] = field(default_factory=dict)
-    latest_result: Signed | None = None
-
-    def update_round(self, round_number: int) -> None:
-        """Move to `round_number` (never backwards)."""
-        if round_number < self.current_round:
-            raise RollbackError(f"expected a round >= {self.current_round}, got {round_number}")
-        self.current_round = round_number
-
-    def update_card(self, data: bytes, *, now: int) -> Signed:
-        """Accept an ExpertCard (newest per signer)."""
-        signed = self._open(data, ExpertCard, now)
-        held = self.cards.get(signed.message.signer)
-        if held is not None and held.raw != data and signed.message.created_at <= held.message.created_at:
-            raise RollbackError(
-                f"expected a card newer than {held.message.created_at} from {signed.message.peer_id}, "
-                f"got created_at {signed.message.created_at}"
-            )
-        self.cards[signed.message.signer] = signed
-        return signed
-
-    def update_manifest(self, data: bytes, *, now: int) -> Signed:
-        """Accept a DeltaManifest for the current (or next allowed) round."""
-        return self._update_contribution(data, DeltaManifest, self.manifests, now)
-
-    def update_summary(self, data: bytes, *, now: int) -> Signed:
-        """Accept a DistributionSummary for the current (or next allowed) round."""
-        return self._update_contribution(data, DistributionSummary, self.summaries, now)
-
-    def update_result(self, data: bytes, attestations: Sequence[bytes], *, quorum: int, now: int) -> Signed:
-        """Accept a MergeResult with a quorum of attestations as the latest result."""
-        signed = self._open(data, MergeResult, now)
-        if signed.message.shards != 1:
-            raise SchemaError(
-                f"expected an unsharded result (shard 0 of 1) here, got shard {signed.message.shard} of "
-                f"{signed.message.shards}; check sharded rounds with verify_round_quorum"
-            )
-        self._check_round(signed.message.round)
-        held = self.latest_result
-        if held is not None:
-            if held.raw == data:
-                return held
-            if signed.message.round <= held.message.round:
-                raise RollbackError(
-                    f"expected a result for a round after {held.message.round}, "
-                    f"got round {signed.message.round}"
-                )
-        verify_quorum(
-            signed,
-            attestations,
-            quorum=quorum,
-            network_id=self.network_id,
-            allowed_signers=self.allowed_signers,
-            now=now,
-        )
-        self.latest_result = signed
-        return signed
-
-    def _open(self, data: bytes, cls: type[SignedMessage], now: int) -> Signed:
-        signed = verify_message(
-            data, cls, network_id=self.network_id, now=now, max_clock_skew=self.max_clock_skew
-        )
-        if self.allowed_signers is not None and signed.message.signer not in self.allowed_signers:
-            raise UnknownSignerError(
-                f"expected a signer on the network's allowlist, got {signed.message.peer_id}"
-            )
-        return signed
-
-    def _check_round(self, round_number: int) -> None:
-        if round_number < self.current_round:
-            raise StaleRoundError(f"expected round >= {self.current_round}, got stale round {round_number}")
-        if round_number > self.current_round + self.max_rounds_ahead:
-            raise FutureTimeError(
-                f"expected round <= {self.current_round + self.max_rounds_ahead}, got round {round_number}"
-            )
-
-    def _update_contribution(
-        self, data: bytes, cls: type[SignedMessage], held_by_key: dict[tuple[bytes, int], Signed], now: int
-    ) -> Signed:
-        signed = self._open(data, cls, now)
-        message = signed.message
-        card = self.cards.get(message.signer)
-        if card is None:
-            raise UnknownSignerError(
-                f"expected an accepted expert card from {message.peer_id} first, got none"
-            )
-        if message.card_id != card.id:
-            raise SchemaError(f"expected card_id {card.id} (the signer's card), got {message.card_id}")
-        self._check_round(message.round)
-        key = (message.signer, message.round)
-        held = held_by_key.get(key)
-        if held is not None and held.raw != data and message.created_at <= held.message.created_at:
-            raise RollbackError(
-                f"expected a {cls.TYPE} newer than {held.message.created_at} from {message.peer_id} "
-                f"for round {message.round}, got created_at {message.created_at}"
-            )
-        held_by_key[key] = signed
-        return signed

@@ -1,7 +1,9 @@
 """The `umm` command line: a thin layer over the library APIs.
 
 Each command group lives in its own module with a `register(group)` function, listed in
-`COMMAND_MODULES`. Library errors (`UmmError`) become one `Error: ...` line and exit code 2.
+`COMMAND_MODULES`; a module imports only click and light helpers at the top (heavy libraries inside
+its command functions), so `umm --help` answers at once. Library errors (`UmmError`) become one
+`Error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import click
 
 from merging import __version__
 from merging.errors import UmmError
+from node.cli.options import quiet_third_parties, verbose_option
 
 COMMAND_MODULES: tuple[str, ...] = (
     "node.cli.keys_cmd",
     "node.cli.merge_cmd",
+    "node.cli.evolve_cmd",
     "node.cli.network_cmd",
     "node.cli.node_cmd",
     "node.cli.testbed_cmd",
@@ -38,8 +42,10 @@ class UmmGroup(click.Group):
 
 @click.group(cls=UmmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="umm")
-def cli() -> None:
+@verbose_option()
+def cli(verbose: bool) -> None:
     """umm: merge domain-expert LLMs into one model, locally or over a peer-to-peer network."""
+    quiet_third_parties(verbose)
 
 
 for _module in COMMAND_MODULES:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from node.cli.options import LazyChoice
+
 
 @click.command("demo")
 @click.option(
@@ -16,6 +18,7 @@ import click
 )
 @click.option(
     "--size",
+    type=LazyChoice("merging.testbed.zoo:RECIPES", metavar="SIZE"),
     default="small",
     show_default=True,
     help="Test-bed zoo size: small (trained experts; ~15 min to build once) or micro (seconds, untrained).",

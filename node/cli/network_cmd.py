@@ -7,23 +7,27 @@ import json
 from pathlib import Path
 
 import click
-import yaml
 
 from merging.atomic import write_atomic
-from node.dht import RecordBoard, start_dht
+from merging.config import DTYPES
+from merging.methods import METHODS
+from node.cli.options import format_bytes
 from node.errors import NodeError
-from node.genesis import create_genesis
-from node.records import contrib_key, parse_record, peers_key, summary_key
-from node.service import claimed_latest_rounds, load_or_create_identity, read_genesis_from, read_round_records
-from node.state import NodeState
-from node.store import ContentStore
-from protocol.envelope import open_envelope
-from protocol.errors import ProtocolError
-from protocol.identity import peer_id_from_public_key, public_key_from_peer_id
-from protocol.messages import Attestation, ExpertCard
+from node.settings import MADDRS_FILE_WAIT
+from protocol.genesis import (
+    DEFAULT_DTYPE,
+    DEFAULT_METHOD,
+    DEFAULT_MIN_CONTRIBUTIONS,
+    DEFAULT_OUTLIER_FACTOR,
+    DEFAULT_PARAMETERS,
+    DEFAULT_QUORUM,
+    DEFAULT_SETTLE_SECONDS,
+)
 
 
 def _members(value: str) -> tuple[bytes, ...] | None:
+    from protocol.identity import public_key_from_peer_id
+
     if value == "open":
         return None
     return tuple(public_key_from_peer_id(p.strip()) for p in value.split(",") if p.strip())
@@ -49,16 +53,28 @@ def network() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="The creating node's data folder (its identity signs the genesis).",
 )
-@click.option("--method", default="ties", show_default=True, help="Default merge method.")
+@click.option(
+    "--method",
+    type=click.Choice(sorted(METHODS)),
+    default=DEFAULT_METHOD,
+    show_default=True,
+    help="Default merge method.",
+)
 @click.option(
     "--params",
-    default='{"density": 0.5, "weight": 1.0}',
+    default=json.dumps(DEFAULT_PARAMETERS),
     show_default=True,
     help="Method parameters as JSON or YAML (layer-wise lists allowed).",
 )
-@click.option("--dtype", default="float32", show_default=True, help="Merged model dtype.")
 @click.option(
-    "--quorum", default=0, show_default=True, help="Attestations needed; 0 = majority of contributors (>= 2)."
+    "--dtype", type=click.Choice(DTYPES), default=DEFAULT_DTYPE, show_default=True, help="Merged model dtype."
+)
+@click.option(
+    "--quorum",
+    type=click.IntRange(min=0),
+    default=DEFAULT_QUORUM,
+    show_default=True,
+    help="Attestations needed; 0 = majority of contributors (>= 2).",
 )
 @click.option(
     "--members",
@@ -66,15 +82,24 @@ def network() -> None:
     show_default=True,
     help="Comma-separated peer ids allowed to sign, or 'open'.",
 )
-@click.option("--min-contributions", default=2, show_default=True, help="Contributions a round needs.")
+@click.option(
+    "--min-contributions",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MIN_CONTRIBUTIONS,
+    show_default=True,
+    help="Contributions a round needs.",
+)
 @click.option(
     "--settle-seconds",
-    default=2.0,
+    default=DEFAULT_SETTLE_SECONDS,
     show_default=True,
     help="A round merges once its contributions are unchanged this long.",
 )
 @click.option(
-    "--outlier-factor", default=3.0, show_default=True, help="Reject deltas with norm > factor x median."
+    "--outlier-factor",
+    default=DEFAULT_OUTLIER_FACTOR,
+    show_default=True,
+    help="Reject deltas with norm > factor x median.",
 )
 @click.option(
     "--probe-set",
@@ -106,6 +131,14 @@ def create(
 
     Example: umm network create demo --base zoo/base --data-dir node1 --method ties --quorum 2
     """
+    import yaml
+
+    from node.datafolder import load_or_create_identity
+    from node.genesis import create_genesis
+    from node.state import NodeState
+    from node.store import ContentStore
+    from protocol.genesis import check_proposed_settings
+
     try:
         parameters = yaml.safe_load(params)
     except yaml.YAMLError as exc:
@@ -118,22 +151,21 @@ def create(
         texts = (
             json.loads(raw) if raw.lstrip().startswith("[") else [t for t in raw.splitlines() if t.strip()]
         )
+    allowed = _members(members)
+    settings = dict(
+        method=method,
+        parameters=parameters,
+        dtype=dtype,
+        quorum=quorum,
+        outlier_factor=outlier_factor,
+        min_contributions=min_contributions,
+        settle_seconds=settle_seconds,
+    )
+    check_proposed_settings(name, **settings)  # before anything is created in --data-dir
     identity = load_or_create_identity(data_dir)
     with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
         genesis, record = create_genesis(
-            name,
-            base_dir,
-            identity,
-            store,
-            method=method,
-            parameters=parameters,
-            dtype=dtype,
-            quorum=quorum,
-            members=_members(members),
-            outlier_factor=outlier_factor,
-            min_contributions=min_contributions,
-            settle_seconds=settle_seconds,
-            probe_set=texts,
+            name, base_dir, identity, store, members=allowed, probe_set=texts, **settings
         )
         state.set("genesis", record)
     if out is not None:
@@ -144,25 +176,31 @@ def create(
 
 
 async def _collect(network_id: str, initial_peers: list[str]) -> dict:
-    dht, validator = await asyncio.to_thread(start_dht, initial_peers=initial_peers, client_mode=True)
-    board = RecordBoard(dht, validator)
+    """What `umm status` shows, read by a light client DHT node (no node process)."""
+    from node.dht import ClientBoard
+    from node.lookups import latest_rounds_from_records, read_genesis, read_round_records
+    from node.records import contrib_key, parse_record, peers_key, summary_key
+
+    client = await ClientBoard.start(initial_peers)
     try:
-        found = await asyncio.to_thread(read_genesis_from, board, network_id)
-        peers = [parse_record("peers", v) for v in (await board.aread(peers_key(network_id))).values()]
-        claims = await asyncio.to_thread(claimed_latest_rounds, board, network_id)
+        found, peer_values = await asyncio.gather(
+            read_genesis(client, network_id), client.aread(peers_key(network_id))
+        )
+        peers = [parse_record("peers", v) for v in peer_values.values()]
+        claims = latest_rounds_from_records(peer_values.values())
         current = (claims[0] + 1) if claims else 0
         rounds = sorted({current, *claims[:1]})
         summaries = {
-            r: [parse_record("summary", v) for v in (await board.aread(summary_key(network_id, r))).values()]
+            r: [parse_record("summary", v) for v in (await client.aread(summary_key(network_id, r))).values()]
             for r in rounds
         }
         contribs = {
-            r: [parse_record("contrib", v) for v in (await board.aread(contrib_key(network_id, r))).values()]
+            r: [parse_record("contrib", v) for v in (await client.aread(contrib_key(network_id, r))).values()]
             for r in rounds
         }
-        results = {r: await read_round_records(board, network_id, r) for r in rounds}
+        results = {r: await read_round_records(client, network_id, r) for r in rounds}
     finally:
-        await asyncio.to_thread(dht.shutdown)
+        await client.shutdown()
     return {
         "genesis": found,
         "peers": [p for p in peers if p],
@@ -173,6 +211,10 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
 
 
 def _cards(records: list, network_id: str, field: str) -> list[dict]:
+    from protocol.envelope import open_envelope
+    from protocol.errors import ProtocolError
+    from protocol.messages import ExpertCard
+
     rows = []
     for rec in records:
         if rec is None:
@@ -189,9 +231,16 @@ def _cards(records: list, network_id: str, field: str) -> list[dict]:
 
 @click.command("status")
 @click.option("--network", "network_id", required=True, help="Network id (NAME.<16 hex>).")
-@click.option("--initial-peers", multiple=True, required=True, help="A multiaddr of any node (repeatable).")
+@click.option("--initial-peers", multiple=True, help="A multiaddr of any node (repeatable).")
+@click.option(
+    "--initial-peers-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A file of multiaddrs, one a line (as `umm node start --write-maddrs` writes it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> None:
+def status(
+    network_id: str, initial_peers: tuple[str, ...], initial_peers_file: Path | None, as_json: bool
+) -> None:
     """Show peers, their expert cards, contributions per round and the latest results.
 
     Example: umm status --network demo.0123456789abcdef --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
@@ -199,7 +248,17 @@ def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> No
     from rich.console import Console
     from rich.table import Table
 
-    data = asyncio.run(_collect(network_id, list(initial_peers)))
+    from node.cli.node_cmd import _read_maddrs_file
+    from protocol.genesis import network_genesis_id
+    from protocol.identity import peer_id_from_public_key
+
+    network_genesis_id(network_id)  # a malformed id fails before any DHT starts
+    peers_given = list(initial_peers)
+    if initial_peers_file is not None:
+        peers_given += _read_maddrs_file(initial_peers_file, timeout=MADDRS_FILE_WAIT)
+    if not peers_given:
+        raise NodeError("expected --initial-peers or --initial-peers-file, got neither")
+    data = asyncio.run(_collect(network_id, peers_given))
     peers = [
         {"p2p": p["p2p"], "peer": peer_id_from_public_key(p["signer"]), "latest": p["latest"]}
         for p in data["peers"]
@@ -209,21 +268,20 @@ def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> No
         rows = _cards(records, network_id, "manifest")
         summaries = _cards(data["summaries"][r], network_id, "summary")
         atts = []
-        for rec in data["results"][r]:
-            if rec is None:
-                continue
-            try:
-                att = open_envelope(rec["attestation"], Attestation, network_id=network_id).message
-                atts.append(
-                    {
-                        "peer": att.peer_id,
-                        "result": att.result_id,
-                        "fingerprint": att.merged_fingerprint,
-                        "shard": f"{att.shard}/{att.shards}",
-                    }
-                )
-            except ProtocolError:
-                continue
+        for shard in data["results"][r]:
+            for result_id, held in sorted(shard.attestations.by_result.items()):
+                for signed in held:
+                    att = signed.message
+                    atts.append(
+                        {
+                            "peer": att.peer_id,
+                            "result": result_id,
+                            "fingerprint": att.merged_fingerprint,
+                            "shard": f"{att.shard}/{att.shards}",
+                            "kind": att.kind,
+                            "checked": att.checked_bytes,
+                        }
+                    )
         rounds[r] = {"contributions": rows, "summaries": summaries, "attestations": atts}
     if as_json:
         click.echo(
@@ -246,9 +304,24 @@ def status(network_id: str, initial_peers: tuple[str, ...], as_json: bool) -> No
             for row in info["summaries"]:
                 table.add_row(row["expert"], row["peer"][:20], ",".join(row["domains"]), row["summary"][:16])
             console.print(table)
-        table = Table("attested by", "shard", "result", "fingerprint", title=f"round {r}: attestations")
+        table = Table(
+            "attested by",
+            "shard",
+            "kind",
+            "checked",
+            "result",
+            "fingerprint",
+            title=f"round {r}: attestations",
+        )
         for row in info["attestations"]:
-            table.add_row(row["peer"][:20], row["shard"], row["result"][:16], row["fingerprint"][:16])
+            table.add_row(
+                row["peer"][:20],
+                row["shard"],
+                row["kind"],
+                format_bytes(row["checked"]),
+                row["result"][:16],
+                row["fingerprint"][:16],
+            )
         console.print(table)
 
 

@@ -11,7 +11,15 @@ from pathlib import Path
 import click
 
 from merging.atomic import write_atomic
+from node.cli.options import format_bytes, format_seconds, log_level_option
 from node.errors import NodeError
+from node.settings import (
+    FALLBACK_SECONDS,
+    MADDRS_FILE_WAIT,
+    POLL_SECONDS,
+    PULL_TIMEOUT,
+    checked_fallback_seconds,
+)
 
 
 @click.group("node")
@@ -53,22 +61,22 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
 @click.option(
     "--initial-peers-file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="A file of multiaddrs, one a line (waits up to 120 s for it to appear).",
+    help=f"A file of multiaddrs, one a line (waits up to {MADDRS_FILE_WAIT:g} s for it to appear).",
 )
 @click.option(
     "--write-maddrs",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write this node's multiaddrs to a file once it is ready (for joiners).",
 )
-@click.option("--poll", default=1.0, show_default=True, help="Seconds between round steps.")
+@click.option("--poll", default=POLL_SECONDS, show_default=True, help="Seconds between round steps.")
 @click.option(
     "--fallback-seconds",
-    default=120.0,
+    default=FALLBACK_SECONDS,
     show_default=True,
     help="Seconds after a round's candidates settle before this node also merges the shards still "
     "lacking a quorum (local behaviour: nodes may differ).",
 )
-@click.option("--log-level", default="INFO", show_default=True, help="Python log level of the node.")
+@log_level_option()
 def start(
     data_dir,
     network_id,
@@ -87,14 +95,13 @@ def start(
     Example: umm node start --data-dir node2 --network demo.0123456789abcdef \
         --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     """
-    from node.service import NodeService, checked_fallback_seconds
-
     checked_fallback_seconds(fallback_seconds)  # a bad value fails before the node starts
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
     peers = list(initial_peers)
     if initial_peers_file is not None:
-        peers += _read_maddrs_file(initial_peers_file, timeout=120.0)
+        peers += _read_maddrs_file(initial_peers_file, timeout=MADDRS_FILE_WAIT)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from node.service import NodeService
 
     def ready(service: NodeService) -> None:
         if write_maddrs is not None:
@@ -168,9 +175,13 @@ def contribute_command(
     Example: umm contribute zoo/experts/math --data-dir node1 --codec int8+zstd --domain math
     """
     from node.contribute import contribute
-    from node.genesis import open_genesis
+    from node.datafolder import check_node_folder
     from node.state import NodeState
+    from protocol.codecs import parse_codec
+    from protocol.genesis import open_genesis
 
+    check_node_folder(data_dir)  # before anything is created there
+    parse_codec(codec)
     with NodeState(data_dir) as state:
         record = state.get("genesis")
     genesis = open_genesis(record) if record is not None else None
@@ -192,9 +203,8 @@ def contribute_command(
         k=k,
     )
     what = "manifest" if done.kind == "delta" else "distribution summary"
-    click.echo(
-        f"round {done.round}: {what} {done.manifest_id} ({done.total_bytes} bytes in {done.chunks} chunks)"
-    )
+    size = format_bytes(done.total_bytes)
+    click.echo(f"round {done.round}: {what} {done.manifest_id} ({size} in {done.chunks} chunks)")
 
 
 @click.command("pull")
@@ -208,34 +218,39 @@ def contribute_command(
     type=click.Path(dir_okay=False, path_type=Path),
     help="A file of multiaddrs, one a line (as `umm node start --write-maddrs` writes it).",
 )
-@click.option("--timeout", default=120.0, show_default=True, help="Seconds to wait for an attested result.")
+@click.option(
+    "--timeout", default=PULL_TIMEOUT, show_default=True, help="Seconds to wait for an attested result."
+)
 def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) -> None:
     """Download the latest attested merged model into a loadable folder (resumable).
 
     Example: umm pull --network demo.0123456789abcdef --out merged \
         --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     """
-    from rich.progress import Progress
-
-    from node.pull import pull
-
     initial_peers = list(initial_peers)
     if initial_peers_file is not None:
         initial_peers += _read_maddrs_file(initial_peers_file, timeout=timeout)
     if not initial_peers:
         raise NodeError("expected --initial-peers or --initial-peers-file, got neither")
 
-    with Progress(transient=True) as bars:
-        task = bars.add_task("chunks", total=None)
+    from node.cli.progress import step_progress
+    from node.pull import pull
 
-        def progress(_what: str, done: int, total: int) -> None:
-            bars.update(task, completed=done, total=total)
-
+    with step_progress("pull: chunks") as progress:
         outcome = asyncio.run(
-            pull(network_id, out, initial_peers=list(initial_peers), timeout=timeout, progress=progress)
+            pull(
+                network_id,
+                out,
+                initial_peers=list(initial_peers),
+                timeout=timeout,
+                progress=lambda _what, done, total: progress(done, total),
+            )
         )
     click.echo(f"round {outcome.round}: {outcome.merged_fingerprint} attested by {outcome.attested_by} keys")
-    click.echo(f"wrote {outcome.out} ({outcome.bytes_fetched} bytes fetched)")
+    seconds = sum(outcome.seconds.values())
+    click.echo(
+        f"wrote {outcome.out} ({format_bytes(outcome.bytes_fetched)} fetched in {format_seconds(seconds)})"
+    )
 
 
 def register(group: click.Group) -> None:

@@ -10,11 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from merging.atomic import write_text_atomic
-from merging.testbed.harness import evaluate
-from merging.testbed.models import PACKAGED_GGUF, import_gguf, load_pretrained, packaged_gguf
-from merging.testbed.report import comparison
 from merging.testbed.tasks import SPLITS, resolve_tasks
-from merging.testbed.zoo import RECIPES, build_zoo, model_meta
+from node.cli.options import LazyChoice
 
 
 def _accuracy_table(title: str, scores: dict[str, dict], tasks: list[str]) -> Table:
@@ -44,6 +41,9 @@ def _retention_table(summary: dict) -> Table:
 def _evaluate_dirs(
     model_dirs: list[str], tasks: list[str], split: str, limit: int | None, batch_size: int, prompt_style: str
 ) -> dict:
+    from merging.testbed.harness import evaluate
+    from merging.testbed.models import load_pretrained
+
     results = {}
     for model_dir in model_dirs:
         model, tokenizer = load_pretrained(model_dir)
@@ -56,7 +56,9 @@ def _evaluate_dirs(
 @click.command("eval")
 @click.argument("model_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--tasks", default=None, help="Comma-separated task names (default: all).")
-@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True)
+@click.option(
+    "--split", type=click.Choice(SPLITS), default="test", show_default=True, help="Which examples to score."
+)
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts of each task.")
 @click.option(
     "--base",
@@ -67,15 +69,22 @@ def _evaluate_dirs(
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the results here."
 )
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Prompts decoded at once.")
 @click.option(
-    "--prompt-style", type=click.Choice(["auto", "plain", "chat"]), default="auto", show_default=True
+    "--prompt-style",
+    type=click.Choice(["auto", "plain", "chat"]),
+    default="auto",
+    show_default=True,
+    help="Prompt format: plain text, the model's chat template, or chat when it has one (auto).",
 )
 def eval_command(model_dirs, tasks, split, limit, base, json_out, batch_size, prompt_style):
     """Score models on the reasoning suite (exact match on the final `Answer:` line).
 
     Example: umm eval ~/.cache/umm/zoo/small-*/experts/* --base ~/.cache/umm/zoo/small-*/base --json out.json
     """
+    from merging.testbed.report import comparison
+    from merging.testbed.zoo import model_meta
+
     names = resolve_tasks(tasks)
     dirs = list(dict.fromkeys([*([base] if base else []), *model_dirs]))
     results = _evaluate_dirs(dirs, names, split, limit, batch_size, prompt_style)
@@ -96,7 +105,13 @@ def zoo_group():
 
 
 @zoo_group.command("build")
-@click.option("--size", type=click.Choice([*RECIPES, "real"]), default="micro", show_default=True)
+@click.option(
+    "--size",
+    type=LazyChoice("merging.testbed.zoo:RECIPES", extra=("real",), metavar="SIZE"),
+    default="micro",
+    show_default=True,
+    help="Zoo size: micro, small (merging.testbed.zoo's recipes) or real (see docs/testbed.md).",
+)
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
@@ -118,6 +133,8 @@ def zoo_build(size, cache_dir, run_eval, limit):
         with rich_reporter(console) as reporter:
             zoo = build_real_zoo(cache_dir, log=console.print, reporter=reporter)
     else:
+        from merging.testbed.zoo import build_zoo
+
         zoo = build_zoo(size, cache_dir, log=click.echo)
     for name, path in zoo.models().items():
         console.print(f"{name:12s} {path}  ({zoo.build_seconds.get(name, 0):.1f} s)")
@@ -133,7 +150,11 @@ def zoo_build(size, cache_dir, run_eval, limit):
 @click.argument("gguf_file")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
-    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype of the written weights.",
 )
 def import_gguf_command(gguf_file, out_dir, dtype):
     """Dequantize a GGUF model into an HF safetensors folder with its tokenizer (needs umm[real]).
@@ -142,6 +163,8 @@ def import_gguf_command(gguf_file, out_dir, dtype):
 
     Example: umm import-gguf smollm2 models/smollm2-135m
     """
+    from merging.testbed.models import PACKAGED_GGUF, import_gguf, packaged_gguf
+
     path = (
         packaged_gguf(gguf_file) if gguf_file in PACKAGED_GGUF and not Path(gguf_file).exists() else gguf_file
     )

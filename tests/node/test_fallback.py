@@ -28,19 +28,19 @@ from node_models import make_base, make_expert
 from safetensors.torch import load_file
 
 from merging.engine import merge_state_dicts
+from node.datafolder import load_or_create_identity
 from node.errors import NodeError
 from node.genesis import store_base
 from node.local import LocalNetwork
 from node.process import process_tree, wait_gone
-from node.service import load_or_create_identity
 from node.state import NodeState
 from node.store import ContentStore
 from protocol.chunks import decode_tensors
 from protocol.envelope import open_envelope
 from protocol.fingerprint import fingerprint_state_dict
 from protocol.messages import Attestation, DeltaManifest, MergeResult
+from protocol.quorum import full_quorum
 from protocol.shards import replica_count, shard_workers
-from protocol.spotcheck import full_quorum
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -158,6 +159,7 @@ def test_contribute_without_a_network_is_one_error_line(base_dir, tmp_path):
         result.output
         == f"Error: expected a node data folder with a network genesis at {tmp_path}, got none\n"
     )
+    assert not (tmp_path / "state.sqlite").exists() and not (tmp_path / "store").exists()
 
 
 def test_maddrs_file_is_read_or_reported_missing(tmp_path):
@@ -254,12 +256,11 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
     import asyncio
     from types import SimpleNamespace
 
-    import node.service
-    from node.service import AttestedResult, AttestedRound, NodeService
+    from protocol.decision import AttestedResult, AttestedRound
 
     with ContentStore(tmp_path / "store") as store:
-        _, record = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x06" * 32), store)
-    service = NodeService(tmp_path / "node", genesis_record=record)
+        genesis, _ = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x06" * 32), store)
+    machine, service = _offline_machine(tmp_path / "node", genesis)
     candidates = ["11" * 32, "22" * 32]
     own = {
         "recipe": "aa" * 32,
@@ -287,26 +288,21 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
         return AttestedResult(SimpleNamespace(id=f"{shard}d" * 32, message=message), [b"att"], 3)
 
     found = AttestedRound([attested(0, "aa" * 32, "01" * 32), attested(1, "ee" * 32, "ff" * 32)], "12" * 32)
-
-    async def fake_find(*_args):
-        return found
-
-    monkeypatch.setattr(node.service, "find_attested_result", fake_find)
-    asyncio.run(service._check_quorum(0))
+    assert not asyncio.run(machine.record(0, found))
     assert service.state.get("latest") is None
-    assert service.round == 0
+    assert service.rounds.round == 0
     found = AttestedRound([attested(0, "aa" * 32, "01" * 32), attested(1, "aa" * 32, "bb" * 32)], "12" * 32)
     service.state.set("view/0", [[*candidates, "33" * 32], 2])  # it merged another candidate set
-    asyncio.run(service._check_quorum(0))
+    assert not asyncio.run(machine.record(0, found))
     assert service.state.get("latest") is None
     service.state.set("view/0", [candidates, 2])
-    asyncio.run(service._check_quorum(0))
+    assert asyncio.run(machine.record(0, found))
     latest = service.state.get("latest")
     assert latest["fingerprint"] == "12" * 32
     assert latest["results"] == ["0d" * 32, "1d" * 32]
     # shard 0 (not computed here) is re-announced with a quorum member's attestation, shard 1 with ours
     assert latest["announce"] == [[0, "0d" * 32, b"att"], [1, "cc" * 32, b"a"]]
-    assert service.round == 1
+    assert service.rounds.round == 1
 
 
 def test_a_node_merges_its_shards_then_after_the_fallback_time_the_ones_lacking_a_quorum(
@@ -316,11 +312,13 @@ def test_a_node_merges_its_shards_then_after_the_fallback_time_the_ones_lacking_
     import dataclasses
 
     from node.rounds import RoundPlan
-    from node.service import FALLBACK_SECONDS, NodeService
+    from node.settings import FALLBACK_SECONDS
+    from protocol.decision import ShardAttestations
 
     with ContentStore(tmp_path / "store") as store:
-        _, record = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x07" * 32), store)
-    service = NodeService(tmp_path / "node", genesis_record=record)
+        genesis, _ = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x07" * 32), store)
+    held: dict[int, ShardAttestations] = {}
+    machine, service = _offline_machine(tmp_path / "node", genesis, shards=held)
     others = [Identity.from_seed(bytes([n]) * 32).public_key for n in (21, 22, 23)]
     workers = tuple(sorted([service.identity.public_key, *others]))
     plan = RoundPlan(
@@ -333,17 +331,21 @@ def test_a_node_merges_its_shards_then_after_the_fallback_time_the_ones_lacking_
     position = workers.index(service.identity.public_key)
     mine = tuple(sorted({(position - t) % 4 for t in range(3)}))  # shards p-2, p-1, p
     (other,) = {0, 1, 2, 3} - set(mine)
-    assert asyncio.run(service._shards_to_compute(0, plan, 0.0)) == mine
+    assert asyncio.run(machine.shards_to_compute(0, plan, 0.0)) == mine
 
-    async def lacking(_r, _plan):
-        return {other}
+    def attested_by(j: int, *signers: str) -> ShardAttestations:
+        held = tuple(
+            SimpleNamespace(message=SimpleNamespace(signer=s.encode(), kind="full")) for s in signers
+        )
+        return ShardAttestations(j, {"ab" * 32: held}, frozenset({4}))
 
-    monkeypatch.setattr(service, "_lacking_shards", lacking)
-    assert asyncio.run(service._shards_to_compute(0, plan, FALLBACK_SECONDS - 1)) == mine
-    assert asyncio.run(service._shards_to_compute(0, plan, FALLBACK_SECONDS)) == (0, 1, 2, 3)
+    held.update({j: attested_by(j, "w1", "w2") for j in range(4)})
+    held[other] = attested_by(other, "w1")  # one full attestation short of the quorum of 2
+    assert asyncio.run(machine.shards_to_compute(0, plan, FALLBACK_SECONDS - 1)) == mine
+    assert asyncio.run(machine.shards_to_compute(0, plan, FALLBACK_SECONDS)) == (0, 1, 2, 3)
     # the four workers alone (full or sampled) cannot reach the quorum: every node merges every shard
-    assert asyncio.run(service._shards_to_compute(0, dataclasses.replace(plan, quorum=4), 0.0)) == mine
-    assert asyncio.run(service._shards_to_compute(0, dataclasses.replace(plan, quorum=5), 0.0)) == (
+    assert asyncio.run(machine.shards_to_compute(0, dataclasses.replace(plan, quorum=4), 0.0)) == mine
+    assert asyncio.run(machine.shards_to_compute(0, dataclasses.replace(plan, quorum=5), 0.0)) == (
         0,
         1,
         2,
@@ -354,18 +356,19 @@ def test_a_node_merges_its_shards_then_after_the_fallback_time_the_ones_lacking_
 def test_a_node_attests_anothers_result_only_if_its_chunk_list_matches(base_dir, tmp_path, monkeypatch):
     import asyncio
     import dataclasses
-    from types import SimpleNamespace
 
     import torch
 
-    from node.service import NodeService
+    from node.round_state import ShardMerge
     from protocol.aggregate import encode_result
     from protocol.envelope import sign_message
     from protocol.messages import SCHEMA_VERSION, MergeResult
 
     with ContentStore(tmp_path / "store") as store:
-        _, record = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x08" * 32), store)
-    service = NodeService(tmp_path / "node", genesis_record=record)
+        genesis, _ = create_genesis("unit-net", base_dir, Identity.from_seed(b"\x08" * 32), store)
+    board = {}
+    published = []
+    machine, service = _offline_machine(tmp_path / "node", genesis, records=board, published=published)
     candidates = ("11" * 32,)
     recipe = service.genesis.recipe(0, list(candidates))
     merged = {"w": torch.arange(6, dtype=torch.float32)}
@@ -401,24 +404,6 @@ def test_a_node_attests_anothers_result_only_if_its_chunk_list_matches(base_dir,
             created += 1  # a smaller id than ours: the one every node would pick as canonical
         service.store.put(candidate.raw, candidate.id)
         theirs[label] = candidate
-    published = []
-
-    class Board:
-        def __init__(self, records):
-            self.records = records
-
-        async def aread(self, _key):
-            return self.records
-
-    async def no_fetch(*_args, **_kwargs):
-        return None
-
-    async def publish(_key, value):
-        published.append(parse_record("result", value))
-
-    monkeypatch.setattr(service, "fetch", no_fetch)
-    monkeypatch.setattr(service, "_publish", publish)
-    monkeypatch.setattr(service, "p2p", SimpleNamespace(peer_id="own-peer"))
     own = {
         "recipe": recipe.id,
         "result": ours.id,
@@ -430,7 +415,60 @@ def test_a_node_attests_anothers_result_only_if_its_chunk_list_matches(base_dir,
     }
     for label, expected in (("other chunks", ours.id), ("same", theirs["same"].id)):
         record = make_record("result", result=theirs[label].id, attestation=b"x", p2p="peer")
-        service.board = Board({"them": record})
-        asyncio.run(service._attest_canonical(0, 0, dict(own)))
+        board.clear()
+        board["them"] = record
+        asyncio.run(machine.worker.attest_canonical(0, 0, ShardMerge.decode(own)))
         assert service.state.get("shard/0/0")["attests"] == expected, label
     assert [p["result"] for p in published] == [ours.id, ours.id]  # our result, attested either way
+
+
+def _offline_machine(data_dir, genesis, *, shards=None, records=None, published=None):
+    """A node's round machine with no DHT or daemon: fetch does nothing, publish appends the
+    record to `published`, shard j's records are `shards[j]` (or the result records `records`)."""
+    from types import SimpleNamespace
+
+    from node.datafolder import load_or_create_identity
+    from node.lookups import ShardRecords, read_shard_records
+    from node.round_context import RoundContext
+    from node.round_machine import RoundMachine
+    from node.round_state import RoundState
+    from protocol.decision import ShardAttestations
+
+    store = ContentStore(data_dir / "store")
+    state = NodeState(data_dir)
+
+    class Board:
+        async def aread(self, _key, *, latest=True):
+            return dict(records or {})
+
+    async def no_fetch(*_args, **_kwargs):
+        return None
+
+    async def publish(_key, value):
+        if published is not None:
+            published.append(parse_record("result", value))
+
+    async def read_shard(r, j):
+        if shards is not None:
+            return ShardRecords(shards.get(j, ShardAttestations(j, {}, frozenset())), {})
+        return await read_shard_records(Board(), genesis.network_id, r, j)
+
+    ctx = RoundContext(
+        genesis=genesis,
+        identity=load_or_create_identity(data_dir),
+        store=store,
+        rounds=RoundState(state),
+        fetch=no_fetch,
+        publish=publish,
+        read_shard=read_shard,
+        peer_id="own-peer",
+    )
+    view = SimpleNamespace(
+        identity=ctx.identity,
+        store=store,
+        state=state,
+        rounds=ctx.rounds,
+        genesis=genesis,
+        network_id=genesis.network_id,
+    )
+    return RoundMachine(ctx, Board()), view

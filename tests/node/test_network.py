@@ -23,6 +23,7 @@ from node_models import make_base, make_expert
 from safetensors.torch import load_file, save_file
 
 from merging.engine import merge
+from node.datafolder import load_or_create_identity
 from node.genesis import read_base_manifest
 from node.local import LocalNetwork
 from node.process import (
@@ -33,7 +34,6 @@ from node.process import (
     wait_gone,
 )
 from node.pull import NoResultError, pull
-from node.service import load_or_create_identity
 from node.state import NodeState
 from node.store import ContentStore
 from protocol.chunks import decode_tensors

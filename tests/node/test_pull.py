@@ -11,11 +11,11 @@ import torch
 from node_models import make_base
 from safetensors.torch import load_file
 
+from node.discover import find_attested_result
 from node.genesis import create_genesis
 from node.partial import MODEL_FILE, PartialModel
 from node.pull import MemoryChunks
 from node.records import make_record, result_key
-from node.service import find_attested_result
 from node.store import ContentStore
 from protocol.aggregate import encode_result
 from protocol.envelope import sign_message

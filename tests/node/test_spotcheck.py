@@ -1,7 +1,8 @@
 """A node's spot check of a shard it does not merge: a forged tensor in its sample is refused.
 
-One NodeService (no processes: the DHT board, fetch and publish are stand-ins) holds the base, three
-contributions and the results of shard 0; the sample its key draws is computed here by hand.
+One node's round machine (no processes: its `RoundContext` gets stand-in fetch, publish and DHT
+reads) holds the base, three contributions and the results of shard 0; the sample its key draws is
+computed here by hand.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ import pytest
 from node_messages import signed_contribution
 from node_models import make_base
 
-import node.service as node_service
 from node.genesis import create_genesis, read_base_manifest
+from node.lookups import read_shard_records
 from node.records import make_record, parse_record
+from node.round_context import RoundContext
+from node.round_machine import RoundMachine
+from node.round_state import RoundState, ShardMerge
 from node.rounds import Contribution, admit, plan_round
-from node.service import AttestedResult, AttestedRound, NodeService
-from node.spotcheck import _sampled_attestation, spot_check_shard, spot_targets
+from node.shard_worker import FETCH_PATIENCE
+from node.spotcheck import sampled_attestation, spot_check_shard
+from node.state import NodeState
 from node.store import ContentStore
 from protocol.aggregate import aggregate, encode_result
 from protocol.chunks import decode_tensors
+from protocol.decision import AttestedResult, AttestedRound, ShardAttestations
 from protocol.encoding import pack
 from protocol.envelope import open_envelope, sign_message
 from protocol.identity import Identity
@@ -42,8 +48,37 @@ def node(tmp_path, monkeypatch):
     make_base(tmp_path / "base")
     monkeypatch.setattr("node.genesis.time", SimpleNamespace(time=lambda: NOW))
     with ContentStore(tmp_path / "node" / "store") as store:
-        genesis, record = create_genesis("spot-net", tmp_path / "base", _who(1), store, chunk_size=4096)
-    service = NodeService(tmp_path / "node", genesis_record=record)
+        genesis, _record = create_genesis("spot-net", tmp_path / "base", _who(1), store, chunk_size=4096)
+    published = []
+    board = Board({})
+
+    async def no_fetch(*_args, **_kwargs):
+        return None
+
+    async def publish(_key, value):
+        published.append(parse_record("result", value))
+
+    async def read_shard(r, j):
+        return await read_shard_records(board, genesis.network_id, r, j)
+
+    ctx = RoundContext(
+        genesis=genesis,
+        identity=_who(1),
+        store=ContentStore(tmp_path / "node" / "store"),
+        rounds=RoundState(NodeState(tmp_path / "node")),
+        fetch=no_fetch,
+        publish=publish,
+        read_shard=read_shard,
+        peer_id="own-peer",
+    )
+    service = SimpleNamespace(
+        genesis=genesis,
+        identity=ctx.identity,
+        store=ctx.store,
+        state=ctx.rounds.state,
+        network_id=genesis.network_id,
+        rounds=ctx.rounds,
+    )
     base_entries = read_base_manifest(service.store.get(genesis.base_manifest))
     base = decode_tensors(base_entries, service.store.get, genesis.chunk_size)
     contributions = []
@@ -57,27 +92,19 @@ def node(tmp_path, monkeypatch):
         contributions.append(Contribution(card, manifest))
     contributions.sort(key=lambda c: c.id)
     plan = plan_round(genesis, contributions, base_entries)
-    published = []
-
-    async def no_fetch(*_args, **_kwargs):
-        return None
-
-    async def publish(_key, value):
-        published.append(parse_record("result", value))
-
-    monkeypatch.setattr(service, "fetch", no_fetch)
-    monkeypatch.setattr(service, "_publish", publish)
-    monkeypatch.setattr(service, "p2p", SimpleNamespace(peer_id="own-peer"))
     yield SimpleNamespace(
         service=service,
+        ctx=ctx,
+        board=board,
+        machine=RoundMachine(ctx, board),
         plan=plan,
         contributions=contributions,
         base=base,
         entries=base_entries,
         published=published,
     )
-    service.store.close()
-    service.state.close()
+    ctx.store.close()
+    ctx.rounds.state.close()
 
 
 def _result(node, publisher: Identity, forge: str | None = None, amount: float = 0.01, contributions=None):
@@ -86,7 +113,7 @@ def _result(node, publisher: Identity, forge: str | None = None, amount: float =
     service, plan = node.service, node.plan
     names = plan.shards[0]
     inputs = node.contributions if contributions is None else contributions
-    admission, deltas = admit(service.genesis, inputs, node.entries, service._decode, names)
+    admission, deltas = admit(service.genesis, inputs, node.entries, node.ctx.decode, names)
     recipe = service.genesis.recipe(0, list(admission.admitted))
     merged = aggregate(
         recipe, {n: node.base[n] for n in names}, deltas, model_tensors=[e.name for e in node.entries]
@@ -181,30 +208,25 @@ def _board(node, *attested):
         records[bytes([index])] = make_record(
             "result", result=result.id, attestation=_full(result, who).raw, p2p=f"peer{index}"
         )
-    node.service.board = Board(records)
+    node.board.records = records
 
 
-def test_a_forged_tensor_in_the_sample_is_refused_and_an_honest_result_attested(node, monkeypatch):
+def test_a_forged_tensor_in_the_sample_is_refused_and_an_honest_result_attested(node):
     forger = _who(12)
     # the forger tries tensors and amounts until it forges one this node's sample will hold
     forged = _forgery(node, forger, caught=True)
     _board(node, (forged, forger))
-    asyncio.run(spot_check_shard(node.service, 0, node.plan, node.contributions, 0, node.entries))
+    asyncio.run(spot_check_shard(node.ctx, 0, node.plan, node.contributions, 0, node.entries))
     assert node.published == []
     assert node.service.state.get("refused/0") == [forged.id]
     # a quorum for the refused result (e.g. Sybil keys) does not become this node's latest
     found = AttestedRound([AttestedResult(forged, [_full(forged, forger).raw], 4)], "ab" * 32)
-
-    async def fake_find(*_args):
-        return found
-
-    monkeypatch.setattr(node_service, "find_attested_result", fake_find)
-    asyncio.run(node.service._check_quorum(0))
-    assert node.service.state.get("latest") is None and node.service.round == 0
+    assert not asyncio.run(node.machine.record(0, found))
+    assert node.service.state.get("latest") is None and node.service.rounds.round == 0
     # an honest result of two full workers appears: the node attests it (sampled), not the forgery
     honest = _result(node, _who(11))
     _board(node, (forged, forger), (honest, _who(11)), (honest, _who(13)))
-    asyncio.run(spot_check_shard(node.service, 0, node.plan, node.contributions, 0, node.entries))
+    asyncio.run(spot_check_shard(node.ctx, 0, node.plan, node.contributions, 0, node.entries))
     (record,) = node.published
     assert record["result"] == honest.id
     att = open_envelope(record["attestation"], Attestation, network_id=node.service.network_id).message
@@ -218,7 +240,7 @@ def test_a_forged_tensor_outside_the_sample_passes_this_checker(node):
     forger = _who(12)
     forged = _forgery(node, forger, caught=False)
     _board(node, (forged, forger))
-    asyncio.run(spot_check_shard(node.service, 0, node.plan, node.contributions, 0, node.entries))
+    asyncio.run(spot_check_shard(node.ctx, 0, node.plan, node.contributions, 0, node.entries))
     # one sampled checker misses it (probability 1 - f); the quorum rule still needs 2 full workers
     (record,) = node.published
     assert record["result"] == forged.id and node.service.state.get("refused/0") is None
@@ -243,7 +265,13 @@ def _own_shard(result) -> dict:
 
 
 def _sampled(result, who: Identity):
-    return _sampled_attestation(SimpleNamespace(identity=who, network_id=result.message.network_id), result)
+    return sampled_attestation(who, result)
+
+
+def spot_targets(attestations: dict[str, list[bytes]], network_id: str) -> list[str]:
+    """The order a spot checker checks results in (`ShardAttestations.ranked`)."""
+    raws = [raw for held in attestations.values() for raw in held]
+    return ShardAttestations.verify(raws, network_id=network_id, round_number=0, shard=0).ranked()
 
 
 def test_a_worker_attests_the_most_attested_result_of_its_merge_not_a_smaller_id(node):
@@ -262,9 +290,9 @@ def test_a_worker_attests_the_most_attested_result_of_its_merge_not_a_smaller_id
     records[b"w33"] = make_record(
         "result", result=smaller.id, attestation=_full(smaller, _who(33)).raw, p2p="peer33"
     )
-    node.service.board = Board(records)
+    node.board.records = records
     assert not check_quorum(quorate, [a.raw for a in held], quorum=4, network_id=network_id).ok
-    asyncio.run(node.service._attest_canonical(0, 0, _own_shard(ours)))
+    asyncio.run(node.machine.worker.attest_canonical(0, 0, ShardMerge.decode(_own_shard(ours))))
     (record,) = node.published
     att = open_envelope(record["attestation"], Attestation, network_id=network_id).message
     assert (record["result"], att.result_id, att.kind) == (ours.id, quorate.id, "full")
@@ -273,7 +301,7 @@ def test_a_worker_attests_the_most_attested_result_of_its_merge_not_a_smaller_id
     # with as many attesters on each, the smallest id wins, so attestations gather on one id
     node.published.clear()
     _board(node, (quorate, _who(32)), (smaller, _who(33)))
-    asyncio.run(node.service._attest_canonical(0, 0, _own_shard(ours)))
+    asyncio.run(node.machine.worker.attest_canonical(0, 0, ShardMerge.decode(_own_shard(ours))))
     (record,) = node.published
     assert (
         open_envelope(record["attestation"], Attestation, network_id=network_id).message.result_id
@@ -295,19 +323,14 @@ def test_spot_targets_break_a_tie_of_full_attesters_by_all_attesters(node):
     assert spot_targets(attestations, network_id) == [smaller.id, larger.id]
 
 
-def _decide(node, monkeypatch, result, attestations: list[bytes]) -> dict:
+def _decide(node, result, attestations: list[bytes]) -> dict:
     """The node's quorum check when the DHT holds `attestations` of `result` (shard 0): its latest."""
     found = AttestedRound([AttestedResult(result, attestations, len(attestations))], "cd" * 32)
-
-    async def fake_find(*_args):
-        return found
-
-    monkeypatch.setattr(node_service, "find_attested_result", fake_find)
-    asyncio.run(node.service._check_quorum(0))
+    asyncio.run(node.machine.record(0, found))
     return node.service.state.get("latest")
 
 
-def test_a_worker_that_records_the_round_attests_the_decided_result_of_its_merge(node, monkeypatch):
+def test_a_worker_that_records_the_round_attests_the_decided_result_of_its_merge(node):
     """This node and workers 32 and 33 merge shard 0; it still attests its own result when it reads
     a quorum of 4 on worker 32's (workers 32 and 33 in full, checkers 41 and 42 sampled). Its
     attestation, kept unchanged once it records the round, must name the decided result: naming its
@@ -320,7 +343,7 @@ def test_a_worker_that_records_the_round_attests_the_decided_result_of_its_merge
     held = [_full(decided, _who(n)).raw for n in (32, 33)] + [
         _sampled(decided, _who(n)).raw for n in (41, 42)
     ]
-    latest = _decide(node, monkeypatch, decided, held)
+    latest = _decide(node, decided, held)
     assert latest is not None and latest["results"] == [decided.id]
     ((shard, result_id, raw),) = latest["announce"]
     att = open_envelope(raw, Attestation, network_id=network_id).message
@@ -333,9 +356,7 @@ def test_a_worker_that_records_the_round_attests_the_decided_result_of_its_merge
     assert node.service.state.get("shard/0/0")["attests"] == decided.id
 
 
-def test_a_checker_that_records_the_round_attests_the_decided_result_of_the_merge_it_checked(
-    node, monkeypatch
-):
+def test_a_checker_that_records_the_round_attests_the_decided_result_of_the_merge_it_checked(node):
     """This node's spot check passed worker 31's result; it reads a quorum on worker 32's result of
     the same merge. Its sampled attestation, kept unchanged once it records the round, must name the
     decided result (the same content: the same sample, the same verdict), not copy another key's."""
@@ -346,7 +367,7 @@ def test_a_checker_that_records_the_round_attests_the_decided_result_of_the_merg
     held = [_full(decided, _who(n)).raw for n in (32, 33)] + [
         _sampled(decided, _who(n)).raw for n in (41, 42)
     ]
-    latest = _decide(node, monkeypatch, decided, held)
+    latest = _decide(node, decided, held)
     ((shard, result_id, raw),) = latest["announce"]
     att = open_envelope(raw, Attestation, network_id=network_id).message
     assert (shard, result_id) == (0, decided.id)
@@ -356,7 +377,7 @@ def test_a_checker_that_records_the_round_attests_the_decided_result_of_the_merg
     other = _forgery(node, _who(32), caught=False)
     node.service.state.set("spot/0/0", spot)
     node.service.state.set("latest", None)
-    latest = _decide(node, monkeypatch, other, [_full(other, _who(n)).raw for n in (32, 33)])
+    latest = _decide(node, other, [_full(other, _who(n)).raw for n in (32, 33)])
     copied = open_envelope(latest["announce"][0][2], Attestation, network_id=network_id).message
     assert copied.signer != node.service.identity.public_key
     assert node.service.state.get("spot/0/0") == spot
@@ -373,14 +394,12 @@ def test_workers_and_checkers_rank_results_of_one_merge_alike(node):
     full = [_full(decided, node.service.identity), _full(decided, _who(32))]
     sampled = [_sampled(crowded, _who(n)) for n in (41, 42, 43, 44)]
     held = [(decided, att) for att in full] + [(crowded, att) for att in (_full(crowded, _who(33)), *sampled)]
-    node.service.board = Board(
-        {
-            bytes([index]): make_record("result", result=result.id, attestation=att.raw, p2p=f"peer{index}")
-            for index, (result, att) in enumerate(held)
-        }
-    )
+    node.board.records = {
+        bytes([index]): make_record("result", result=result.id, attestation=att.raw, p2p=f"peer{index}")
+        for index, (result, att) in enumerate(held)
+    }
     own = {**_own_shard(ours), "attests": decided.id, "attestation": full[0].raw}
-    asyncio.run(node.service._attest_canonical(0, 0, own))
+    asyncio.run(node.machine.worker.attest_canonical(0, 0, ShardMerge.decode(own)))
     (record,) = node.published
     assert (
         open_envelope(record["attestation"], Attestation, network_id=network_id).message.result_id
@@ -393,7 +412,7 @@ def test_workers_and_checkers_rank_results_of_one_merge_alike(node):
     assert spot_targets(attestations, network_id)[0] == decided.id
 
 
-def test_a_node_that_gave_up_on_a_contribution_merges_again_when_a_quorum_admits_it(node, monkeypatch):
+def test_a_node_that_gave_up_on_a_contribution_merges_again_when_a_quorum_admits_it(node):
     """This node merged shard 0 without contribution X, whose chunks it gave up waiting for. A quorum
     decides the shard with X. The node forgets its merge and X's missed polls (once), merges again
     from the chunks it now holds, and records the decided round; a quorum admitting a contribution it
@@ -412,25 +431,25 @@ def test_a_node_that_gave_up_on_a_contribution_merges_again_when_a_quorum_admits
 
     # it never lacked X (its admission left X out): the quorum is refused, its merge kept
     service.state.set("shard/0/0", mine)
-    assert _decide(node, monkeypatch, decided, held) is None
+    assert _decide(node, decided, held) is None
     assert service.state.get("shard/0/0") == mine
 
     # it gave up on X: its merge of the shard is forgotten and X is waited for again
-    service._missing_polls[lacked.id] = node_service.FETCH_PATIENCE
-    assert _decide(node, monkeypatch, decided, held) is None
-    assert service.state.get("shard/0/0") is None and lacked.id not in service._missing_polls
+    node.machine.patience.missing[lacked.id] = FETCH_PATIENCE
+    assert _decide(node, decided, held) is None
+    assert service.state.get("shard/0/0") is None and lacked.id not in node.machine.patience.missing
 
     # the next poll merges the shard from every contribution, and the quorum is recorded
-    node.service.board = Board({})
-    asyncio.run(service._merge_shards(0, node.plan, node.contributions, [0], node.entries))
+    node.board.records = {}
+    asyncio.run(node.machine.worker.merge_shards(0, node.plan, node.contributions, [0], node.entries))
     assert service.state.get("shard/0/0")["fingerprint"] == decided.message.merged_fingerprint
     service.state.set("view/0", None)  # `_decide` reads a round of shard 0 alone, not the plan's 3
-    latest = _decide(node, monkeypatch, decided, held)
+    latest = _decide(node, decided, held)
     assert latest is not None and latest["results"] == [decided.id]
 
     # once only: giving up on X again leaves a later quorum with X refused
     service.state.set("latest", None)
     service.state.set("shard/0/0", mine)
-    service._missing_polls[lacked.id] = node_service.FETCH_PATIENCE
-    assert _decide(node, monkeypatch, decided, held) is None
+    node.machine.patience.missing[lacked.id] = FETCH_PATIENCE
+    assert _decide(node, decided, held) is None
     assert service.state.get("shard/0/0") == mine

@@ -21,7 +21,7 @@ from protocol.shards import (
     shard_workers,
     shards_of_worker,
 )
-from protocol.verify import TrustedState, check_round_quorum, verify_round_quorum
+from protocol.verify import check_round_quorum, verify_round_quorum
 
 RAW = CodecSpec(name="raw", zstd=False, k=0, block_size=0)
 SIZES = [("a", 100), ("b", 90), ("c", 60), ("d", 50), ("e", 40), ("f", 30), ("g", 10), ("h", 5)]
@@ -263,11 +263,3 @@ def test_plan_depends_only_on_sizes_and_count():
     for count in (2, 4):
         plans = {plan_shards(list(p), count) for p in itertools.permutations(SIZES[:5])}
         assert len(plans) == 1
-
-
-def test_trusted_state_holds_unsharded_results_only(f):
-    _, _sizes, _plan, results, atts = _round(f)
-    state = TrustedState(network_id=f.NETWORK, current_round=1)
-    with pytest.raises(SchemaError, match="got shard 0 of 3"):
-        state.update_result(results[0].raw, atts[0], quorum=2, now=f.NOW)
-    assert state.latest_result is None

@@ -14,10 +14,10 @@ from protocol.encoding import pack
 from protocol.errors import QuorumError, SchemaError, SignatureError
 from protocol.identity import Identity
 from protocol.messages import SCHEMA_VERSION, MergeResult
+from protocol.quorum import full_quorum
 from protocol.shards import plan_shards
 from protocol.spotcheck import (
     check_attestation_claim,
-    full_quorum,
     recheck,
     result_sample,
     sample_input,

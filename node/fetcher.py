@@ -1,0 +1,98 @@
+"""The one way chunks are fetched by digest: from a result's holders and the announced peers, retried.
+
+`Fetcher.fetch(digests, holders)` asks `fetch_chunks` (node.transport) for the chunks the sink lacks
+from the peers `find_peers` names plus the `holders` a record named, and on failure tries again
+after `FetchPolicy.retry_delay` with the peers named anew, up to `attempts` times. Every timeout
+and count is a named field of `FetchPolicy`, so a per-peer policy (timeouts, backoff, penalties)
+or racing several holders for one chunk can be added here, in one place, for the node and the pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+from hivemind.p2p import P2P, PeerID
+
+from node.errors import FetchError
+from node.transport import ChunkSink, FetchReport, fetch_chunks
+
+FindPeers = Callable[[int], Awaitable[Sequence[PeerID]]]  # attempt number -> peers to ask
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchPolicy:
+    """How a fetch waits and retries.
+
+    ``request_timeout``: seconds a peer may take to open a stream or answer one request before it
+    is dropped from this fetch; ``attempts``: whole fetches tried before FetchError; ``retry_delay``:
+    seconds between attempts.
+    """
+
+    request_timeout: float = 20.0
+    attempts: int = 3
+    retry_delay: float = 0.5
+
+
+def holder_peers(holders: Iterable[str], *, exclude: str | None = None) -> list[PeerID]:
+    """The libp2p peer ids among `holders` (base58 strings; unparsable ones and `exclude` skipped)."""
+    found = []
+    for holder in holders:
+        if holder == exclude:
+            continue
+        with contextlib.suppress(Exception):
+            found.append(PeerID.from_base58(holder))
+    return found
+
+
+class Fetcher:
+    """Fetches chunks into `sink` over `p2p` from the peers `find_peers(attempt)` names and holders.
+
+    `exclude` is this process's own peer id (never asked); `bytes_received` counts every chunk
+    byte received, failed attempts included.
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        sink: ChunkSink,
+        find_peers: FindPeers,
+        *,
+        policy: FetchPolicy = FetchPolicy(),
+        exclude: str | None = None,
+    ) -> None:
+        self.p2p = p2p
+        self.sink = sink
+        self.find_peers = find_peers
+        self.policy = policy
+        self.exclude = exclude
+        self.bytes_received = 0
+
+    async def fetch(
+        self, digests: Sequence[str], holders: Iterable[str] = (), *, attempts: int | None = None
+    ) -> FetchReport | None:
+        """Fetch the chunks of `digests` the sink lacks (None if it lacks none); FetchError if some
+        cannot be had after `attempts` (default: the policy's) tries."""
+        if not self.sink.missing(digests):
+            return None
+        extra = holder_peers(holders, exclude=self.exclude)
+        error: FetchError | None = None
+        for attempt in range(attempts or self.policy.attempts):
+            if attempt:
+                await asyncio.sleep(self.policy.retry_delay)
+            peers = await self.find_peers(attempt)
+            sources = sorted({p for p in (*peers, *extra) if str(p) != self.exclude}, key=str)
+            try:
+                report = await fetch_chunks(
+                    self.p2p, digests, sources, self.sink, timeout=self.policy.request_timeout
+                )
+            except FetchError as exc:
+                self.bytes_received += exc.bytes_received
+                error = exc
+                continue
+            self.bytes_received += report.bytes_received
+            return report
+        assert error is not None
+        raise error
