@@ -47,6 +47,7 @@ def summarize_model(
     k: int = 10,
     max_new_tokens: int = 128,
     threads: int = 1,
+    prompt_style: str = "plain",
     progress: bool = True,
 ) -> Path:
     """Write the response summary of the model in `model_dir` on `probe` to `out`."""
@@ -59,6 +60,7 @@ def summarize_model(
             k=k,
             max_new_tokens=max_new_tokens,
             model_name=Path(model_dir).name,
+            prompt_style=prompt_style,
             advance=advance,
         )
     return save_summary(summary, out)

@@ -28,6 +28,8 @@ from merging.fusion import FusionError
 from merging.fusion.align import Vocabulary
 
 FORMAT = "umm-response-summary-v1"
+PLAIN_PROMPTS, CHAT_PROMPTS = "plain", "chat"
+PROMPT_STYLES = (PLAIN_PROMPTS, CHAT_PROMPTS)
 PROBE_DOMAIN = "umm-probe-set-v1"  # the genesis' probe-set chunk: pack([PROBE_DOMAIN, texts])
 PROBE_REFERENCES_DOMAIN = "umm-probe-set-references-v1"
 
@@ -102,6 +104,7 @@ class ResponseSummary:
     logprobs: torch.Tensor
     vocabulary: Vocabulary
     model_name: str = ""
+    prompt_style: str = PLAIN_PROMPTS
 
     @property
     def k(self) -> int:
@@ -113,21 +116,44 @@ class ResponseSummary:
         return self.target_ids[start:end], self.token_ids[start:end], self.logprobs[start:end]
 
 
-def _encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    return [list(tokenizer(p)["input_ids"]) for p in prompts]
+def render_prompt(tokenizer: Any, prompt: str, style: str) -> str:
+    """The prompt as the model reads it: as is (`plain`), or one user turn in the tokenizer's own
+    chat template with the generation prompt added (`chat`)."""
+    if style == PLAIN_PROMPTS:
+        return prompt
+    if style != CHAT_PROMPTS:
+        raise FusionError(f"expected a prompt style among {', '.join(PROMPT_STYLES)}, got {style!r}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise FusionError("expected a tokenizer with a chat template for chat prompts, got one without")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_prompt(tokenizer: Any, prompt: str, style: str) -> list[int]:
+    """The prompt's token ids: special tokens from the tokenizer (plain) or from the template (chat)."""
+    text = render_prompt(tokenizer, prompt, style)
+    return list(tokenizer(text, add_special_tokens=style == PLAIN_PROMPTS)["input_ids"])
 
 
 def _greedy_responses(
-    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int
+    model: Any, tokenizer: Any, prompts: Sequence[str], style: str, max_new_tokens: int, batch_size: int
 ) -> list[str]:
     from merging.testbed.harness import greedy_generate
 
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    out = [""] * len(prompts)
+    texts = [render_prompt(tokenizer, p, style) for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    out = [""] * len(texts)
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
-        texts = greedy_generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens)
-        for i, text in zip(chunk, texts, strict=True):
+        replies = greedy_generate(
+            model,
+            tokenizer,
+            [texts[i] for i in chunk],
+            max_new_tokens,
+            add_special_tokens=style == PLAIN_PROMPTS,
+        )
+        for i, text in zip(chunk, replies, strict=True):
             out[i] = text
     return out
 
@@ -142,11 +168,14 @@ def summarize(
     max_new_tokens: int = 128,
     batch_size: int = 64,
     model_name: str = "",
+    prompt_style: str = PLAIN_PROMPTS,
     advance: Callable[[int], None] | None = None,
 ) -> ResponseSummary:
     """The summary of `model` on `probe`: responses (greedy, or the references), then top-k along them.
 
     A response closes with the end-of-sequence token unless it used its whole `max_new_tokens`.
+    `prompt_style` ``chat`` wraps each prompt in the expert's chat template (the pivot later wraps
+    it in its own).
     `advance(n)` is called as prompts are done (for a progress bar).
     """
     if k < 1:
@@ -158,10 +187,11 @@ def summarize(
     responses = (
         list(probe.references)
         if probe.references is not None
-        else _greedy_responses(model, tokenizer, probe.prompts, max_new_tokens, batch_size)
+        else _greedy_responses(model, tokenizer, probe.prompts, prompt_style, max_new_tokens, batch_size)
     )
     offsets, targets, ids, logps = [0], [], [], []
-    for prompt_ids, response in zip(_encode_prompts(tokenizer, probe.prompts), responses, strict=True):
+    prompts = [encode_prompt(tokenizer, p, prompt_style) for p in probe.prompts]
+    for prompt_ids, response in zip(prompts, responses, strict=True):
         response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         if probe.references is not None or len(response_ids) < max_new_tokens:
             response_ids.append(eos)
@@ -191,6 +221,7 @@ def summarize(
         logprobs=torch.cat(logps),
         vocabulary=Vocabulary.from_tokenizer(tokenizer, used),
         model_name=model_name,
+        prompt_style=prompt_style,
     )
 
 
@@ -207,6 +238,7 @@ def summary_bytes(summary: ResponseSummary) -> bytes:
         "strings": [[i, s] for i, s in sorted(vocabulary.strings.items())],
         "specials": {role: i for role, i in sorted(vocabulary.specials.items())},
         "model_name": summary.model_name,
+        "prompt_style": summary.prompt_style,
     }
     tensors = {
         "offsets": summary.offsets,
@@ -259,12 +291,15 @@ def load_summary(path: str | Path, probe: ProbeSet | None = None) -> ResponseSum
             specials={role: int(i) for role, i in header["specials"].items()},
         ),
         model_name=header.get("model_name", ""),
+        prompt_style=header.get("prompt_style", PLAIN_PROMPTS),
     )
     _check(summary, path)
     return summary
 
 
 def _check(summary: ResponseSummary, path: str | Path) -> None:
+    if summary.prompt_style not in PROMPT_STYLES:
+        raise FusionError(f"expected a prompt style among {', '.join(PROMPT_STYLES)} in {path}, got another")
     offsets, positions = summary.offsets, summary.token_ids.shape[0]
     if len(summary.responses) != len(summary.probe.prompts) or offsets.numel() != len(summary.responses) + 1:
         raise FusionError(f"expected one response and offset per probe prompt in {path}, got other counts")

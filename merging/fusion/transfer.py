@@ -24,7 +24,7 @@ from merging.fusion.align import (
     map_vocabulary,
     token_starts,
 )
-from merging.fusion.summary import ResponseSummary
+from merging.fusion.summary import ResponseSummary, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,8 @@ class PivotTokens:
 
             raise FusionError("expected the pivot's tokenizer to have an end-of-sequence token, got none")
 
-    def encode(self, prompt: str, response: str, close: bool) -> tuple[list[int], list[int]]:
-        prompt_ids = list(self.tokenizer(prompt)["input_ids"])
+    def encode(self, prompt: str, response: str, close: bool, style: str) -> tuple[list[int], list[int]]:
+        prompt_ids = encode_prompt(self.tokenizer, prompt, style)
         response_ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
         return prompt_ids, [*response_ids, self.tokenizer.eos_token_id] if close else response_ids
 
@@ -124,7 +124,7 @@ def align_summary(
     for index, (prompt, response) in enumerate(zip(summary.probe.prompts, summary.responses, strict=True)):
         targets, ids, logprobs = summary.example(index)
         close = source_eos is not None and int(targets[-1]) == source_eos
-        prompt_ids, response_ids = pivot.encode(prompt, response, close)
+        prompt_ids, response_ids = pivot.encode(prompt, response, close, summary.prompt_style)
         example, part = _align_example(
             summary.vocabulary, pivot.vocabulary, mapping, targets.tolist(), ids, logprobs, response_ids
         )

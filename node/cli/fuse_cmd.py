@@ -20,9 +20,19 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @click.option("--k", default=10, show_default=True, help="Next-token entries kept per response token.")
 @click.option("--max-new-tokens", default=128, show_default=True, help="Longest greedy response.")
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
+@click.option(
+    "--chat", is_flag=True, help="Wrap each prompt in the model's chat template (the pivot uses its own)."
+)
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 def summarize_command(
-    model_dir: Path, probe_file: Path, out: Path, k: int, max_new_tokens: int, threads: int, no_progress: bool
+    model_dir: Path,
+    probe_file: Path,
+    out: Path,
+    k: int,
+    max_new_tokens: int,
+    threads: int,
+    chat: bool,
+    no_progress: bool,
 ) -> None:
     """Write MODEL_DIR's response summary on a probe set: its greedy responses and top-k distributions.
 
@@ -35,7 +45,14 @@ def summarize_command(
 
     probe = read_probe_file(probe_file)
     path = summarize_model(
-        model_dir, probe, out, k=k, max_new_tokens=max_new_tokens, threads=threads, progress=not no_progress
+        model_dir,
+        probe,
+        out,
+        k=k,
+        max_new_tokens=max_new_tokens,
+        threads=threads,
+        prompt_style="chat" if chat else "plain",
+        progress=not no_progress,
     )
     click.echo(f"summary of {len(probe.prompts)} prompts written to {path} ({path.stat().st_size} bytes)")
 

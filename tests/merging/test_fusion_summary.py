@@ -138,3 +138,20 @@ def test_probe_files_list_prompts_or_prompts_with_references(tmp_path):
     (tmp_path / "d.json").write_text("[1, 2]")
     with pytest.raises(FusionError, match="to list strings"):
         read_probe_file(tmp_path / "d.json")
+
+
+def test_chat_prompts_are_wrapped_in_each_models_own_template():
+    from merging.fusion.summary import encode_prompt, render_prompt
+    from merging.fusion.transfer import PivotTokens, align_summary
+
+    model, tok = tiny_source()
+    tok.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}assistant:"
+    summary = summarize(model, tok, PROBE, k=2, max_new_tokens=3, prompt_style="chat")
+    assert render_prompt(tok, "hi", "chat") == "<s>user: hi\nassistant:"
+    assert encode_prompt(tok, "hi", "chat")[0] == tok.bos_token_id  # from the template, not added twice
+    _, pivot_tok = tiny_pivot()
+    pivot_tok.chat_template = "{% for m in messages %}Q: {{ m['content'] }}{% endfor %}A:"
+    examples, _ = align_summary(summary, PivotTokens(pivot_tok))
+    assert examples[0].prompt_ids == tuple(pivot_tok("Q: " + PROBE.prompts[0] + "A:")["input_ids"])
+    with pytest.raises(FusionError, match="chat template"):
+        render_prompt(char_tokenizer(), "hi", "chat")
