@@ -72,6 +72,7 @@ def summarize_command(
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=1, show_default=True, help="torch threads (the result depends on it).")
+@click.option("--freeze", default="", help="Comma-separated name parts of parameters left untrained.")
 @click.option(
     "--held-out", default=0.1, show_default=True, help="Share of probe prompts kept out of training."
 )

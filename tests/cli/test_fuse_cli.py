@@ -62,6 +62,8 @@ def test_summarize_then_fuse_writes_a_loadable_pivot_copy_with_its_provenance(fo
         2,
         "--probe",
         probe,
+        "--freeze",
+        "embed_tokens,norm",
         "--no-progress",
     )
     assert done.exit_code == 0, done.output
@@ -75,6 +77,9 @@ def test_summarize_then_fuse_writes_a_loadable_pivot_copy_with_its_provenance(fo
     before, after = original.state_dict(), fused.state_dict()
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[name], after[name]) for name in before)
+    assert all(
+        torch.equal(before[name], after[name]) for name in before if "embed_tokens" in name or "norm" in name
+    )
 
 
 def test_fuse_refuses_a_summary_of_another_probe_set(folders):
