@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from merging.atomic import start_writeback
 from merging.blocks import Reader, Releaser, matrix_shape
+from merging.dtypes import DTYPE_NAMES, NAMES_BY_CODE, safetensors_header
 from merging.errors import MergeError, MissingTensorError, ShapeMismatchError
 from merging.layout import TensorInfo
 
@@ -33,30 +34,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 WRITEBACK_BYTES = 64 << 20  # start writing output back to disk after this many new bytes
-SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-TORCH_DTYPES = {
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F64": "float64",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
 
 
 def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -116,7 +93,7 @@ class ModelFolder:
                 raise MergeError(f"cannot open {shard.name} of model {name!r}: {exc}") from None
             data_start, entries = _read_header(shard)
             for key, entry in entries.items():
-                dtype = TORCH_DTYPES.get(entry["dtype"])
+                dtype = NAMES_BY_CODE.get(entry["dtype"])
                 if dtype is None:
                     raise MergeError(
                         f"tensor {key!r} of model {name!r} has unsupported dtype {entry['dtype']}"
@@ -254,18 +231,8 @@ def assign_shards(tensors: Sequence[OutputTensor], max_shard_bytes: int) -> list
 
 
 def _header(tensors: Sequence[OutputTensor]) -> bytes:
-    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for tensor in tensors:
-        entries[tensor.name] = {
-            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + tensor.nbytes],
-        }
-        offset += tensor.nbytes
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header
+    layout = [(t.name, DTYPE_NAMES[t.dtype], t.shape, t.nbytes) for t in tensors]
+    return safetensors_header(layout)[0]
 
 
 class ShardWriter:

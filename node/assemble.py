@@ -11,31 +11,17 @@ Entries in other codecs are decoded by the protocol and written whole.
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from merging.dtypes import safetensors_header
 from protocol.chunks import decode_entry
 from protocol.codecs import DTYPE_NAMES, DTYPES, numel_of
 from protocol.errors import HashMismatchError, NonFiniteValuesError, TensorMismatchError
 from protocol.messages import TensorEntry
-
-SAFETENSORS_DTYPES = {
-    "float64": "F64",
-    "float32": "F32",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int64": "I64",
-    "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-}
-
 
 # A float is NaN or infinite exactly when all its exponent bits are set: (unsigned view, mask).
 EXPONENT_MASKS = {
@@ -77,27 +63,6 @@ def streams_raw(entry: TensorEntry, chunk_size: int) -> bool:
     """Whether `entry`'s chunks are the tensor's own bytes, each a whole number of elements."""
     itemsize = DTYPES[entry.dtype].itemsize
     return entry.codec.name == "raw" and not entry.codec.zstd and chunk_size % itemsize == 0
-
-
-def safetensors_header(
-    layout: Sequence[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str] | None = None
-) -> tuple[bytes, int]:
-    """The file's first bytes (length prefix + JSON header, padded to 8) for tensors laid out in order.
-
-    `layout` lists (name, dtype name, shape, bytes); returns the prefix and the bytes of tensor data.
-    """
-    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, dtype, shape, size in layout:
-        header[name] = {
-            "dtype": SAFETENSORS_DTYPES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded, offset
 
 
 def write_safetensors(

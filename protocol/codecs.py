@@ -26,20 +26,13 @@ import numpy as np
 import torch
 import zstandard
 
+from merging.dtypes import TORCH_DTYPES
 from protocol.errors import CodecError, NonFiniteValuesError, SchemaError, TensorMismatchError
 from protocol.schema import Record, boolean, field, integer, text
 
 DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-}
+    name: t for name, t in TORCH_DTYPES.items() if name != "bool"
+}  # on the wire
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
 CODEC_NAMES = ("raw", "bf16", "fp16", "topk", "int8", "int4")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from merging.folders import TORCH_DTYPES
+from merging.dtypes import NAMES_BY_CODE
 from protocol.codecs import DTYPE_NAMES
 from protocol.encoding import pack, sha256_hex
 from protocol.errors import ModelFolderError
@@ -109,7 +109,7 @@ def _read_header(file: Path) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = TORCH_DTYPES.get(meta["dtype"], meta["dtype"].lower())
+            dtype = NAMES_BY_CODE.get(meta["dtype"], meta["dtype"].lower())
             start, end = (int(x) for x in meta["data_offsets"])
             shape = tuple(int(x) for x in meta["shape"])
         except (KeyError, TypeError, ValueError, AttributeError):
