@@ -47,7 +47,7 @@ def summarize_model(
     k: int = 10,
     max_new_tokens: int = 128,
     threads: int = 1,
-    prompt_style: str = "plain",
+    prompt_style: str = "auto",
     progress: bool = True,
 ) -> Path:
     """Write the response summary of the model in `model_dir` on `probe` to `out`."""

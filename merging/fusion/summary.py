@@ -28,8 +28,8 @@ from merging.fusion import FusionError
 from merging.fusion.align import Vocabulary
 
 FORMAT = "umm-response-summary-v1"
-PLAIN_PROMPTS, CHAT_PROMPTS = "plain", "chat"
-PROMPT_STYLES = (PLAIN_PROMPTS, CHAT_PROMPTS)
+PLAIN_PROMPTS, CHAT_PROMPTS, AUTO_PROMPTS = "plain", "chat", "auto"
+PROMPT_STYLES = (AUTO_PROMPTS, PLAIN_PROMPTS, CHAT_PROMPTS)
 PROBE_DOMAIN = "umm-probe-set-v1"  # the genesis' probe-set chunk: pack([PROBE_DOMAIN, texts])
 PROBE_REFERENCES_DOMAIN = "umm-probe-set-references-v1"
 
@@ -104,7 +104,7 @@ class ResponseSummary:
     logprobs: torch.Tensor
     vocabulary: Vocabulary
     model_name: str = ""
-    prompt_style: str = PLAIN_PROMPTS
+    prompt_style: str = AUTO_PROMPTS
 
     @property
     def k(self) -> int:
@@ -116,15 +116,23 @@ class ResponseSummary:
         return self.target_ids[start:end], self.token_ids[start:end], self.logprobs[start:end]
 
 
-def render_prompt(tokenizer: Any, prompt: str, style: str) -> str:
-    """The prompt as the model reads it: as is (`plain`), or one user turn in the tokenizer's own
-    chat template with the generation prompt added (`chat`)."""
-    if style == PLAIN_PROMPTS:
-        return prompt
-    if style != CHAT_PROMPTS:
+def resolve_style(tokenizer: Any, style: str) -> str:
+    """`plain` or `chat` for this tokenizer: `auto` is `chat` when the tokenizer has a chat template."""
+    if style not in PROMPT_STYLES:
         raise FusionError(f"expected a prompt style among {', '.join(PROMPT_STYLES)}, got {style!r}")
-    if not getattr(tokenizer, "chat_template", None):
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if style == AUTO_PROMPTS:
+        return CHAT_PROMPTS if has_template else PLAIN_PROMPTS
+    if style == CHAT_PROMPTS and not has_template:
         raise FusionError("expected a tokenizer with a chat template for chat prompts, got one without")
+    return style
+
+
+def render_prompt(tokenizer: Any, prompt: str, style: str) -> str:
+    """The prompt as the model reads it: as is (plain), or one user turn in the tokenizer's own chat
+    template with the generation prompt added (chat; `auto` picks chat when there is a template)."""
+    if resolve_style(tokenizer, style) == PLAIN_PROMPTS:
+        return prompt
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
@@ -132,8 +140,8 @@ def render_prompt(tokenizer: Any, prompt: str, style: str) -> str:
 
 def encode_prompt(tokenizer: Any, prompt: str, style: str) -> list[int]:
     """The prompt's token ids: special tokens from the tokenizer (plain) or from the template (chat)."""
-    text = render_prompt(tokenizer, prompt, style)
-    return list(tokenizer(text, add_special_tokens=style == PLAIN_PROMPTS)["input_ids"])
+    plain = resolve_style(tokenizer, style) == PLAIN_PROMPTS
+    return list(tokenizer(render_prompt(tokenizer, prompt, style), add_special_tokens=plain)["input_ids"])
 
 
 def _greedy_responses(
@@ -151,7 +159,7 @@ def _greedy_responses(
             tokenizer,
             [texts[i] for i in chunk],
             max_new_tokens,
-            add_special_tokens=style == PLAIN_PROMPTS,
+            add_special_tokens=resolve_style(tokenizer, style) == PLAIN_PROMPTS,
         )
         for i, text in zip(chunk, replies, strict=True):
             out[i] = text
@@ -168,14 +176,15 @@ def summarize(
     max_new_tokens: int = 128,
     batch_size: int = 64,
     model_name: str = "",
-    prompt_style: str = PLAIN_PROMPTS,
+    prompt_style: str = AUTO_PROMPTS,
     advance: Callable[[int], None] | None = None,
 ) -> ResponseSummary:
     """The summary of `model` on `probe`: responses (greedy, or the references), then top-k along them.
 
     A response closes with the end-of-sequence token unless it used its whole `max_new_tokens`.
     `prompt_style` ``chat`` wraps each prompt in the expert's chat template (the pivot later wraps
-    it in its own).
+    it in its own), ``plain`` leaves it as is, ``auto`` (default) lets each model's tokenizer
+    decide: chat when it has a chat template.
     `advance(n)` is called as prompts are done (for a progress bar).
     """
     if k < 1:
@@ -291,7 +300,7 @@ def load_summary(path: str | Path, probe: ProbeSet | None = None) -> ResponseSum
             specials={role: int(i) for role, i in header["specials"].items()},
         ),
         model_name=header.get("model_name", ""),
-        prompt_style=header.get("prompt_style", PLAIN_PROMPTS),
+        prompt_style=header.get("prompt_style", AUTO_PROMPTS),
     )
     _check(summary, path)
     return summary

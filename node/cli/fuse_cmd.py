@@ -21,7 +21,12 @@ _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 @click.option("--max-new-tokens", default=128, show_default=True, help="Longest greedy response.")
 @click.option("--threads", default=1, show_default=True, help="torch threads.")
 @click.option(
-    "--chat", is_flag=True, help="Wrap each prompt in the model's chat template (the pivot uses its own)."
+    "--prompts",
+    "prompt_style",
+    type=click.Choice(["auto", "plain", "chat"]),
+    default="auto",
+    show_default=True,
+    help="chat: each model wraps a prompt in its own chat template; auto: those that have one.",
 )
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 def summarize_command(
@@ -31,7 +36,7 @@ def summarize_command(
     k: int,
     max_new_tokens: int,
     threads: int,
-    chat: bool,
+    prompt_style: str,
     no_progress: bool,
 ) -> None:
     """Write MODEL_DIR's response summary on a probe set: its greedy responses and top-k distributions.
@@ -51,7 +56,7 @@ def summarize_command(
         k=k,
         max_new_tokens=max_new_tokens,
         threads=threads,
-        prompt_style="chat" if chat else "plain",
+        prompt_style=prompt_style,
         progress=not no_progress,
     )
     click.echo(f"summary of {len(probe.prompts)} prompts written to {path} ({path.stat().st_size} bytes)")

@@ -155,3 +155,5 @@ def test_chat_prompts_are_wrapped_in_each_models_own_template():
     assert examples[0].prompt_ids == tuple(pivot_tok("Q: " + PROBE.prompts[0] + "A:")["input_ids"])
     with pytest.raises(FusionError, match="chat template"):
         render_prompt(char_tokenizer(), "hi", "chat")
+    assert render_prompt(char_tokenizer(), "hi", "auto") == "hi"  # no template: plain
+    assert render_prompt(tok, "hi", "auto") == "<s>user: hi\nassistant:"
