@@ -32,20 +32,27 @@ _MEASURE = (
 )
 
 
-def idle_imports(log_text: str) -> dict[str, tuple[int, float]]:
-    """{top-level package: (modules, cumulative ms of its top-level imports)} before ``ready``."""
-    modules: dict[str, int] = defaultdict(int)
-    cumulative: dict[str, float] = defaultdict(float)
+def idle_imports(log_text: str) -> dict[str, tuple[int, float, str]]:
+    """{top-level package: (modules, ms spent in its own modules, the module that first imported it)}
+    for what was imported before ``ready`` (`-X importtime` lists a module after its imports, one
+    level of indentation deeper than its importer)."""
+    rows = []  # (depth, module, self us)
     for line in log_text.split("\nready\n", 1)[0].splitlines():
         match = _LINE.match(line)
-        if match is None:
-            continue
-        name = match.group(4)
+        if match is not None:
+            rows.append((len(match.group(3)) // 2, match.group(4), int(match.group(1))))
+    modules: dict[str, int] = defaultdict(int)
+    own: dict[str, float] = defaultdict(float)
+    via: dict[str, str] = {}
+    for index, (depth, name, self_us) in enumerate(rows):
         top = name.split(".")[0]
         modules[top] += 1
-        if len(match.group(3)) == 1:  # imported directly, not by another module: its cumulative time
-            cumulative[top] += int(match.group(2)) / 1000
-    return {top: (modules[top], cumulative[top]) for top in modules}
+        own[top] += self_us / 1000
+        if top not in via:
+            parent = next((n for d, n, _ in rows[index + 1 :] if d < depth), "")
+            if parent.split(".")[0] != top:
+                via[top] = parent
+    return {top: (modules[top], own[top], via.get(top, "")) for top in modules}
 
 
 def package_memory(names: list[str]) -> tuple[int, int]:
@@ -78,11 +85,14 @@ def report_imports() -> None:
     bare = package_memory([])
     print(f"idle node (process tree): rss {memory.rss:.0f} MiB, pss {memory.pss:.0f} MiB")
     print(f"bare interpreter: rss {bare[0]} MiB, pss {bare[1]} MiB")
-    print(f"{'package':24} {'modules':>7} {'import ms':>9} {'alone: +rss MiB':>15} {'+pss MiB':>8}")
-    for top, (count, ms) in sorted(packages.items(), key=lambda item: -item[1][1]):
+    print(
+        f"{'package':16} {'modules':>7} {'own ms':>7} {'alone: +rss MiB':>15} {'+pss MiB':>8}  "
+        "first imported by"
+    )
+    for top, (count, ms, importer) in sorted(packages.items(), key=lambda item: -item[1][1]):
         if ms < HEAVY_MS:
             continue
         rss, pss = package_memory([top])
-        print(f"{top:24} {count:>7} {ms:>9.0f} {rss - bare[0]:>15} {pss - bare[1]:>8}")
-    light = sorted(top for top, (_, ms) in packages.items() if ms < HEAVY_MS)
-    print(f"under {HEAVY_MS:g} ms each: {', '.join(light)}")
+        print(f"{top:16} {count:>7} {ms:>7.0f} {rss - bare[0]:>15} {pss - bare[1]:>8}  {importer or '-'}")
+    light = sorted(top for top, (_, ms, _) in packages.items() if ms < HEAVY_MS)
+    print(f"under {HEAVY_MS:g} ms each ({len(light)} packages): {', '.join(light)}")
