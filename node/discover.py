@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Protocol
 
 from node.errors import NodeError
 from node.lookups import RecordReader, read_further_shards, read_shard_records
 from protocol.decision import AttestedResult, AttestedRound, decide_round, wanted_results
+from protocol.envelope import Signed
 from protocol.genesis import Genesis, read_base_manifest
 
 __all__ = ["AttestedResult", "AttestedRound", "ChunkReader", "Fetch", "find_attested_result"]
@@ -31,16 +32,26 @@ class ChunkReader(Protocol):
 
 
 async def find_attested_result(
-    board: RecordReader, genesis: Genesis, round_number: int, fetch: Fetch, store: ChunkReader
+    board: RecordReader,
+    genesis: Genesis,
+    round_number: int,
+    fetch: Fetch,
+    store: ChunkReader,
+    *,
+    opened: MutableMapping[bytes, Signed] | None = None,
 ) -> AttestedRound | None:
     """The round's result whose every shard carries a quorum of valid distinct attestations (None if
-    no complete round is found); `fetch(digests, holders)` puts into `store`."""
+    no complete round is found); `fetch(digests, holders)` puts into `store`; `opened` remembers
+    the attestations opened (node.lookups)."""
     network_id = genesis.network_id
     first, _ = await asyncio.gather(
-        read_shard_records(board, network_id, round_number, 0), fetch([genesis.base_manifest], ())
+        read_shard_records(board, network_id, round_number, 0, opened=opened),
+        fetch([genesis.base_manifest], ()),
     )
     base = read_base_manifest(store.get(genesis.base_manifest))
-    records = await read_further_shards(board, network_id, round_number, first, tensors=len(base))
+    records = await read_further_shards(
+        board, network_id, round_number, first, tensors=len(base), opened=opened
+    )
     wanted = wanted_results((r.attestations for r in records), genesis.quorum)
     if wanted:  # one fetch for every shard's results; a result that cannot be had is skipped below
         holders = sorted({h for r in records for result_id in wanted for h in r.holders.get(result_id, ())})

@@ -2,7 +2,8 @@
 
 Every reader takes a board with an async ``aread(key)`` (`RecordBoard` in a node, `ClientBoard` in
 `umm pull` and `umm status`) and returns verified or well-formed values only: records that do not
-parse are skipped, attestations are opened once (protocol.decision.ShardAttestations).
+parse are skipped, attestations are opened once (protocol.decision.ShardAttestations; a caller
+that passes the same `opened` mapping to every read opens each attestation once over all reads).
 """
 
 from __future__ import annotations
@@ -11,14 +12,32 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Protocol
 
 from hivemind.p2p import PeerID
 
 from node.records import genesis_key, parse_record, peers_key, result_key
 from protocol.decision import ShardAttestations
+from protocol.envelope import Signed
 from protocol.genesis import Genesis, genesis_from_records
+
+
+class OpenedAttestations(dict):
+    """Attestations a node opened, by their bytes (for `ShardAttestations.verify`'s `opened`).
+
+    Holds at most `limit` of them; beyond, the older half is dropped (they are opened again if seen).
+    """
+
+    def __init__(self, limit: int = 50_000) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: bytes, value: Signed) -> None:
+        if key not in self and len(self) >= self.limit:
+            for old in list(self)[: self.limit // 2]:
+                del self[old]
+        super().__setitem__(key, value)
 
 
 class RecordReader(Protocol):
@@ -68,7 +87,12 @@ class ShardRecords:
 
 
 async def read_shard_records(
-    board: RecordReader, network_id: str, round_number: int, shard: int
+    board: RecordReader,
+    network_id: str,
+    round_number: int,
+    shard: int,
+    *,
+    opened: MutableMapping[bytes, Signed] | None = None,
 ) -> ShardRecords:
     """The result records of `shard` in `round_number` (attestations opened once, bad ones dropped)."""
     holders: dict[str, set[str]] = {}
@@ -80,7 +104,12 @@ async def read_shard_records(
         holders.setdefault(record["result"], set()).add(record["p2p"])
         raws.append(record["attestation"])
     attestations = ShardAttestations.verify(
-        raws, network_id=network_id, round_number=round_number, shard=shard, now=int(time.time())
+        raws,
+        network_id=network_id,
+        round_number=round_number,
+        shard=shard,
+        now=int(time.time()),
+        opened=opened,
     )
     for result_id in attestations.by_result:
         holders.setdefault(result_id, set())
@@ -94,12 +123,13 @@ async def read_further_shards(
     first: ShardRecords,
     *,
     tensors: int | None = None,
+    opened: MutableMapping[bytes, Signed] | None = None,
 ) -> list[ShardRecords]:
     """`first` (shard 0's records) and those of every further shard its attestations name, at once
     (shard counts above `tensors`, the base's tensor count, are ignored)."""
     counts = [c for c in first.attestations.counts if tensors is None or c <= tensors]
     shards = max(counts, default=1)
-    others = [read_shard_records(board, network_id, round_number, j) for j in range(1, shards)]
+    others = [read_shard_records(board, network_id, round_number, j, opened=opened) for j in range(1, shards)]
     return [first, *await asyncio.gather(*others)]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import torch
 
 from node.errors import StoreError
-from node.lookups import ShardRecords
+from node.lookups import OpenedAttestations, ShardRecords
 from node.records import make_record, result_key
 from node.round_state import RoundState
 from node.rounds import Contribution
@@ -37,7 +37,8 @@ class RoundContext:
 
     `fetch(digests, holders, attempts=n)` puts the chunks into `store` (FetchError if it cannot);
     `publish(key, value)` announces a DHT record; `read_shard(r, j)` reads shard j's records;
-    `peer_id` is the node's libp2p peer id, named in its result records.
+    `peer_id` is the node's libp2p peer id, named in its result records; `opened` the attestations
+    it opened (so each is verified once however often it is read).
     """
 
     genesis: Genesis
@@ -48,6 +49,7 @@ class RoundContext:
     publish: Publish
     read_shard: ReadShard
     peer_id: str
+    opened: OpenedAttestations = dataclasses.field(default_factory=OpenedAttestations)
 
     @property
     def network_id(self) -> str:

@@ -126,7 +126,10 @@ class RoundMachine:
 
     async def decide(self, r: int) -> None:
         """Step 4 of the module docstring."""
-        found = await find_attested_result(self.board, self.ctx.genesis, r, self.ctx.fetch, self.ctx.store)
+        ctx = self.ctx
+        found = await find_attested_result(
+            self.board, ctx.genesis, r, ctx.fetch, ctx.store, opened=ctx.opened
+        )
         if found is None:
             await self.log_waiting(r)
             return

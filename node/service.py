@@ -30,7 +30,7 @@ from node.datafolder import load_or_create_identity
 from node.dht import RecordBoard, load_or_create_rsa_key, start_dht, visible_maddrs
 from node.errors import NodeError
 from node.fetcher import Fetcher
-from node.lookups import ShardRecords, read_genesis, read_peers, read_shard_records
+from node.lookups import OpenedAttestations, ShardRecords, read_genesis, read_peers, read_shard_records
 from node.records import contrib_key, genesis_key, make_record, peers_key, result_key, summary_key
 from node.round_context import RoundContext
 from node.round_machine import RoundMachine
@@ -94,6 +94,7 @@ class NodeService:
         self.machine: RoundMachine | None = None
         self.maddrs: list[str] = []
         self._last_published: dict[str, tuple[bytes, float]] = {}
+        self.opened = OpenedAttestations()  # every attestation read is verified once
 
     @property
     def network_id(self) -> str:
@@ -160,6 +161,7 @@ class NodeService:
             publish=self.publish,
             read_shard=self.shard_records,
             peer_id=str(self.p2p.peer_id),
+            opened=self.opened,
         )
 
     async def _stop(self) -> None:
@@ -211,7 +213,7 @@ class NodeService:
 
     async def shard_records(self, r: int, j: int) -> ShardRecords:
         """The verified result records of shard `j` of round `r` on the DHT."""
-        return await read_shard_records(self.board, self.network_id, r, j)
+        return await read_shard_records(self.board, self.network_id, r, j, opened=self.opened)
 
     async def step(self) -> None:
         """One poll of the loop in the module docstring."""

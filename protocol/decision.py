@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError
@@ -49,8 +49,14 @@ class ShardAttestations:
         round_number: int,
         shard: int,
         now: int | None = None,
+        opened: MutableMapping[bytes, Signed] | None = None,
     ) -> ShardAttestations:
-        """Open each of `raws` once; keep the valid attestations of `round_number` and `shard`."""
+        """Open each of `raws` once; keep the valid attestations of `round_number` and `shard`.
+
+        `opened` remembers attestations already opened (by their bytes, for `network_id`): a reader
+        that passes the same mapping on every read opens each attestation once, however often it
+        reads it (a valid signature stays valid and a time once in the past stays there).
+        """
         by_result: dict[str, list[Signed]] = {}
         counts: set[int] = set()
         seen: set[bytes] = set()
@@ -58,10 +64,14 @@ class ShardAttestations:
             if data in seen:
                 continue
             seen.add(data)
-            try:
-                signed = verify_message(data, Attestation, network_id=network_id, now=now)
-            except ProtocolError:
-                continue
+            signed = opened.get(data) if opened is not None else None
+            if signed is None:
+                try:
+                    signed = verify_message(data, Attestation, network_id=network_id, now=now)
+                except ProtocolError:
+                    continue
+                if opened is not None:
+                    opened[data] = signed
             att: Attestation = signed.message
             if (att.round, att.shard) != (round_number, shard):
                 continue

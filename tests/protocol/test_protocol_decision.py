@@ -177,3 +177,27 @@ def test_attestations_from_the_far_future_are_dropped_when_read(f, late):
     raw = _attest(f, a, 1, created_at=f.NOW + late)
     held = ShardAttestations.verify(raw, network_id=f.NETWORK, round_number=1, shard=0, now=f.NOW)
     assert (a.id in held.by_result) == (late == 100)  # within the clock skew allowed, it counts
+
+
+def test_a_reader_that_keeps_what_it_opened_opens_each_attestation_once(f):
+    _, _, (a, b) = _round(f)
+    raws = _attest(f, a, 1, 2)
+    opened: dict = {}
+    first = ShardAttestations.verify(raws, network_id=f.NETWORK, round_number=1, shard=0, opened=opened)
+    assert set(opened) == set(raws) and first.attesters(a.id)[0] == {
+        f.identity(1).public_key,
+        f.identity(2).public_key,
+    }
+    # what is held is not opened again: a held entry (here swapped for another attestation) is used
+    opened[raws[0]] = ShardAttestations.verify(
+        _attest(f, b, 3), network_id=f.NETWORK, round_number=1, shard=1
+    ).by_result[b.id][0]
+    again = ShardAttestations.verify(raws, network_id=f.NETWORK, round_number=1, shard=0, opened=opened)
+    assert again.attesters(a.id)[0] == {f.identity(2).public_key}  # the swapped one names shard 1
+    assert (
+        ShardAttestations.verify(
+            [b"junk"], network_id=f.NETWORK, round_number=1, shard=0, opened=opened
+        ).by_result
+        == {}
+    )
+    assert b"junk" not in opened  # failures are not remembered
