@@ -190,6 +190,7 @@ def _progress(enabled: bool, tensors: int, total_bytes: int) -> Iterator:
         Progress,
         TextColumn,
         TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     display = Progress(
@@ -198,6 +199,8 @@ def _progress(enabled: bool, tensors: int, total_bytes: int) -> Iterator:
         TextColumn("{task.fields[done]}/{task.fields[tensors]} tensors"),
         DownloadColumn(),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=Console(stderr=True),
     )
     with display:
