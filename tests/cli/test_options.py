@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -49,3 +53,17 @@ def test_a_lazy_choice_loads_its_constant_only_when_a_value_is_checked():
     assert runner.invoke(command, ["--size", "bfloat16"]).output == "bfloat16\n"
     bad = runner.invoke(command, ["--size", "int3"])
     assert bad.exit_code == 2 and "'int3' is not one of 'float32', 'float16', 'bfloat16', 'raw'" in bad.output
+
+
+@pytest.mark.parametrize(("verbose", "expected"), [(False, "False 40"), (True, "True 30")])
+def test_third_party_progress_bars_and_warnings_are_off_unless_verbose(verbose, expected):
+    """In a fresh process (the settings are process-wide): transformers' bars and its warnings."""
+    code = (
+        "from node.cli.options import quiet_third_parties\n"
+        f"quiet_third_parties({verbose})\n"
+        "import transformers.utils.logging as hf\n"
+        "print(hf.is_progress_bar_enabled(), hf.get_verbosity())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "HF_HUB_", "TQDM"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split("\n")[-2] == expected
