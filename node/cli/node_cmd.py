@@ -95,7 +95,11 @@ def start(
     Example: umm node start --data-dir node2 --network demo.0123456789abcdef \
         --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     """
-    checked_fallback_seconds(fallback_seconds)  # a bad value fails before the node starts
+    checked_fallback_seconds(fallback_seconds)  # bad values fail before the node makes its folder
+    if network_id is not None:
+        from protocol.genesis import network_genesis_id
+
+        network_genesis_id(network_id)
     peers = list(initial_peers)
     if initial_peers_file is not None:
         peers += _read_maddrs_file(initial_peers_file, timeout=MADDRS_FILE_WAIT)
@@ -227,6 +231,9 @@ def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) ->
     Example: umm pull --network demo.0123456789abcdef --out merged \
         --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     """
+    from protocol.genesis import network_genesis_id
+
+    network_genesis_id(network_id)  # a malformed id fails before any DHT starts
     initial_peers = list(initial_peers)
     if initial_peers_file is not None:
         initial_peers += _read_maddrs_file(initial_peers_file, timeout=timeout)

@@ -109,3 +109,13 @@ def test_status_needs_initial_peers_and_a_well_formed_network_id(tmp_path):
     assert result.output == "Error: expected --initial-peers or --initial-peers-file, got neither\n"
     result = CliRunner().invoke(cli, ["status", "--network", "demo", "--initial-peers", "/ip4/127.0.0.1"])
     assert result.exit_code == 2 and result.output.startswith("Error: expected a network id NAME.<16 hex")
+
+
+@pytest.mark.parametrize("command", [["node", "start", "--data-dir", "DATA"], ["pull", "--out", "DATA"]])
+def test_a_malformed_network_id_is_refused_before_anything_is_created(command, tmp_path):
+    data = tmp_path / "d"
+    args = [str(data) if a == "DATA" else a for a in command]
+    result = CliRunner().invoke(cli, [*args, "--network", "demo-0123", "--initial-peers", "/ip4/127.0.0.1"])
+    assert result.exit_code == 2
+    assert result.output == "Error: expected a network id NAME.<16 hex digits>, got 'demo-0123'\n"
+    assert not data.exists()
