@@ -1,15 +1,15 @@
-"""What an idle node imports, and what each heavy package costs in memory.
+"""What an idle node imports, and what the heavy packages cost in memory.
 
-One `umm node start` runs under ``python -X importtime`` (in a namespace when the simulator can
-run here, otherwise on 127.0.0.1); the modules it imported before printing ``ready`` are grouped
-by top-level package (count, cumulative import time). Then, for each package of more than
-``HEAVY_MS`` of import time, a fresh interpreter imports that package alone: its resident and
-proportional memory over a bare interpreter's. Finally the idle node's own memory (its process
-tree: node, DHT child, p2pd).
+One `umm node start` runs under ``python -X importtime`` in a namespace; the modules it imported
+before printing ``ready`` are grouped by top-level package (module count, time spent in the
+package's own modules, the module that first imported it), and the idle node's process tree
+(node, DHT child, p2pd) is measured process by process. Then one fresh interpreter imports
+``STEPS`` in turn and prints its memory after each: what each step adds over the ones above it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -22,14 +22,10 @@ from benchmarks.netsim.cluster import SimNetwork, node_env
 from benchmarks.netsim.links import LinkSim, namespaces_unavailable
 
 HEAVY_MS = 50.0
+# One interpreter imports these in order; the memory each step adds is that package's marginal cost
+# over everything above it (a package's own dependencies already loaded are not counted again).
+STEPS = ("torch", "numba", "hivemind", "node.service", "node.cli")
 _LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)$")
-_MEASURE = (
-    "import os, sys, psutil\n"
-    "for name in sys.argv[1:]:\n"
-    "    __import__(name)\n"
-    "m = psutil.Process().memory_full_info()\n"
-    "print(m.rss >> 20, m.pss >> 20)\n"
-)
 
 
 def idle_imports(log_text: str) -> dict[str, tuple[int, float, str]]:
@@ -55,13 +51,36 @@ def idle_imports(log_text: str) -> dict[str, tuple[int, float, str]]:
     return {top: (modules[top], own[top], via.get(top, "")) for top in modules}
 
 
-def package_memory(names: list[str]) -> tuple[int, int]:
-    """(rss, pss) MiB of a fresh interpreter that imported `names`."""
+_STEPWISE = (
+    "import sys, psutil\n"
+    "for name in sys.argv[1:]:\n"
+    "    __import__(name)\n"
+    "    m = psutil.Process().memory_full_info()\n"
+    "    print(name, m.rss >> 20, m.pss >> 20, flush=True)\n"
+)
+
+
+def stepwise_memory(steps: tuple[str, ...] = STEPS) -> list[tuple[str, int, int]]:
+    """(module, rss MiB, pss MiB) after importing each of `steps` in turn in one fresh interpreter."""
     done = subprocess.run(
-        [sys.executable, "-c", _MEASURE, *names], capture_output=True, text=True, env=node_env(), timeout=300
+        [sys.executable, "-c", _STEPWISE, *steps], capture_output=True, text=True, env=node_env(), timeout=300
     )
-    rss, pss = done.stdout.split()[-2:]
-    return int(rss), int(pss)
+    rows = [line.split() for line in done.stdout.splitlines() if len(line.split()) == 3]
+    return [(name, int(rss), int(pss)) for name, rss, pss in rows]
+
+
+def process_memory(pid: int) -> list[tuple[str, float, float]]:
+    """(command, rss MiB, pss MiB) of `pid` and each of its descendants."""
+    import psutil
+
+    root = psutil.Process(pid)
+    rows = []
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            info = proc.memory_full_info()
+            command = " ".join(proc.cmdline()[:3])[:40]
+            rows.append((command, info.rss / 2**20, info.pss / 2**20))
+    return rows
 
 
 def report_imports() -> None:
@@ -80,19 +99,26 @@ def report_imports() -> None:
             net.wait_ready(["n0"], timeout=300)
             time.sleep(5)  # idle: a few polls
             memory = net.memory("n0")
+            processes = process_memory(net.procs["n0"].pid)
             log = net.log("n0").read_text(errors="replace")
     packages = idle_imports(log)
-    bare = package_memory([])
     print(f"idle node (process tree): rss {memory.rss:.0f} MiB, pss {memory.pss:.0f} MiB")
-    print(f"bare interpreter: rss {bare[0]} MiB, pss {bare[1]} MiB")
-    print(
-        f"{'package':16} {'modules':>7} {'own ms':>7} {'alone: +rss MiB':>15} {'+pss MiB':>8}  "
-        "first imported by"
-    )
+    for name, rss, pss in processes:
+        print(f"  {name:40} rss {rss:>5.0f} MiB, pss {pss:>5.0f} MiB")
+    print(f"imported before `ready`: {sum(c for c, _, _ in packages.values())} modules")
+    print(f"{'package':16} {'modules':>7} {'own ms':>7}  first imported by")
     for top, (count, ms, importer) in sorted(packages.items(), key=lambda item: -item[1][1]):
-        if ms < HEAVY_MS:
-            continue
-        rss, pss = package_memory([top])
-        print(f"{top:16} {count:>7} {ms:>7.0f} {rss - bare[0]:>15} {pss - bare[1]:>8}  {importer or '-'}")
+        if ms >= HEAVY_MS:
+            print(f"{top:16} {count:>7} {ms:>7.0f}  {importer or '-'}")
     light = sorted(top for top, (_, ms, _) in packages.items() if ms < HEAVY_MS)
     print(f"under {HEAVY_MS:g} ms each ({len(light)} packages): {', '.join(light)}")
+    print("one interpreter importing in turn (what each step adds over the steps above it):")
+    steps = stepwise_memory(("sys", *STEPS))
+    previous = steps[0][1:]
+    print(f"  bare interpreter rss {previous[0]:>5} MiB, pss {previous[1]:>5} MiB")
+    for name, rss, pss in steps[1:]:
+        print(
+            f"  + {name:14} rss {rss:>5} MiB (+{rss - previous[0]:>4}), "
+            f"pss {pss:>5} MiB (+{pss - previous[1]:>4})"
+        )
+        previous = (rss, pss)
