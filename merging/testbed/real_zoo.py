@@ -19,11 +19,13 @@ the first model that is missing. Deterministic for a given recipe and thread cou
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import multiprocessing
+import queue
 import shutil
 import threading
 import time
@@ -47,6 +49,7 @@ from merging.testbed.zoo import (
     SUITE_VERSION,
     Zoo,
     ZooError,
+    _InProcess,
     _locked,
     default_cache_dir,
 )
@@ -87,7 +90,7 @@ class RealRecipe:
 
     seed: int
     threads: int
-    base: str  # a packaged GGUF model (merging.testbed.models.PACKAGED_GGUF)
+    base: str  # a packaged GGUF model (merging.testbed.models.PACKAGED_GGUF), or an HF folder's path
     expert_train: TrainSpec  # its mixture (replay) is joined by the expert's domain at weight 1
     domains: tuple[str, ...] = DOMAINS
     heterogeneous: tuple[RealExpert, ...] = ()
@@ -117,11 +120,27 @@ class RealRecipe:
 
 
 def _source_version(name: str) -> str:
-    """The installed version of the package shipping ``name``'s GGUF (part of the recipe)."""
+    """The installed version of the package shipping ``name``'s GGUF (part of the recipe); for a
+    folder, the sha256 of its weights."""
+    if name not in PACKAGED_GGUF:
+        return _folder_digest(Path(name))
     try:
         return importlib.metadata.version(_DISTRIBUTIONS[name])
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def _folder_digest(folder: Path) -> str:
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ZooError(
+            f"expected a packaged model ({', '.join(PACKAGED_GGUF)}) or an HF folder, got {str(folder)!r}."
+        )
+    digest = hashlib.sha256()
+    with open(weights, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 _REPLAY = tuple((domain, 0.02) for domain in DOMAINS)
@@ -156,8 +175,11 @@ REAL_RECIPE = RealRecipe(
 )
 
 
-def require_real_extra() -> None:
-    """Raise a ZooError naming the extra when a package of the ``real`` extra is missing."""
+def require_real_extra(recipe: RealRecipe = REAL_RECIPE) -> None:
+    """Raise a ZooError naming the extra when ``recipe`` reads a packaged GGUF and a package of
+    the ``real`` extra is missing."""
+    if not {recipe.base, *(h.source for h in recipe.heterogeneous)} & set(PACKAGED_GGUF):
+        return
     missing = [name for name in _REQUIRED_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         raise ZooError(
@@ -210,9 +232,10 @@ Reporter = Callable[[str, int], StepHook]  # (model name, steps) -> per-step hoo
 def estimate_seconds(recipe: RealRecipe) -> dict[str, float]:
     """Each model's expected training time on the reference machine (`SECONDS_PER_STEP`)."""
     per_batch = recipe.expert_train.batch_size / 8
-    out = {d: recipe.expert_train.steps * SECONDS_PER_STEP[recipe.base] * per_batch for d in recipe.domains}
+    base_step = SECONDS_PER_STEP.get(recipe.base, 0.0)
+    out = {d: recipe.expert_train.steps * base_step * per_batch for d in recipe.domains}
     for h in recipe.heterogeneous:
-        out[h.name] = h.train.steps * SECONDS_PER_STEP[h.source] * h.train.batch_size / 8
+        out[h.name] = h.train.steps * SECONDS_PER_STEP.get(h.source, 0.0) * h.train.batch_size / 8
     return out
 
 
@@ -224,7 +247,7 @@ def build_real_zoo(
     reporter: Reporter | None = None,
 ) -> Zoo:
     """Build (or resume, or fetch from the cache) the real zoo of ``recipe``."""
-    require_real_extra()
+    require_real_extra(recipe)
     for domain in (*recipe.domains, *(h.domain for h in recipe.heterogeneous)):
         if domain not in TASKS:
             raise ZooError(f"expected expert domains among {', '.join(TASKS)}, got {domain!r}.")
@@ -308,8 +331,13 @@ def _build(root: Path, recipe: RealRecipe, say: Callable[[str], None], reporter:
         )
     jobs.sort(key=lambda job: _LONGEST_FIRST.index(TASKS[job[3].mixture[0][0]].name))
     context = multiprocessing.get_context("spawn")
-    with context.Manager() as manager, ProcessPoolExecutor(BUILD_WORKERS, mp_context=context) as pool:
-        events = manager.Queue()
+    workers = min(BUILD_WORKERS, len(jobs))
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            events = stack.enter_context(context.Manager()).Queue()
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context))
+        else:  # one worker: everything here, in order
+            events, pool = queue.Queue(), _InProcess()
         relay = threading.Thread(target=_relay, args=(events, reporter), daemon=True)
         relay.start()
         futures = {
@@ -360,7 +388,7 @@ def _worker(
     seconds: dict[str, float] = {}
     with pinned_threads(threads):
         start = base
-        if source is not None:
+        if source is not None and not _finished(out):
             start = _source(root, source, lines.append, seconds, {"role": "source", "recipe": meta["recipe"]})
 
         def hook(step: int, loss: float) -> None:
@@ -374,12 +402,15 @@ def _source(
     root: Path, name: str, say: Callable[[str], None], seconds: dict[str, float], meta: dict[str, str]
 ) -> Path:
     """The packaged model ``name`` as a bfloat16 HF folder in the zoo (``base`` for the base)."""
-    folder = root / ("base" if meta["role"] == "base" else f"sources/{name}")
+    folder = root / ("base" if meta["role"] == "base" else f"sources/{Path(name).name}")
     if _finished(folder):
         return folder
     start = time.perf_counter()
-    staging = root / f".import-{name}"
-    import_gguf(packaged_gguf(name), staging, dtype="bfloat16")
+    staging = root / f".import-{Path(name).name}"
+    if name in PACKAGED_GGUF:
+        import_gguf(packaged_gguf(name), staging, dtype="bfloat16")
+    else:
+        _copy_bfloat16(Path(name), staging)
     write_text_atomic(
         staging / MODEL_META, json.dumps({**meta, "source": name}, indent=2, sort_keys=True) + "\n"
     )
@@ -389,6 +420,14 @@ def _source(
     seconds[folder.name] = round(time.perf_counter() - start, 2)
     say(f"imported {name} into {folder} in {seconds[folder.name]:.1f} s")
     return folder
+
+
+def _copy_bfloat16(source: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.rmtree(out, ignore_errors=True)
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
 
 def _train_one(
