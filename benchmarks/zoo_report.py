@@ -3,9 +3,16 @@
 The merges of the homogeneous experts run through `merging.engine.merge_state_dicts`, to check
 that the zoo is mergeable: ``average`` = base + mean of task vectors, ``ties (d)`` = TIES with
 density d and weight 1 per expert (the network's default method), ``task arithmetic (l)`` =
-base + l * sum of task vectors. Gain retention per domain is (merge - base) / (expert - base).
+base + l * sum of task vectors, ``dare_ties (0.5)`` = DARE drop (density 0.5, rescaled) then
+TIES sign election. Gain retention per domain is (merge - base) / (expert - base).
+
+``--size real`` reads the real zoo (`merging.testbed.real_zoo`, built if missing): models are
+prompted with their chat template (Gemma-3, which has none, with the plain prompt) and merged in
+float32 from their bfloat16 weights. ``--experts`` restricts the merges to some domains (a
+pairwise merge, as the recipe probes use).
 
     python benchmarks/zoo_report.py --size small [--limit 200] [--cache-dir DIR]
+    python benchmarks/zoo_report.py --size real --limit 50 --threads 2 [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -39,47 +46,76 @@ def _config(method: str, experts: list[str], *, weight: float = 1.0, density: fl
     }
 
 
+def _build(size: str, cache_dir: str | None):
+    if size == "real":
+        from merging.testbed.real_zoo import build_real_zoo
+
+        return build_real_zoo(cache_dir, log=print)
+    return build_zoo(size, cache_dir, log=print)
+
+
+def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.float() for name, t in state.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size", default="small")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--experts", default=None, help="comma-separated domains to merge (default: all)")
+    parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    style = "auto" if args.size == "real" else "plain"
     start = time.perf_counter()
-    zoo = build_zoo(args.size, args.cache_dir, log=print)
+    zoo = _build(args.size, args.cache_dir)
     print(f"zoo ready in {time.perf_counter() - start:.1f} s (build seconds per model: {zoo.build_seconds})")
     print(f"load average: {os.getloadavg()}")
 
+    experts = args.experts.split(",") if args.experts else list(zoo.experts)
+
+    def score(model, tok, label: str) -> dict[str, float]:
+        result = evaluate(
+            model, tok, split="test", limit=args.limit, batch_size=args.batch_size, prompt_style=style
+        )
+        print(
+            f"evaluated {label}: {result.prompts_per_second:.2f} prompts/s, {result.seconds:.0f} s",
+            flush=True,
+        )
+        return result.accuracy
+
     scores: dict[str, dict[str, float]] = {}
     for name, path in zoo.models().items():
-        model, tok = load_pretrained(path)
-        result = evaluate(model, tok, split="test", limit=args.limit, prompt_style="plain")
-        scores[name] = result.accuracy
-        print(f"evaluated {name}: {result.prompts_per_second:.0f} prompts/s")
+        if name in zoo.experts and name not in experts:
+            continue
+        model, tok = load_pretrained(path, dtype=args.dtype)
+        scores[name] = score(model, tok, name)
 
-    base_model, tok = load_pretrained(zoo.base)
-    tensors = {"base": load_file(zoo.base / "model.safetensors")}
-    for domain, path in zoo.experts.items():
-        tensors[domain] = load_file(path / "model.safetensors")
+    base_model, tok = load_pretrained(zoo.base, dtype=args.dtype)
+    tensors = {"base": _float32(load_file(zoo.base / "model.safetensors"))}
+    for domain in experts:
+        tensors[domain] = _float32(load_file(zoo.experts[domain] / "model.safetensors"))
     merges = {
-        "average": _config("task_arithmetic", list(zoo.experts), weight=1.0 / len(zoo.experts)),
-        "ties (0.5)": _config("ties", list(zoo.experts), density=0.5),
-        "ties (0.7)": _config("ties", list(zoo.experts), density=0.7),
-        "task arithmetic (0.5)": _config("task_arithmetic", list(zoo.experts), weight=0.5),
-        "task arithmetic (1.0)": _config("task_arithmetic", list(zoo.experts), weight=1.0),
+        "average": _config("task_arithmetic", experts, weight=1.0 / len(experts)),
+        "ties (0.5)": _config("ties", experts, density=0.5),
+        "ties (0.7)": _config("ties", experts, density=0.7),
+        "task arithmetic (0.5)": _config("task_arithmetic", experts, weight=0.5),
+        "task arithmetic (1.0)": _config("task_arithmetic", experts, weight=1.0),
+        "dare_ties (0.5)": _config("dare_ties", experts, density=0.5),
     }
     for label, config in merges.items():
-        base_model.load_state_dict({**tensors["base"], **merge_state_dicts(config, tensors)}, strict=False)
-        scores[label] = evaluate(
-            base_model, tok, split="test", limit=args.limit, prompt_style="plain"
-        ).accuracy
+        merged = merge_state_dicts(config, tensors)
+        base_model.load_state_dict({**tensors["base"], **merged}, strict=False)
+        scores[label] = score(base_model, tok, label)
 
     print("\n| model | " + " | ".join(TASKS) + " | mean |")
     print("|---" * (len(TASKS) + 2) + "|")
     for name, acc in scores.items():
         print(_row(name, acc))
-    expert_scores = {d: scores[d][d] for d in DOMAINS if d in zoo.experts}
+    expert_scores = {d: scores[d][d] for d in DOMAINS if d in experts}
     print("\n| merge | " + " | ".join(expert_scores) + " | mean |")
     print("|---" * (len(expert_scores) + 2) + "|")
     for label in merges:

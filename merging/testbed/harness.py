@@ -86,6 +86,14 @@ class EvalResult:
     counts: dict[str, int]
     outputs: dict[str, list[str]] = field(repr=False)
     seconds: float = 0.0
+    prompt_tokens: int = 0  # prompt tokens processed, padding aside
+    generated_tokens: int = 0  # tokens decoded, up to each row's stop
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decoding throughput: prompt and generated tokens per second of the whole evaluation."""
+        total = self.prompt_tokens + self.generated_tokens
+        return total / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def mean(self) -> float:
@@ -101,6 +109,8 @@ class EvalResult:
             "mean": self.mean,
             "counts": dict(self.counts),
             "seconds": self.seconds,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
         }
 
 
@@ -114,7 +124,7 @@ def _uses_chat(tokenizer: Any, prompt_style: str) -> bool:
 
 def _max_new_tokens(tokenizer: Any, examples: Sequence[Example], chat: bool) -> int:
     longest = max(len(tokenizer(ex.response, add_special_tokens=False)["input_ids"]) for ex in examples)
-    return int(longest * 3 + 64) if chat else longest + 4
+    return int(longest * 2 + 32) if chat else longest + 4
 
 
 @torch.inference_mode()
@@ -126,12 +136,16 @@ def greedy_generate(
     *,
     stop_at_answer: bool = False,
     add_special_tokens: bool = True,
+    stats: dict[str, int] | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (one left-padded batch, KV cache), decoded to text.
 
     ``max_new_tokens`` is one budget for all rows or one per row; a row stops at its budget or at
-    an end-of-sequence token. ``add_special_tokens`` lets the tokenizer add its BOS (plain prompts
-    of models that need one); chat-template text already carries its own special tokens.
+    an end-of-sequence token (or, with ``stop_at_answer``, once it has written an ``Answer:``
+    line). Finished rows leave the batch, cache included, once they are an eighth of it, so the
+    remaining steps compute only live rows. ``add_special_tokens`` lets the tokenizer add its BOS
+    (plain prompts of models that need one); chat-template text already carries its own special
+    tokens. ``stats``, if given, receives the prompt and generated token counts (padding aside).
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -145,15 +159,17 @@ def greedy_generate(
         mask[row, width - len(ids) :] = 1
     device = next(model.parameters()).device
     input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    done = torch.zeros(len(enc), dtype=torch.bool, device=device)
-    eos = torch.tensor(eos_ids, device=device)
-    generated: list[torch.Tensor] = []
     steps = max(budgets, default=0)
+    generated = torch.full((len(enc), max(steps, 1)), pad_id, dtype=torch.long, device=device)
+    lengths = torch.zeros(len(enc), dtype=torch.long, device=device)  # tokens generated per row
+    live = torch.arange(len(enc), device=device)  # original row of each batch row
+    finished = torch.zeros(len(enc), dtype=torch.bool, device=device)  # per batch row
+    row_budget = torch.tensor(budgets, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    newline_ids = _newline_ids(tokenizer) if stop_at_answer else None
     cache = reserved_cache(model, width + min(steps, 128))  # grown by doubling past that
     full_mask = torch.cat([mask, torch.ones((len(enc), steps), dtype=mask.dtype, device=device)], dim=1)
-    step_ids, step_pos = input_ids, positions
-    row_budget = torch.tensor(budgets, device=device)
+    step_ids, step_pos = input_ids, (mask.cumsum(-1) - 1).clamp(min=0)
     for step in range(steps):
         out = model(
             input_ids=step_ids,
@@ -165,21 +181,31 @@ def greedy_generate(
         )
         cache = out.cache
         next_ids = out.logits[:, -1, :].argmax(-1)
-        next_ids = torch.where(done, torch.full_like(next_ids, pad_id), next_ids)
-        generated.append(next_ids)
-        done |= torch.isin(next_ids, eos) | (row_budget <= step + 1)
-        if stop_at_answer and step % 8 == 7:
-            done |= _answer_complete(tokenizer, torch.stack(generated, 1), done)
-        if bool(done.all()):
+        generated[live, step] = next_ids
+        lengths[live] = step + 1
+        finished |= torch.isin(next_ids, eos) | (row_budget[live] <= step + 1)
+        if newline_ids is not None and bool(torch.isin(next_ids, newline_ids).any()):
+            finished |= _answer_complete(
+                tokenizer, generated[live, : step + 1], finished, next_ids, newline_ids
+            )
+        done = int(finished.sum())
+        if done == len(live):
             break
         step_ids = next_ids[:, None]
         step_pos = step_pos[:, -1:] + 1
-    tokens = torch.stack(generated, 1).tolist() if generated else [[] for _ in enc]
+        if done * 8 >= len(live):  # drop finished rows: every later step then costs less
+            keep = torch.nonzero(~finished).flatten()
+            cache.batch_select_indices(keep)
+            live, step_ids, step_pos, full_mask = live[keep], step_ids[keep], step_pos[keep], full_mask[keep]
+            finished = finished[keep]
+    if stats is not None:
+        stats["prompt_tokens"] = stats.get("prompt_tokens", 0) + int(mask.sum())
+        stats["generated_tokens"] = stats.get("generated_tokens", 0) + int(lengths.sum())
     texts = []
-    for row, budget in zip(tokens, budgets, strict=True):
-        row = row[:budget]
-        cut = next((i for i, tok in enumerate(row) if tok in eos_ids), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    for row, (tokens, budget) in enumerate(zip(generated.tolist(), budgets, strict=True)):
+        tokens = tokens[: min(budget, int(lengths[row]))]
+        cut = next((i for i, tok in enumerate(tokens) if tok in eos_ids), len(tokens))
+        texts.append(tokenizer.decode(tokens[:cut], skip_special_tokens=True))
     return texts
 
 
@@ -191,10 +217,24 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _answer_complete(tokenizer: Any, tokens: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-    """Rows whose text so far holds an ``Answer:`` line ended by a newline."""
+def _newline_ids(tokenizer: Any) -> torch.Tensor:
+    """Ids of the vocabulary's tokens whose text holds a newline (an answer line ends with one)."""
+    cached = getattr(tokenizer, "_umm_newline_ids", None)
+    if cached is None:
+        vocab = tokenizer.get_vocab()
+        texts = tokenizer.convert_tokens_to_string
+        cached = torch.tensor(sorted(i for t, i in vocab.items() if "\n" in texts([t])), dtype=torch.long)
+        tokenizer._umm_newline_ids = cached
+    return cached
+
+
+def _answer_complete(
+    tokenizer: Any, tokens: torch.Tensor, done: torch.Tensor, last: torch.Tensor, newline_ids: torch.Tensor
+) -> torch.Tensor:
+    """Rows whose text so far holds an ``Answer:`` line ended by a newline; only rows that have
+    just written a newline are decoded (the others cannot have completed one)."""
     flags = done.clone()
-    for row in torch.nonzero(~done).flatten().tolist():
+    for row in torch.nonzero(~done & torch.isin(last, newline_ids)).flatten().tolist():
         text = tokenizer.decode(tokens[row], skip_special_tokens=True)
         flags[row] = bool(re.search(r"answer\s*[:：][^\n]*\S[^\n]*\n", text, re.IGNORECASE))
     return flags
@@ -213,8 +253,9 @@ def evaluate(
 ) -> EvalResult:
     """Exact-match accuracy of ``model`` on each task's ``split`` (first ``limit`` examples).
 
-    The prompts of all tasks are pooled and sorted by length before batching, so batches are full
-    and padding is short; each prompt keeps its own token budget.
+    The prompts of all tasks are pooled and sorted by token budget, then length, before batching,
+    so batches are full, padding is short and a batch's rows stop close together; each prompt
+    keeps its own budget (chat models: twice the longest reference response, plus 32).
     """
     names = resolve_tasks(tasks)
     chat = _uses_chat(tokenizer, prompt_style)
@@ -230,8 +271,9 @@ def evaluate(
         for ex in examples[name]:
             prompts.append(chat_prompt(tokenizer, name, ex.prompt) if chat else plain_prompt(ex.prompt))
             budgets.append(budget)
+    stats: dict[str, int] = {}
     try:
-        texts = _generate_sorted(model, tokenizer, prompts, budgets, batch_size, chat)
+        texts = _generate_sorted(model, tokenizer, prompts, budgets, batch_size, chat, stats)
     finally:
         model.train(was_training)
     accuracy, counts, outputs = {}, {}, {}
@@ -244,13 +286,28 @@ def evaluate(
         )
         counts[name] = len(mine)
         outputs[name] = mine
-    return EvalResult(accuracy, counts, outputs, time.perf_counter() - start)
+    return EvalResult(
+        accuracy,
+        counts,
+        outputs,
+        time.perf_counter() - start,
+        stats.get("prompt_tokens", 0),
+        stats.get("generated_tokens", 0),
+    )
 
 
 def _generate_sorted(
-    model: Any, tokenizer: Any, prompts: Sequence[str], budgets: Sequence[int], batch_size: int, chat: bool
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    budgets: Sequence[int],
+    batch_size: int,
+    chat: bool,
+    stats: dict[str, int],
 ) -> list[str]:
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    """Batches of prompts with like token budgets (so like answer lengths), then like lengths:
+    rows of a batch finish close together and padding stays short."""
+    order = sorted(range(len(prompts)), key=lambda i: (budgets[i], len(prompts[i]), i))
     texts: list[str] = [""] * len(prompts)
     for lo in range(0, len(order), batch_size):
         chunk = order[lo : lo + batch_size]
@@ -261,6 +318,7 @@ def _generate_sorted(
             [budgets[i] for i in chunk],
             stop_at_answer=chat,
             add_special_tokens=not chat,
+            stats=stats,
         )
         for i, text in zip(chunk, outs, strict=True):
             texts[i] = text

@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -341,11 +341,12 @@ def _build(root: Path, recipe: RealRecipe, say: Callable[[str], None], reporter:
         relay = threading.Thread(target=_relay, args=(events, reporter), daemon=True)
         relay.start()
         futures = {
-            name: pool.submit(_worker, root, base, source, out, spec, seed, meta, recipe.threads, events)
+            pool.submit(_worker, root, base, source, out, spec, seed, meta, recipe.threads, events): name
             for name, source, out, spec, seed, meta in jobs
         }
         paths: dict[str, Path] = {}
-        for name, future in futures.items():
+        for future in as_completed(futures):
+            name = futures[future]
             paths[name], seconds[name], message = future.result()
             say(message)
         events.put(None)
