@@ -39,14 +39,20 @@ def _retention_table(summary: dict) -> Table:
 
 
 def _evaluate_dirs(
-    model_dirs: list[str], tasks: list[str], split: str, limit: int | None, batch_size: int, prompt_style: str
+    model_dirs: list[str],
+    tasks: list[str],
+    split: str,
+    limit: int | None,
+    batch_size: int,
+    prompt_style: str,
+    dtype: str = "float32",
 ) -> dict:
     from merging.testbed.harness import evaluate
     from merging.testbed.models import load_pretrained
 
     results = {}
     for model_dir in model_dirs:
-        model, tokenizer = load_pretrained(model_dir)
+        model, tokenizer = load_pretrained(model_dir, dtype=dtype)
         results[model_dir] = evaluate(
             model, tokenizer, tasks, split, limit, batch_size=batch_size, prompt_style=prompt_style
         )
@@ -77,7 +83,14 @@ def _evaluate_dirs(
     show_default=True,
     help="Prompt format: plain text, the model's chat template, or chat when it has one (auto).",
 )
-def eval_command(model_dirs, tasks, split, limit, base, json_out, batch_size, prompt_style):
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Compute dtype (bfloat16 is faster on CPUs with bf16 instructions; docs/benchmarks.md).",
+)
+def eval_command(model_dirs, tasks, split, limit, base, json_out, batch_size, prompt_style, dtype):
     """Score models on the reasoning suite (exact match on the final `Answer:` line).
 
     Example: umm eval ~/.cache/umm/zoo/small-*/experts/* --base ~/.cache/umm/zoo/small-*/base --json out.json
@@ -87,7 +100,7 @@ def eval_command(model_dirs, tasks, split, limit, base, json_out, batch_size, pr
 
     names = resolve_tasks(tasks)
     dirs = list(dict.fromkeys([*([base] if base else []), *model_dirs]))
-    results = _evaluate_dirs(dirs, names, split, limit, batch_size, prompt_style)
+    results = _evaluate_dirs(dirs, names, split, limit, batch_size, prompt_style, dtype)
     summary = comparison(results, {d: model_meta(d) for d in dirs}, base)
     summary.update({"split": split, "tasks": names, "limit": limit})
     console = Console()
