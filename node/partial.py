@@ -11,7 +11,7 @@ Why the chunk hashes suffice (no tensor is hashed again): the entries come from 
 with a quorum of attestations, and an attestation signs the result's id, the sha256 of that exact
 signed message (protocol.verify.check_quorum counts only attestations naming it). A node attests
 a result only when its whole content, the chunk list of every tensor included, equals the result
-of its own merge (node.service `_attest_canonical`), whose chunk digests it computed from its own
+of its own merge (`node.shard_worker.merge_content`), whose chunk digests it computed from its own
 bytes. So attestation -> result id -> chunk list -> chunk hashes: every byte written has the
 sha256 its attesters computed, in the place they computed it, and the tensor digests and the
 fingerprint (over the same bytes) hold without reading the bytes again.
