@@ -46,3 +46,26 @@ def test_greedy_decoding_matches_the_models_own_cache(micro_zoo, name, monkeypat
     reserved = greedy_generate(model, tok, prompts, budgets)
     monkeypatch.setattr(harness, "reserved_cache", lambda model, capacity: None)
     assert reserved == greedy_generate(model, tok, prompts, budgets)
+
+
+def test_decoding_counts_prompt_and_generated_tokens(micro_zoo):
+    path = micro_zoo.models()["lists"]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = [plain_prompt(ex.prompt) for task in TASKS for ex in generate(task, "dev")[:1]]
+    stats: dict[str, int] = {}
+    greedy_generate(model, tok, prompts, 20, stats=stats)
+    prompt_ids = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
+    assert stats["prompt_tokens"] == sum(ids.shape[1] for ids in prompt_ids)
+    # transformers' own greedy search, one prompt at a time: its new tokens up to its stop.
+    expected = 0
+    for ids in prompt_ids:
+        out = model.generate(
+            ids,
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        expected += out.shape[1] - ids.shape[1]
+    assert stats["generated_tokens"] == expected
