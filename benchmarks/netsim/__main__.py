@@ -3,7 +3,7 @@
 Usage (from the repository root):
     python -m benchmarks.netsim converge [--nodes 8] [--rate 100] [--pull-rate 100]
     python -m benchmarks.netsim mixed [--nodes 8] [--slow 2] [--slow-rate 20] [--fast-rate 200]
-    python -m benchmarks.netsim churn [--nodes 8] [--killed 2] [--joined 2] [--runs 5]
+    python -m benchmarks.netsim churn [--nodes 8] [--killed 2] [--joined 2] [--runs 5] [--first 0]
     python -m benchmarks.netsim scale [--counts 4,8,12] [--rate 100]
     python -m benchmarks.netsim imports
     python -m benchmarks.netsim cleanup        (what a killed run left: processes, namespaces)
@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     three.add_argument("--killed", type=int, default=2)
     three.add_argument("--joined", type=int, default=2)
     three.add_argument("--runs", type=int, default=5)
+    three.add_argument("--first", type=int, default=0, help="index of the first run (seeds its victims)")
     four = sub.add_parser("scale", parents=[common])
     four.add_argument("--counts", default="4,8,12")
     four.add_argument("--rate", type=float, default=100.0)
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> int:
         elif args.scenario == "mixed":
             scenarios.mixed(setup, args.nodes, args.slow, args.slow_rate, args.fast_rate)
         elif args.scenario == "churn":
-            scenarios.churn(setup, args.nodes, args.killed, args.joined, args.runs)
+            scenarios.churn(setup, args.nodes, args.killed, args.joined, args.runs, args.first)
         else:
             counts = [int(c) for c in args.counts.split(",")]
             scenarios.scale(setup, counts, args.rate)

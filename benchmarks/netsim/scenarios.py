@@ -146,15 +146,15 @@ def mixed(setup: Setup, nodes: int, slow: int, slow_rate: float, fast_rate: floa
     )
 
 
-def churn(setup: Setup, nodes: int, killed: int, joined: int, runs: int) -> None:
-    """Scenario 3, `runs` times with different victims (seeded by the run index)."""
+def churn(setup: Setup, nodes: int, killed: int, joined: int, runs: int, first: int = 0) -> None:
+    """Scenario 3, `runs` times with different victims (seeded by the run index, from `first`)."""
     print(
         f"scenario churn: {nodes} nodes contribute, {killed} SIGKILLed once the first node has its inputs, "
         f"{joined} join then; {runs} runs"
     )
     print(setup.describe())
     outcomes = []
-    for run in range(runs):
+    for run in range(first, first + runs):
         names = [f"n{i}" for i in range(nodes)]
         victims = sorted(random.Random(run).sample(names, killed))
         survivors = [n for n in names if n not in victims]
