@@ -21,6 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -56,9 +57,9 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
-def _evaluate(path: Path, limit: int | None) -> dict[str, float]:
+def _evaluate(path: Path, tasks: list[str], limit: int | None) -> dict[str, float]:
     model, tok = load_pretrained(path)
-    return evaluate(model, tok, list(TASKS), split="test", limit=limit, batch_size=512).accuracy
+    return evaluate(model, tok, tasks, split="test", limit=limit, batch_size=512).accuracy
 
 
 def main() -> None:
@@ -72,13 +73,27 @@ def main() -> None:
     parser.add_argument("--merge-lambda", type=float, default=0.9, help="The fused copy merged.")
     parser.add_argument("--limit", type=int, default=None, help="Test prompts per task (default all 300).")
     parser.add_argument("--freeze", action="store_true", help="Freeze embeddings and norms like the experts.")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated tasks to evaluate.")
+    parser.add_argument("--only-new", action="store_true", help="Evaluate the fused copies and merges only.")
+    parser.add_argument("--min-experts", type=int, default=4, help="Merge with fewer experts than 4.")
+    parser.add_argument("--zoo-root", type=Path, help="A small zoo's folder (default: build_zoo('small')).")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     results_path = work / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    zoo = build_zoo("small")
+    if args.zoo_root is not None:  # a zoo still being built: use what is there
+        root = args.zoo_root
+        experts_dir = root / "experts"
+        domains = sorted(p.name for p in experts_dir.iterdir()) if experts_dir.is_dir() else []
+        zoo = SimpleNamespace(
+            base=root / "base",
+            heterogeneous={"gpt2-lists": root / "heterogeneous" / "gpt2-lists"},
+            experts={d: experts_dir / d for d in domains if (experts_dir / d / "config.json").exists()},
+        )
+    else:
+        zoo = build_zoo("small")
     source = zoo.heterogeneous["gpt2-lists"]
     prompts = [plain_prompt(ex.prompt) for ex in generate("lists", "train", n=args.probes, seed=0)]
     probe = ProbeSet(tuple(prompts))
@@ -115,10 +130,14 @@ def main() -> None:
         fused_dirs[lam] = out
         print(f"{key}: {results['held_out'][key]}", flush=True)
     merged = {}
+    if len(zoo.experts) < args.min_experts:
+        print(f"only {len(zoo.experts)} experts built: merges skipped", flush=True)
     experts = {d: _state(p) for d, p in zoo.experts.items()}
     fused_state = _state(fused_dirs[args.merge_lambda])
     base = _state(zoo.base)
-    for method, density in (("average", None), ("ties", 0.7), ("varm", None)):
+    for method, density in (
+        (("average", None), ("ties", 0.7), ("varm", None)) if len(experts) >= args.min_experts else ()
+    ):
         for with_fused in (False, True):
             label = method if density is None else f"{method} {density}"
             name = f"{label} + fused" if with_fused else f"{label} (experts)"
@@ -140,26 +159,29 @@ def main() -> None:
                 save_model_folder(model, tok, out)
             merged[name] = out
     accuracy = results.setdefault("accuracy", {})
-    rows = {
+    known = {
         "base (pivot)": zoo.base,
         "gpt2-lists (source)": source,
-        "lists expert": zoo.experts["lists"],
+        **({"lists expert": zoo.experts["lists"]} if "lists" in zoo.experts else {}),
+    }
+    rows = {
+        **({} if args.only_new else known),
         **{f"fused lambda {lam}": path for lam, path in fused_dirs.items()},
         **merged,
     }
     for name, path in rows.items():
         if name not in accuracy:
             tick = time.perf_counter()
-            accuracy[name] = _evaluate(path, args.limit)
+            accuracy[name] = _evaluate(path, args.tasks.split(","), args.limit)
             print(f"{name}: {accuracy[name]} ({time.perf_counter() - tick:.0f} s)", flush=True)
         results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
     results["load_average"] = os.getloadavg()
     results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
-    print("| model | " + " | ".join(TASKS) + " | mean |")
-    print("|---|" + "---|" * (len(TASKS) + 1))
+    tasks = args.tasks.split(",")
+    print("| model | " + " | ".join(tasks) + " |")
+    print("|---|" + "---|" * len(tasks))
     for name, acc in accuracy.items():
-        mean = sum(acc.values()) / len(acc)
-        print(f"| {name} | " + " | ".join(f"{acc[t]:.2f}" for t in TASKS) + f" | {mean:.2f} |")
+        print(f"| {name} | " + " | ".join(f"{acc[t]:.2f}" if t in acc else "-" for t in tasks) + " |")
 
 
 if __name__ == "__main__":
