@@ -61,15 +61,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    reason = namespaces_unavailable()
+    if reason is not None:
+        print(f"Error: the simulator cannot run here: {reason}.", file=sys.stderr)
+        return 2
     if args.scenario == "imports":
         from benchmarks.netsim.imports import report_imports
 
         report_imports()
         return 0
-    reason = namespaces_unavailable()
-    if reason is not None:
-        print(f"Error: the simulator cannot run here: {reason}.", file=sys.stderr)
-        return 2
     if args.scenario == "cleanup":
         removed = cleanup_leftovers()
         print(f"removed {len(removed)} namespaces: {' '.join(removed) or '-'}")
