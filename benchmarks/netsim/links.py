@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merging.atomic import write_atomic
+from merging.errors import UmmError
 
 PREFIX = "umms"  # every namespace a run creates starts with this
 STATE_DIR = Path("/run/umm-netsim")  # one state file per live run, for `cleanup_leftovers`
@@ -39,7 +40,7 @@ QUEUE_MS = 50  # the most a packet waits in a tbf queue before it is dropped
 SUBNET = "10.213"
 
 
-class NetsimError(RuntimeError):
+class NetsimError(UmmError):
     """The simulator cannot run here or a step of it failed (one sentence saying which)."""
 
 
