@@ -28,12 +28,13 @@ from merging.engine import merge_state_dicts
 from merging.testbed.harness import evaluate, gain_retention
 from merging.testbed.models import load_pretrained
 from merging.testbed.tasks import DOMAINS, TASKS
-from merging.testbed.zoo import build_zoo
+from merging.testbed.zoo import build_zoo, model_meta
 
 
 def _row(name: str, acc: dict[str, float]) -> str:
     mean = sum(acc.values()) / len(acc)
-    return f"| {name} | " + " | ".join(f"{acc[t]:.2f}" for t in TASKS) + f" | {mean:.2f} |"
+    cells = (f"{acc[t]:.2f}" if t in acc else "-" for t in TASKS)
+    return f"| {name} | " + " | ".join(cells) + f" | {mean:.2f} |"
 
 
 def _config(method: str, experts: list[str], *, weight: float = 1.0, density: float | None = None) -> dict:
@@ -67,6 +68,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--experts", default=None, help="comma-separated domains to merge (default: all)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--own-domain",
+        action="store_true",
+        help="score each expert on its own domain only, the base and merges on the four domains",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     style = "auto" if args.size == "real" else "plain"
@@ -77,9 +83,9 @@ def main() -> None:
 
     experts = args.experts.split(",") if args.experts else list(zoo.experts)
 
-    def score(model, tok, label: str) -> dict[str, float]:
+    def score(model, tok, label: str, tasks: list[str] | None = None) -> dict[str, float]:
         result = evaluate(
-            model, tok, split="test", limit=args.limit, batch_size=args.batch_size, prompt_style=style
+            model, tok, tasks, "test", args.limit, batch_size=args.batch_size, prompt_style=style
         )
         print(
             f"evaluated {label}: {result.prompts_per_second:.2f} prompts/s, {result.seconds:.0f} s",
@@ -92,7 +98,8 @@ def main() -> None:
         if name in zoo.experts and name not in experts:
             continue
         model, tok = load_pretrained(path, dtype=args.dtype)
-        scores[name] = score(model, tok, name)
+        own = [model_meta(path).get("domain", name)] if args.own_domain and name != "base" else None
+        scores[name] = score(model, tok, name, own or (list(DOMAINS) if args.own_domain else None))
 
     base_model, tok = load_pretrained(zoo.base, dtype=args.dtype)
     tensors = {"base": _float32(load_file(zoo.base / "model.safetensors"))}
@@ -109,7 +116,7 @@ def main() -> None:
     for label, config in merges.items():
         merged = merge_state_dicts(config, tensors)
         base_model.load_state_dict({**tensors["base"], **merged}, strict=False)
-        scores[label] = score(base_model, tok, label)
+        scores[label] = score(base_model, tok, label, list(DOMAINS) if args.own_domain else None)
 
     print("\n| model | " + " | ".join(TASKS) + " | mean |")
     print("|---" * (len(TASKS) + 2) + "|")
