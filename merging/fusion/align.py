@@ -6,8 +6,11 @@ becomes a space and its byte-fallback tokens (``<0x0A>``) their character. Speci
 take part in text matching: they map by role (end-of-sequence to end-of-sequence, ...) or by
 identical string, else they are dropped; unknown tokens match any text at no cost.
 
-* `align_tokens`: dynamic time warping over two tokenizations of the same text, the cost of a pair
-  the edit distance of their texts (FuseLLM's alignment); every token lies on the path.
+* `align_tokens`: two tokenizations of the same text aligned through their characters (the
+  Levenshtein edit script between the joined texts, the identity when they are equal): tokens
+  pair when they share a character. (A token-level DTW with edit-distance costs, FuseLLM's, pairs
+  the continuation characters of a long token with the next short token, whose distance is
+  smaller, and so moves distributions onto the wrong positions.)
 * `map_vocabulary`: a source id maps to the target token with the same text, else to the target
   token at the least edit distance (`rapidfuzz`; ties to the longest common prefix, then the lower
   id); a source token whose nearest target text shares nothing with it (distance >= its length)
@@ -24,7 +27,6 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-from numba import njit
 from rapidfuzz.distance import Levenshtein, Prefix
 from rapidfuzz.process import cdist
 
@@ -196,28 +198,7 @@ def _nearest(text: str, row: np.ndarray, choices: list[str], choice_ids: np.ndar
     return int(choice_ids[chosen]), EDIT
 
 
-@njit(cache=True)
-def _dtw_path(cost: np.ndarray) -> np.ndarray:
-    """The least-cost monotone path from (0, 0) to (n-1, m-1); ties prefer diagonal, then up, then left."""
-    n, m = cost.shape
-    total = np.full((n + 1, m + 1), np.inf)
-    total[0, 0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            total[i, j] = cost[i - 1, j - 1] + min(total[i - 1, j - 1], total[i - 1, j], total[i, j - 1])
-    path = np.empty((n + m, 2), dtype=np.int64)
-    i, j, length = n, m, 0
-    while i > 0 and j > 0:
-        path[length, 0], path[length, 1] = i - 1, j - 1
-        length += 1
-        diagonal, up, left = total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]
-        if diagonal <= up and diagonal <= left:
-            i, j = i - 1, j - 1
-        elif up <= left:
-            i -= 1
-        else:
-            j -= 1
-    return path[:length][::-1].copy()
+WILDCARD = "\x00"  # the text an unknown token stands for while aligning: replaced at the cost of one edit
 
 
 def align_tokens(
@@ -227,22 +208,37 @@ def align_tokens(
     source_wildcards: Sequence[bool] = (),
     target_wildcards: Sequence[bool] = (),
 ) -> list[tuple[int, int]]:
-    """The DTW path [(source index, target index), ...] between two tokenizations of one text.
+    """The pairs (source index, target index) of tokens that share characters, in order.
 
-    Each pair costs the edit distance of the two texts (0 where either side is a wildcard, such as
-    an unknown token); both sequences must be non-empty.
+    Both sequences tokenize one text: their texts are joined and aligned character by character
+    with the Levenshtein edit script (dynamic programming, `rapidfuzz`), which is the identity when
+    the two texts are equal; a wildcard (an unknown token) stands for one character that any
+    character replaces. A token with no aligned character (an inserted one) takes part in no pair.
     """
-    if not source or not target:
-        return []
-    cost = cdist(list(source), list(target), scorer=Levenshtein.distance, dtype=np.int32, workers=1)
-    cost = cost.astype(np.float64)
-    for i, wild in enumerate(source_wildcards):
-        if wild:
-            cost[i, :] = 0.0
-    for j, wild in enumerate(target_wildcards):
-        if wild:
-            cost[:, j] = 0.0
-    return [(int(i), int(j)) for i, j in _dtw_path(cost)]
+    s_texts = [
+        WILDCARD if i < len(source_wildcards) and source_wildcards[i] else t for i, t in enumerate(source)
+    ]
+    t_texts = [
+        WILDCARD if j < len(target_wildcards) and target_wildcards[j] else t for j, t in enumerate(target)
+    ]
+    s_owner = [i for i, text in enumerate(s_texts) for _ in text]
+    t_owner = [j for j, text in enumerate(t_texts) for _ in text]
+    s_joined, t_joined = "".join(s_texts), "".join(t_texts)
+    pairs: list[tuple[int, int]] = []
+    if s_joined == t_joined:
+        matched = zip(range(len(s_joined)), range(len(t_joined)), strict=True)
+    else:
+        matched = (
+            (src + offset, dst + offset)
+            for tag, src, src_end, dst, _ in Levenshtein.opcodes(s_joined, t_joined)
+            if tag in ("equal", "replace")
+            for offset in range(src_end - src)
+        )
+    for s_char, t_char in matched:
+        pair = (s_owner[s_char], t_owner[t_char])
+        if not pairs or pairs[-1] != pair:
+            pairs.append(pair)
+    return pairs
 
 
 def token_starts(path: Sequence[tuple[int, int]]) -> dict[int, int]:

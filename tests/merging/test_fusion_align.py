@@ -59,10 +59,19 @@ def test_merged_tokens_give_the_first_source_token():
 
 
 def test_an_inserted_target_token_takes_no_distribution():
-    # costs a:[0,1,1] b:[1,1,0]; the inserted space continues source token "a"
+    # "ab" against "a b": the edit script inserts the space, which belongs to no source token
     path = align_tokens(["a", "b"], ["a", " ", "b"])
-    assert path == [(0, 0), (0, 1), (1, 2)]
+    assert path == [(0, 0), (1, 2)]
     assert token_starts(path) == {0: 0, 2: 1}
+
+
+def test_the_characters_of_a_long_token_stay_with_it():
+    # a token-level DTW would pair "s", "c", ... with ":" (one edit each instead of eight)
+    source = ["ascending", ":", " 1"]
+    target = list("ascending: 1")
+    path = align_tokens(source, target)
+    assert path == [(0, j) for j in range(9)] + [(1, 9), (2, 10), (2, 11)]
+    assert token_starts(path) == {0: 0, 9: 1, 10: 2}
 
 
 def test_an_unknown_token_matches_what_stands_in_its_place():
