@@ -20,6 +20,7 @@ from merging.search.recipe import write_recipe
 from merging.search.report import build_report, fitness_plot, write_report
 from merging.search.space import SearchSpace
 from merging.testbed.tasks import COMPOSITIONAL, DOMAINS
+from merging.testbed.zoo import model_meta
 
 RECIPE_NAME = "recipe.yaml"
 MODEL_DIR = "model"
@@ -163,4 +164,10 @@ class Search:
             "groups": len(self.space.groups),
             "parameters": self.space.describe(x),
         }
-        return build_report(accuracy, [Path(m).name for m in experts], split="test", search=search)
+        declared = {}
+        for model in experts:
+            meta = model_meta(model)
+            if meta.get("role") == "expert" and meta.get("domain"):
+                declared[meta["domain"]] = Path(model).name
+        names = [Path(m).name for m in experts]
+        return build_report(accuracy, names, split="test", search=search, declared=declared)

@@ -18,8 +18,13 @@ from merging.testbed.harness import gain_retention
 from merging.testbed.tasks import COMPOSITIONAL, DOMAINS
 
 
-def expert_domains(expert_scores: Mapping[str, Mapping[str, float]]) -> dict[str, str]:
-    """Per domain, the expert that scores highest on it (the earliest listed among equals)."""
+def expert_domains(
+    expert_scores: Mapping[str, Mapping[str, float]], declared: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Per domain, its expert: the ones `declared` (domain -> expert, from the zoo's metadata) if
+    any, else the expert that scores highest on it (the earliest listed among equals)."""
+    if declared:
+        return {d: declared[d] for d in DOMAINS if d in declared and declared[d] in expert_scores}
     out = {}
     for domain in DOMAINS:
         scoring = [(scores[domain], -i, name) for i, (name, scores) in enumerate(expert_scores.items())]
@@ -34,10 +39,12 @@ def build_report(
     *,
     split: str,
     search: Mapping[str, Any],
+    declared: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """JSON-ready report. `accuracy` maps `base`, each expert, `uniform` and `searched` to
-    `{task: accuracy}`; retention is `(model - base) / (domain's expert - base)` per domain."""
-    owners = expert_domains({name: accuracy[name] for name in experts})
+    `{task: accuracy}`; retention is `(model - base) / (domain's expert - base)` per domain that
+    has an expert (`declared`, domain -> expert name, else each domain's best scorer)."""
+    owners = expert_domains({name: accuracy[name] for name in experts}, declared)
     expert_best = {domain: accuracy[name][domain] for domain, name in owners.items()}
     rows = {}
     for name, scores in accuracy.items():
