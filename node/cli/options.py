@@ -15,7 +15,9 @@ from collections.abc import Callable
 import click
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-NOISY_LOGGERS = ("transformers", "hivemind", "torch", "urllib3", "filelock", "huggingface_hub")
+# not hivemind: its log level also sets its p2pd daemon's, and a daemon that never logs never sees
+# its output pipe break, so it would outlive a SIGKILLed pull
+NOISY_LOGGERS = ("transformers", "torch", "urllib3", "filelock", "huggingface_hub")
 
 
 class LazyChoice(click.Choice):
@@ -69,7 +71,7 @@ def verbose_option() -> Callable:
 
 
 def quiet_third_parties(verbose: bool) -> None:
-    """Silence warnings, logs and progress bars of torch, transformers and hivemind unless `verbose`.
+    """Silence the warnings, logs and progress bars of torch and transformers unless `verbose`.
 
     Environment variables are set for child processes too (node processes inherit them).
     """
@@ -79,7 +81,6 @@ def quiet_third_parties(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     warnings.filterwarnings("ignore")
     for name in NOISY_LOGGERS:
