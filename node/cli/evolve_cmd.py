@@ -62,7 +62,13 @@ DEFAULT_TASKS = "arithmetic,lists,logic,tracing"
 @click.option(
     "--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Dev prompts per task."
 )
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0, max=2**31 - 3))
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0, max=2**31 - 3),
+    help="CMA-ES seed: the same seed draws the same candidates.",
+)
 @click.option(
     "--popsize",
     default=0,

@@ -64,18 +64,35 @@ def summarize_command(
 
 @click.command("fuse")
 @click.argument("more_summaries", nargs=-1, type=_FILE)
-@click.option("--pivot", type=click.Path(file_okay=False, exists=True, path_type=Path), required=True)
+@click.option(
+    "--pivot",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="The pivot model folder each summary is distilled into (a copy of the network's base).",
+)
 @click.option("--summaries", "summaries", multiple=True, type=_FILE, help="Summary files (one or more).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the fused pivot copy and fusion.json.",
+)
 @click.option("--probe", "probe_file", type=_FILE, help="Refuse summaries made on another probe set.")
-@click.option("--method", type=click.Choice(["mince", "avgce"]), default="mince", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(["mince", "avgce"]),
+    default="mince",
+    show_default=True,
+    help="How several sources' distributions fuse: lowest cross-entropy, or their average.",
+)
 @click.option(
     "--lambda", "lam", default=0.9, show_default=True, help="Weight of the CLM term (1: text only)."
 )
-@click.option("--steps", default=600, show_default=True)
-@click.option("--lr", default=2e-3, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=600, show_default=True, help="Distillation steps.")
+@click.option("--lr", default=2e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--batch-size", default=32, show_default=True, help="Probe responses per step.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the batch order and initial state.")
 @click.option("--threads", default=1, show_default=True, help="torch threads (the result depends on it).")
 @click.option("--freeze", default="", help="Comma-separated name parts of parameters left untrained.")
 @click.option(
