@@ -10,7 +10,8 @@ the links' round trip is the veth's (tens of microseconds) plus the tbf queue (a
 
 Every process runs under ``ip netns exec`` with a private ``/tmp`` (a bind mount of its own
 folder): hivemind puts its unix sockets in ``/tmp`` and a starting node deletes the ones that no
-process of *its* network namespace holds bound, which would be every other namespace's.
+process of *its* network namespace holds bound, which would be every other namespace's. Folders
+under ``/tmp`` that the process needs (its interpreter, venv, the project) are bound back into it.
 
 What a run creates (namespaces, processes with their start times, folders) is written to a state
 file before it exists, so `teardown` (on exit, on an error or on SIGINT/SIGTERM) and
@@ -26,6 +27,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,16 @@ PREFIX = "umms"  # every namespace a run creates starts with this
 STATE_DIR = Path("/run/umm-netsim")  # one state file per live run, for `cleanup_leftovers`
 QUEUE_MS = 50  # the most a packet waits in a tbf queue before it is dropped
 SUBNET = "10.213"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def kept_under_tmp() -> list[Path]:
+    """Folders under /tmp that a node's process needs (the interpreter, its venv, the project):
+    each is bound back into the private /tmp, which would otherwise hide it."""
+    tmp = Path("/tmp")
+    wanted = {Path(sys.prefix).resolve(), Path(sys.executable).resolve().parent, PROJECT_ROOT}
+    under = sorted(p for p in wanted if tmp in p.parents)
+    return [p for p in under if not any(q in p.parents for q in under)]
 
 
 class NetsimError(UmmError):
@@ -164,7 +176,11 @@ class LinkSim:
     def command(self, name: str, argv: Sequence[str]) -> list[str]:
         """`argv` run in host `name`'s namespace with its private /tmp."""
         host = self.hosts[name]
-        wrapper = 'mount --bind "$0" /tmp && exec "$@"'
+        binds = ""
+        for kept in kept_under_tmp():
+            inside = f'"$0/{kept.relative_to("/tmp")}"'
+            binds += f'mkdir -p {inside} && mount --bind "{kept}" {inside} && '
+        wrapper = f'{binds}mount --rbind "$0" /tmp && exec "$@"'
         return ["ip", "netns", "exec", host.namespace, "sh", "-c", wrapper, str(host.tmp), *argv]
 
     def spawn(
