@@ -12,7 +12,6 @@ seed and a torch thread count (`threads`, pinned for the run).
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import torch
 
 from merging.fusion import FusionError
 from merging.fusion.transfer import AlignedExample
-from merging.testbed.training import pinned_threads
+from merging.testbed.training import pinned_threads, warmup_cosine
 
 FUSELLM_LAMBDA = 0.9
 
@@ -122,13 +121,9 @@ def distill(
         ]
         optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
-        def schedule(step: int) -> float:
-            if step < spec.warmup:
-                return (step + 1) / spec.warmup
-            progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, spec.warmup, spec.steps)
+        )
         order: list[int] = []
         losses: list[float] = []
         model.train()

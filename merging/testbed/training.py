@@ -122,6 +122,14 @@ def response_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch
     return torch.nn.functional.cross_entropy(logits.float(), targets[scored])
 
 
+def warmup_cosine(step: int, warmup: int, steps: int) -> float:
+    """Learning-rate factor at `step`: linear warm-up over `warmup` steps, then cosine down to 5 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def train(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -145,13 +153,9 @@ def train(
         param.requires_grad_(False)
     optimizer = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
 
-    def schedule(step: int) -> float:
-        if step < spec.warmup:
-            return (step + 1) / spec.warmup
-        progress = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, spec.warmup, spec.steps)
+    )
     model.train()
     losses: list[float] = []
     batches = _batches(tokenizer, spec, rng, seed, encode)
