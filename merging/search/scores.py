@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from merging.testbed.harness import evaluate, plain_prompt
+from merging.testbed.encoding import encoder_for
+from merging.testbed.harness import evaluate
 from merging.testbed.tasks import generate
 
 PROXY_METRICS = ("loglik", "seqprob", "tf_exact")
@@ -29,7 +30,7 @@ METRICS = (*PROXY_METRICS, "accuracy")
 
 @dataclass(frozen=True)
 class TaskBatch:
-    """Right-padded `prompt + response + eos` rows of one task; `targets` is -100 off the response."""
+    """Right-padded `prompt + response + end` rows of one task; `targets` is -100 off the response."""
 
     task: str
     input_ids: torch.Tensor  # [rows, width]
@@ -40,16 +41,16 @@ class TaskBatch:
 def teacher_forced_batches(
     tokenizer: Any, tasks: Sequence[str], split: str, limit: int | None, batch_size: int
 ) -> list[TaskBatch]:
-    """The first `limit` examples of each task's `split`, tokenized once, in batches of one task."""
+    """The first `limit` examples of each task's `split`, tokenized once as the model reads them
+    (`encoder_for`: its chat template, or the plain prompt), in batches of one task."""
     batches = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encode = encoder_for(tokenizer)
     for task in tasks:
-        examples = generate(task, split)[:limit]
         rows = []
-        for ex in examples:
-            prompt = tokenizer(plain_prompt(ex.prompt), add_special_tokens=False)["input_ids"]
-            response = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
-            rows.append((prompt, [*response, tokenizer.eos_token_id]))
+        for ex in generate(task, split)[:limit]:
+            ids, prompt_len = encode(tokenizer, ex)
+            rows.append((ids[:prompt_len], ids[prompt_len:]))
         for lo in range(0, len(rows), batch_size):
             chunk = rows[lo : lo + batch_size]
             width = max(len(p) + len(r) for p, r in chunk)

@@ -17,11 +17,8 @@ from merging.testbed.real_zoo import (
     REAL_RECIPE,
     RealExpert,
     build_real_zoo,
-    chat_encoder,
-    plain_encoder,
     require_real_extra,
 )
-from merging.testbed.tasks import generate
 from merging.testbed.training import TrainSpec
 from merging.testbed.zoo import ZooError
 
@@ -67,31 +64,6 @@ def test_an_unknown_source_is_refused(tmp_path):
     recipe = replace(REAL_RECIPE, base=str(tmp_path / "nothing"), heterogeneous=())
     with pytest.raises(ZooError, match="expected a packaged model"):
         build_real_zoo(tmp_path, recipe=recipe)
-
-
-def test_plain_encoding_scores_only_the_response(micro_zoo):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(micro_zoo.base)
-    example = generate("lists", "train", n=1)[0]
-    ids, prompt_len = plain_encoder(tok, example)
-    assert tok.decode(ids[:prompt_len], skip_special_tokens=True) == example.prompt + "\n"
-    assert tok.decode(ids[prompt_len:-1]) == example.response and ids[-1] == tok.eos_token_id
-
-
-def test_chat_encoding_ends_with_the_templates_end_of_turn(micro_zoo):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(micro_zoo.base)
-    tok.chat_template = (
-        "{% for m in messages %}<{{ m.role }}>{{ m.content }}|{% endfor %}"
-        "{% if add_generation_prompt %}<assistant>{% endif %}"
-    )
-    example = generate("logic", "train", n=1)[0]
-    ids, prompt_len = chat_encoder(tok, example)
-    assert tok.decode(ids[:prompt_len]).startswith(f"<user>{example.prompt}\n")
-    assert tok.decode(ids[:prompt_len]).endswith("|<assistant>")
-    assert tok.decode(ids[prompt_len:]) == example.response + "|"
 
 
 def test_build_resumes_at_the_first_missing_model_and_is_deterministic(micro_zoo, tmp_path, monkeypatch):
