@@ -11,15 +11,22 @@ prompted with their chat template (Gemma-3, which has none, with the plain promp
 float32 from their bfloat16 weights. ``--experts`` restricts the merges to some domains (a
 pairwise merge, as the recipe probes use).
 
+``--own-domain`` scores each expert on its own domain with ``--limit`` prompts, on every other task
+with ``--other-limit`` (0: not at all), the base on the four domains with ``--limit``, and the
+merges on every task with ``--merge-limit``: the acceptance run of the real zoo.
+
     python benchmarks/zoo_report.py --size small [--limit 200] [--cache-dir DIR]
-    python benchmarks/zoo_report.py --size real --limit 50 --threads 2 [--dtype bfloat16]
+    python benchmarks/zoo_report.py --size real --own-domain --limit 300 --other-limit 50 \
+        --merge-limit 50 --threads 2 --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -27,8 +34,9 @@ from safetensors.torch import load_file
 from merging.engine import merge_state_dicts
 from merging.testbed.harness import evaluate, gain_retention
 from merging.testbed.models import load_pretrained
+from merging.testbed.sizes import build_any_zoo
 from merging.testbed.tasks import DOMAINS, TASKS
-from merging.testbed.zoo import build_zoo, model_meta
+from merging.testbed.zoo import model_meta
 
 
 def _row(name: str, acc: dict[str, float]) -> str:
@@ -47,14 +55,6 @@ def _config(method: str, experts: list[str], *, weight: float = 1.0, density: fl
     }
 
 
-def _build(size: str, cache_dir: str | None):
-    if size == "real":
-        from merging.testbed.real_zoo import build_real_zoo
-
-        return build_real_zoo(cache_dir, log=print)
-    return build_zoo(size, cache_dir, log=print)
-
-
 def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.float() for name, t in state.items()}
 
@@ -71,35 +71,49 @@ def main() -> None:
     parser.add_argument(
         "--own-domain",
         action="store_true",
-        help="score each expert on its own domain only, the base and merges on the four domains",
+        help="score each expert on its own domain (--limit) and elsewhere (--other-limit), the base on "
+        "the four domains (--limit), the merges on every task (--merge-limit)",
     )
+    parser.add_argument("--other-limit", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write every score to this file")
+    parser.add_argument(
+        "--merges-only", action="store_true", help="score the base and the merges, not the zoo's models"
+    )
+    parser.add_argument("--merge-limit", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     style = "auto" if args.size == "real" else "plain"
     start = time.perf_counter()
-    zoo = _build(args.size, args.cache_dir)
+    zoo = build_any_zoo(args.size, args.cache_dir, log=print)
     print(f"zoo ready in {time.perf_counter() - start:.1f} s (build seconds per model: {zoo.build_seconds})")
     print(f"load average: {os.getloadavg()}")
 
     experts = args.experts.split(",") if args.experts else list(zoo.experts)
 
-    def score(model, tok, label: str, tasks: list[str] | None = None) -> dict[str, float]:
-        result = evaluate(
-            model, tok, tasks, "test", args.limit, batch_size=args.batch_size, prompt_style=style
-        )
+    def score(model, tok, label: str, tasks: list[str] | None, limit: int | None) -> dict[str, float]:
+        result = evaluate(model, tok, tasks, "test", limit, batch_size=args.batch_size, prompt_style=style)
         print(
-            f"evaluated {label}: {result.prompts_per_second:.2f} prompts/s, {result.seconds:.0f} s",
+            f"evaluated {label} on {limit or 'all'} prompts per task: "
+            f"{result.prompts_per_second:.2f} prompts/s, {result.seconds:.0f} s",
             flush=True,
         )
-        return result.accuracy
+        return dict(result.accuracy)
 
     scores: dict[str, dict[str, float]] = {}
     for name, path in zoo.models().items():
-        if name in zoo.experts and name not in experts:
+        if (name in zoo.experts and name not in experts) or (args.merges_only and name != "base"):
             continue
         model, tok = load_pretrained(path, dtype=args.dtype)
-        own = [model_meta(path).get("domain", name)] if args.own_domain and name != "base" else None
-        scores[name] = score(model, tok, name, own or (list(DOMAINS) if args.own_domain else None))
+        if not args.own_domain:
+            scores[name] = score(model, tok, name, None, args.limit)
+        elif name == "base":
+            scores[name] = score(model, tok, name, list(DOMAINS), args.limit)
+        else:
+            own = model_meta(path).get("domain", name)
+            scores[name] = score(model, tok, name, [own], args.limit)
+            others = [t for t in TASKS if t != own]
+            if args.other_limit and name in zoo.experts:
+                scores[name].update(score(model, tok, f"{name} elsewhere", others, args.other_limit))
 
     base_model, tok = load_pretrained(zoo.base, dtype=args.dtype)
     tensors = {"base": _float32(load_file(zoo.base / "model.safetensors"))}
@@ -116,12 +130,17 @@ def main() -> None:
     for label, config in merges.items():
         merged = merge_state_dicts(config, tensors)
         base_model.load_state_dict({**tensors["base"], **merged}, strict=False)
-        scores[label] = score(base_model, tok, label, list(DOMAINS) if args.own_domain else None)
+        limit = args.merge_limit if args.own_domain else args.limit
+        scores[label] = score(base_model, tok, label, None, limit)
 
     print("\n| model | " + " | ".join(TASKS) + " | mean |")
     print("|---" * (len(TASKS) + 2) + "|")
     for name, acc in scores.items():
         print(_row(name, acc))
+    if args.json:
+        Path(args.json).write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    if args.merges_only:
+        return
     expert_scores = {d: scores[d][d] for d in DOMAINS if d in experts}
     print("\n| merge | " + " | ".join(expert_scores) + " | mean |")
     print("|---" * (len(expert_scores) + 2) + "|")

@@ -42,14 +42,16 @@ def run_demo(
     codec: str = "bf16",
     limit: int | None = 100,
     say: Callable[[str], None] = print,
+    reporter: Callable[[str, int], Any] | None = None,
 ) -> DemoReport:
-    """Run the demo in `workdir` (see the module docstring)."""
-    from merging.testbed.zoo import build_zoo
+    """Run the demo in `workdir` (see the module docstring); `reporter` shows the real zoo's
+    training progress when it has to be built."""
+    from merging.testbed.sizes import build_any_zoo
 
     workdir = Path(workdir).absolute()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    zoo = build_zoo(size, log=say)
+    zoo = build_any_zoo(size, log=say, reporter=reporter)
     seconds["zoo"] = time.perf_counter() - started
     domains = sorted(zoo.experts)[:nodes]
     if len(domains) < nodes:

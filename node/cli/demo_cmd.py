@@ -18,10 +18,11 @@ from node.cli.options import LazyChoice
 )
 @click.option(
     "--size",
-    type=LazyChoice("merging.testbed.zoo:RECIPES", metavar="SIZE"),
+    type=LazyChoice("merging.testbed.sizes:ZOO_SIZES", metavar="SIZE"),
     default="small",
     show_default=True,
-    help="Test-bed zoo size: small (trained experts; ~15 min to build once) or micro (seconds, untrained).",
+    help="Test-bed zoo size: small (trained experts; ~15 min to build once), micro (seconds, untrained) "
+    "or real (SmolLM2-135M experts; needs the real extra, about an hour to build once).",
 )
 @click.option("--nodes", default=3, show_default=True, help="Node processes, one expert each.")
 @click.option("--codec", default="bf16", show_default=True, help="Delta codec the nodes contribute with.")
@@ -34,11 +35,15 @@ def demo(workdir: Path | None, size: str, nodes: int, codec: str, limit: int) ->
     from rich.console import Console
     from rich.table import Table
 
+    from merging.testbed.training_progress import rich_reporter
     from node.demo import run_demo
 
     console = Console()
     folder = workdir or Path(tempfile.mkdtemp(prefix="umm-demo-"))
-    report = run_demo(folder, size=size, nodes=nodes, codec=codec, limit=limit, say=console.print)
+    with rich_reporter(console) as reporter:
+        report = run_demo(
+            folder, size=size, nodes=nodes, codec=codec, limit=limit, say=console.print, reporter=reporter
+        )
     table = Table(
         "model", *report.domains, "mean", title=f"exact-match accuracy ({limit} test examples per domain)"
     )

@@ -120,7 +120,7 @@ def zoo_group():
 @zoo_group.command("build")
 @click.option(
     "--size",
-    type=LazyChoice("merging.testbed.zoo:RECIPES", extra=("real",), metavar="SIZE"),
+    type=LazyChoice("merging.testbed.sizes:ZOO_SIZES", metavar="SIZE"),
     default="micro",
     show_default=True,
     help="Zoo size: micro, small (merging.testbed.zoo's recipes) or real (see docs/testbed.md).",
@@ -138,17 +138,12 @@ def zoo_build(size, cache_dir, run_eval, limit):
 
     Example: umm zoo build --size small --eval
     """
+    from merging.testbed.sizes import build_any_zoo
+    from merging.testbed.training_progress import rich_reporter
+
     console = Console()
-    if size == "real":
-        from merging.testbed.real_zoo import build_real_zoo
-        from merging.testbed.training_progress import rich_reporter
-
-        with rich_reporter(console) as reporter:
-            zoo = build_real_zoo(cache_dir, log=console.print, reporter=reporter)
-    else:
-        from merging.testbed.zoo import build_zoo
-
-        zoo = build_zoo(size, cache_dir, log=click.echo)
+    with rich_reporter(console) as reporter:
+        zoo = build_any_zoo(size, cache_dir, log=console.print, reporter=reporter)
     for name, path in zoo.models().items():
         console.print(f"{name:12s} {path}  ({zoo.build_seconds.get(name, 0):.1f} s)")
     if run_eval:
