@@ -10,8 +10,10 @@
    after ``fallback_seconds`` also the shards still lacking a quorum);
 3. merges and attests those (`node.shard_worker`) and spot-checks every other shard
    (`node.spotcheck`);
-4. looks for the round's attested result (`node.discover.find_attested_result`) and, if found,
-   records it and moves on (`node.decided.record_decided`); else logs, every
+4. looks for the round's attested result (`node.discover.find_attested_rounds`: the one of its own
+   view if it has one, else the best it has not failed to verify) and, if found —
+   after verifying it as a round it did not plan when it has no view of the round
+   (`node.unplanned`) — records it and moves on (`node.decided.record_decided`); else logs, every
    ``WAITING_LOG_SECONDS``, what each shard's records attest.
 
 The machine keeps only what it learns within a run in memory (when the candidates last changed,
@@ -24,15 +26,17 @@ import logging
 import time
 
 from node.decided import record_decided
-from node.discover import find_attested_result
+from node.discover import find_attested_rounds
 from node.errors import NodeError
 from node.lookups import RecordReader
 from node.records import contrib_key, parse_record
 from node.round_context import RoundContext
+from node.round_state import RoundView
 from node.rounds import Contribution, RoundPlan, plan_round, select_contributions
 from node.settings import FALLBACK_SECONDS, checked_fallback_seconds
 from node.shard_worker import FetchPatience, ShardWorker
 from node.spotcheck import spot_check_shards
+from node.unplanned import verify_unplanned
 from protocol.decision import AttestedRound
 from protocol.errors import ProtocolError
 from protocol.messages import DeltaManifest, ExpertCard
@@ -76,6 +80,7 @@ class RoundMachine:
         self.patience = FetchPatience()
         self.worker = ShardWorker(ctx, self.patience)
         self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
+        self._unverifiable: set[tuple[int, tuple[str, ...]]] = set()
         self._waiting_logged = 0.0
 
     async def step(self, r: int, *, aggregate: bool = True) -> None:
@@ -127,13 +132,35 @@ class RoundMachine:
     async def decide(self, r: int) -> None:
         """Step 4 of the module docstring."""
         ctx = self.ctx
-        found = await find_attested_result(
+        complete = await find_attested_rounds(
             self.board, ctx.genesis, r, ctx.fetch, ctx.store, opened=ctx.opened
         )
-        if found is None:
+        view = ctx.rounds.view(r)
+        if view is not None:  # a result of the round this node merged or checked, if one has a quorum
+            complete = [f for f in complete if RoundView(f.candidates, len(f.shards)) == view] or complete
+        else:
+            complete = [f for f in complete if (r, tuple(f.candidates)) not in self._unverifiable]
+        if not complete:
             await self.log_waiting(r)
             return
+        found = complete[0]
+        if view is None and not await self.verified_unplanned(r, found):
+            return
         await self.record(r, found)
+
+    async def verified_unplanned(self, r: int, found: AttestedRound) -> bool:
+        """Whether `found`, a result of a round this node did not plan, passed `verify_unplanned`
+        (one try per candidate set and run: a set that fails is logged once and not fetched again)."""
+        key = (r, tuple(found.candidates))
+        if key in self._unverifiable:
+            return False
+        try:
+            await verify_unplanned(self.ctx, r, found, self.ctx.base_entries())
+        except ProtocolError as exc:
+            self._unverifiable.add(key)
+            logger.warning("round %d: not adopting the attested result %s: %s", r, found.fingerprint, exc)
+            return False
+        return True
 
     async def record(self, r: int, found: AttestedRound) -> bool:
         """Record `found` as round `r`'s result if this node's view agrees (`node.decided`)."""

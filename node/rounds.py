@@ -28,19 +28,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from node.errors import NodeError
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError
 from protocol.genesis import Genesis
 from protocol.messages import DeltaManifest, ExpertCard, TensorEntry
 from protocol.quorum import full_quorum
 from protocol.shards import plan_for, replica_count, shard_count, shard_workers, shards_of_worker
+from protocol.verify import verify_message
 
 
 @dataclasses.dataclass(frozen=True)
 class Contribution:
-    """A verified expert card and the delta manifest it backs."""
+    """A verified expert card and the delta manifest it backs (`card` is None for a contribution
+    known only by the manifest a decided result names: node.unplanned)."""
 
-    card: Signed
+    card: Signed | None
     manifest: Signed
 
     @property
@@ -63,6 +66,15 @@ def contribution_problem(genesis: Genesis, round_number: int, card: Signed, mani
         return "expected the manifest signed by the card's signer"
     if m.card_id != card.id:
         return f"expected card_id {card.id}, got {m.card_id}"
+    return manifest_problem(genesis, round_number, manifest)
+
+
+def manifest_problem(genesis: Genesis, round_number: int, manifest: Signed) -> str | None:
+    """Why a verified delta manifest cannot be a contribution of this round, or None if it can
+    (the checks of `contribution_problem` that need no card)."""
+    m: DeltaManifest = manifest.message
+    if not isinstance(m, DeltaManifest):
+        return "expected a delta manifest"
     if m.round != round_number:
         return f"expected round {round_number}, got {m.round}"
     if (m.base_fingerprint, m.architecture_fingerprint) != (
@@ -75,6 +87,28 @@ def contribution_problem(genesis: Genesis, round_number: int, card: Signed, mani
     if genesis.members is not None and m.signer not in genesis.members:
         return "expected a member of the network's allowlist"
     return None
+
+
+def named_candidates(
+    genesis: Genesis, round_number: int, candidates: Sequence[str], get: Callable[[str], bytes], now: int
+) -> list[Contribution]:
+    """The contributions a result names as its `candidates` (delta manifest ids), each read with
+    `get` and verified (envelope, `manifest_problem`), one per signer, sorted by id; ProtocolError
+    naming the first that is missing or does not verify."""
+    contributions = []
+    for cid in candidates:
+        try:
+            data = get(cid)
+        except NodeError as exc:
+            raise ProtocolError(f"expected candidate {cid[:8]}'s delta manifest, got: {exc}") from exc
+        manifest = verify_message(data, DeltaManifest, network_id=genesis.network_id, now=now)
+        problem = manifest_problem(genesis, round_number, manifest)
+        if problem is not None:
+            raise ProtocolError(f"candidate {cid[:8]}: {problem}")
+        contributions.append(Contribution(None, manifest))
+    if len({c.signer for c in contributions}) != len(contributions):
+        raise ProtocolError("expected one candidate per signer, got two of one signer")
+    return sorted(contributions, key=lambda c: c.id)
 
 
 def select_contributions(

@@ -1,0 +1,142 @@
+"""A hostile peer for network tests: DHT peers and a chunk server in the test process, on 127.0.0.1.
+
+`HostilePeer.start(bootstrap, keys)` joins the network with one DHT peer per key (each peer's RSA
+subkey carries one record per DHT key, so two attesting keys need two peers) and serves the chunks
+of its own store from the first peer's daemon. `fabricated_round` signs the attack of issue 14:
+a round of contributions that never existed, whose result is the base with one norm weight zeroed,
+with a full attestation per key and shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from node.dht import NodeDHT, RecordBoard, start_dht
+from node.process import process_tree, wait_gone
+from node.records import make_record, peers_key, result_key
+from node.store import ContentStore
+from node.transport import ChunkServer
+from protocol.aggregate import encode_result
+from protocol.envelope import sign_message
+from protocol.fingerprint import fingerprint_state_dict
+from protocol.genesis import Genesis
+from protocol.identity import Identity
+from protocol.messages import SCHEMA_VERSION, Attestation, MergeResult, TensorEntry
+from protocol.shards import plan_for, shard_count
+
+RECORD_TTL = 600.0
+
+
+@dataclasses.dataclass
+class HostilePeer:
+    """DHT peers (one per key) and a chunk server over `store`; `close` leaves no process behind."""
+
+    keys: list[Identity]
+    dhts: list[NodeDHT]
+    boards: list[RecordBoard]
+    store: ContentStore
+    server: ChunkServer
+    p2p: object
+    peer_id: str
+
+    @classmethod
+    async def start(cls, bootstrap: str, keys: list[Identity], folder: Path) -> HostilePeer:
+        dhts, boards = [], []
+        for _ in keys:
+            dht, validator = await asyncio.to_thread(start_dht, initial_peers=[bootstrap])
+            dhts.append(dht)
+            boards.append(RecordBoard(dht, validator))
+        store = ContentStore(folder / "store")
+        p2p = await dhts[0].replicate_p2p()
+        server = ChunkServer(store)
+        await server.start(p2p)
+        return cls(keys, dhts, boards, store, server, p2p, str(p2p.peer_id))
+
+    async def publish(self, index: int, key: str, value: bytes) -> None:
+        """Publish `value` under `key` from the DHT peer of key `index`."""
+        assert await self.boards[index].apublish(key, value, ttl=RECORD_TTL)
+
+    async def close(self) -> None:
+        children = [pid for dht in self.dhts for pid in process_tree(dht.pid)]
+        await self.server.stop(self.p2p)
+        await self.p2p.shutdown()
+        for dht in self.dhts:
+            await asyncio.to_thread(dht.shutdown)
+        self.store.close()
+        assert wait_gone(children, 10.0) == []
+
+
+def _full_attestation(result, who: Identity) -> bytes:
+    m: MergeResult = result.message
+    return sign_message(
+        Attestation(
+            v=SCHEMA_VERSION,
+            network_id=m.network_id,
+            signer=who.public_key,
+            created_at=int(time.time()),
+            round=m.round,
+            recipe_id=m.recipe.id,
+            result_id=result.id,
+            merged_fingerprint=m.merged_fingerprint,
+            shard=m.shard,
+            shards=m.shards,
+            kind="full",
+            checked_tensors=len(m.tensors),
+            checked_bytes=sum(t.nbytes for t in m.tensors),
+            sample_proof=b"",
+        ),
+        who,
+    ).raw
+
+
+async def fabricated_round(
+    peer: HostilePeer, genesis: Genesis, base_dir: Path, base_entries: Sequence[TensorEntry], r: int
+) -> str:
+    """Publish round `r` of invented candidates (one per key): the base with its first norm weight
+    zeroed, attested in full by every key on every shard, and presence records claiming round `r`
+    as latest (so pulls look at it). Returns the fabricated model's fingerprint (all shards)."""
+    base = load_file(base_dir / "model.safetensors")
+    norm = sorted(n for n in base if n.endswith("norm.weight"))[0]
+    model = {**base, norm: torch.zeros_like(base[norm])}
+    candidates = tuple(sorted(hashlib.sha256(k.public_key + b"never").hexdigest() for k in peer.keys))
+    shards = plan_for(base_entries, shard_count(len(peer.keys), len(base_entries)))
+    recipe = genesis.recipe(r, list(candidates))
+    for j, names in enumerate(shards):
+        entries, chunks, fingerprint = encode_result({n: model[n] for n in names}, genesis.chunk_size)
+        for digest, data in chunks.items():
+            peer.store.put(data, digest)
+        result = sign_message(
+            MergeResult(
+                v=SCHEMA_VERSION,
+                network_id=genesis.network_id,
+                signer=peer.keys[0].public_key,
+                created_at=int(time.time()),
+                round=r,
+                recipe=recipe,
+                chunk_size=genesis.chunk_size,
+                tensors=entries,
+                merged_fingerprint=fingerprint,
+                shard=j,
+                shards=len(shards),
+                candidates=candidates,
+            ),
+            peer.keys[0],
+        )
+        peer.store.put(result.raw, result.id)
+        for index, who in enumerate(peer.keys):
+            record = make_record(
+                "result", result=result.id, attestation=_full_attestation(result, who), p2p=peer.peer_id
+            )
+            await peer.publish(index, result_key(genesis.network_id, r, j), record)
+    for index, who in enumerate(peer.keys):
+        presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=r)
+        await peer.publish(index, peers_key(genesis.network_id), presence)
+    return fingerprint_state_dict(model)
