@@ -9,7 +9,8 @@ daemon, joins the network (the genesis from the initial peers, unless given), fe
    record per shard (owner-only DHT subkeys, a few KiB each; node.records);
 2. runs one step of the round state machine (node.round_machine): collect, plan, merge its shards
    (node.shard_worker), spot-check the others (node.spotcheck), find the attested result
-   (node.discover) and record it (node.decided).
+   (node.discover) and record it (node.decided);
+3. scrubs a slice of its store and fetches again the blobs found corrupt (node.scrub).
 
 A restart resumes from the state in ``--data-dir`` (store + state.sqlite, node.round_state): the
 same keys, the same round.
@@ -35,6 +36,7 @@ from node.records import contrib_key, genesis_key, make_record, peers_key, resul
 from node.round_context import RoundContext
 from node.round_machine import RoundMachine
 from node.round_state import RoundState
+from node.scrub import StoreScrub
 from node.settings import FALLBACK_SECONDS, POLL_SECONDS, checked_fallback_seconds
 from node.state import NodeState
 from node.store import ContentStore
@@ -92,6 +94,7 @@ class NodeService:
         self.server = ChunkServer(self.store)
         self.fetcher: Fetcher | None = None
         self.machine: RoundMachine | None = None
+        self.scrub: StoreScrub | None = None
         self.maddrs: list[str] = []
         self._last_published: dict[str, tuple[bytes, float]] = {}
         self.opened = OpenedAttestations()  # every attestation read is verified once
@@ -149,6 +152,7 @@ class NodeService:
             await self._join()
         await self.ensure_base()
         self.machine = RoundMachine(self.round_context(), self.board, fallback_seconds=self.fallback_seconds)
+        self.scrub = StoreScrub(self.store, self.fetch)
 
     def round_context(self) -> RoundContext:
         """What the round's steps need, bound to this node's DHT, daemon and store."""
@@ -220,6 +224,7 @@ class NodeService:
         r = self.round
         await self.publish_records(r)
         await self.machine.step(r, aggregate=self.aggregate_rounds)
+        await self.scrub.step()
         self.rounds.set_stats(self.server.bytes_sent, self.bytes_received)
 
     async def publish_records(self, r: int) -> None:
