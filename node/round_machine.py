@@ -22,6 +22,7 @@ polls without a contribution's chunks); everything else lives in the `RoundState
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -47,21 +48,58 @@ logger = logging.getLogger("node.service")  # the round log keeps its name: log 
 WAITING_LOG_SECONDS = 20.0
 
 
-async def collect_contributions(ctx: RoundContext, board: RecordReader, r: int) -> list[Contribution]:
-    """The round's selected contributions: verified cards, manifests fetched and verified, rule 1."""
+MANIFEST_WAIT = 2.0  # seconds a poll waits for the manifests it starts fetching; the rest go on
+
+
+class ManifestFetches:
+    """The contributions' manifest fetches, in the background: a poll waits at most `MANIFEST_WAIT`
+    for the fetches it starts, and a fetch still running (a stalled holder) is not started again
+    nor waited for again, so a peer that never answers costs no poll more than that."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Task] = {}
+
+    async def fetch(self, ctx: RoundContext, wanted: dict[str, str]) -> None:
+        """Fetch the missing manifests of `wanted` (manifest id -> the holder its record names)."""
+        started = []
+        for manifest_id in ctx.store.missing(wanted):
+            if manifest_id in self._running:
+                continue
+            task = asyncio.create_task(ctx.fetch([manifest_id], [wanted[manifest_id]], attempts=1))
+            task.add_done_callback(lambda done, key=manifest_id: self._finished(key, done))
+            self._running[manifest_id] = task
+            started.append(task)
+        if started:
+            await asyncio.wait(started, timeout=MANIFEST_WAIT)
+
+    def _finished(self, manifest_id: str, task: asyncio.Task) -> None:
+        self._running.pop(manifest_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("a contribution manifest could not be fetched: %s", task.exception())
+
+
+async def collect_contributions(
+    ctx: RoundContext, board: RecordReader, r: int, fetches: ManifestFetches | None = None
+) -> list[Contribution]:
+    """The round's selected contributions: verified cards, manifests fetched (`fetches`) and
+    verified, rule 1."""
     now = int(time.time())
-    pairs = []
+    records = []
     for value in (await board.aread(contrib_key(ctx.network_id, r))).values():
         record = parse_record("contrib", value)
-        if record is None:
-            continue
+        if record is not None:
+            records.append(record)
+    await (fetches or ManifestFetches()).fetch(ctx, {rec["manifest"]: rec["p2p"] for rec in records})
+    pairs = []
+    for record in records:
         try:
             card = verify_message(record["card"], ExpertCard, network_id=ctx.network_id, now=now)
-            await ctx.fetch([record["manifest"]], [record["p2p"]], attempts=1)
             manifest = verify_message(
                 ctx.store.get(record["manifest"]), DeltaManifest, network_id=ctx.network_id, now=now
             )
-        except (NodeError, ProtocolError) as exc:
+        except NodeError:  # its manifest is not here (yet): fetching it goes on in the background
+            continue
+        except ProtocolError as exc:
             logger.info("ignoring a contribution record: %s", exc)
             continue
         pairs.append((card, manifest))
@@ -81,6 +119,7 @@ class RoundMachine:
         self.worker = ShardWorker(ctx, self.patience)
         self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
         self._unverifiable: set[tuple[int, tuple[str, ...]]] = set()
+        self.manifests = ManifestFetches()
         self._waiting_logged = 0.0
 
     async def step(self, r: int, *, aggregate: bool = True) -> None:
@@ -92,7 +131,7 @@ class RoundMachine:
     async def aggregate(self, r: int) -> None:
         """Steps 1-3 of the module docstring."""
         ctx = self.ctx
-        contributions = await collect_contributions(ctx, self.board, r)
+        contributions = await collect_contributions(ctx, self.board, r, self.manifests)
         if len(contributions) < ctx.genesis.min_contributions:
             return
         ids = tuple(c.id for c in contributions)

@@ -521,12 +521,14 @@ async def fetch_chunks(
     with concurrent.futures.ThreadPoolExecutor(writers, thread_name_prefix="umm-fetch-put") as pool:
         workers = [asyncio.create_task(worker(p)) for p in peers for _ in range(streams_per_peer)]
         try:
-            everyone = asyncio.gather(*workers)
+            everyone = asyncio.gather(*workers, return_exceptions=True)
             finished = asyncio.ensure_future(state.complete.wait())
             await asyncio.wait([everyone, finished], return_when=asyncio.FIRST_COMPLETED)
             finished.cancel()
-            if everyone.done():
-                everyone.result()  # a worker's unexpected error surfaces as before
+            if everyone.done():  # a worker's unexpected error surfaces as before
+                for outcome in everyone.result():
+                    if isinstance(outcome, Exception):
+                        raise outcome
             while stores:
                 await asyncio.gather(*list(stores))
         finally:
@@ -542,5 +544,6 @@ async def fetch_chunks(
             f"peers dropped: {report.dropped_peers or 'none'}",
             missing,
             report.bytes_received,
+            report.dropped_peers,
         )
     return report

@@ -2,9 +2,10 @@
 
 `HostilePeer.start(bootstrap, keys)` joins the network with one DHT peer per key (each peer's RSA
 subkey carries one record per DHT key, so two attesting keys need two peers) and serves the chunks
-of its own store from the first peer's daemon. `fabricated_round` signs the attack of issue 14:
-a round of contributions that never existed, whose result is the base with one norm weight zeroed,
-with a full attestation per key and shard.
+of its own store from the first peer's daemon (or, with ``stall``, answers no chunk request).
+`fabricated_round` signs attack 1 of issue 14: a round of contributions that never existed, whose
+result is the base with one norm weight zeroed, with a full attestation per key and shard;
+`stalled_contribution` attack 3: a contribution announced by a peer that never serves it.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from node_messages import signed_contribution
 from safetensors.torch import load_file
 
 from node.dht import NodeDHT, RecordBoard, start_dht
 from node.process import process_tree, wait_gone
-from node.records import make_record, peers_key, result_key
+from node.records import contrib_key, make_record, peers_key, result_key
 from node.store import ContentStore
-from node.transport import ChunkServer
+from node.transport import HANDLER_NAME, ChunkServer
 from protocol.aggregate import encode_result
 from protocol.envelope import sign_message
 from protocol.fingerprint import fingerprint_state_dict
@@ -48,7 +50,10 @@ class HostilePeer:
     peer_id: str
 
     @classmethod
-    async def start(cls, bootstrap: str, keys: list[Identity], folder: Path) -> HostilePeer:
+    async def start(
+        cls, bootstrap: str, keys: list[Identity], folder: Path, *, stall: bool = False
+    ) -> HostilePeer:
+        """Join through `bootstrap`; with `stall`, accept chunk streams and never answer them."""
         dhts, boards = [], []
         for _ in keys:
             dht, validator = await asyncio.to_thread(start_dht, initial_peers=[bootstrap])
@@ -57,7 +62,10 @@ class HostilePeer:
         store = ContentStore(folder / "store")
         p2p = await dhts[0].replicate_p2p()
         server = ChunkServer(store)
-        await server.start(p2p)
+        if stall:
+            await p2p.add_binary_stream_handler(HANDLER_NAME, _never_answer)
+        else:
+            await server.start(p2p)
         return cls(keys, dhts, boards, store, server, p2p, str(p2p.peer_id))
 
     async def publish(self, index: int, key: str, value: bytes) -> None:
@@ -66,12 +74,35 @@ class HostilePeer:
 
     async def close(self) -> None:
         children = [pid for dht in self.dhts for pid in process_tree(dht.pid)]
-        await self.server.stop(self.p2p)
+        await self.p2p.remove_binary_stream_handler(HANDLER_NAME)
         await self.p2p.shutdown()
         for dht in self.dhts:
             await asyncio.to_thread(dht.shutdown)
         self.store.close()
         assert wait_gone(children, 10.0) == []
+
+
+async def _never_answer(_info, reader: asyncio.StreamReader, _writer: asyncio.StreamWriter) -> None:
+    """A chunk server that reads every request and answers none (attack 3 of issue 14)."""
+    while await reader.read(65536):
+        pass
+
+
+async def stalled_contribution(peer: HostilePeer, genesis: Genesis, base_dir: Path, r: int) -> str:
+    """Announce a valid contribution of round `r` by the peer's first key, whose manifest and chunks
+    the (stalling) peer never serves; returns its manifest id."""
+    base = load_file(base_dir / "model.safetensors")
+    card, manifest, chunks = signed_contribution(
+        peer.keys[0], genesis, base, chunk_size=genesis.chunk_size, now=int(time.time()), seed=9
+    )
+    peer.store.put(manifest.raw, manifest.id)
+    for digest, data in chunks.items():
+        peer.store.put(data, digest)
+    record = make_record("contrib", card=card.raw, manifest=manifest.id, p2p=peer.peer_id)
+    await peer.publish(0, contrib_key(genesis.network_id, r), record)
+    presence = make_record("peers", p2p=peer.peer_id, signer=peer.keys[0].public_key, latest=-1)
+    await peer.publish(0, peers_key(genesis.network_id), presence)
+    return manifest.id
 
 
 def _full_attestation(result, who: Identity) -> bytes:
