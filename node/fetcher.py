@@ -20,6 +20,7 @@ from hivemind.p2p import P2P, PeerID
 
 from node.errors import FetchError
 from node.transport import ChunkSink, FetchReport, fetch_chunks
+from protocol.envelope import MAX_ENVELOPE_SIZE
 
 FindPeers = Callable[[int], Awaitable[Sequence[PeerID]]]  # attempt number -> peers to ask
 
@@ -30,7 +31,8 @@ class FetchPolicy:
 
     ``request_timeout``: seconds a peer may take to open a stream or answer one request before it
     is dropped from this fetch; ``attempts``: whole fetches tried before FetchError; ``retry_delay``:
-    seconds between attempts.
+    seconds between attempts; ``max_chunk_bytes``: the largest chunk accepted (checked on the
+    frame header, before the bytes are read: `node_chunk_limit` for a node).
     """
 
     request_timeout: float = 20.0
@@ -38,6 +40,7 @@ class FetchPolicy:
     retry_delay: float = 0.5
     penalty: float = 5.0  # seconds a peer dropped once is not asked again; doubles per drop
     max_penalty: float = 300.0
+    max_chunk_bytes: int = 64 << 20  # a larger chunk is refused from its frame header, before its bytes
 
 
 class PeerPenalties:
@@ -63,6 +66,12 @@ class PeerPenalties:
     def forgive(self, peer: str) -> None:
         self._drops.pop(peer, None)
         self._until.pop(peer, None)
+
+
+def node_chunk_limit(chunk_size: int) -> int:
+    """The largest chunk a node of a network with `chunk_size` accepts: a signed message of the
+    largest type, or a tensor chunk with room for codec overhead."""
+    return max(MAX_ENVELOPE_SIZE, 2 * chunk_size)
 
 
 def holder_peers(holders: Iterable[str], *, exclude: str | None = None) -> list[PeerID]:
@@ -117,7 +126,12 @@ class Fetcher:
             sources = sorted((p for p in usable if not self.penalties.benched(str(p))), key=str)
             try:
                 report = await fetch_chunks(
-                    self.p2p, digests, sources, self.sink, timeout=self.policy.request_timeout
+                    self.p2p,
+                    digests,
+                    sources,
+                    self.sink,
+                    timeout=self.policy.request_timeout,
+                    max_chunk_bytes=self.policy.max_chunk_bytes,
                 )
             except FetchError as exc:
                 self.bytes_received += exc.bytes_received

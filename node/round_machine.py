@@ -54,17 +54,21 @@ MANIFEST_WAIT = 2.0  # seconds a poll waits for the manifests it starts fetching
 class ManifestFetches:
     """The contributions' manifest fetches, in the background: a poll waits at most `MANIFEST_WAIT`
     for the fetches it starts, and a fetch still running (a stalled holder) is not started again
-    nor waited for again, so a peer that never answers costs no poll more than that."""
+    nor waited for again, so a peer that never answers costs no poll more than that. A fetched
+    manifest that does not verify is deleted from the store and never fetched again."""
 
     def __init__(self) -> None:
         self._running: dict[str, asyncio.Task] = {}
+        self.fetched: set[str] = set()  # ids this fetcher brought into the store (a rejected one is deleted)
+        self.rejected: set[str] = set()  # ids that did not verify: never fetched again
 
     async def fetch(self, ctx: RoundContext, wanted: dict[str, str]) -> None:
         """Fetch the missing manifests of `wanted` (manifest id -> the holder its record names)."""
         started = []
         for manifest_id in ctx.store.missing(wanted):
-            if manifest_id in self._running:
+            if manifest_id in self._running or manifest_id in self.rejected:
                 continue
+            self.fetched.add(manifest_id)
             task = asyncio.create_task(ctx.fetch([manifest_id], [wanted[manifest_id]], attempts=1))
             task.add_done_callback(lambda done, key=manifest_id: self._finished(key, done))
             self._running[manifest_id] = task
@@ -89,7 +93,8 @@ async def collect_contributions(
         record = parse_record("contrib", value)
         if record is not None:
             records.append(record)
-    await (fetches or ManifestFetches()).fetch(ctx, {rec["manifest"]: rec["p2p"] for rec in records})
+    fetches = fetches or ManifestFetches()
+    await fetches.fetch(ctx, {rec["manifest"]: rec["p2p"] for rec in records})
     pairs = []
     for record in records:
         try:
@@ -101,6 +106,9 @@ async def collect_contributions(
             continue
         except ProtocolError as exc:
             logger.info("ignoring a contribution record: %s", exc)
+            if record["manifest"] in fetches.fetched:  # rejected bytes do not stay on disk
+                fetches.rejected.add(record["manifest"])
+                ctx.store.delete(record["manifest"])
             continue
         pairs.append((card, manifest))
     return select_contributions(ctx.genesis, r, pairs)

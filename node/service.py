@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -30,7 +31,7 @@ from hivemind.p2p import P2P
 from node.datafolder import load_or_create_identity
 from node.dht import RecordBoard, load_or_create_rsa_key, start_dht, visible_maddrs
 from node.errors import NodeError
-from node.fetcher import Fetcher
+from node.fetcher import Fetcher, node_chunk_limit
 from node.lookups import OpenedAttestations, ShardRecords, read_genesis, read_peers, read_shard_records
 from node.records import contrib_key, genesis_key, make_record, peers_key, result_key, summary_key
 from node.round_context import RoundContext
@@ -150,6 +151,8 @@ class NodeService:
         )
         if self.genesis is None:
             await self._join()
+        limit = node_chunk_limit(self.genesis.chunk_size)  # a larger chunk is refused before its bytes
+        self.fetcher.policy = dataclasses.replace(self.fetcher.policy, max_chunk_bytes=limit)
         await self.ensure_base()
         self.machine = RoundMachine(self.round_context(), self.board, fallback_seconds=self.fallback_seconds)
         self.scrub = StoreScrub(self.store, self.fetch)

@@ -5,7 +5,8 @@ subkey carries one record per DHT key, so two attesting keys need two peers) and
 of its own store from the first peer's daemon (or, with ``stall``, answers no chunk request).
 `fabricated_round` signs attack 1 of issue 14: a round of contributions that never existed, whose
 result is the base with one norm weight zeroed, with a full attestation per key and shard;
-`stalled_contribution` attack 3: a contribution announced by a peer that never serves it.
+`stalled_contribution` attack 3: a contribution announced by a peer that never serves it;
+`oversized_manifests` attack 4: contributions whose manifests are large blobs.
 """
 
 from __future__ import annotations
@@ -103,6 +104,26 @@ async def stalled_contribution(peer: HostilePeer, genesis: Genesis, base_dir: Pa
     presence = make_record("peers", p2p=peer.peer_id, signer=peer.keys[0].public_key, latest=-1)
     await peer.publish(0, peers_key(genesis.network_id), presence)
     return manifest.id
+
+
+async def oversized_manifests(peer: HostilePeer, genesis: Genesis, sizes: Sequence[int], r: int) -> list[str]:
+    """Announce, from key i, a contribution of round `r` whose "manifest" is a blob of `sizes[i]`
+    seeded bytes (attack 4 of issue 14: filling disks); returns the blobs' digests."""
+    digests = []
+    for index, (who, size) in enumerate(zip(peer.keys, sizes, strict=True)):
+        blob = torch.randint(
+            0, 256, (size,), generator=torch.Generator().manual_seed(index), dtype=torch.uint8
+        )
+        digest = peer.store.put(blob.numpy().tobytes())
+        card, _manifest, _chunks = signed_contribution(
+            who, genesis, {"x": torch.zeros(2)}, chunk_size=genesis.chunk_size, now=int(time.time())
+        )
+        record = make_record("contrib", card=card.raw, manifest=digest, p2p=peer.peer_id)
+        await peer.publish(index, contrib_key(genesis.network_id, r), record)
+        presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=-1)
+        await peer.publish(index, peers_key(genesis.network_id), presence)
+        digests.append(digest)
+    return digests
 
 
 def _full_attestation(result, who: Identity) -> bytes:
