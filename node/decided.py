@@ -13,7 +13,8 @@ Given the round's attested result (`node.discover.find_attested_result`), `recor
    announces per shard from now on — a full attestation of the decided result where it merged
    the shard (`ShardWorker.attest_decided`), a sampled one where its spot check passed the same
    merge (`node.spotcheck.attest_decided`) — and moves to the
-   next round, offering its contribution again if the round was decided without it (`carry_over`).
+   next round, offering its contribution again if it arrived too late to be a candidate
+   (`carry_over`; a candidate that admission rejected is not re-signed).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ async def record_decided(
         )
     )
     ctx.rounds.set_round(r + 1)
-    carry_over(ctx, r, found.contributions)
+    carry_over(ctx, r, found.candidates)
     logger.info(
         "round %d: result %s (%d shards: %s) attested by >= %d keys per shard",
         r,
@@ -135,10 +136,11 @@ def fetch_again(
     return True
 
 
-def carry_over(ctx: RoundContext, r: int, included: tuple[str, ...]) -> None:
-    """Re-sign our contribution for round r + 1 if round r was decided without it."""
+def carry_over(ctx: RoundContext, r: int, candidates: tuple[str, ...]) -> None:
+    """Re-sign our contribution for round r + 1 if round r was decided without it as a candidate
+    (it arrived late); one that was a candidate and that admission rejected is not offered again."""
     own = ctx.rounds.contribution(r)
-    if own is None or own.manifest in included or ctx.rounds.contribution(r + 1) is not None:
+    if own is None or own.manifest in candidates or ctx.rounds.contribution(r + 1) is not None:
         return
     try:
         old = verify_message(ctx.store.get(own.manifest), DeltaManifest, network_id=ctx.network_id)
