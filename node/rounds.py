@@ -6,7 +6,8 @@
    the newest ``created_at``, ties broken by the smaller manifest id.
 2. `admit`: decode every selected contribution (codec checks reject malformed bytes and NaN/Inf);
    its tensors must be exactly the base's names and shapes; then, with three or more decodable
-   contributions, exclude any whose delta L2 norm exceeds ``outlier_factor`` x the median norm.
+   contributions, exclude any whose delta L2 norm exceeds ``outlier_factor`` x the median norm,
+   or whose delta of any one tensor does (against the median of that tensor's deltas).
 3. The recipe is `Genesis.recipe(round, admitted ids)` (sorted ids, content-derived seed), so two
    nodes that saw the same contributions build byte-identical recipes.
 
@@ -189,8 +190,27 @@ def admit(
                     f"expected a delta norm <= {genesis.outlier_factor:g} x median {median:.4g}, "
                     f"got {norm:.4g}"
                 )
+    if len(decoded) >= 3:
+        for cid, reason in tensor_outliers(genesis.outlier_factor, decoded, wanted).items():
+            rejected.setdefault(cid, reason)
     admitted = tuple(sorted(cid for cid in decoded if cid not in rejected))
     return Admission(admitted, rejected, norms), {cid: decoded[cid] for cid in admitted}
+
+
+def tensor_outliers(
+    factor: float, decoded: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str]
+) -> dict[str, str]:
+    """Contributions whose delta of some tensor has an L2 norm above `factor` x the median of the
+    contributions' deltas of that tensor (first such tensor in name order: the reason)."""
+    found: dict[str, str] = {}
+    for name in names:
+        norms = {cid: float(deltas[name].double().norm()) for cid, deltas in decoded.items()}
+        median = statistics.median(norms.values())
+        for cid, norm in sorted(norms.items()):
+            if cid not in found and median > 0 and norm > factor * median:
+                limit = f"{factor:g} x median {median:.4g}"
+                found[cid] = f"expected {name}'s delta norm <= {limit}, got {norm:.4g}"
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
