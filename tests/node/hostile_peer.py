@@ -23,6 +23,7 @@ from node_messages import signed_contribution
 from safetensors.torch import load_file
 
 from node.dht import NodeDHT, RecordBoard, start_dht
+from node.errors import NodeError
 from node.process import process_tree, wait_gone
 from node.records import contrib_key, make_record, peers_key, result_key
 from node.store import ContentStore
@@ -36,6 +37,16 @@ from protocol.messages import SCHEMA_VERSION, Attestation, MergeResult, TensorEn
 from protocol.shards import plan_for, shard_count
 
 RECORD_TTL = 600.0
+
+
+def wait_logged(root: Path, names: Sequence[str], text: str, timeout: float) -> None:
+    """Wait until the log of every node in `names` (under `root`) contains `text`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(text in (root / f"{n}.log").read_text() for n in names):
+            return
+        time.sleep(0.2)
+    raise NodeError(f"expected {text!r} in the logs of {list(names)} within {timeout:g} s")
 
 
 @dataclasses.dataclass

@@ -9,13 +9,11 @@ from its frame header, before its bytes are accepted), one below it but above a 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-from hostile_peer import HostilePeer, oversized_manifests
+from hostile_peer import HostilePeer, oversized_manifests, wait_logged
 from node_models import make_base
 
-from node.errors import NodeError
 from node.fetcher import node_chunk_limit
 from node.local import LocalNetwork
 from node.store import ContentStore
@@ -26,15 +24,6 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 NODES = ("h1", "h2")
 REJECTED = "ignoring a contribution record"
-
-
-def _wait_logged(net: LocalNetwork, names, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(text in (net.root / f"{n}.log").read_text() for n in names):
-            return
-        time.sleep(0.2)
-    raise NodeError(f"expected {text!r} in the logs of {list(names)} within {timeout:g} s")
 
 
 def test_oversized_manifests_leave_no_bytes_behind(tmp_path, loop):
@@ -51,7 +40,7 @@ def test_oversized_manifests_leave_no_bytes_behind(tmp_path, loop):
         peer = loop.run_until_complete(HostilePeer.start(net.bootstrap, keys, tmp_path / "hostile"))
         try:
             blobs = loop.run_until_complete(oversized_manifests(peer, genesis, sizes, 0))
-            loop.run_until_complete(asyncio.to_thread(_wait_logged, net, NODES, REJECTED, timeout=120.0))
+            loop.run_until_complete(asyncio.to_thread(wait_logged, net.root, NODES, REJECTED, timeout=120.0))
             received = loop.run_until_complete(
                 asyncio.to_thread(lambda: [net.state(n, "stats") for n in NODES])
             )

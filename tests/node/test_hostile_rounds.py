@@ -11,13 +11,11 @@ The honest nodes then contribute and decide round 0 themselves, and the pull ret
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
-from hostile_peer import HostilePeer, fabricated_round
+from hostile_peer import HostilePeer, fabricated_round, wait_logged
 from node_models import make_base, make_expert
 
-from node.errors import NodeError
 from node.genesis import read_base_manifest
 from node.local import LocalNetwork
 from node.store import ContentStore
@@ -27,15 +25,6 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 NODES = ("h1", "h2", "h3")
 REFUSAL = "not adopting the attested result"
-
-
-def _wait_logged(net: LocalNetwork, names, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(text in (net.root / f"{n}.log").read_text() for n in names):
-            return
-        time.sleep(0.2)
-    raise NodeError(f"expected {text!r} in the logs of {list(names)} within {timeout:g} s")
 
 
 def _serving(loop, fn, *args, **kwargs):
@@ -56,7 +45,7 @@ def test_two_fresh_keys_cannot_invent_a_round(tmp_path, loop):
             forged = loop.run_until_complete(
                 fabricated_round(attacker, genesis, tmp_path / "base", base_entries, 0)
             )
-            _serving(loop, _wait_logged, net, NODES, REFUSAL, timeout=120.0)
+            _serving(loop, wait_logged, net.root, NODES, REFUSAL, timeout=120.0)
             assert all(net.state(n, "latest") is None for n in NODES)
             refused = _serving(loop, net.pull, tmp_path / "refused", timeout=10.0)
             assert refused.returncode == 2, refused.stderr
