@@ -2,16 +2,19 @@
 
 Given the round's attested result (`node.discover.find_attested_result`), `record_decided`:
 
-1. refuses it when this node merged or checked a round of other candidates or another shard count
-   (e.g. Sybil attestations in open mode), when the decided merge of a shard this node merged
+1. refuses it when this node has checked no shard of the round, or a shard neither merged nor
+   spot-checked by this node (a quorum alone never moves a node: node.unplanned verifies a round it
+   did not plan), when this node merged or checked a round of other candidates or another shard
+   count (e.g. Sybil attestations in open mode), when the decided merge of a shard this node merged
    differs from its own (unless the difference is contributions it gave up fetching: then it
    forgets its merge and fetches them again, once — `fetch_again`), or when its spot check refused
    the decided result;
 2. otherwise fetches every chunk of the result, keeps it as the node's `LatestRound` with what it
    announces per shard from now on — a full attestation of the decided result where it merged
    the shard (`ShardWorker.attest_decided`), a sampled one where its spot check passed the same
-   merge (`node.spotcheck.attest_decided`), else a quorum member's attestation — and moves to the
-   next round, offering its contribution again if the round was decided without it (`carry_over`).
+   merge (`node.spotcheck.attest_decided`) — and moves to the
+   next round, offering its contribution again if it arrived too late to be a candidate
+   (`carry_over`; a candidate that admission rejected is not re-signed).
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ async def record_decided(
 ) -> bool:
     """Record `found` as round `r`'s result and move to round r + 1; whether it was recorded."""
     view = ctx.rounds.view(r)
-    if view is not None and view != RoundView(found.candidates, len(found.shards)):
+    if view is None:
+        # this node has checked no shard of the round (node.unplanned verifies it first): a quorum
+        # alone never moves it, whoever holds the keys
+        logger.debug("round %d: a quorum attests a round this node has not checked", r)
+        return False
+    if view != RoundView(found.candidates, len(found.shards)):
         # a quorum for candidates this node did not merge (e.g. Sybil attestations in open mode):
         # it keeps attesting its own shards and does not move on
         logger.warning("round %d: a quorum attests a merge of other candidates than ours", r)
@@ -72,8 +80,9 @@ async def record_decided(
         elif (sampled := attest_decided(ctx, r, shard.result)) is not None:
             announce.append(Announcement(message.shard, *sampled))
         else:
-            # a shard this node did not compute: it still serves and re-announces the result
-            announce.append(Announcement(message.shard, shard.result.id, shard.attestations[0]))
+            # a shard this node has neither merged nor spot-checked (yet): it waits for its check
+            logger.debug("round %d: shard %d is attested but not yet checked by this node", r, message.shard)
+            return False
     await ctx.fetch([d for t in found.tensors for d in t.chunks], [])
     ctx.rounds.set_latest(
         LatestRound(
@@ -85,7 +94,7 @@ async def record_decided(
         )
     )
     ctx.rounds.set_round(r + 1)
-    carry_over(ctx, r, found.contributions)
+    carry_over(ctx, r, found.candidates)
     logger.info(
         "round %d: result %s (%d shards: %s) attested by >= %d keys per shard",
         r,
@@ -127,10 +136,11 @@ def fetch_again(
     return True
 
 
-def carry_over(ctx: RoundContext, r: int, included: tuple[str, ...]) -> None:
-    """Re-sign our contribution for round r + 1 if round r was decided without it."""
+def carry_over(ctx: RoundContext, r: int, candidates: tuple[str, ...]) -> None:
+    """Re-sign our contribution for round r + 1 if round r was decided without it as a candidate
+    (it arrived late); one that was a candidate and that admission rejected is not offered again."""
     own = ctx.rounds.contribution(r)
-    if own is None or own.manifest in included or ctx.rounds.contribution(r + 1) is not None:
+    if own is None or own.manifest in candidates or ctx.rounds.contribution(r + 1) is not None:
         return
     try:
         old = verify_message(ctx.store.get(own.manifest), DeltaManifest, network_id=ctx.network_id)

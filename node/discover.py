@@ -1,9 +1,10 @@
 """Finding a round's attested result on the network: what the node, `umm pull` and `umm status` share.
 
-`find_attested_result` does the reading and fetching; the decision is protocol.decision's
-(`decide_round`, pure): reads shard 0's records while fetching the base's tensor list, learns the
-shard counts in play, reads every other shard's records at once, fetches in one call the results
-named by enough attesters (`wanted_results`) and hands everything to `decide_round`.
+`find_attested_rounds` (every complete result, best first) and `find_attested_result` (the best)
+do the reading and fetching; the decision is protocol.decision's (`attested_rounds`, pure): read
+shard 0's records while fetching the base's tensor list, learn the shard counts in play, read
+every other shard's records at once, fetch in one call the results named by enough attesters
+(`wanted_results`) and hand everything to `attested_rounds`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from typing import Protocol
 
 from node.errors import NodeError
 from node.lookups import RecordReader, read_further_shards, read_shard_records
-from protocol.decision import AttestedResult, AttestedRound, decide_round, wanted_results
+from protocol.decision import AttestedResult, AttestedRound, attested_rounds, wanted_results
 from protocol.envelope import Signed
 from protocol.genesis import Genesis, read_base_manifest
 
-__all__ = ["AttestedResult", "AttestedRound", "ChunkReader", "Fetch", "find_attested_result"]
+__all__ = [
+    "AttestedResult",
+    "AttestedRound",
+    "ChunkReader",
+    "Fetch",
+    "find_attested_result",
+    "find_attested_rounds",
+]
 
 Fetch = Callable[[Sequence[str], Iterable[str]], Awaitable[object]]  # (digests, holders): into a store
 
@@ -43,6 +51,20 @@ async def find_attested_result(
     """The round's result whose every shard carries a quorum of valid distinct attestations (None if
     no complete round is found); `fetch(digests, holders)` puts into `store`; `opened` remembers
     the attestations opened (node.lookups)."""
+    found = await find_attested_rounds(board, genesis, round_number, fetch, store, opened=opened)
+    return found[0] if found else None
+
+
+async def find_attested_rounds(
+    board: RecordReader,
+    genesis: Genesis,
+    round_number: int,
+    fetch: Fetch,
+    store: ChunkReader,
+    *,
+    opened: MutableMapping[bytes, Signed] | None = None,
+) -> list[AttestedRound]:
+    """Every complete result of the round, best first (`protocol.decision.attested_rounds`)."""
     network_id = genesis.network_id
     first, _ = await asyncio.gather(
         read_shard_records(board, network_id, round_number, 0, opened=opened),
@@ -61,7 +83,7 @@ async def find_attested_result(
     for result_id in wanted:
         with contextlib.suppress(NodeError):
             results[result_id] = store.get(result_id)
-    return decide_round(
+    return attested_rounds(
         round_number,
         [r.attestations for r in records],
         results,

@@ -64,7 +64,14 @@ class DHTError(NodeError):
 class FetchError(TransportError):
     """Some chunks could not be fetched from any of the given peers."""
 
-    def __init__(self, message: str, missing: tuple[str, ...], bytes_received: int = 0) -> None:
+    def __init__(
+        self,
+        message: str,
+        missing: tuple[str, ...],
+        bytes_received: int = 0,
+        dropped: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.missing = missing
         self.bytes_received = bytes_received
+        self.dropped = dict(dropped or {})  # peer id -> why the fetch dropped it

@@ -2,12 +2,14 @@
 
 A pull starts a client DHT node in its own event loop (`ClientBoard`: no child Python process),
 reads the genesis and the peer records at once, and finds the highest round whose result carries a
-quorum of valid attestations on every shard (`find_attested_result`: signatures, hashes and the
-shard plan checked; its small records are fetched into memory). Then one `fetch_chunks` over every
-chunk of the model and the base's side files (config, tokenizer) streams them from all peers into
-a `PartialModel`, which verifies each chunk and writes it at its final place in
-``model.safetensors`` as it arrives; the folder is fsynced and renamed to ``--out``. An interrupted
-pull leaves its work folder (``.<out>.umm-pull`` beside ``--out``) and the next one resumes there.
+quorum of valid attestations on every shard (`find_attested_rounds`: signatures, hashes and the
+shard plan checked; its small records are fetched into memory) and whose candidates are delta
+manifests of that round, fetched and verified (a round of invented contributions is skipped).
+Then one `fetch_chunks` over every chunk of the model and the base's side files (config,
+tokenizer) streams them from all peers into a `PartialModel`, which verifies each chunk and
+writes it at its final place in ``model.safetensors`` as it arrives; the folder is fsynced and
+renamed to ``--out``. An interrupted pull leaves its work folder (``.<out>.umm-pull`` beside
+``--out``) and the next one resumes there.
 
 Each chunk is hashed once, against its address, and no tensor is hashed again: the attestations
 sign the result's id, the id fixes the result's chunk lists (a node attests only a result whose
@@ -25,15 +27,17 @@ from pathlib import Path
 from hivemind.p2p import PeerID
 
 from node.dht import ClientBoard
-from node.discover import find_attested_result
+from node.discover import find_attested_rounds
 from node.errors import ChunkNotFoundError, FetchError, NodeError
 from node.fetcher import Fetcher, FetchPolicy
 from node.lookups import latest_rounds_from_records, peers_from_records, read_peers
 from node.partial import PartialModel, replace_folder
 from node.records import genesis_key, peers_key
+from node.rounds import named_candidates
 from node.settings import PULL_TIMEOUT
 from node.store import verified_digest
 from protocol.decision import AttestedRound
+from protocol.errors import ProtocolError
 from protocol.genesis import Genesis, genesis_from_records
 
 __all__ = ["NoResultError", "PullOutcome", "pull", "replace_folder"]
@@ -107,13 +111,18 @@ async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fet
             try:
                 for round_number in latest_rounds_from_records(peer_values.values()):
                     try:
-                        attested = await find_attested_result(
+                        complete = await find_attested_rounds(
                             client, genesis, round_number, fetcher.fetch, records
                         )
                     except FetchError as exc:  # e.g. the base's tensor list from peers that went away
                         failure = f" (last fetch error: {exc})"
                         continue
-                    if attested is not None:
+                    for attested in complete:
+                        try:
+                            await _check_candidates(genesis, attested, fetcher, records)
+                        except (FetchError, ProtocolError) as exc:
+                            failure = f" (round {round_number} names candidates that do not verify: {exc})"
+                            continue
                         return _Found(genesis, attested, peers)
             finally:
                 fetched[0] += fetcher.bytes_received
@@ -123,6 +132,16 @@ async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fet
                 f"got none{failure}"
             )
         await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+
+
+async def _check_candidates(
+    genesis: Genesis, attested: AttestedRound, fetcher: Fetcher, records: MemoryChunks
+) -> None:
+    """ProtocolError (or FetchError) unless every candidate the round's result names is a delta
+    manifest of that round, fetched and verified (`node.rounds.named_candidates`): a quorum of keys
+    alone cannot invent a round of contributions that never existed."""
+    await fetcher.fetch(list(attested.candidates))
+    named_candidates(genesis, attested.round, attested.candidates, records.get, int(time.time()))
 
 
 def _known(peers: list[PeerID]):

@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
-from node.errors import StoreError
 from node.lookups import OpenedAttestations, ShardRecords
 from node.records import make_record, result_key
 from node.round_state import RoundState
@@ -20,7 +19,6 @@ from node.rounds import Contribution
 from node.store import ContentStore
 from protocol.chunks import decode_tensors
 from protocol.envelope import Signed
-from protocol.errors import ProtocolError
 from protocol.genesis import Genesis, read_base_manifest
 from protocol.identity import Identity
 from protocol.messages import DeltaManifest, MergeResult, TensorEntry
@@ -60,14 +58,13 @@ class RoundContext:
         return read_base_manifest(self.store.get(self.genesis.base_manifest))
 
     def decode(self, contribution: Contribution, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The contribution's deltas of tensors `names` from the store (ProtocolError for bad bytes)."""
+        """The contribution's deltas of tensors `names` from the store: ProtocolError for bad bytes,
+        StoreError for a chunk the store lost or found corrupt on read (a local fault, never the
+        contribution's: the store dropped the blob, and the caller fetches it again from peers)."""
         manifest: DeltaManifest = contribution.manifest.message
         wanted = set(names)
         entries = tuple(t for t in manifest.tensors if t.name in wanted)
-        try:
-            return decode_tensors(entries, self.store.get, manifest.chunk_size)
-        except StoreError as exc:
-            raise ProtocolError(f"expected every chunk of {contribution.id}, got: {exc}") from exc
+        return decode_tensors(entries, self.store.get, manifest.chunk_size)
 
     def stored_result(self, result_id: str, *, now: int | None = None) -> Signed:
         """A MergeResult from the store, verified (StoreError or ProtocolError if it cannot be)."""

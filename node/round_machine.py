@@ -10,8 +10,10 @@
    after ``fallback_seconds`` also the shards still lacking a quorum);
 3. merges and attests those (`node.shard_worker`) and spot-checks every other shard
    (`node.spotcheck`);
-4. looks for the round's attested result (`node.discover.find_attested_result`) and, if found,
-   records it and moves on (`node.decided.record_decided`); else logs, every
+4. looks for the round's attested result (`node.discover.find_attested_rounds`: the one of its own
+   view if it has one, else the best it has not failed to verify) and, if found —
+   after verifying it as a round it did not plan when it has no view of the round
+   (`node.unplanned`) — records it and moves on (`node.decided.record_decided`); else logs, every
    ``WAITING_LOG_SECONDS``, what each shard's records attest.
 
 The machine keeps only what it learns within a run in memory (when the candidates last changed,
@@ -20,19 +22,22 @@ polls without a contribution's chunks); everything else lives in the `RoundState
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from node.decided import record_decided
-from node.discover import find_attested_result
+from node.discover import find_attested_rounds
 from node.errors import NodeError
 from node.lookups import RecordReader
 from node.records import contrib_key, parse_record
 from node.round_context import RoundContext
+from node.round_state import RoundView
 from node.rounds import Contribution, RoundPlan, plan_round, select_contributions
 from node.settings import FALLBACK_SECONDS, checked_fallback_seconds
 from node.shard_worker import FetchPatience, ShardWorker
 from node.spotcheck import spot_check_shards
+from node.unplanned import verify_unplanned
 from protocol.decision import AttestedRound
 from protocol.errors import ProtocolError
 from protocol.messages import DeltaManifest, ExpertCard
@@ -43,22 +48,67 @@ logger = logging.getLogger("node.service")  # the round log keeps its name: log 
 WAITING_LOG_SECONDS = 20.0
 
 
-async def collect_contributions(ctx: RoundContext, board: RecordReader, r: int) -> list[Contribution]:
-    """The round's selected contributions: verified cards, manifests fetched and verified, rule 1."""
+MANIFEST_WAIT = 2.0  # seconds a poll waits for the manifests it starts fetching; the rest go on
+
+
+class ManifestFetches:
+    """The contributions' manifest fetches, in the background: a poll waits at most `MANIFEST_WAIT`
+    for the fetches it starts, and a fetch still running (a stalled holder) is not started again
+    nor waited for again, so a peer that never answers costs no poll more than that. A fetched
+    manifest that does not verify is deleted from the store and never fetched again."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Task] = {}
+        self.fetched: set[str] = set()  # ids this fetcher brought into the store (a rejected one is deleted)
+        self.rejected: set[str] = set()  # ids that did not verify: never fetched again
+
+    async def fetch(self, ctx: RoundContext, wanted: dict[str, str]) -> None:
+        """Fetch the missing manifests of `wanted` (manifest id -> the holder its record names)."""
+        started = []
+        for manifest_id in ctx.store.missing(wanted):
+            if manifest_id in self._running or manifest_id in self.rejected:
+                continue
+            self.fetched.add(manifest_id)
+            task = asyncio.create_task(ctx.fetch([manifest_id], [wanted[manifest_id]], attempts=1))
+            task.add_done_callback(lambda done, key=manifest_id: self._finished(key, done))
+            self._running[manifest_id] = task
+            started.append(task)
+        if started:
+            await asyncio.wait(started, timeout=MANIFEST_WAIT)
+
+    def _finished(self, manifest_id: str, task: asyncio.Task) -> None:
+        self._running.pop(manifest_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("a contribution manifest could not be fetched: %s", task.exception())
+
+
+async def collect_contributions(
+    ctx: RoundContext, board: RecordReader, r: int, fetches: ManifestFetches | None = None
+) -> list[Contribution]:
+    """The round's selected contributions: verified cards, manifests fetched (`fetches`) and
+    verified, rule 1."""
     now = int(time.time())
-    pairs = []
+    records = []
     for value in (await board.aread(contrib_key(ctx.network_id, r))).values():
         record = parse_record("contrib", value)
-        if record is None:
-            continue
+        if record is not None:
+            records.append(record)
+    fetches = fetches or ManifestFetches()
+    await fetches.fetch(ctx, {rec["manifest"]: rec["p2p"] for rec in records})
+    pairs = []
+    for record in records:
         try:
             card = verify_message(record["card"], ExpertCard, network_id=ctx.network_id, now=now)
-            await ctx.fetch([record["manifest"]], [record["p2p"]], attempts=1)
             manifest = verify_message(
                 ctx.store.get(record["manifest"]), DeltaManifest, network_id=ctx.network_id, now=now
             )
-        except (NodeError, ProtocolError) as exc:
+        except NodeError:  # its manifest is not here (yet): fetching it goes on in the background
+            continue
+        except ProtocolError as exc:
             logger.info("ignoring a contribution record: %s", exc)
+            if record["manifest"] in fetches.fetched:  # rejected bytes do not stay on disk
+                fetches.rejected.add(record["manifest"])
+                ctx.store.delete(record["manifest"])
             continue
         pairs.append((card, manifest))
     return select_contributions(ctx.genesis, r, pairs)
@@ -76,6 +126,8 @@ class RoundMachine:
         self.patience = FetchPatience()
         self.worker = ShardWorker(ctx, self.patience)
         self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
+        self._unverifiable: set[tuple[int, tuple[str, ...]]] = set()
+        self.manifests = ManifestFetches()
         self._waiting_logged = 0.0
 
     async def step(self, r: int, *, aggregate: bool = True) -> None:
@@ -87,7 +139,7 @@ class RoundMachine:
     async def aggregate(self, r: int) -> None:
         """Steps 1-3 of the module docstring."""
         ctx = self.ctx
-        contributions = await collect_contributions(ctx, self.board, r)
+        contributions = await collect_contributions(ctx, self.board, r, self.manifests)
         if len(contributions) < ctx.genesis.min_contributions:
             return
         ids = tuple(c.id for c in contributions)
@@ -127,13 +179,35 @@ class RoundMachine:
     async def decide(self, r: int) -> None:
         """Step 4 of the module docstring."""
         ctx = self.ctx
-        found = await find_attested_result(
+        complete = await find_attested_rounds(
             self.board, ctx.genesis, r, ctx.fetch, ctx.store, opened=ctx.opened
         )
-        if found is None:
+        view = ctx.rounds.view(r)
+        if view is not None:  # a result of the round this node merged or checked, if one has a quorum
+            complete = [f for f in complete if RoundView(f.candidates, len(f.shards)) == view] or complete
+        else:
+            complete = [f for f in complete if (r, tuple(f.candidates)) not in self._unverifiable]
+        if not complete:
             await self.log_waiting(r)
             return
+        found = complete[0]
+        if view is None and not await self.verified_unplanned(r, found):
+            return
         await self.record(r, found)
+
+    async def verified_unplanned(self, r: int, found: AttestedRound) -> bool:
+        """Whether `found`, a result of a round this node did not plan, passed `verify_unplanned`
+        (one try per candidate set and run: a set that fails is logged once and not fetched again)."""
+        key = (r, tuple(found.candidates))
+        if key in self._unverifiable:
+            return False
+        try:
+            await verify_unplanned(self.ctx, r, found, self.ctx.base_entries())
+        except ProtocolError as exc:
+            self._unverifiable.add(key)
+            logger.warning("round %d: not adopting the attested result %s: %s", r, found.fingerprint, exc)
+            return False
+        return True
 
     async def record(self, r: int, found: AttestedRound) -> bool:
         """Record `found` as round `r`'s result if this node's view agrees (`node.decided`)."""

@@ -6,7 +6,8 @@
    the newest ``created_at``, ties broken by the smaller manifest id.
 2. `admit`: decode every selected contribution (codec checks reject malformed bytes and NaN/Inf);
    its tensors must be exactly the base's names and shapes; then, with three or more decodable
-   contributions, exclude any whose delta L2 norm exceeds ``outlier_factor`` x the median norm.
+   contributions, exclude any whose delta L2 norm exceeds ``outlier_factor`` x the median norm,
+   or whose delta of any one tensor does (against the median of that tensor's deltas).
 3. The recipe is `Genesis.recipe(round, admitted ids)` (sorted ids, content-derived seed), so two
    nodes that saw the same contributions build byte-identical recipes.
 
@@ -28,19 +29,22 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from node.errors import NodeError
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError
 from protocol.genesis import Genesis
 from protocol.messages import DeltaManifest, ExpertCard, TensorEntry
 from protocol.quorum import full_quorum
 from protocol.shards import plan_for, replica_count, shard_count, shard_workers, shards_of_worker
+from protocol.verify import verify_message
 
 
 @dataclasses.dataclass(frozen=True)
 class Contribution:
-    """A verified expert card and the delta manifest it backs."""
+    """A verified expert card and the delta manifest it backs (`card` is None for a contribution
+    known only by the manifest a decided result names: node.unplanned)."""
 
-    card: Signed
+    card: Signed | None
     manifest: Signed
 
     @property
@@ -63,6 +67,15 @@ def contribution_problem(genesis: Genesis, round_number: int, card: Signed, mani
         return "expected the manifest signed by the card's signer"
     if m.card_id != card.id:
         return f"expected card_id {card.id}, got {m.card_id}"
+    return manifest_problem(genesis, round_number, manifest)
+
+
+def manifest_problem(genesis: Genesis, round_number: int, manifest: Signed) -> str | None:
+    """Why a verified delta manifest cannot be a contribution of this round, or None if it can
+    (the checks of `contribution_problem` that need no card)."""
+    m: DeltaManifest = manifest.message
+    if not isinstance(m, DeltaManifest):
+        return "expected a delta manifest"
     if m.round != round_number:
         return f"expected round {round_number}, got {m.round}"
     if (m.base_fingerprint, m.architecture_fingerprint) != (
@@ -75,6 +88,28 @@ def contribution_problem(genesis: Genesis, round_number: int, card: Signed, mani
     if genesis.members is not None and m.signer not in genesis.members:
         return "expected a member of the network's allowlist"
     return None
+
+
+def named_candidates(
+    genesis: Genesis, round_number: int, candidates: Sequence[str], get: Callable[[str], bytes], now: int
+) -> list[Contribution]:
+    """The contributions a result names as its `candidates` (delta manifest ids), each read with
+    `get` and verified (envelope, `manifest_problem`), one per signer, sorted by id; ProtocolError
+    naming the first that is missing or does not verify."""
+    contributions = []
+    for cid in candidates:
+        try:
+            data = get(cid)
+        except NodeError as exc:
+            raise ProtocolError(f"expected candidate {cid[:8]}'s delta manifest, got: {exc}") from exc
+        manifest = verify_message(data, DeltaManifest, network_id=genesis.network_id, now=now)
+        problem = manifest_problem(genesis, round_number, manifest)
+        if problem is not None:
+            raise ProtocolError(f"candidate {cid[:8]}: {problem}")
+        contributions.append(Contribution(None, manifest))
+    if len({c.signer for c in contributions}) != len(contributions):
+        raise ProtocolError("expected one candidate per signer, got two of one signer")
+    return sorted(contributions, key=lambda c: c.id)
 
 
 def select_contributions(
@@ -155,8 +190,27 @@ def admit(
                     f"expected a delta norm <= {genesis.outlier_factor:g} x median {median:.4g}, "
                     f"got {norm:.4g}"
                 )
+    if len(decoded) >= 3:
+        for cid, reason in tensor_outliers(genesis.outlier_factor, decoded, wanted).items():
+            rejected.setdefault(cid, reason)
     admitted = tuple(sorted(cid for cid in decoded if cid not in rejected))
     return Admission(admitted, rejected, norms), {cid: decoded[cid] for cid in admitted}
+
+
+def tensor_outliers(
+    factor: float, decoded: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str]
+) -> dict[str, str]:
+    """Contributions whose delta of some tensor has an L2 norm above `factor` x the median of the
+    contributions' deltas of that tensor (first such tensor in name order: the reason)."""
+    found: dict[str, str] = {}
+    for name in names:
+        norms = {cid: float(deltas[name].double().norm()) for cid, deltas in decoded.items()}
+        median = statistics.median(norms.values())
+        for cid, norm in sorted(norms.items()):
+            if cid not in found and median > 0 and norm > factor * median:
+                limit = f"{factor:g} x median {median:.4g}"
+                found[cid] = f"expected {name}'s delta norm <= {limit}, got {norm:.4g}"
+    return found
 
 
 @dataclasses.dataclass(frozen=True)

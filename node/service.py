@@ -9,7 +9,8 @@ daemon, joins the network (the genesis from the initial peers, unless given), fe
    record per shard (owner-only DHT subkeys, a few KiB each; node.records);
 2. runs one step of the round state machine (node.round_machine): collect, plan, merge its shards
    (node.shard_worker), spot-check the others (node.spotcheck), find the attested result
-   (node.discover) and record it (node.decided).
+   (node.discover) and record it (node.decided);
+3. scrubs a slice of its store and fetches again the blobs found corrupt (node.scrub).
 
 A restart resumes from the state in ``--data-dir`` (store + state.sqlite, node.round_state): the
 same keys, the same round.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,12 +31,13 @@ from hivemind.p2p import P2P
 from node.datafolder import load_or_create_identity
 from node.dht import RecordBoard, load_or_create_rsa_key, start_dht, visible_maddrs
 from node.errors import NodeError
-from node.fetcher import Fetcher
+from node.fetcher import Fetcher, node_chunk_limit
 from node.lookups import OpenedAttestations, ShardRecords, read_genesis, read_peers, read_shard_records
 from node.records import contrib_key, genesis_key, make_record, peers_key, result_key, summary_key
 from node.round_context import RoundContext
 from node.round_machine import RoundMachine
 from node.round_state import RoundState
+from node.scrub import StoreScrub
 from node.settings import FALLBACK_SECONDS, POLL_SECONDS, checked_fallback_seconds
 from node.state import NodeState
 from node.store import ContentStore
@@ -92,6 +95,7 @@ class NodeService:
         self.server = ChunkServer(self.store)
         self.fetcher: Fetcher | None = None
         self.machine: RoundMachine | None = None
+        self.scrub: StoreScrub | None = None
         self.maddrs: list[str] = []
         self._last_published: dict[str, tuple[bytes, float]] = {}
         self.opened = OpenedAttestations()  # every attestation read is verified once
@@ -147,8 +151,11 @@ class NodeService:
         )
         if self.genesis is None:
             await self._join()
+        limit = node_chunk_limit(self.genesis.chunk_size)  # a larger chunk is refused before its bytes
+        self.fetcher.policy = dataclasses.replace(self.fetcher.policy, max_chunk_bytes=limit)
         await self.ensure_base()
         self.machine = RoundMachine(self.round_context(), self.board, fallback_seconds=self.fallback_seconds)
+        self.scrub = StoreScrub(self.store, self.fetch)
 
     def round_context(self) -> RoundContext:
         """What the round's steps need, bound to this node's DHT, daemon and store."""
@@ -220,6 +227,7 @@ class NodeService:
         r = self.round
         await self.publish_records(r)
         await self.machine.step(r, aggregate=self.aggregate_rounds)
+        await self.scrub.step()
         self.rounds.set_stats(self.server.bytes_sent, self.bytes_received)
 
     async def publish_records(self, r: int) -> None:

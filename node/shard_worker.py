@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from node.errors import FetchError, NodeError
+from node.errors import FetchError, NodeError, StoreError
 from node.round_context import RoundContext
 from node.round_state import RoundView, ShardMerge
 from node.rounds import Contribution, RoundPlan, admit
@@ -36,6 +36,21 @@ from protocol.messages import SCHEMA_VERSION, Attestation, MergeRecipe, MergeRes
 logger = logging.getLogger("node.service")  # the round log keeps its name: log readers match it
 
 FETCH_PATIENCE = 10  # polls a contribution's missing chunks are waited for before it is left out
+
+
+async def refetch_missing(
+    ctx: RoundContext,
+    names: set[str],
+    base_entries: Sequence[TensorEntry],
+    contributions: Sequence[Contribution],
+) -> None:
+    """Fetch again the chunks of tensors `names` (of the base and of `contributions`) that the store
+    dropped after a failed read; a chunk no peer serves now is tried again next poll."""
+    digests = [d for e in base_entries if e.name in names for d in e.chunks]
+    for c in contributions:
+        digests += [d for t in c.manifest.message.tensors if t.name in names for d in t.chunks]
+    with contextlib.suppress(FetchError):
+        await ctx.fetch(ctx.store.missing(digests), [], attempts=1)
 
 
 def merge_content(result: MergeResult) -> tuple:
@@ -117,13 +132,18 @@ class ShardWorker:
             time.monotonic() - started,
         )
         for j in todo:
-            admission, deltas = await asyncio.to_thread(
-                admit, ctx.genesis, available, base_entries, ctx.decode, plan.shards[j]
-            )
-            if not admission.admitted:
-                continue
-            recipe = ctx.genesis.recipe(r, list(admission.admitted))
-            own = await asyncio.to_thread(self._merge_shard, r, plan, j, recipe, deltas, base_entries)
+            try:
+                admission, deltas = await asyncio.to_thread(
+                    admit, ctx.genesis, available, base_entries, ctx.decode, plan.shards[j]
+                )
+                if not admission.admitted:
+                    continue
+                recipe = ctx.genesis.recipe(r, list(admission.admitted))
+                own = await asyncio.to_thread(self._merge_shard, r, plan, j, recipe, deltas, base_entries)
+            except StoreError as exc:  # our own store lost a chunk: fetch it again, blame no one
+                logger.warning("round %d shard %d: store fault, fetching the chunk again: %s", r, j, exc)
+                await refetch_missing(ctx, names, base_entries, available)
+                return
             ctx.rounds.set_shard(r, j, own)
             ctx.rounds.set_view(r, own.view())
             await self.attest_canonical(r, j, own)

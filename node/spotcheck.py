@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
-from node.errors import FetchError, NodeError
+from node.errors import FetchError, NodeError, StoreError
 from node.round_context import RoundContext
 from node.round_state import RoundView, SpotVerdict
 from node.rounds import Contribution, RoundPlan
@@ -155,11 +155,14 @@ async def _check_sample(
         return None
     try:
         deltas = {c.id: ctx.decode(c, names) for c in admitted}
+        sampled_base = tuple(e for e in base_entries if e.name in set(names))
+        base = decode_tensors(sampled_base, ctx.store.get, ctx.genesis.chunk_size)
+    except StoreError as exc:  # our own store dropped a chunk on read: fetch it next poll, blame no one
+        logger.warning("round %d shard %d: store fault, fetching the chunk again: %s", m.round, m.shard, exc)
+        return None
     except ProtocolError as exc:  # an admitted contribution whose sampled bytes do not decode
         logger.warning("round %d shard %d: spot check refuses %s: %s", m.round, m.shard, result.id, exc)
         return False
-    sampled_base = tuple(e for e in base_entries if e.name in set(names))
-    base = decode_tensors(sampled_base, ctx.store.get, ctx.genesis.chunk_size)
     model = [e.name for e in base_entries]
     try:
         differing = await asyncio.to_thread(recheck, m, names, base, deltas, model)

@@ -71,6 +71,7 @@ class ContentStore:
         for folder in (self.root, self._blobs, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.dropped: set[str] = set()  # digests `get` found corrupt or lost and removed (to refetch)
         self._db = sqlite3.connect(
             self.root / "index.sqlite", check_same_thread=False, isolation_level=None, timeout=60
         )
@@ -153,17 +154,20 @@ class ContentStore:
         return int(row[0])
 
     def get(self, digest: str) -> bytes:
-        """The chunk's bytes, verified against `digest`; a corrupted blob is removed and reported."""
+        """The chunk's bytes, verified against `digest`; a corrupted blob is removed, reported, and
+        its digest kept in `dropped` (node.scrub fetches it again)."""
         if not self.has(digest):
             raise ChunkNotFoundError(f"expected chunk {digest} in the store, got no such chunk")
         try:
             data = self._blob_path(digest).read_bytes()
         except FileNotFoundError:
             self.delete(digest)
+            self.dropped.add(digest)
             raise ChunkNotFoundError(f"expected chunk {digest} on disk, got a missing blob file") from None
         actual = sha256_hex(data)
         if actual != digest:
             self.delete(digest)
+            self.dropped.add(digest)
             raise ChunkHashMismatchError(f"expected stored chunk to hash to {digest}, got {actual}")
         return data
 

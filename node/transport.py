@@ -315,6 +315,7 @@ class FetchReport:
     fetched: int = 0
     bytes_by_peer: dict[str, int] = dataclasses.field(default_factory=dict)
     dropped_peers: dict[str, str] = dataclasses.field(default_factory=dict)
+    raced_bytes: int = 0  # bytes of second copies of chunks raced between holders (not counted above)
 
     @property
     def bytes_received(self) -> int:
@@ -322,19 +323,32 @@ class FetchReport:
 
 
 class _FetchState:
-    """Shared bookkeeping of one fetch: which chunks wait, which peer failed which chunk."""
+    """Shared bookkeeping of one fetch: which chunks wait, which peer failed which chunk.
+
+    Holders race: a peer with nothing left to take asks for a chunk another peer has in flight
+    (`raceable`), so a stalled peer delays no chunk that someone else holds; the first copy that
+    arrives completes it, later copies are ignored, and the fetch ends once every chunk is
+    complete (`complete`) without waiting for the stalled peer's timeout.
+    """
 
     def __init__(self, digests: list[str], report: FetchReport) -> None:
         self.pending: dict[str, None] = dict.fromkeys(digests)  # an ordered set
         self.failed: dict[str, set[str]] = {d: set() for d in digests}  # digest -> peers that failed it
-        self.in_flight: set[str] = set()
+        self.in_flight: dict[str, set[str]] = {}  # digest -> peers it is asked of
+        self.completed: set[str] = set()
         self.dead_peers: set[str] = set()
         self.report = report
         self.sink_error: Exception | None = None
+        self.complete = asyncio.Event()
         self._changed = asyncio.Event()
 
     def servable_by(self, peer: str, limit: int) -> list[str]:
         return list(itertools.islice((d for d in self.pending if peer not in self.failed[d]), limit))
+
+    def raceable_by(self, peer: str, limit: int) -> list[str]:
+        """Chunks in flight at other peers only, that `peer` has not failed (to race them)."""
+        found = (d for d, at in self.in_flight.items() if peer not in at and peer not in self.failed[d])
+        return list(itertools.islice(found, limit))
 
     def finished_for(self, peer: str) -> bool:
         """Nothing left that `peer` could ever serve in this fetch."""
@@ -347,31 +361,47 @@ class _FetchState:
     def notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+        if not self.pending and not self.in_flight:
+            self.complete.set()
 
     async def take(self, peer: str, count: int, *, wait: bool) -> list[str]:
-        """Up to `count` chunks `peer` may serve, now in flight; [] when none (after waiting, if `wait`)."""
+        """Up to `count` chunks `peer` may serve, now in flight; [] when none (after waiting, if `wait`).
+        An idle peer (`wait`) with nothing pending to take races chunks in flight elsewhere."""
         while True:
             if peer in self.dead_peers or self.sink_error is not None:
                 return []
             choice = self.servable_by(peer, count)
+            for digest in choice:
+                del self.pending[digest]
+            if not choice and wait:
+                choice = self.raceable_by(peer, count)
             if choice or not wait or self.finished_for(peer):
                 for digest in choice:
-                    del self.pending[digest]
-                    self.in_flight.add(digest)
+                    self.in_flight.setdefault(digest, set()).add(peer)
                 return choice
             await self._changed.wait()
 
     def give_back(self, digest: str, peer: str, *, failed: bool) -> None:
-        self.in_flight.discard(digest)
-        self.pending[digest] = None
-        if failed:
+        if failed and digest in self.failed:
             self.failed[digest].add(peer)
+        at = self.in_flight.get(digest)
+        if at is not None:
+            at.discard(peer)
+            if not at:
+                del self.in_flight[digest]
+                if digest not in self.completed:
+                    self.pending[digest] = None
         self.notify()
 
     def done(self, digest: str, peer: str, size: int) -> None:
-        self.in_flight.discard(digest)
-        self.report.fetched += 1
-        self.report.bytes_by_peer[peer] = self.report.bytes_by_peer.get(peer, 0) + size
+        if digest in self.completed:  # a raced copy that lost
+            self.report.raced_bytes += size
+        else:
+            self.completed.add(digest)
+            self.report.fetched += 1
+            self.report.bytes_by_peer[peer] = self.report.bytes_by_peer.get(peer, 0) + size
+        self.in_flight.pop(digest, None)
+        self.pending.pop(digest, None)
         self.notify()
 
     def drop(self, peer: str, reason: str) -> None:
@@ -491,7 +521,14 @@ async def fetch_chunks(
     with concurrent.futures.ThreadPoolExecutor(writers, thread_name_prefix="umm-fetch-put") as pool:
         workers = [asyncio.create_task(worker(p)) for p in peers for _ in range(streams_per_peer)]
         try:
-            await asyncio.gather(*workers)
+            everyone = asyncio.gather(*workers, return_exceptions=True)
+            finished = asyncio.ensure_future(state.complete.wait())
+            await asyncio.wait([everyone, finished], return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()
+            if everyone.done():  # a worker's unexpected error surfaces as before
+                for outcome in everyone.result():
+                    if isinstance(outcome, Exception):
+                        raise outcome
             while stores:
                 await asyncio.gather(*list(stores))
         finally:
@@ -507,5 +544,6 @@ async def fetch_chunks(
             f"peers dropped: {report.dropped_peers or 'none'}",
             missing,
             report.bytes_received,
+            report.dropped_peers,
         )
     return report

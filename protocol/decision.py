@@ -12,7 +12,9 @@ What the node, `umm pull` and `umm status` apply to what they read on the networ
    result with a quorum (`protocol.verify.check_quorum` under `protocol.quorum.quorum_for`) and the most
    signers (ties: the smallest id); a candidate set with such a result on every shard that fits
    the base's shard plan (`protocol.verify.round_check`) is a complete round. Of several, the one
-   with the most signers wins (ties: the smallest fingerprint).
+   with the most signers wins (ties: the smallest fingerprint); `attested_rounds` lists them all in
+   that order, for a reader that skips those it cannot verify (a node's own view, a pull's
+   candidate check), so that a tie forged by other keys never hides the round it can verify.
 
 `ShardAttestations.rank` is the order in which nodes follow results of one merge (most distinct
 full attesters, then most attesters, then the smallest id): workers attest the first result of
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from typing import Any
 
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError
@@ -185,14 +188,26 @@ def decide_round(
     round_number: int,
     shards: Sequence[ShardAttestations],
     results: Mapping[str, bytes],
+    **settings: Any,
+) -> AttestedRound | None:
+    """The first of `attested_rounds` (the most signers; ties: the smallest fingerprint), or None."""
+    complete = attested_rounds(round_number, shards, results, **settings)
+    return complete[0] if complete else None
+
+
+def attested_rounds(
+    round_number: int,
+    shards: Sequence[ShardAttestations],
+    results: Mapping[str, bytes],
     *,
     base_sizes: Sequence[tuple[str, int]],
     network_id: str,
     quorum_setting: int,
     allowed_signers: frozenset[bytes] | None = None,
     now: int | None = None,
-) -> AttestedRound | None:
-    """The round's result whose every shard carries a quorum (step 3 of the module docstring).
+) -> list[AttestedRound]:
+    """The round's complete results, every shard with a quorum (step 3 of the module docstring),
+    best first: the most signers, ties: the smallest fingerprint (one per candidate set and count).
 
     `shards[j]` holds shard j's attestations (as many shards as the largest count to consider);
     `results` maps result ids to the envelope bytes fetched (ids absent are skipped);
@@ -251,6 +266,4 @@ def decide_round(
             )
             if outcome.ok:
                 complete.append(AttestedRound([attested for attested, _ in chosen], outcome.fingerprint))
-    if not complete:
-        return None
-    return min(complete, key=lambda found: (-found.signers, found.fingerprint))
+    return sorted(complete, key=lambda found: (-found.signers, found.fingerprint))

@@ -154,6 +154,26 @@ def test_admission_excludes_an_outlier_norm():
     assert admission.norms[poisoned] > 3 * sorted(admission.norms.values())[1]
 
 
+def test_admission_excludes_one_small_tensor_far_above_the_others_same_tensor():
+    """x4 on the small tensor b alone keeps the whole delta's norm within 3 x the median (about
+    1.6 x here), but b's delta norm is 4 x that of the others' b: the per-tensor rule excludes it."""
+    made = [_contribution(_who(n), seed=n) for n in (1, 2, 3)]
+    contributions = select_contributions(GENESIS, 0, [m[:2] for m in made])
+    decode = _decoder({m[1].id: m[2] for m in made})
+    poisoned = made[2][1].id
+
+    def decode_scaled(contribution, names):
+        deltas = dict(decode(contribution, names))
+        if contribution.id == poisoned:
+            deltas["b.weight"] = deltas["b.weight"] * 4
+        return deltas
+
+    admission, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_scaled)
+    assert max(admission.norms.values()) < 3 * sorted(admission.norms.values())[1]
+    assert admission.admitted == tuple(sorted(m[1].id for m in made[:2]))
+    assert admission.rejected[poisoned].startswith("expected b.weight's delta norm <= 3 x median")
+
+
 def test_with_two_contributions_no_norm_is_an_outlier():
     made = [_contribution(_who(1), seed=1), _contribution(_who(2), seed=2, scale=1.0)]
     contributions = select_contributions(GENESIS, 0, [m[:2] for m in made])
