@@ -2,9 +2,10 @@
 
 `aggregate` builds the merge engine's config from the recipe — the base model named ``base``,
 the contributions as models in the recipe's sorted order (their ids as names), the recipe's
-global parameters, dtype and content-derived seed — reconstructs each expert as base + delta in
-float32, and calls `merging.engine.merge_state_dicts`, whose results do not depend on thread count
-or input order. `encode_result` turns the merged tensors into MergeResult entries, chunks and the
+global parameters, dtype and content-derived seed — reconstructs each expert as
+`protocol.chunks.reconstruct(base, delta)` (base + delta in float64, rounded to float32), and
+calls `merging.engine.merge_state_dicts`, whose results do not depend on thread count or input
+order. `encode_result` turns the merged tensors into MergeResult entries, chunks and the
 merged fingerprint.
 """
 
@@ -17,7 +18,7 @@ import torch
 from merging.config import MergeConfig
 from merging.engine import merge_state_dicts, resolve_parameters
 from merging.errors import MergeError
-from protocol.chunks import check_matches, encode_tensors
+from protocol.chunks import check_matches, encode_tensors, reconstruct
 from protocol.codecs import DTYPE_NAMES, CodecSpec
 from protocol.errors import RecipeError, TensorMismatchError
 from protocol.fingerprint import fingerprint_state_dict
@@ -53,11 +54,11 @@ def aggregate(
 ) -> dict[str, torch.Tensor]:
     """Merge base + each contribution's decoded delta as the recipe says; identical bytes on every peer.
 
-    `deltas` maps each of the recipe's contribution ids to its decoded float32 deltas, one per base
-    tensor with the base tensor's shape. To merge one shard, pass only the shard's tensors in
-    `base` and `deltas` and the whole model's tensor names as `model_tensors`: layer-wise
-    parameters are then resolved against the whole model (its layer count), so the shard's bytes
-    equal the same tensors of the full merge.
+    `deltas` maps each of the recipe's contribution ids to its decoded deltas (float32; float64
+    for ``fp64``), one per base tensor with the base tensor's shape. To merge one shard, pass
+    only the shard's tensors in `base` and `deltas` and the whole model's tensor names as
+    `model_tensors`: layer-wise parameters are then resolved against the whole model (its layer
+    count), so the shard's bytes equal the same tensors of the full merge.
     """
     config = recipe_config(recipe)
     names = sorted(base)
@@ -86,7 +87,7 @@ def aggregate(
                 expert[name] = tensor
                 continue
             check_matches(name, tuple(tensor.shape), "float32", delta[name].float())
-            expert[name] = tensor + delta[name].float()
+            expert[name] = reconstruct(tensor, delta[name])
         models[contribution] = expert
     try:
         parameters = resolve_parameters(config, everything)
