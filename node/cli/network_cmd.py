@@ -67,7 +67,10 @@ def network() -> None:
     help="Method parameters as JSON or YAML (layer-wise lists allowed).",
 )
 @click.option(
-    "--dtype", type=click.Choice(DTYPES), default=DEFAULT_DTYPE, show_default=True, help="Merged model dtype."
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=None,
+    help="Merged model dtype [default: the base's, e.g. bfloat16 for a bf16 base].",
 )
 @click.option(
     "--quorum",
@@ -161,7 +164,7 @@ def create(
         min_contributions=min_contributions,
         settle_seconds=settle_seconds,
     )
-    check_proposed_settings(name, **settings)  # before anything is created in --data-dir
+    check_proposed_settings(name, **{**settings, "dtype": dtype or DEFAULT_DTYPE})  # before any write
     identity = load_or_create_identity(data_dir)
     with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
         genesis, record = create_genesis(

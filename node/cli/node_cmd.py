@@ -158,7 +158,8 @@ def start(
     "--codec",
     default="bf16",
     show_default=True,
-    help="Delta codec: bf16, fp16, topk:DENSITY, int8:BLOCK, +zstd.",
+    help="Delta codec: raw (lossless: float32/float64 deltas), bf16, fp16, topk:DENSITY, "
+    "int8[:BLOCK], int4[:BLOCK]; add +zstd to compress.",
 )
 @click.option("--name", help="Expert name on its card (default: the folder name).")
 @click.option("--domain", "domains", multiple=True, help="Domain tag (repeatable).")
