@@ -87,35 +87,47 @@ def contribute(
             return _contribute_summary(genesis, identity, card, expert_dir, store, rounds, r, k)
         fingerprints = dataclasses.replace(fingerprints, architecture=architecture)
         card = _sign_card(genesis, identity, fingerprints, card_name, domains, license)
-        entries, _ = encode_deltas(
-            EntryTensors(base_entries, store.get, genesis.chunk_size),
-            FolderTensors(expert_dir),
-            parse_codec(codec),
-            genesis.chunk_size,
-            sink=lambda digest, data: store.put(data, digest),
-        )
-        now = int(time.time())
-        manifest = sign_message(
-            DeltaManifest(
-                v=SCHEMA_VERSION,
-                network_id=genesis.network_id,
-                signer=identity.public_key,
-                created_at=now,
-                round=r,
-                card_id=card.id,
-                base_fingerprint=genesis.base_fingerprint,
-                architecture_fingerprint=fingerprints.architecture,
-                chunk_size=genesis.chunk_size,
-                total_bytes=sum(e.nbytes for e in entries),
-                tensors=entries,
-            ),
-            identity,
-        )
-        total = manifest.message.total_bytes
-        store.put(manifest.raw, manifest.id)  # after its chunks, before the round state names it
-        rounds.set_contribution(r, OwnContribution(card.raw, manifest.id))
-        chunks = len({d for e in entries for d in e.chunks})
-        return PreparedContribution(r, card.id, manifest.id, total, chunks, "delta")
+        rounds.set_pending(r, int(time.time()))  # the node announces it is on its way (node.settle)
+        try:
+            return _contribute_deltas(genesis, identity, card, expert_dir, codec, store, rounds, r)
+        finally:
+            rounds.set_pending(r, None)
+
+
+def _contribute_deltas(
+    genesis: Genesis, identity, card, expert_dir, codec: str, store: ContentStore, rounds: RoundState, r: int
+) -> PreparedContribution:
+    """Encode the expert's deltas tensor by tensor into the store; sign and record the manifest."""
+    base_entries = read_base_manifest(store.get(genesis.base_manifest))
+    entries, _ = encode_deltas(
+        EntryTensors(base_entries, store.get, genesis.chunk_size),
+        FolderTensors(expert_dir),
+        parse_codec(codec),
+        genesis.chunk_size,
+        sink=lambda digest, data: store.put(data, digest),
+    )
+    now = int(time.time())
+    manifest = sign_message(
+        DeltaManifest(
+            v=SCHEMA_VERSION,
+            network_id=genesis.network_id,
+            signer=identity.public_key,
+            created_at=now,
+            round=r,
+            card_id=card.id,
+            base_fingerprint=genesis.base_fingerprint,
+            architecture_fingerprint=card.message.architecture_fingerprint,
+            chunk_size=genesis.chunk_size,
+            total_bytes=sum(e.nbytes for e in entries),
+            tensors=entries,
+        ),
+        identity,
+    )
+    total = manifest.message.total_bytes
+    store.put(manifest.raw, manifest.id)  # after its chunks, before the round state names it
+    rounds.set_contribution(r, OwnContribution(card.raw, manifest.id))
+    chunks = len({d for e in entries for d in e.chunks})
+    return PreparedContribution(r, card.id, manifest.id, total, chunks, "delta")
 
 
 def _architecture_against_base(
