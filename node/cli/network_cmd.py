@@ -193,15 +193,19 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         claims = latest_rounds_from_records(peer_values.values())
         current = (claims[0] + 1) if claims else 0
         rounds = sorted({current, *claims[:1]})
-        summaries = {
-            r: [parse_record("summary", v) for v in (await client.aread(summary_key(network_id, r))).values()]
-            for r in rounds
-        }
-        contribs = {
-            r: [parse_record("contrib", v) for v in (await client.aread(contrib_key(network_id, r))).values()]
-            for r in rounds
-        }
-        results = {r: await read_round_records(client, network_id, r) for r in rounds}
+
+        async def read_round(r: int) -> tuple:
+            # every DHT lookup of a round at once: the status costs one lookup's latency per step
+            return await asyncio.gather(
+                client.aread(summary_key(network_id, r)),
+                client.aread(contrib_key(network_id, r)),
+                read_round_records(client, network_id, r),
+            )
+
+        per_round = dict(zip(rounds, await asyncio.gather(*(read_round(r) for r in rounds)), strict=True))
+        summaries = {r: [parse_record("summary", v) for v in per_round[r][0].values()] for r in rounds}
+        contribs = {r: [parse_record("contrib", v) for v in per_round[r][1].values()] for r in rounds}
+        results = {r: per_round[r][2] for r in rounds}
     finally:
         await client.shutdown()
     return {
