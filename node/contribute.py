@@ -6,6 +6,10 @@ the deltas with the chosen codec, signs an ExpertCard and a DeltaManifest with t
 identity, stores every chunk and the manifest envelope, and records the contribution for the
 round; the running node announces it on the DHT at its next poll.
 
+An expert saved in another float dtype than the base (e.g. bf16 from a float32 base) is merged
+from its own values: its deltas are computed in float32 and its manifest states the network's
+architecture. Tensors are read and encoded one at a time, so no whole model is held in memory.
+
 An expert of another architecture cannot be merged in weight space: if the network has a probe
 set, it publishes a DistributionSummary instead — its top-k next-token log-probs on the probe
 texts (FuseLLM-style), with the token strings needed to align vocabularies.
@@ -22,16 +26,16 @@ import torch
 from merging.distribution import token_strings, top_k_distribution
 from node.datafolder import check_node_folder, load_or_create_identity
 from node.errors import NodeError
-from node.genesis import load_base
+from node.lazy_tensors import EntryTensors, FolderTensors
 from node.round_state import OwnContribution, OwnSummary, RoundState
 from node.state import NodeState
 from node.store import ContentStore
-from protocol.chunks import decode_tensors, encode_deltas
-from protocol.codecs import parse_codec
+from protocol.chunks import encode_deltas
+from protocol.codecs import FLOAT_DTYPES, parse_codec
 from protocol.envelope import sign_message
-from protocol.fingerprint import fingerprint_model
+from protocol.fingerprint import architecture_fingerprint, fingerprint_model, read_tensor_infos
 from protocol.genesis import Genesis, open_genesis, read_base_manifest, read_probe_set
-from protocol.messages import SCHEMA_VERSION, DeltaManifest, DistributionSummary, ExpertCard
+from protocol.messages import SCHEMA_VERSION, DeltaManifest, DistributionSummary, ExpertCard, TensorEntry
 from protocol.summary import encode_summary
 
 
@@ -73,40 +77,84 @@ def contribute(
         fingerprints = fingerprint_model(expert_dir)
         identity = load_or_create_identity(data_dir)
         r = rounds.round if round_number is None else round_number
-        card = _sign_card(genesis, identity, fingerprints, name or Path(expert_dir).name, domains, license)
-        if fingerprints.architecture != genesis.architecture_fingerprint:
-            if not genesis.probe_set_fingerprint:
-                raise ArchitectureMismatchError(
-                    f"expected an expert of architecture {genesis.architecture_fingerprint[:16]} "
-                    f"(or a network with a probe set for distribution summaries), "
-                    f"got {fingerprints.architecture[:16]}"
-                )
+        base_entries = read_base_manifest(store.get(genesis.base_manifest))
+        architecture = _architecture_against_base(
+            genesis, fingerprints.architecture, expert_dir, base_entries
+        )
+        card_name = name or Path(expert_dir).name
+        if architecture is None:
+            card = _sign_card(genesis, identity, fingerprints, card_name, domains, license)
             return _contribute_summary(genesis, identity, card, expert_dir, store, rounds, r, k)
-        base = decode_tensors(
-            read_base_manifest(store.get(genesis.base_manifest)), store.get, genesis.chunk_size
-        )
-        entries, chunks = encode_deltas(base, load_base(expert_dir), parse_codec(codec), genesis.chunk_size)
-        now = int(time.time())
-        manifest = sign_message(
-            DeltaManifest(
-                v=SCHEMA_VERSION,
-                network_id=genesis.network_id,
-                signer=identity.public_key,
-                created_at=now,
-                round=r,
-                card_id=card.id,
-                base_fingerprint=genesis.base_fingerprint,
-                architecture_fingerprint=fingerprints.architecture,
-                chunk_size=genesis.chunk_size,
-                total_bytes=sum(e.nbytes for e in entries),
-                tensors=entries,
-            ),
-            identity,
-        )
-        total = manifest.message.total_bytes
-        _save(store, manifest, chunks)
-        rounds.set_contribution(r, OwnContribution(card.raw, manifest.id))
-        return PreparedContribution(r, card.id, manifest.id, total, len(chunks), "delta")
+        fingerprints = dataclasses.replace(fingerprints, architecture=architecture)
+        card = _sign_card(genesis, identity, fingerprints, card_name, domains, license)
+        rounds.set_pending(r, int(time.time()))  # the node announces it is on its way (node.settle)
+        try:
+            return _contribute_deltas(genesis, identity, card, expert_dir, codec, store, rounds, r)
+        finally:
+            rounds.set_pending(r, None)
+
+
+def _contribute_deltas(
+    genesis: Genesis, identity, card, expert_dir, codec: str, store: ContentStore, rounds: RoundState, r: int
+) -> PreparedContribution:
+    """Encode the expert's deltas tensor by tensor into the store; sign and record the manifest."""
+    base_entries = read_base_manifest(store.get(genesis.base_manifest))
+    entries, _ = encode_deltas(
+        EntryTensors(base_entries, store.get, genesis.chunk_size),
+        FolderTensors(expert_dir),
+        parse_codec(codec),
+        genesis.chunk_size,
+        sink=lambda digest, data: store.put(data, digest),
+    )
+    now = int(time.time())
+    manifest = sign_message(
+        DeltaManifest(
+            v=SCHEMA_VERSION,
+            network_id=genesis.network_id,
+            signer=identity.public_key,
+            created_at=now,
+            round=r,
+            card_id=card.id,
+            base_fingerprint=genesis.base_fingerprint,
+            architecture_fingerprint=card.message.architecture_fingerprint,
+            chunk_size=genesis.chunk_size,
+            total_bytes=sum(e.nbytes for e in entries),
+            tensors=entries,
+        ),
+        identity,
+    )
+    total = manifest.message.total_bytes
+    store.put(manifest.raw, manifest.id)  # after its chunks, before the round state names it
+    rounds.set_contribution(r, OwnContribution(card.raw, manifest.id))
+    chunks = len({d for e in entries for d in e.chunks})
+    return PreparedContribution(r, card.id, manifest.id, total, chunks, "delta")
+
+
+def _architecture_against_base(
+    genesis: Genesis, architecture: str, expert_dir: str | Path, base_entries: tuple[TensorEntry, ...]
+) -> str | None:
+    """The architecture fingerprint the expert's manifest states (the genesis' when the expert
+    differs from the base only by float dtypes: its deltas are then computed from its values in
+    float32), or None for another architecture in a network with a probe set (a summary)."""
+    if architecture == genesis.architecture_fingerprint:
+        return architecture
+    base_dtypes = {e.name: e.dtype for e in base_entries}
+    if architecture_fingerprint(expert_dir, dtypes=base_dtypes) == genesis.architecture_fingerprint:
+        for info in read_tensor_infos(expert_dir).values():
+            wanted = base_dtypes[info.name]
+            if info.dtype != wanted and not {info.dtype, wanted} <= FLOAT_DTYPES:
+                raise ArchitectureMismatchError(
+                    f"expected {info.name} in dtype {wanted} like the base (float dtypes may differ), "
+                    f"got {info.dtype}"
+                )
+        return genesis.architecture_fingerprint
+    if genesis.probe_set_fingerprint:
+        return None
+    raise ArchitectureMismatchError(
+        f"expected an expert of architecture {genesis.architecture_fingerprint[:16]} (config fields, "
+        f"tensor names and shapes; float dtypes may differ), or a network with a probe set for "
+        f"distribution summaries, got {architecture[:16]}"
+    )
 
 
 def _sign_card(genesis: Genesis, identity, fingerprints, name: str, domains, license: str):

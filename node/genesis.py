@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from merging.config import DTYPES as OUTPUT_DTYPES
 from node.store import ContentStore
 from protocol.aggregate import RAW
 from protocol.chunks import encode_tensors
+from protocol.codecs import FLOAT_DTYPES
 from protocol.encoding import pack
-from protocol.fingerprint import fingerprint_model
+from protocol.fingerprint import fingerprint_model, read_tensor_infos
 from protocol.genesis import (
     DEFAULT_DTYPE,
     DEFAULT_METHOD,
@@ -43,6 +45,7 @@ from protocol.messages import DEFAULT_CHUNK_SIZE
 __all__ = [  # the genesis message is protocol data; these names stay importable from here
     "Genesis",
     "GenesisError",
+    "base_dtype",
     "create_genesis",
     "load_base",
     "open_genesis",
@@ -64,6 +67,19 @@ def load_base(base_dir: str | Path) -> dict[str, torch.Tensor]:
     for file in files:
         tensors.update(load_file(file))
     return tensors
+
+
+def base_dtype(base_dir: str | Path) -> str:
+    """The float dtype holding most of the base's bytes (what ``--dtype`` defaults to); float32
+    when that dtype is not one a merge can output (e.g. float64) or the base has no float tensor."""
+    totals: dict[str, int] = {}
+    for info in read_tensor_infos(base_dir).values():
+        if info.dtype in FLOAT_DTYPES:
+            totals[info.dtype] = totals.get(info.dtype, 0) + info.end - info.start
+    if not totals:
+        return DEFAULT_DTYPE
+    dtype = max(sorted(totals), key=totals.__getitem__)
+    return dtype if dtype in OUTPUT_DTYPES else DEFAULT_DTYPE
 
 
 def side_files(folder: str | Path) -> dict[str, Path]:
@@ -96,7 +112,7 @@ def create_genesis(
     *,
     method: str = DEFAULT_METHOD,
     parameters: dict[str, Any] | None = None,
-    dtype: str = DEFAULT_DTYPE,
+    dtype: str | None = None,
     quorum: int = DEFAULT_QUORUM,
     members: tuple[bytes, ...] | None = None,
     outlier_factor: float = DEFAULT_OUTLIER_FACTOR,
@@ -106,7 +122,9 @@ def create_genesis(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Genesis, bytes]:
     """Check the settings, fingerprint the base, put its chunks (and the probe texts) in `store`,
-    sign a genesis; nothing is written before the settings and the probe set are checked."""
+    sign a genesis; nothing is written before the settings and the probe set are checked.
+    `dtype` (the merged model's) defaults to the base's (`base_dtype`)."""
+    dtype = base_dtype(base_dir) if dtype is None else dtype
     check_proposed_settings(
         name,
         method=method,

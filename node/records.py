@@ -8,6 +8,8 @@ Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
                                       "p2p": the holder's libp2p peer id}
     umm/<network id>/summary/<r>     {"card": ExpertCard envelope, "summary": DistributionSummary envelope
                                       id, "p2p": the holder's libp2p peer id} (experts of other architectures)
+    umm/<network id>/pending/<r>     {"signer": Ed25519 key, "started": unix time, "p2p": libp2p peer id}
+                                     (a contribution being prepared for round r: node.settle)
     umm/<network id>/result/<r>/<j>  {"result": MergeResult envelope id of shard j, "attestation":
                                       Attestation envelope, "p2p": the holder's libp2p peer id}
 
@@ -31,6 +33,7 @@ RECORD_FIELDS: dict[str, dict[str, type]] = {
     "contrib": {"card": bytes, "manifest": str, "p2p": str},
     "result": {"result": str, "attestation": bytes, "p2p": str},
     "summary": {"card": bytes, "summary": str, "p2p": str},
+    "pending": {"signer": bytes, "started": int, "p2p": str},
 }
 
 
@@ -48,6 +51,10 @@ def contrib_key(network_id: str, round_number: int) -> str:
 
 def summary_key(network_id: str, round_number: int) -> str:
     return f"umm/{network_id}/summary/{round_number}"
+
+
+def pending_key(network_id: str, round_number: int) -> str:
+    return f"umm/{network_id}/pending/{round_number}"
 
 
 def result_key(network_id: str, round_number: int, shard: int = 0) -> str:

@@ -4,16 +4,18 @@
 
 1. collects the round's contributions (`collect_contributions`: each card and manifest verified,
    manifests fetched from their holders, then `node.rounds.select_contributions`);
-2. once at least ``min_contributions`` are in and the set (the candidates) has not changed for
-   ``settle_seconds``, plans the round (`node.rounds.plan_round`) and picks the shards to merge in
-   full (`shards_to_compute`: its own; every shard when the workers alone cannot reach the quorum;
+2. once at least ``min_contributions`` are in, the set (the candidates) has not changed for
+   ``settle_seconds`` and no announced contribution is still on its way (`node.settle`), plans
+   the round (`node.rounds.plan_round`) and picks the shards to merge in full
+   (`shards_to_compute`: its own; every shard when the workers alone cannot reach the quorum;
    after ``fallback_seconds`` also the shards still lacking a quorum);
 3. merges and attests those (`node.shard_worker`) and spot-checks every other shard
    (`node.spotcheck`);
 4. looks for the round's attested result (`node.discover.find_attested_rounds`: the one of its own
    view if it has one, else the best it has not failed to verify) and, if found —
    after verifying it as a round it did not plan when it has no view of the round
-   (`node.unplanned`) — records it and moves on (`node.decided.record_decided`); else logs, every
+   (`node.unplanned`) — records it and moves on (`node.decided.record_decided`), deleting
+   rounds older than the latest ``keep_rounds`` decided ones (`node.retention`); else logs, every
    ``WAITING_LOG_SECONDS``, what each shard's records attest.
 
 The machine keeps only what it learns within a run in memory (when the candidates last changed,
@@ -29,12 +31,15 @@ import time
 from node.decided import record_decided
 from node.discover import find_attested_rounds
 from node.errors import NodeError
+from node.lazy_tensors import release_memory
 from node.lookups import RecordReader
-from node.records import contrib_key, parse_record
+from node.records import contrib_key, parse_record, pending_key
+from node.retention import note_decided, sweep
 from node.round_context import RoundContext
 from node.round_state import RoundView
 from node.rounds import Contribution, RoundPlan, plan_round, select_contributions
-from node.settings import FALLBACK_SECONDS, checked_fallback_seconds
+from node.settings import FALLBACK_SECONDS, KEEP_ROUNDS, checked_fallback_seconds
+from node.settle import SettleClock, pending_signers
 from node.shard_worker import FetchPatience, ShardWorker
 from node.spotcheck import spot_check_shards
 from node.unplanned import verify_unplanned
@@ -118,16 +123,22 @@ class RoundMachine:
     """One node's rounds (the module docstring); `board` reads the DHT."""
 
     def __init__(
-        self, ctx: RoundContext, board: RecordReader, *, fallback_seconds: float = FALLBACK_SECONDS
+        self,
+        ctx: RoundContext,
+        board: RecordReader,
+        *,
+        fallback_seconds: float = FALLBACK_SECONDS,
+        keep_rounds: int = KEEP_ROUNDS,
     ) -> None:
         self.ctx = ctx
+        self.keep_rounds = keep_rounds
         self.board = board
         self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
         self.patience = FetchPatience()
         self.worker = ShardWorker(ctx, self.patience)
-        self._seen: dict[int, tuple[tuple[str, ...], float]] = {}
         self._unverifiable: set[tuple[int, tuple[str, ...]]] = set()
         self.manifests = ManifestFetches()
+        self.settle = SettleClock(ctx.genesis.settle_seconds)
         self._waiting_logged = 0.0
 
     async def step(self, r: int, *, aggregate: bool = True) -> None:
@@ -142,16 +153,17 @@ class RoundMachine:
         contributions = await collect_contributions(ctx, self.board, r, self.manifests)
         if len(contributions) < ctx.genesis.min_contributions:
             return
-        ids = tuple(c.id for c in contributions)
-        seen = self._seen.get(r)
-        if seen is None or seen[0] != ids:  # a new set: wait until it has been stable for settle_seconds
-            self._seen[r] = (ids, time.monotonic())
-            return
-        if time.monotonic() - seen[1] < ctx.genesis.settle_seconds:
+        pending = pending_signers(
+            (await self.board.aread(pending_key(ctx.network_id, r))).values(),
+            {c.signer for c in contributions},
+            now=time.time(),
+            members=ctx.genesis.allowed_signers,
+        )
+        waited = self.settle.settled(r, tuple(c.id for c in contributions), pending)
+        if waited is None:  # not settled yet (node.settle)
             return
         base_entries = ctx.base_entries()
         plan = plan_round(ctx.genesis, contributions, base_entries)
-        waited = time.monotonic() - seen[1] - ctx.genesis.settle_seconds
         shards = await self.shards_to_compute(r, plan, waited)
         await self.worker.merge_shards(r, plan, contributions, shards, base_entries)
         others = [j for j in range(len(plan.shards)) if j not in shards]
@@ -210,8 +222,17 @@ class RoundMachine:
         return True
 
     async def record(self, r: int, found: AttestedRound) -> bool:
-        """Record `found` as round `r`'s result if this node's view agrees (`node.decided`)."""
-        return await record_decided(self.ctx, self.worker, self.patience, r, found)
+        """Record `found` as round `r`'s result if this node's view agrees (`node.decided`), then
+        delete what only rounds older than the latest `keep_rounds` decided ones need
+        (`node.retention`)."""
+        recorded = await record_decided(self.ctx, self.worker, self.patience, r, found)
+        if recorded:
+            note_decided(self.ctx.rounds, r, found)
+            await asyncio.to_thread(
+                sweep, self.ctx.rounds, self.ctx.store, self.ctx.genesis, self.keep_rounds
+            )
+            release_memory()
+        return recorded
 
     async def log_waiting(self, r: int) -> None:
         """Every WAITING_LOG_SECONDS without a decided round: what each shard's records attest."""

@@ -202,6 +202,17 @@ class RoundState:
     def set_summary(self, r: int, value: OwnSummary) -> None:
         self.state.set(f"summary/{r}", value.encode())
 
+    def pending(self, r: int) -> int | None:
+        """When `umm contribute` started preparing a contribution for round r (unix time), if it is."""
+        return self.state.get(f"pending/{r}")
+
+    def set_pending(self, r: int, started: int | None) -> None:
+        """Note (or, with None, clear) a contribution being prepared for round r."""
+        if started is None:
+            self.state.delete(f"pending/{r}")
+        else:
+            self.state.set(f"pending/{r}", started)
+
     def shard(self, r: int, j: int) -> ShardMerge | None:
         return _decoded(ShardMerge, self.state.get(f"shard/{r}/{j}"))
 

@@ -5,7 +5,8 @@ daemon, joins the network (the genesis from the initial peers, unless given), fe
 (`ensure_base`), then every `poll` seconds, on its own:
 
 1. republishes its records (`publish_records`): presence, the genesis, its contribution (or
-   distribution summary) for the current round and, for its latest decided round, one result
+   distribution summary) for the current round — or, while `umm contribute` prepares one, a
+   ``pending`` record (node.settle) — and, for its latest decided round, one result
    record per shard (owner-only DHT subkeys, a few KiB each; node.records);
 2. runs one step of the round state machine (node.round_machine): collect, plan, merge its shards
    (node.shard_worker), spot-check the others (node.spotcheck), find the attested result
@@ -33,12 +34,26 @@ from node.dht import RecordBoard, load_or_create_rsa_key, start_dht, visible_mad
 from node.errors import NodeError
 from node.fetcher import Fetcher, node_chunk_limit
 from node.lookups import OpenedAttestations, ShardRecords, read_genesis, read_peers, read_shard_records
-from node.records import contrib_key, genesis_key, make_record, peers_key, result_key, summary_key
+from node.records import (
+    contrib_key,
+    genesis_key,
+    make_record,
+    peers_key,
+    pending_key,
+    result_key,
+    summary_key,
+)
 from node.round_context import RoundContext
 from node.round_machine import RoundMachine
 from node.round_state import RoundState
 from node.scrub import StoreScrub
-from node.settings import FALLBACK_SECONDS, POLL_SECONDS, checked_fallback_seconds
+from node.settings import (
+    FALLBACK_SECONDS,
+    KEEP_ROUNDS,
+    PENDING_SECONDS,
+    POLL_SECONDS,
+    checked_fallback_seconds,
+)
 from node.state import NodeState
 from node.store import ContentStore
 from node.transport import ChunkServer
@@ -67,8 +82,10 @@ class NodeService:
         on_ready: Callable[[NodeService], None] | None = None,
         aggregate_rounds: bool = True,
         fallback_seconds: float = FALLBACK_SECONDS,
+        keep_rounds: int = KEEP_ROUNDS,
     ) -> None:
         self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
+        self.keep_rounds = keep_rounds
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = ContentStore(self.data_dir / "store")
@@ -154,7 +171,12 @@ class NodeService:
         limit = node_chunk_limit(self.genesis.chunk_size)  # a larger chunk is refused before its bytes
         self.fetcher.policy = dataclasses.replace(self.fetcher.policy, max_chunk_bytes=limit)
         await self.ensure_base()
-        self.machine = RoundMachine(self.round_context(), self.board, fallback_seconds=self.fallback_seconds)
+        self.machine = RoundMachine(
+            self.round_context(),
+            self.board,
+            fallback_seconds=self.fallback_seconds,
+            keep_rounds=self.keep_rounds,
+        )
         self.scrub = StoreScrub(self.store, self.fetch)
 
     def round_context(self) -> RoundContext:
@@ -243,6 +265,10 @@ class NodeService:
         if own is not None:
             record = make_record("contrib", card=own.card, manifest=own.manifest, p2p=p2p)
             await self.publish(contrib_key(nid, r), record)
+        started = self.rounds.pending(r)
+        if own is None and started is not None and time.time() - started < PENDING_SECONDS:
+            record = make_record("pending", signer=self.identity.public_key, started=started, p2p=p2p)
+            await self.publish(pending_key(nid, r), record)
         summary = self.rounds.summary(r)
         if summary is not None:
             record = make_record("summary", card=summary.card, summary=summary.summary, p2p=p2p)

@@ -13,6 +13,8 @@ POLL_SECONDS = 1.0  # between round steps of a node
 FALLBACK_SECONDS = 120.0  # after a round settles, before a node also merges shards lacking a quorum
 PULL_TIMEOUT = 120.0  # seconds a pull waits for an attested result
 MADDRS_FILE_WAIT = 120.0  # seconds a node waits for its --initial-peers-file to appear
+PENDING_SECONDS = 600.0  # longest a round waits for contributions announced as on their way (node.settle)
+KEEP_ROUNDS = 2  # decided rounds a node keeps in its store (node.retention); older ones are deleted
 
 
 def checked_fallback_seconds(value: object) -> float:

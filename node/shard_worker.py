@@ -7,8 +7,10 @@ that still lacks a quorum), each poll:
    the node only re-attests it (step 4);
 2. otherwise it fetches the shard's tensors of every candidate; a contribution whose chunks do not
    arrive is waited for `FETCH_PATIENCE` polls, then left out (`FetchPatience`);
-3. it admits per shard (`node.rounds.admit`), merges with `protocol.aggregate`, stores the chunks
-   and a signed MergeResult, and keeps a `ShardMerge` in its round state;
+3. it admits per shard (`node.rounds.admit`), merges with `protocol.aggregate` one tensor at a
+   time (inputs decoded from the store as each tensor is merged, its chunks stored at once: no
+   whole shard is held in memory), stores a signed MergeResult, and keeps a `ShardMerge` in its
+   round state;
 4. it attests, of the published results of its merge (`merge_content`: equal but for signer and
    time), the first in `ShardAttestations.rank` order — the order spot checkers follow too — and
    publishes its result record.
@@ -24,11 +26,11 @@ import time
 from collections.abc import Sequence
 
 from node.errors import FetchError, NodeError, StoreError
+from node.lazy_tensors import EntryTensors, release_memory
 from node.round_context import RoundContext
 from node.round_state import RoundView, ShardMerge
 from node.rounds import Contribution, RoundPlan, admit
-from protocol.aggregate import aggregate, encode_result
-from protocol.chunks import decode_tensors
+from protocol.aggregate import encode_merged, iter_aggregate
 from protocol.envelope import Signed, sign_message
 from protocol.errors import ProtocolError
 from protocol.messages import SCHEMA_VERSION, Attestation, MergeRecipe, MergeResult, TensorEntry
@@ -134,7 +136,7 @@ class ShardWorker:
         for j in todo:
             try:
                 admission, deltas = await asyncio.to_thread(
-                    admit, ctx.genesis, available, base_entries, ctx.decode, plan.shards[j]
+                    admit, ctx.genesis, available, base_entries, self._checked_lazy_decode, plan.shards[j]
                 )
                 if not admission.admitted:
                     continue
@@ -147,6 +149,14 @@ class ShardWorker:
             ctx.rounds.set_shard(r, j, own)
             ctx.rounds.set_view(r, own.view())
             await self.attest_canonical(r, j, own)
+
+    def _checked_lazy_decode(self, contribution: Contribution, names: Sequence[str]) -> EntryTensors:
+        """`ctx.decode` without holding the tensors: each is decoded once to check it (ProtocolError
+        for bad bytes, as admission needs) and again when the norm and the merge read it."""
+        entries = [t for t in contribution.manifest.message.tensors if t.name in set(names)]
+        for entry in entries:
+            self.ctx.decode(contribution, (entry.name,))
+        return EntryTensors(entries, self.ctx.store.get, contribution.manifest.message.chunk_size)
 
     async def _fetch_inputs(
         self, contributions: Sequence[Contribution], names: set[str]
@@ -179,12 +189,12 @@ class ShardWorker:
     ) -> ShardMerge:
         ctx, genesis = self.ctx, self.ctx.genesis
         names = set(plan.shards[j])
-        shard_base = tuple(e for e in base_entries if e.name in names)
-        base = decode_tensors(shard_base, ctx.store.get, genesis.chunk_size)
-        merged = aggregate(recipe, base, deltas, model_tensors=[e.name for e in base_entries])
-        entries, chunks, fingerprint = encode_result(merged, genesis.chunk_size)
-        for digest, data in chunks.items():
-            ctx.store.put(data, digest)
+        base = EntryTensors([e for e in base_entries if e.name in names], ctx.store.get, genesis.chunk_size)
+        merged = iter_aggregate(recipe, base, deltas, model_tensors=[e.name for e in base_entries])
+        entries, fingerprint = encode_merged(
+            merged, lambda digest, data: ctx.store.put(data, digest), genesis.chunk_size
+        )
+        release_memory()
         result = sign_message(
             MergeResult(
                 v=SCHEMA_VERSION,

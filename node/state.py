@@ -43,6 +43,11 @@ class NodeState:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, data))
 
+    def delete(self, key: str) -> None:
+        """Remove `key` (absent keys are ignored)."""
+        with self._lock:
+            self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+
     def keys(self, prefix: str = "") -> list[str]:
         """Keys starting with `prefix`, sorted."""
         with self._lock:

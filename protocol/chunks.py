@@ -14,7 +14,7 @@ import torch
 
 from protocol.codecs import DTYPE_NAMES, CodecChoice, CodecSpec, decode_tensor, encode_tensor
 from protocol.encoding import sha256_hex
-from protocol.errors import HashMismatchError, OversizeError, TensorMismatchError
+from protocol.errors import CodecError, HashMismatchError, OversizeError, TensorMismatchError
 from protocol.messages import CHUNK_SIZE_LIMIT, DEFAULT_CHUNK_SIZE, TensorEntry
 
 ChunkSource = Mapping[str, bytes] | Callable[[str], bytes]
@@ -75,8 +75,18 @@ def encode_deltas(
     expert: Mapping[str, torch.Tensor],
     codec: CodecChoice,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    sink: Callable[[str, bytes], None] | None = None,
 ) -> tuple[tuple[TensorEntry, ...], dict[str, bytes]]:
-    """Encode (expert - base) per tensor in float32; entries keep the expert tensor's dtype."""
+    """Encode (expert - base) per tensor; entries keep the base tensor's dtype.
+
+    An expert tensor may be in another float dtype than the base's (its values are taken as they
+    are). The delta is computed in float32 for the lossy codecs; the lossless choice ``raw`` sends
+    per tensor the narrowest of float32 / float64 whose `reconstruct` gives back the expert's
+    float32 values exactly (`lossless_delta`). Tensors are read one at a time (`base` and `expert`
+    may be lazy mappings); with `sink`, chunks go to `sink(digest, data)` as they are made and the
+    returned chunk map stays empty, so no whole model is ever held.
+    """
     if set(base) != set(expert):
         missing = sorted(set(base) ^ set(expert))[0]
         raise TensorMismatchError(
@@ -85,14 +95,57 @@ def encode_deltas(
     entries = []
     chunks: dict[str, bytes] = {}
     for name in sorted(expert):
-        check_matches(name, tuple(expert[name].shape), DTYPE_NAMES.get(expert[name].dtype), base[name])
-        delta = expert[name].float() - base[name].float()
-        spec = codec.spec_for(tuple(delta.shape))
+        base_tensor, expert_tensor = base[name], expert[name]
+        check_delta_inputs(name, base_tensor, expert_tensor)
+        if codec.name == "raw":
+            delta, spec = lossless_delta(name, base_tensor, expert_tensor, codec.zstd)
+        else:
+            delta = expert_tensor.float() - base_tensor.float()
+            spec = codec.spec_for(tuple(delta.shape))
         entry, pieces = encode_entry(name, delta, spec, chunk_size)
-        entry = TensorEntry.from_dict({**entry.to_dict(), "dtype": DTYPE_NAMES[expert[name].dtype]})
-        entries.append(entry)
-        chunks.update(pieces)
+        entries.append(TensorEntry.from_dict({**entry.to_dict(), "dtype": DTYPE_NAMES[base_tensor.dtype]}))
+        if sink is None:
+            chunks.update(pieces)
+        else:
+            for digest, data in pieces.items():
+                sink(digest, data)
     return tuple(entries), chunks
+
+
+def check_delta_inputs(name: str, base: torch.Tensor, expert: torch.Tensor) -> None:
+    """Raise TensorMismatchError unless `expert` has `base`'s shape and its dtype (or both are floats)."""
+    same_dtype = base.dtype == expert.dtype or (base.is_floating_point() and expert.is_floating_point())
+    if tuple(base.shape) != tuple(expert.shape) or not same_dtype:
+        check_matches(name, tuple(base.shape), DTYPE_NAMES.get(base.dtype), expert)
+
+
+def reconstruct(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The expert tensor a delta stands for: base + delta added in float64, rounded to float32.
+
+    For a float32 delta this equals the float32 sum ``base.float() + delta`` bit for bit (a float64
+    sum of two float32 values rounds to the same float32), so the float64 step only matters for
+    ``fp64`` deltas, which it makes exact.
+    """
+    if delta.dtype == torch.float32:
+        return base.float() + delta  # the same bits as the float64 sum rounded, at a third of the memory
+    return (base.double() + delta.double()).float()
+
+
+def lossless_delta(
+    name: str, base: torch.Tensor, expert: torch.Tensor, zstd: bool
+) -> tuple[torch.Tensor, CodecSpec]:
+    """(delta, spec) with ``reconstruct(base, delta) == expert.float()``: float32 when that is
+    exact, else float64 (exact unless an expert value is below 2**-29 of its base value for float32
+    weights, 2**-45 for bfloat16, and not zero; CodecError then). Signed zeros count as equal."""
+    target = expert.float()
+    exact = expert.double() - base.double()
+    for delta, codec in ((exact.float(), "fp32"), (exact, "fp64")):
+        if torch.equal(reconstruct(base, delta), target):
+            return delta, CodecSpec(name=codec, zstd=zstd, k=0, block_size=0)
+    raise CodecError(
+        f"expected {name}'s expert values to be reachable from the base's exactly in float64, "
+        "got values more than 2**29 times smaller than their base values; use a lossy codec"
+    )
 
 
 def check_matches(name: str, shape: tuple[int, ...], dtype: str | None, tensor: torch.Tensor) -> None:
@@ -141,9 +194,9 @@ def decode_tensors(
 
 
 def apply_delta(base: torch.Tensor, entry: TensorEntry, delta: torch.Tensor) -> torch.Tensor:
-    """base + delta in float32 (the expert's weights as the engine sees them); checks base vs entry."""
+    """`reconstruct(base, delta)` (the expert's weights as the engine sees them); checks base vs entry."""
     check_matches(entry.name, entry.shape, entry.dtype, base)
-    return base.float() + delta
+    return reconstruct(base, delta)
 
 
 def split_blob(

@@ -4,6 +4,8 @@ A layer delta is (expert - base) per tensor. Codecs (all little-endian, optional
 
 - ``raw``: the tensor's exact bytes in its own dtype (base weights, merge results; lossless);
 - ``bf16`` / ``fp16``: dense half precision;
+- ``fp32`` / ``fp64``: dense single / double precision (what the lossless choice ``raw`` sends for a
+  delta, see `protocol.chunks.encode_deltas`); ``fp64`` decodes to float64;
 - ``topk``: the ``k`` largest-magnitude entries: their flat indices in increasing order as ``k``
   uint32 gaps (the first index, then each index minus the previous one, so >= 1; small numbers
   that zstd compresses well), then ``k`` bf16 values; ties broken by the lower index;
@@ -12,8 +14,8 @@ A layer delta is (expert - base) per tensor. Codecs (all little-endian, optional
 - ``int4``: the same with scale = absmax / 7 and q in [-7, 7], two entries per byte stored as
   q + 8 (1..15), the first entry in the low nibble; an odd count leaves a zero high nibble.
 
-Decoding returns float32 for the delta codecs and the entry's dtype for ``raw``; every length,
-index, range and finiteness rule is checked and violations raise `CodecError`,
+Decoding returns float32 for the delta codecs (float64 for ``fp64``) and the entry's dtype for
+``raw``; every length, index, range and finiteness rule is checked and violations raise `CodecError`,
 `TensorMismatchError` or `NonFiniteValuesError`.
 """
 
@@ -35,12 +37,12 @@ DTYPES: dict[str, torch.dtype] = {
 }  # on the wire
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
-CODEC_NAMES = ("raw", "bf16", "fp16", "topk", "int8", "int4")
+CODEC_NAMES = ("raw", "bf16", "fp16", "fp32", "fp64", "topk", "int8", "int4")
 _LEVELS = {"int8": 127, "int4": 7}
 ZSTD_LEVEL = 3
 MAX_BLOCK_SIZE = 1 << 16
 DEFAULT_BLOCK_SIZE = 64
-_DENSE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DENSE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def raw_size(spec: CodecSpec, numel: int, dtype: str) -> int:
     if spec.name == "raw":
         return numel * DTYPES[dtype].itemsize
     if spec.name in _DENSE:
-        return numel * 2
+        return numel * _DENSE[spec.name].itemsize
     if spec.name == "topk":
         return spec.k * 6
     blocks = -(-numel // spec.block_size)
@@ -134,7 +136,8 @@ def decode_tensor(data: bytes, spec: CodecSpec, shape: tuple[int, ...], dtype: s
     if spec.name == "raw":
         out = _from_bytes(data, DTYPES[dtype])
     elif spec.name in _DENSE:
-        out = _from_bytes(data, _DENSE[spec.name]).float()
+        dense = _from_bytes(data, _DENSE[spec.name])
+        out = dense if spec.name == "fp64" else dense.float()
     elif spec.name == "topk":
         out = _decode_topk(data, spec.k, numel)
     else:

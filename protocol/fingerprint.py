@@ -154,12 +154,20 @@ def fingerprint_state_dict(tensors: Mapping[str, torch.Tensor]) -> str:
     )
 
 
-def architecture_fingerprint(folder: str | Path) -> str:
-    """sha256 of the config's architecture fields and every tensor's name, shape and dtype."""
+def architecture_fingerprint(folder: str | Path, dtypes: Mapping[str, str] | None = None) -> str:
+    """sha256 of the config's architecture fields and every tensor's name, shape and dtype.
+
+    `dtypes` (tensor name -> dtype) replaces the stored dtypes of the tensors it names: the
+    fingerprint the folder would have with those dtypes (how an expert saved in another float
+    dtype is compared with its base).
+    """
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     fields = {key: config[key] for key in ARCHITECTURE_FIELDS if key in config}
-    tensors = sorted([i.name, list(i.shape), i.dtype] for i in read_tensor_infos(folder).values())
+    dtypes = dtypes or {}
+    tensors = sorted(
+        [i.name, list(i.shape), dtypes.get(i.name, i.dtype)] for i in read_tensor_infos(folder).values()
+    )
     return sha256_hex(pack(["umm-architecture-v1", json.dumps(fields, sort_keys=True), tensors]))
 
 

@@ -17,22 +17,43 @@ import click
     help="Largest output shard, e.g. 500MB or 2GB.",
 )
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
-def merge_command(config: Path, out_dir: Path, max_shard_size: str, no_progress: bool) -> None:
+@click.option(
+    "--codec",
+    "codecs",
+    multiple=True,
+    help="Merge each expert as a network does after its delta went through CODEC (as "
+    "`umm contribute --codec` sends it): CODEC for every expert, or MODEL=CODEC (repeatable).",
+)
+def merge_command(
+    config: Path, out_dir: Path, max_shard_size: str, no_progress: bool, codecs: tuple[str, ...]
+) -> None:
     """Merge the models CONFIG lists into the Hugging Face folder OUT_DIR.
 
     CONFIG is mergekit-style YAML (merge_method, models, base_model, parameters, dtype, ...);
     OUT_DIR is replaced atomically.
 
+    With --codec it reproduces a network's model offline: CONFIG with the network's method,
+    parameters and dtype and the experts its round admitted, each with its contributor's codec.
+
     \b
     Example:
       umm merge ties.yaml ./merged
+      umm merge ties.yaml ./reproduced --codec int8+zstd
     """
+    import tempfile
+
     from merging.config import load_config
     from merging.engine import merge
 
-    result = merge(
-        load_config(config), out_dir, progress=not no_progress, max_shard_bytes=parse_size(max_shard_size)
-    )
+    merge_config = load_config(config)
+    max_shard_bytes = parse_size(max_shard_size)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.umm-codec-", dir=out_dir.parent) as work:
+        if codecs:
+            from node.reproduce import codec_experts, parse_codec_options
+
+            names = [m.model for m in merge_config.models if m.model != merge_config.base_model]
+            merge_config = codec_experts(merge_config, parse_codec_options(codecs, names), Path(work))
+        result = merge(merge_config, out_dir, progress=not no_progress, max_shard_bytes=max_shard_bytes)
     click.echo(f"merged model written to {result}")
 
 

@@ -67,7 +67,10 @@ def network() -> None:
     help="Method parameters as JSON or YAML (layer-wise lists allowed).",
 )
 @click.option(
-    "--dtype", type=click.Choice(DTYPES), default=DEFAULT_DTYPE, show_default=True, help="Merged model dtype."
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default=None,
+    help="Merged model dtype [default: the base's, e.g. bfloat16 for a bf16 base].",
 )
 @click.option(
     "--quorum",
@@ -161,7 +164,7 @@ def create(
         min_contributions=min_contributions,
         settle_seconds=settle_seconds,
     )
-    check_proposed_settings(name, **settings)  # before anything is created in --data-dir
+    check_proposed_settings(name, **{**settings, "dtype": dtype or DEFAULT_DTYPE})  # before any write
     identity = load_or_create_identity(data_dir)
     with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
         genesis, record = create_genesis(
@@ -190,15 +193,19 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         claims = latest_rounds_from_records(peer_values.values())
         current = (claims[0] + 1) if claims else 0
         rounds = sorted({current, *claims[:1]})
-        summaries = {
-            r: [parse_record("summary", v) for v in (await client.aread(summary_key(network_id, r))).values()]
-            for r in rounds
-        }
-        contribs = {
-            r: [parse_record("contrib", v) for v in (await client.aread(contrib_key(network_id, r))).values()]
-            for r in rounds
-        }
-        results = {r: await read_round_records(client, network_id, r) for r in rounds}
+
+        async def read_round(r: int) -> tuple:
+            # every DHT lookup of a round at once: the status costs one lookup's latency per step
+            return await asyncio.gather(
+                client.aread(summary_key(network_id, r)),
+                client.aread(contrib_key(network_id, r)),
+                read_round_records(client, network_id, r),
+            )
+
+        per_round = dict(zip(rounds, await asyncio.gather(*(read_round(r) for r in rounds)), strict=True))
+        summaries = {r: [parse_record("summary", v) for v in per_round[r][0].values()] for r in rounds}
+        contribs = {r: [parse_record("contrib", v) for v in per_round[r][1].values()] for r in rounds}
+        results = {r: per_round[r][2] for r in rounds}
     finally:
         await client.shutdown()
     return {
@@ -230,21 +237,67 @@ def _cards(records: list, network_id: str, field: str) -> list[dict]:
 
 
 @click.command("status")
-@click.option("--network", "network_id", required=True, help="Network id (NAME.<16 hex>).")
+@click.option("--network", "network_id", help="Network id (NAME.<16 hex>).")
 @click.option("--initial-peers", multiple=True, help="A multiaddr of any node (repeatable).")
 @click.option(
     "--initial-peers-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="A file of multiaddrs, one a line (as `umm node start --write-maddrs` writes it).",
 )
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="A node's data folder: also report its store (size, chunks, decided rounds kept); alone, only that.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def status(
-    network_id: str, initial_peers: tuple[str, ...], initial_peers_file: Path | None, as_json: bool
+    network_id: str | None,
+    initial_peers: tuple[str, ...],
+    initial_peers_file: Path | None,
+    data_dir: Path | None,
+    as_json: bool,
 ) -> None:
     """Show peers, their expert cards, contributions per round and the latest results.
 
     Example: umm status --network demo.0123456789abcdef --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     """
+    if network_id is None and data_dir is None:
+        raise NodeError("expected --network (with --initial-peers) or --data-dir, got neither")
+    store = None
+    if data_dir is not None:
+        from node.datafolder import check_node_folder
+        from node.retention import store_usage
+
+        store = store_usage(check_node_folder(data_dir))
+        if network_id is None:
+            _print_store(store, as_json)
+            return
+    _network_status(network_id, initial_peers, initial_peers_file, store, as_json)
+
+
+def _print_store(store: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"store": store}, indent=2, sort_keys=True))
+        return
+    click.echo(_store_line(store))
+
+
+def _store_line(store: dict) -> str:
+    kept = ", ".join(str(r) for r in store["decided_rounds"]) or "none"
+    return (
+        f"store: {format_bytes(store['bytes'])} in {store['chunks']} chunks "
+        f"(decided rounds kept: {kept}; --keep-rounds keeps the latest {store['keep_default']} by default)"
+    )
+
+
+def _network_status(
+    network_id: str,
+    initial_peers: tuple[str, ...],
+    initial_peers_file: Path | None,
+    store: dict | None,
+    as_json: bool,
+) -> None:
+    """The network part of `umm status`."""
     from rich.console import Console
     from rich.table import Table
 
@@ -284,12 +337,15 @@ def status(
                     )
         rounds[r] = {"contributions": rows, "summaries": summaries, "attestations": atts}
     if as_json:
-        click.echo(
-            json.dumps({"network": network_id, "peers": peers, "rounds": rounds}, indent=2, sort_keys=True)
-        )
+        shown = {"network": network_id, "peers": peers, "rounds": rounds}
+        if store is not None:
+            shown["store"] = store
+        click.echo(json.dumps(shown, indent=2, sort_keys=True))
         return
     console = Console()
     console.print(f"network {network_id} (genesis {'found' if data['genesis'] else 'not found'})")
+    if store is not None:
+        console.print(_store_line(store))
     table = Table("libp2p peer", "umm peer id", "latest round")
     for p in peers:
         table.add_row(p["p2p"], p["peer"], str(p["latest"]))

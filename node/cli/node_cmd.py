@@ -15,6 +15,7 @@ from node.cli.options import format_bytes, format_seconds, log_level_option
 from node.errors import NodeError
 from node.settings import (
     FALLBACK_SECONDS,
+    KEEP_ROUNDS,
     MADDRS_FILE_WAIT,
     POLL_SECONDS,
     PULL_TIMEOUT,
@@ -76,6 +77,13 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
     help="Seconds after a round's candidates settle before this node also merges the shards still "
     "lacking a quorum (local behaviour: nodes may differ).",
 )
+@click.option(
+    "--keep-rounds",
+    type=click.IntRange(min=1),
+    default=KEEP_ROUNDS,
+    show_default=True,
+    help="Decided rounds kept in the store; older rounds' deltas and results are deleted.",
+)
 @log_level_option()
 def start(
     data_dir,
@@ -88,6 +96,7 @@ def start(
     write_maddrs,
     poll,
     fallback_seconds,
+    keep_rounds,
     log_level,
 ) -> None:
     """Start a node: DHT, chunk server, store and rounds, until SIGINT/SIGTERM.
@@ -126,6 +135,7 @@ def start(
         poll=poll,
         on_ready=ready,
         fallback_seconds=fallback_seconds,
+        keep_rounds=keep_rounds,
     )
 
     async def main() -> None:
@@ -158,7 +168,8 @@ def start(
     "--codec",
     default="bf16",
     show_default=True,
-    help="Delta codec: bf16, fp16, topk:DENSITY, int8:BLOCK, +zstd.",
+    help="Delta codec: raw (lossless: float32/float64 deltas), bf16, fp16, topk:DENSITY, "
+    "int8[:BLOCK], int4[:BLOCK]; add +zstd to compress.",
 )
 @click.option("--name", help="Expert name on its card (default: the folder name).")
 @click.option("--domain", "domains", multiple=True, help="Domain tag (repeatable).")
