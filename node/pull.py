@@ -35,6 +35,7 @@ from node.settings import PULL_TIMEOUT
 from node.store import verified_digest
 from protocol.decision import AttestedRound
 from protocol.genesis import Genesis, genesis_from_records
+from protocol.search_rules import describe_recipes
 
 __all__ = ["NoResultError", "PullOutcome", "pull", "replace_folder"]
 
@@ -56,6 +57,7 @@ class PullOutcome:
     attested_by: int
     bytes_fetched: int
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # per phase, in order
+    recipe: str = ""  # which recipe the model was merged with (protocol.search_rules.describe_recipes)
 
 
 class MemoryChunks:
@@ -193,4 +195,7 @@ async def pull(
     finally:
         await client.shutdown()
     phase("client shutdown")
-    return PullOutcome(out, attested.round, attested.fingerprint, attested.signers, fetched[0], seconds)
+    recipe = describe_recipes([s.result.message.recipe for s in attested.shards])
+    return PullOutcome(
+        out, attested.round, attested.fingerprint, attested.signers, fetched[0], seconds, recipe
+    )

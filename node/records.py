@@ -10,6 +10,12 @@ Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
                                       id, "p2p": the holder's libp2p peer id} (experts of other architectures)
     umm/<network id>/result/<r>/<j>  {"result": MergeResult envelope id of shard j, "attestation":
                                       Attestation envelope, "p2p": the holder's libp2p peer id}
+    umm/<network id>/proposal/<r>    {"proposal": SearchProposal envelope id, "p2p": the holder's
+                                      libp2p peer id} (searchers of a network with search)
+    umm/<network id>/verdict/<r>/<p> {"proposal": the proposal's id, "claimed": its claimed fitness,
+                                      "fitness": the fitness the publisher recomputed (0.0 if it
+                                      could not), "reason": why it refused it, or ""}
+                                      (<p>: the proposal id's first 16 hex)
 
 Large things (manifests, results, tensors) are chunks addressed by sha256 and fetched peer to peer.
 Every record is untrusted input: `parse_record` returns None for anything but a map with exactly
@@ -31,6 +37,8 @@ RECORD_FIELDS: dict[str, dict[str, type]] = {
     "contrib": {"card": bytes, "manifest": str, "p2p": str},
     "result": {"result": str, "attestation": bytes, "p2p": str},
     "summary": {"card": bytes, "summary": str, "p2p": str},
+    "proposal": {"proposal": str, "p2p": str},
+    "verdict": {"proposal": str, "claimed": float, "fitness": float, "reason": str},
 }
 
 
@@ -54,6 +62,14 @@ def result_key(network_id: str, round_number: int, shard: int = 0) -> str:
     return f"umm/{network_id}/result/{round_number}/{shard}"
 
 
+def proposal_key(network_id: str, round_number: int) -> str:
+    return f"umm/{network_id}/proposal/{round_number}"
+
+
+def verdict_key(network_id: str, round_number: int, proposal_id: str) -> str:
+    return f"umm/{network_id}/verdict/{round_number}/{proposal_id[:16]}"
+
+
 def make_record(kind: str, **fields: Any) -> bytes:
     """A record's bytes; RuntimeError if the fields do not match the layout (a programming error)."""
     if parse_record(kind, pack(fields)) is None:
@@ -73,7 +89,7 @@ def parse_record(kind: str, data: bytes) -> dict[str, Any] | None:
     for name, kind_type in expected.items():
         if type(value[name]) is not kind_type:
             return None
-    for digest_field in ("manifest", "result", "summary"):
+    for digest_field in ("manifest", "result", "summary", "proposal"):
         digest = value.get(digest_field)
         if digest is not None and (len(digest) != 64 or not set(digest) <= _HEX):
             return None

@@ -5,7 +5,8 @@
 1. collects the round's contributions (`collect_contributions`: each card and manifest verified,
    manifests fetched from their holders, then `node.rounds.select_contributions`);
 2. once at least ``min_contributions`` are in and the set (the candidates) has not changed for
-   ``settle_seconds``, plans the round (`node.rounds.plan_round`) and picks the shards to merge in
+   ``settle_seconds``, (in a network with search, once node.search_round has chosen the round's
+   recipe) plans the round (`node.rounds.plan_round`) and picks the shards to merge in
    full (`shards_to_compute`: its own; every shard when the workers alone cannot reach the quorum;
    after ``fallback_seconds`` also the shards still lacking a quorum);
 3. merges and attests those (`node.shard_worker`) and spot-checks every other shard
@@ -30,6 +31,7 @@ from node.lookups import RecordReader
 from node.records import contrib_key, parse_record
 from node.round_context import RoundContext
 from node.rounds import Contribution, RoundPlan, plan_round, select_contributions
+from node.search_round import SearchRound
 from node.settings import FALLBACK_SECONDS, checked_fallback_seconds
 from node.shard_worker import FetchPatience, ShardWorker
 from node.spotcheck import spot_check_shards
@@ -68,10 +70,18 @@ class RoundMachine:
     """One node's rounds (the module docstring); `board` reads the DHT."""
 
     def __init__(
-        self, ctx: RoundContext, board: RecordReader, *, fallback_seconds: float = FALLBACK_SECONDS
+        self,
+        ctx: RoundContext,
+        board: RecordReader,
+        *,
+        fallback_seconds: float = FALLBACK_SECONDS,
+        search: SearchRound | None = None,
     ) -> None:
         self.ctx = ctx
         self.board = board
+        self.search = search  # a network with search: the round's recipe is proposed and verified
+        if search is not None:
+            ctx.recipes = search
         self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
         self.patience = FetchPatience()
         self.worker = ShardWorker(ctx, self.patience)
@@ -99,6 +109,11 @@ class RoundMachine:
             return
         base_entries = ctx.base_entries()
         plan = plan_round(ctx.genesis, contributions, base_entries)
+        settled_at = seen[1] + ctx.genesis.settle_seconds
+        if self.search is not None and not await self.search.ready(
+            r, plan, contributions, base_entries, settled_at
+        ):
+            return  # proposals are searched, verified or waited for (node.search_round)
         waited = time.monotonic() - seen[1] - ctx.genesis.settle_seconds
         shards = await self.shards_to_compute(r, plan, waited)
         await self.worker.merge_shards(r, plan, contributions, shards, base_entries)

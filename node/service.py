@@ -35,6 +35,7 @@ from node.records import contrib_key, genesis_key, make_record, peers_key, resul
 from node.round_context import RoundContext
 from node.round_machine import RoundMachine
 from node.round_state import RoundState
+from node.search_round import SEARCH_FOLDER, SearchRound
 from node.settings import FALLBACK_SECONDS, POLL_SECONDS, checked_fallback_seconds
 from node.state import NodeState
 from node.store import ContentStore
@@ -64,7 +65,9 @@ class NodeService:
         on_ready: Callable[[NodeService], None] | None = None,
         aggregate_rounds: bool = True,
         fallback_seconds: float = FALLBACK_SECONDS,
+        searcher: bool = False,
     ) -> None:
+        self.searcher = searcher  # searches each round's recipe (a network whose genesis enables it)
         self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -148,7 +151,15 @@ class NodeService:
         if self.genesis is None:
             await self._join()
         await self.ensure_base()
-        self.machine = RoundMachine(self.round_context(), self.board, fallback_seconds=self.fallback_seconds)
+        ctx = self.round_context()
+        search = None
+        if self.genesis.search is not None:
+            search = SearchRound(ctx, self.board, self.data_dir / SEARCH_FOLDER, searcher=self.searcher)
+        elif self.searcher:
+            logger.warning(
+                "the genesis of %s does not enable search: --search has no effect", self.network_id
+            )
+        self.machine = RoundMachine(ctx, self.board, fallback_seconds=self.fallback_seconds, search=search)
 
     def round_context(self) -> RoundContext:
         """What the round's steps need, bound to this node's DHT, daemon and store."""

@@ -107,6 +107,26 @@ def network() -> None:
     help="Probe texts (a JSON list, or one text a line) for distribution summaries of other architectures.",
 )
 @click.option(
+    "--search-tasks",
+    help="Enable searched merges: testbed tasks (comma-separated) whose dev split is the fitness.",
+)
+@click.option("--search-limit", default=16, show_default=True, help="Dev prompts per search task.")
+@click.option(
+    "--search-budget", default=24, show_default=True, help="Candidates each searcher scores a round."
+)
+@click.option("--search-granularity", default="layer", show_default=True, help="Layer groups searched.")
+@click.option(
+    "--search-keys", default="weight", show_default=True, help="Parameters searched (comma-separated)."
+)
+@click.option("--search-metric", default="loglik", show_default=True, help="Teacher-forced fitness metric.")
+@click.option("--search-aggregate", default="mean", show_default=True, help="How task gains combine.")
+@click.option(
+    "--search-wait",
+    default=120.0,
+    show_default=True,
+    help="Seconds after a round settles that nodes wait for proposals before adopting the best verified one.",
+)
+@click.option(
     "--out",
     "out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -125,6 +145,14 @@ def create(
     settle_seconds,
     outlier_factor,
     probe_set,
+    search_tasks,
+    search_limit,
+    search_budget,
+    search_granularity,
+    search_keys,
+    search_metric,
+    search_aggregate,
+    search_wait,
     out,
 ):
     """Write a signed genesis for a new network and print its network id.
@@ -162,10 +190,25 @@ def create(
         settle_seconds=settle_seconds,
     )
     check_proposed_settings(name, **settings)  # before anything is created in --data-dir
+    search = None
+    if search_tasks:
+        from protocol.search_rules import make_search_settings
+
+        search = make_search_settings(
+            [t.strip() for t in search_tasks.split(",") if t.strip()],
+            limit=search_limit,
+            budget=search_budget,
+            granularity=search_granularity,
+            keys=[k.strip() for k in search_keys.split(",") if k.strip()],
+            metric=search_metric,
+            aggregate=search_aggregate,
+            wait_seconds=search_wait,
+        )
+        search.check_method(method)
     identity = load_or_create_identity(data_dir)
     with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
         genesis, record = create_genesis(
-            name, base_dir, identity, store, members=allowed, probe_set=texts, **settings
+            name, base_dir, identity, store, members=allowed, probe_set=texts, search=search, **settings
         )
         state.set("genesis", record)
     if out is not None:
@@ -180,6 +223,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
     from node.dht import ClientBoard
     from node.lookups import latest_rounds_from_records, read_genesis, read_round_records
     from node.records import contrib_key, parse_record, peers_key, summary_key
+    from node.search_status import read_proposals
 
     client = await ClientBoard.start(initial_peers)
     try:
@@ -199,6 +243,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
             for r in rounds
         }
         results = {r: await read_round_records(client, network_id, r) for r in rounds}
+        proposals = {r: await read_proposals(client, network_id, r) for r in rounds}
     finally:
         await client.shutdown()
     return {
@@ -207,6 +252,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         "contribs": contribs,
         "summaries": summaries,
         "results": results,
+        "proposals": proposals,
     }
 
 
@@ -249,6 +295,7 @@ def status(
     from rich.table import Table
 
     from node.cli.node_cmd import _read_maddrs_file
+    from node.search_status import proposals_table
     from protocol.genesis import network_genesis_id
     from protocol.identity import peer_id_from_public_key
 
@@ -282,7 +329,12 @@ def status(
                             "checked": att.checked_bytes,
                         }
                     )
-        rounds[r] = {"contributions": rows, "summaries": summaries, "attestations": atts}
+        rounds[r] = {
+            "contributions": rows,
+            "summaries": summaries,
+            "attestations": atts,
+            "proposals": data["proposals"][r],
+        }
     if as_json:
         click.echo(
             json.dumps({"network": network_id, "peers": peers, "rounds": rounds}, indent=2, sort_keys=True)
@@ -323,6 +375,8 @@ def status(
                 row["fingerprint"][:16],
             )
         console.print(table)
+        if info["proposals"]:
+            console.print(proposals_table(r, info["proposals"]))
 
 
 def register(group: click.Group) -> None:

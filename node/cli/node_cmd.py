@@ -76,6 +76,11 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
     help="Seconds after a round's candidates settle before this node also merges the shards still "
     "lacking a quorum (local behaviour: nodes may differ).",
 )
+@click.option(
+    "--search",
+    is_flag=True,
+    help="Search each round's merge recipe and propose it (networks whose genesis enables search).",
+)
 @log_level_option()
 def start(
     data_dir,
@@ -88,6 +93,7 @@ def start(
     write_maddrs,
     poll,
     fallback_seconds,
+    search,
     log_level,
 ) -> None:
     """Start a node: DHT, chunk server, store and rounds, until SIGINT/SIGTERM.
@@ -126,6 +132,7 @@ def start(
         poll=poll,
         on_ready=ready,
         fallback_seconds=fallback_seconds,
+        searcher=search,
     )
 
     async def main() -> None:
@@ -254,6 +261,7 @@ def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) ->
             )
         )
     click.echo(f"round {outcome.round}: {outcome.merged_fingerprint} attested by {outcome.attested_by} keys")
+    click.echo(f"recipe: {outcome.recipe}")
     seconds = sum(outcome.seconds.values())
     click.echo(
         f"wrote {outcome.out} ({format_bytes(outcome.bytes_fetched)} fetched in {format_seconds(seconds)})"
