@@ -94,6 +94,7 @@ class SearchRound:
         self.adopted: dict[int, SearchProposal | None] = {}
         self._inputs: dict[int, _Inputs] = {}
         self._failed: set[int] = set()  # rounds whose inputs cannot be scored (genesis recipe)
+        self._judged: dict[int, set[str]] = {}  # proposal envelope ids verified or refused, per round
 
     def book(self, r: int) -> ProposalBook:
         return self.books.setdefault(r, ProposalBook(r))
@@ -199,13 +200,13 @@ class SearchRound:
             ctx.identity,
         )
         ctx.store.put(proposal.raw, proposal.id)
-        ctx.rounds.state.set(f"search/{r}/own", proposal.id)
+        ctx.rounds.state.set(f"search/{r}/own", proposal.id)  # the envelope id its record names
         logger.info(
             "round %d: searched %d candidates in %.1f s; proposes %s with fitness %.6f",
             r,
             self.settings.budget,
             time.monotonic() - started,
-            proposal.id[:16],
+            proposal.message.id[:16],
             fitness,
         )
 
@@ -245,7 +246,7 @@ class SearchRound:
         now = int(time.time())
         for value in (await self.board.aread(proposal_key(ctx.network_id, r))).values():
             record = parse_record("proposal", value)
-            if record is None or record["proposal"] in book.verified:
+            if record is None or record["proposal"] in self._judged.get(r, ()):
                 continue
             try:
                 await ctx.fetch([record["proposal"]], [record["p2p"]], attempts=1)
@@ -260,6 +261,7 @@ class SearchRound:
             if (members is not None and proposal.signer not in members) or not book.accepts(proposal):
                 continue
             check = await asyncio.to_thread(self._check, proposal, inputs)
+            self._judged.setdefault(r, set()).add(record["proposal"])
             book.update_checked(proposal, check)
             self._keep_verdict(r, proposal, check)
             await ctx.publish(

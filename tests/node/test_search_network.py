@@ -87,7 +87,7 @@ def searched(tmp_path_factory):
             store.put(inflated.raw, inflated.id)
             state.set("search/0/own", inflated.id)
         net.converged = net.wait_converged(NODES, timeout=900.0)
-        net.inflated = inflated.id
+        net.inflated = inflated.message.id
         net.manifests = manifests
         yield net
 
@@ -108,9 +108,12 @@ def _results(net: LocalNetwork, name: str) -> list[MergeResult]:
 
 def test_every_node_verifies_the_honest_proposals_and_refuses_the_inflated_one(searched):
     proposals = {}
-    for name in SEARCHERS:
-        with NodeState(searched.root / name) as state:
-            proposals[name] = state.get("search/0/own")
+    for name in SEARCHERS:  # each searcher's own proposal, by its content id (what verdicts name)
+        with NodeState(searched.root / name) as state, ContentStore(searched.root / name / "store") as store:
+            envelope = store.get(state.get("search/0/own"))
+            proposals[name] = open_envelope(
+                envelope, SearchProposal, network_id=searched.network_id
+            ).message.id
     assert all(proposals.values()) and len(set(proposals.values())) == 2
     for name in NODES:
         checks = _checks(searched, name)
