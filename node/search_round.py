@@ -168,6 +168,7 @@ class SearchRound:
             await self.ctx.fetch(digests, [], attempts=1)
         if self.ctx.store.missing(digests):
             return None  # every candidate's deltas are needed to search or verify: wait for them
+        started = time.monotonic()
         admission, deltas = await asyncio.to_thread(
             admit, self.ctx.genesis, contributions, base_entries, self.ctx.decode
         )
@@ -175,6 +176,12 @@ class SearchRound:
             return None
         folder = self.folder / str(r)
         inputs = await asyncio.to_thread(_Inputs, self.ctx, folder, plan.candidates, deltas)
+        logger.info(
+            "round %d: search inputs of %d admitted contributions ready in %.1f s (evaluator loaded)",
+            r,
+            len(admission.admitted),
+            time.monotonic() - started,
+        )
         self._inputs = {r: inputs}  # earlier rounds' evaluators are no longer needed
         return inputs
 
@@ -260,10 +267,11 @@ class SearchRound:
             members = ctx.genesis.members
             if (members is not None and proposal.signer not in members) or not book.accepts(proposal):
                 continue
+            started = time.monotonic()
             check = await asyncio.to_thread(self._check, proposal, inputs)
             self._judged.setdefault(r, set()).add(record["proposal"])
             book.update_checked(proposal, check)
-            self._keep_verdict(r, proposal, check)
+            self._keep_verdict(r, proposal, check, time.monotonic() - started)
             await ctx.publish(
                 verdict_key(ctx.network_id, r, proposal.id),
                 make_record(
@@ -286,14 +294,15 @@ class SearchRound:
         except ProtocolError as exc:
             return ProposalCheck(proposal.id, proposal.fitness, None, str(exc))
 
-    def _keep_verdict(self, r: int, proposal: SearchProposal, check: ProposalCheck) -> None:
+    def _keep_verdict(self, r: int, proposal: SearchProposal, check: ProposalCheck, seconds: float) -> None:
         outcome = "verified" if check.ok else "refused"
         logger.info(
-            "round %d: proposal %s of %s %s: claimed %.6f, recomputed %s%s",
+            "round %d: proposal %s of %s %s in %.2f s: claimed %.6f, recomputed %s%s",
             r,
             proposal.id[:16],
             proposal.peer_id[:16],
             outcome,
+            seconds,
             check.claimed,
             "-" if check.recomputed is None else f"{check.recomputed:.6f}",
             f" ({check.reason})" if check.reason else "",
