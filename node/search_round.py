@@ -12,7 +12,9 @@ Once a round's candidates have settled (node.round_machine), `SearchRound.ready`
    verifies it (`protocol.proposal.verify_proposal`: the same evaluator recomputes the fitness;
    a claim more than FITNESS_TOLERANCE above it is refused and bans the signer for the round);
    it keeps each verdict in its state and publishes it (for `umm status`);
-4. once ``wait_seconds`` have passed since the candidates settled, the node adopts the best
+4. once ``wait_seconds`` have passed since its inputs were ready (step 1: loading the experts
+   can take long on a busy machine, and the wait is the time granted to the searches), or since
+   the candidates settled if the inputs cannot be scored, the node adopts the best
    verified proposal (`ProposalBook.best`), or the genesis recipe when none is verified, and its
    shards merge with `recipe` (protocol.search_rules.round_recipe).
 
@@ -94,6 +96,7 @@ class SearchRound:
         self.adopted: dict[int, SearchProposal | None] = {}
         self._inputs: dict[int, _Inputs] = {}
         self._failed: set[int] = set()  # rounds whose inputs cannot be scored (genesis recipe)
+        self._ready_at: dict[int, float] = {}  # when this node could first score the round's merges
         self._judged: dict[int, set[str]] = {}  # proposal envelope ids verified or refused, per round
 
     def book(self, r: int) -> ProposalBook:
@@ -129,7 +132,8 @@ class SearchRound:
             await self.ctx.publish(proposal_key(self.ctx.network_id, r), record)
         if inputs is not None:
             await self._verify_published(r, inputs)
-        if time.monotonic() - settled_at < self.settings.wait_seconds:
+        scoring_from = self._ready_at.get(r, settled_at)  # the wait counts once inputs are scored
+        if time.monotonic() - scoring_from < self.settings.wait_seconds:
             return False
         best = self.book(r).best()
         if r not in self.adopted or self.adopted[r] is not best:
@@ -183,6 +187,7 @@ class SearchRound:
             time.monotonic() - started,
         )
         self._inputs = {r: inputs}  # earlier rounds' evaluators are no longer needed
+        self._ready_at[r] = time.monotonic()
         return inputs
 
     async def _propose(self, r: int, inputs: _Inputs) -> None:

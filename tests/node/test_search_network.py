@@ -69,7 +69,7 @@ def searched(tmp_path_factory):
     for index, name in enumerate(NODES):
         make_expert(root / "base", root / f"expert-{name}", seed=300 + index)
     search = make_search_settings(
-        ["arithmetic", "logic"], limit=4, budget=6, granularity="layer", wait_seconds=90.0
+        ["arithmetic", "logic"], limit=4, budget=6, granularity="layer", wait_seconds=75.0
     )
     with LocalNetwork(root) as net:
         net.create(
