@@ -12,10 +12,10 @@ Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
                                       Attestation envelope, "p2p": the holder's libp2p peer id}
     umm/<network id>/proposal/<r>    {"proposal": SearchProposal envelope id, "p2p": the holder's
                                       libp2p peer id} (searchers of a network with search)
-    umm/<network id>/verdict/<r>/<p> {"proposal": the proposal's id, "claimed": its claimed fitness,
-                                      "fitness": the fitness the publisher recomputed (0.0 if it
-                                      could not), "reason": why it refused it, or ""}
-                                      (<p>: the proposal id's first 16 hex)
+    umm/<network id>/verdict/<r>/<p> {"proposal": the proposal's id (of its fields), "claimed": its
+                                      claimed fitness, "fitness": the fitness the publisher
+                                      recomputed (0.0 if it could not), "reason": why it refused
+                                      it, or ""} (<p>: 16 hex of the proposal's envelope id)
 
 Large things (manifests, results, tensors) are chunks addressed by sha256 and fetched peer to peer.
 Every record is untrusted input: `parse_record` returns None for anything but a map with exactly
@@ -66,8 +66,8 @@ def proposal_key(network_id: str, round_number: int) -> str:
     return f"umm/{network_id}/proposal/{round_number}"
 
 
-def verdict_key(network_id: str, round_number: int, proposal_id: str) -> str:
-    return f"umm/{network_id}/verdict/{round_number}/{proposal_id[:16]}"
+def verdict_key(network_id: str, round_number: int, envelope_id: str) -> str:
+    return f"umm/{network_id}/verdict/{round_number}/{envelope_id[:16]}"
 
 
 def make_record(kind: str, **fields: Any) -> bytes:

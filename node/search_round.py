@@ -278,7 +278,7 @@ class SearchRound:
             book.update_checked(proposal, check)
             self._keep_verdict(r, proposal, check, time.monotonic() - started)
             await ctx.publish(
-                verdict_key(ctx.network_id, r, proposal.id),
+                verdict_key(ctx.network_id, r, record["proposal"]),
                 make_record(
                     "verdict",
                     proposal=proposal.id,

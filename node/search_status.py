@@ -1,6 +1,6 @@
 """What `umm status` shows of a round's searched merges: each proposal, its claim and its verdicts.
 
-A proposal's row comes from the round's proposal records (who holds it) and the verdict records
+A proposal's row comes from the round's proposal records (who holds its envelope) and the verdict records
 every verifying node publishes (node.records): the fitness it claims, the fitness the verifiers
 recomputed, how many verified and how many refused it. Records are unverified hints (a client
 does not recompute anything); a node adopts only proposals it verified itself.
@@ -21,20 +21,16 @@ async def read_proposals(board: RecordReader, network_id: str, round_number: int
         record = parse_record("proposal", value)
         if record is None:
             continue
-        pid = record["proposal"]
-        verdicts = [
-            v
-            for v in (
-                parse_record("verdict", x)
-                for x in (await board.aread(verdict_key(network_id, round_number, pid))).values()
-            )
-            if v is not None and v["proposal"] == pid
-        ]
+        envelope = record["proposal"]
+        values = (await board.aread(verdict_key(network_id, round_number, envelope))).values()
+        verdicts = [v for v in (parse_record("verdict", x) for x in values) if v is not None]
+        ids = {v["proposal"] for v in verdicts}
         verified = [v["fitness"] for v in verdicts if not v["reason"]]
         refused = [v["reason"] for v in verdicts if v["reason"]]
         rows.append(
             {
-                "proposal": pid,
+                "proposal": ids.pop() if len(ids) == 1 else "",  # its id, as verifiers name it
+                "envelope": envelope,
                 "holder": record["p2p"],
                 "claimed": verdicts[0]["claimed"] if verdicts else None,
                 "verified_fitness": statistics.median(verified) if verified else None,
@@ -43,7 +39,7 @@ async def read_proposals(board: RecordReader, network_id: str, round_number: int
                 "reason": refused[0] if refused else "",
             }
         )
-    return sorted(rows, key=lambda row: row["proposal"])
+    return sorted(rows, key=lambda row: row["envelope"])
 
 
 def proposals_table(round_number: int, rows: list[dict]):
@@ -65,7 +61,7 @@ def proposals_table(round_number: int, rows: list[dict]):
     )
     for row in rows:
         table.add_row(
-            row["proposal"][:16],
+            (row["proposal"] or row["envelope"])[:16],
             row["holder"][:20],
             number(row["claimed"]),
             number(row["verified_fitness"]),

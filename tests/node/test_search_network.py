@@ -171,3 +171,25 @@ def test_the_pulled_model_equals_the_engine_merge_of_the_adopted_recipe(searched
     offline = merge(config, tmp_path / "offline", progress=False)
     assert weights_fingerprint(offline) == searched.converged["n1"]["fingerprint"]
     assert weights_fingerprint(tmp_path / "merged") == searched.converged["n1"]["fingerprint"]
+
+
+def test_status_shows_each_proposal_with_its_claimed_and_verified_fitness(searched):
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "node.cli", "status", "--network", searched.network_id, "--json"]
+    done = subprocess.run(
+        [*command, "--initial-peers", searched.bootstrap], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["proposal"]: row for row in json.loads(done.stdout)["rounds"]["0"]["proposals"]}
+    checks = _checks(searched, "n1")
+    assert set(rows) == set(checks)  # every proposal record, named by the id its verifiers give it
+    for pid, row in rows.items():
+        assert row["claimed"] == checks[pid]["claimed"]
+        if checks[pid]["reason"]:
+            assert (row["verified_by"], row["refused_by"], row["verified_fitness"]) == (0, 3, None)
+        else:
+            assert (row["verified_by"], row["refused_by"]) == (3, 0)
+            assert row["verified_fitness"] == checks[pid]["recomputed"]
