@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from node.decided import record_decided
 from node.discover import find_attested_result
@@ -39,6 +40,9 @@ from protocol.decision import AttestedRound
 from protocol.errors import ProtocolError
 from protocol.messages import DeltaManifest, ExpertCard
 from protocol.verify import verify_message
+
+if TYPE_CHECKING:  # node.search_round loads transformers: a network without search never imports it
+    from node.search_round import SearchRound
 
 logger = logging.getLogger("node.service")  # the round log keeps its name: log readers match it
 

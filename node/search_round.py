@@ -40,7 +40,6 @@ from node.lookups import RecordReader
 from node.records import make_record, parse_record, proposal_key, verdict_key
 from node.round_context import RoundContext
 from node.rounds import Contribution, RoundPlan, admit
-from node.search_inputs import make_evaluator, proposal_config, proposal_parameters, write_inputs
 from protocol.envelope import sign_message
 from protocol.errors import ProtocolError
 from protocol.messages import SCHEMA_VERSION, MergeRecipe, TensorEntry
@@ -63,6 +62,8 @@ class _Inputs:
     """One round's admitted deltas on disk and its evaluator (loaded once, used for every score)."""
 
     def __init__(self, ctx: RoundContext, folder: Path, candidates: tuple[str, ...], deltas) -> None:
+        from node.search_inputs import make_evaluator, write_inputs
+
         self.candidates = candidates
         self.config = write_inputs(ctx, folder, deltas)
         self.evaluator = make_evaluator(self.config, ctx.genesis.search_settings)
@@ -72,6 +73,7 @@ class _Inputs:
         from merging.config import load_config
         from merging.errors import UmmError
         from merging.parameters import resolve_parameters
+        from node.search_inputs import proposal_config
 
         try:
             config = load_config(proposal_config(self.config, proposal.parameters, self.candidates))
@@ -227,6 +229,7 @@ class SearchRound:
         from merging.search.journal import Journal
         from merging.search.recipe import recipe_mapping
         from merging.search.space import SearchSpace
+        from node.search_inputs import proposal_parameters
 
         evaluator = inputs.evaluator
         space = SearchSpace(

@@ -35,7 +35,6 @@ from node.records import contrib_key, genesis_key, make_record, peers_key, resul
 from node.round_context import RoundContext
 from node.round_machine import RoundMachine
 from node.round_state import RoundState
-from node.search_round import SEARCH_FOLDER, SearchRound
 from node.settings import FALLBACK_SECONDS, POLL_SECONDS, checked_fallback_seconds
 from node.state import NodeState
 from node.store import ContentStore
@@ -154,6 +153,8 @@ class NodeService:
         ctx = self.round_context()
         search = None
         if self.genesis.search is not None:
+            from node.search_round import SEARCH_FOLDER, SearchRound  # loads transformers
+
             search = SearchRound(ctx, self.board, self.data_dir / SEARCH_FOLDER, searcher=self.searcher)
         elif self.searcher:
             logger.warning(

@@ -80,7 +80,7 @@ def searched(tmp_path_factory):
             settle_seconds=1.0,
             search=search,
         )
-        net.start_all(NODES, searchers=SEARCHERS)
+        net.start_all(NODES, timeout=600.0, searchers=SEARCHERS)
         manifests = [net.contribute(name, root / f"expert-{name}").manifest_id for name in NODES]
         inflated = _inflated_proposal(net, manifests)
         with ContentStore(root / INFLATED / "store") as store, NodeState(root / INFLATED) as state:
