@@ -60,6 +60,11 @@ async def record_decided(
             and own.attestation
             and own.view() == RoundView(message.candidates, message.shards)
         ):
+            if own.recipe != message.recipe.id and ctx.recipes and ctx.recipe_acceptable(r, message.recipe):
+                # a network with search: the quorum merged with another recipe this node accepts (one
+                # it verified, adopted by nodes that decided earlier); it serves the decided result
+                announce.append(Announcement(message.shard, shard.result.id, shard.attestations[0]))
+                continue
             if (own.recipe, own.fingerprint) != (message.recipe.id, message.merged_fingerprint):
                 if fetch_again(ctx, patience, r, own, message):
                     return False

@@ -41,6 +41,7 @@ from protocol.genesis import (
 )
 from protocol.identity import Identity
 from protocol.messages import DEFAULT_CHUNK_SIZE
+from protocol.search_rules import SearchSettings, SearchSettingsError
 
 __all__ = [  # the genesis message is protocol data; these names stay importable from here
     "Genesis",
@@ -120,10 +121,12 @@ def create_genesis(
     settle_seconds: float = DEFAULT_SETTLE_SECONDS,
     probe_set: list[str] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    search: SearchSettings | None = None,
 ) -> tuple[Genesis, bytes]:
     """Check the settings, fingerprint the base, put its chunks (and the probe texts) in `store`,
     sign a genesis; nothing is written before the settings and the probe set are checked.
-    `dtype` (the merged model's) defaults to the base's (`base_dtype`)."""
+    `dtype` (the merged model's) defaults to the base's (`base_dtype`); `search` enables searched
+    merges (protocol.search_rules), None keeps the genesis recipe."""
     dtype = base_dtype(base_dir) if dtype is None else dtype
     check_proposed_settings(
         name,
@@ -135,6 +138,11 @@ def create_genesis(
         min_contributions=min_contributions,
         settle_seconds=settle_seconds,
     )
+    if search is not None:
+        try:
+            search.check_method(method)
+        except SearchSettingsError as exc:
+            raise GenesisError(f"expected search settings every node can apply, got: {exc}") from exc
     if probe_set is not None and (not probe_set or not all(isinstance(t, str) and t for t in probe_set)):
         raise GenesisError("expected a probe set of non-empty texts, got an empty set or an empty text")
     fingerprints = fingerprint_model(base_dir)
@@ -159,6 +167,7 @@ def create_genesis(
         min_contributions=min_contributions,
         settle_seconds=float(settle_seconds),
         probe_set_fingerprint=probe,
+        search=None if search is None else search.to_dict(),
     )
     check_settings(genesis)
     return genesis, sign_genesis(genesis, identity)

@@ -72,16 +72,24 @@ class LocalNetwork:
         return None
 
     def start(
-        self, name: str, *, poll: float | None = None, fallback_seconds: float | None = None
+        self,
+        name: str,
+        *,
+        poll: float | None = None,
+        fallback_seconds: float | None = None,
+        search: bool = False,
     ) -> subprocess.Popen:
         """Start (or restart) node `name`; it joins through a running node, the bootstrap if it runs.
 
-        `poll` and `fallback_seconds` override the network's settings for this start of this node.
+        `poll` and `fallback_seconds` override the network's settings for this start of this node;
+        `search` starts it as a searcher (``--search``).
         """
         command = [sys.executable, "-m", "node.cli", "node", "start", "--data-dir", str(self.root / name)]
         command += ["--poll", str(self.poll if poll is None else poll)]
         fallback = self.fallback_seconds if fallback_seconds is None else fallback_seconds
         command += ["--fallback-seconds", str(fallback)]
+        if search:
+            command.append("--search")
         if self.bootstrap:
             command += ["--network", self.network_id]
             peer = self._running_peer(name)
@@ -116,13 +124,14 @@ class LocalNetwork:
             time.sleep(0.1)
         raise NodeError(f"expected node {name} ready within {timeout:g} s, got: {self.tail(name)}")
 
-    def start_all(self, names: Iterable[str], timeout: float = 180.0) -> None:
-        """Start the first node, wait for it, then start the rest together and wait for them."""
-        names = list(names)
-        self.start(names[0])
+    def start_all(self, names: Iterable[str], timeout: float = 180.0, searchers: Iterable[str] = ()) -> None:
+        """Start the first node, wait for it, then start the rest together and wait for them;
+        the nodes in `searchers` search (``--search``)."""
+        names, searchers = list(names), set(searchers)
+        self.start(names[0], search=names[0] in searchers)
         self.wait_ready(names[0], timeout)
         for name in names[1:]:
-            self.start(name)
+            self.start(name, search=name in searchers)
         for name in names[1:]:
             self.wait_ready(name, timeout)
 

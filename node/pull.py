@@ -39,6 +39,7 @@ from node.store import verified_digest
 from protocol.decision import AttestedRound
 from protocol.errors import ProtocolError
 from protocol.genesis import Genesis, genesis_from_records
+from protocol.search_rules import describe_recipes
 
 __all__ = ["NoResultError", "PullOutcome", "pull", "replace_folder"]
 
@@ -60,6 +61,7 @@ class PullOutcome:
     attested_by: int
     bytes_fetched: int
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # per phase, in order
+    recipe: str = ""  # which recipe the model was merged with (protocol.search_rules.describe_recipes)
 
 
 class MemoryChunks:
@@ -212,4 +214,7 @@ async def pull(
     finally:
         await client.shutdown()
     phase("client shutdown")
-    return PullOutcome(out, attested.round, attested.fingerprint, attested.signers, fetched[0], seconds)
+    recipe = describe_recipes([s.result.message.recipe for s in attested.shards])
+    return PullOutcome(
+        out, attested.round, attested.fingerprint, attested.signers, fetched[0], seconds, recipe
+    )

@@ -12,6 +12,12 @@ Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
                                      (a contribution being prepared for round r: node.settle)
     umm/<network id>/result/<r>/<j>  {"result": MergeResult envelope id of shard j, "attestation":
                                       Attestation envelope, "p2p": the holder's libp2p peer id}
+    umm/<network id>/proposal/<r>    {"proposal": SearchProposal envelope id, "p2p": the holder's
+                                      libp2p peer id} (searchers of a network with search)
+    umm/<network id>/verdict/<r>/<p> {"proposal": the proposal's id (of its fields), "claimed": its
+                                      claimed fitness, "fitness": the fitness the publisher
+                                      recomputed (0.0 if it could not), "reason": why it refused
+                                      it, or ""} (<p>: 16 hex of the proposal's envelope id)
 
 Large things (manifests, results, tensors) are chunks addressed by sha256 and fetched peer to peer.
 Every record is untrusted input: `parse_record` returns None for anything but a map with exactly
@@ -34,6 +40,8 @@ RECORD_FIELDS: dict[str, dict[str, type]] = {
     "result": {"result": str, "attestation": bytes, "p2p": str},
     "summary": {"card": bytes, "summary": str, "p2p": str},
     "pending": {"signer": bytes, "started": int, "p2p": str},
+    "proposal": {"proposal": str, "p2p": str},
+    "verdict": {"proposal": str, "claimed": float, "fitness": float, "reason": str},
 }
 
 
@@ -61,6 +69,14 @@ def result_key(network_id: str, round_number: int, shard: int = 0) -> str:
     return f"umm/{network_id}/result/{round_number}/{shard}"
 
 
+def proposal_key(network_id: str, round_number: int) -> str:
+    return f"umm/{network_id}/proposal/{round_number}"
+
+
+def verdict_key(network_id: str, round_number: int, envelope_id: str) -> str:
+    return f"umm/{network_id}/verdict/{round_number}/{envelope_id[:16]}"
+
+
 def make_record(kind: str, **fields: Any) -> bytes:
     """A record's bytes; RuntimeError if the fields do not match the layout (a programming error)."""
     if parse_record(kind, pack(fields)) is None:
@@ -80,7 +96,7 @@ def parse_record(kind: str, data: bytes) -> dict[str, Any] | None:
     for name, kind_type in expected.items():
         if type(value[name]) is not kind_type:
             return None
-    for digest_field in ("manifest", "result", "summary"):
+    for digest_field in ("manifest", "result", "summary", "proposal"):
         digest = value.get(digest_field)
         if digest is not None and (len(digest) != 64 or not set(digest) <= _HEX):
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -21,12 +22,20 @@ from protocol.chunks import decode_tensors
 from protocol.envelope import Signed
 from protocol.genesis import Genesis, read_base_manifest
 from protocol.identity import Identity
-from protocol.messages import DeltaManifest, MergeResult, TensorEntry
+from protocol.messages import DeltaManifest, MergeRecipe, MergeResult, TensorEntry
 from protocol.verify import verify_message
 
 FetchChunks = Callable[..., Awaitable[None]]  # (digests, holders, *, attempts=...): into the store
 Publish = Callable[[str, bytes], Awaitable[None]]  # (DHT key, record value)
 ReadShard = Callable[[int, int], Awaitable[ShardRecords]]  # (round, shard): its verified records
+
+
+class RecipeRules(Protocol):
+    """Which recipe a round's shards merge with (node.search_round's `SearchRound` is one)."""
+
+    def recipe(self, r: int, admitted: Sequence[str]) -> MergeRecipe: ...
+
+    def acceptable(self, r: int, recipe: MergeRecipe) -> bool: ...
 
 
 @dataclasses.dataclass
@@ -48,10 +57,23 @@ class RoundContext:
     read_shard: ReadShard
     peer_id: str
     opened: OpenedAttestations = dataclasses.field(default_factory=OpenedAttestations)
+    recipes: RecipeRules | None = None  # None: every round merges with the genesis recipe
 
     @property
     def network_id(self) -> str:
         return self.genesis.network_id
+
+    def round_recipe(self, r: int, admitted: Sequence[str]) -> MergeRecipe:
+        """The recipe of a shard of round `r` that admits `admitted`."""
+        if self.recipes is None:
+            return self.genesis.recipe(r, list(admitted))
+        return self.recipes.recipe(r, admitted)
+
+    def recipe_acceptable(self, r: int, recipe: MergeRecipe) -> bool:
+        """Whether another node's result of round `r` merged with a recipe this node accepts."""
+        if self.recipes is None:
+            return recipe.id == self.genesis.recipe(r, list(recipe.contributions)).id
+        return self.recipes.acceptable(r, recipe)
 
     def base_entries(self) -> tuple[TensorEntry, ...]:
         """The base's tensor list (its chunk is fetched when the node starts)."""

@@ -5,7 +5,8 @@
 1. collects the round's contributions (`collect_contributions`: each card and manifest verified,
    manifests fetched from their holders, then `node.rounds.select_contributions`);
 2. once at least ``min_contributions`` are in, the set (the candidates) has not changed for
-   ``settle_seconds`` and no announced contribution is still on its way (`node.settle`), plans
+   ``settle_seconds`` and no announced contribution is still on its way (`node.settle`) (in a
+   network with search, once node.search_round has chosen the round's recipe), plans
    the round (`node.rounds.plan_round`) and picks the shards to merge in full
    (`shards_to_compute`: its own; every shard when the workers alone cannot reach the quorum;
    after ``fallback_seconds`` also the shards still lacking a quorum);
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from node.decided import record_decided
 from node.discover import find_attested_rounds
@@ -38,6 +40,7 @@ from node.retention import note_decided, sweep
 from node.round_context import RoundContext
 from node.round_state import RoundView
 from node.rounds import Contribution, RoundPlan, plan_round, select_contributions
+from node.search_round import SearchRound
 from node.settings import FALLBACK_SECONDS, KEEP_ROUNDS, checked_fallback_seconds
 from node.settle import SettleClock, pending_signers
 from node.shard_worker import FetchPatience, ShardWorker
@@ -47,6 +50,9 @@ from protocol.decision import AttestedRound
 from protocol.errors import ProtocolError
 from protocol.messages import DeltaManifest, ExpertCard
 from protocol.verify import verify_message
+
+if TYPE_CHECKING:  # node.search_round loads transformers: a network without search never imports it
+    from node.search_round import SearchRound
 
 logger = logging.getLogger("node.service")  # the round log keeps its name: log readers match it
 
@@ -129,10 +135,14 @@ class RoundMachine:
         *,
         fallback_seconds: float = FALLBACK_SECONDS,
         keep_rounds: int = KEEP_ROUNDS,
+        search: SearchRound | None = None,
     ) -> None:
         self.ctx = ctx
         self.keep_rounds = keep_rounds
         self.board = board
+        self.search = search  # a network with search: the round's recipe is proposed and verified
+        if search is not None:
+            ctx.recipes = search
         self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
         self.patience = FetchPatience()
         self.worker = ShardWorker(ctx, self.patience)
@@ -164,6 +174,12 @@ class RoundMachine:
             return
         base_entries = ctx.base_entries()
         plan = plan_round(ctx.genesis, contributions, base_entries)
+        settled_at = time.monotonic() - waited
+        if self.search is not None and not await self.search.ready(
+            r, plan, contributions, base_entries, settled_at
+        ):
+            return  # proposals are searched, verified or waited for (node.search_round)
+        waited = time.monotonic() - settled_at
         shards = await self.shards_to_compute(r, plan, waited)
         await self.worker.merge_shards(r, plan, contributions, shards, base_entries)
         others = [j for j in range(len(plan.shards)) if j not in shards]

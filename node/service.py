@@ -83,7 +83,9 @@ class NodeService:
         aggregate_rounds: bool = True,
         fallback_seconds: float = FALLBACK_SECONDS,
         keep_rounds: int = KEEP_ROUNDS,
+        searcher: bool = False,
     ) -> None:
+        self.searcher = searcher  # searches each round's recipe (a network whose genesis enables it)
         self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
         self.keep_rounds = keep_rounds
         self.data_dir = Path(data_dir)
@@ -171,11 +173,22 @@ class NodeService:
         limit = node_chunk_limit(self.genesis.chunk_size)  # a larger chunk is refused before its bytes
         self.fetcher.policy = dataclasses.replace(self.fetcher.policy, max_chunk_bytes=limit)
         await self.ensure_base()
+        ctx = self.round_context()
+        search = None
+        if self.genesis.search is not None:
+            from node.search_round import SEARCH_FOLDER, SearchRound  # loads transformers
+
+            search = SearchRound(ctx, self.board, self.data_dir / SEARCH_FOLDER, searcher=self.searcher)
+        elif self.searcher:
+            logger.warning(
+                "the genesis of %s does not enable search: --search has no effect", self.network_id
+            )
         self.machine = RoundMachine(
-            self.round_context(),
+            ctx,
             self.board,
             fallback_seconds=self.fallback_seconds,
             keep_rounds=self.keep_rounds,
+            search=search,
         )
         self.scrub = StoreScrub(self.store, self.fetch)
 

@@ -114,7 +114,11 @@ class ShardWorker:
         todo = []
         for j in shards:
             own = ctx.rounds.shard(r, j)
-            if own is not None and own.view() == RoundView(plan.candidates, len(plan.shards)):
+            if (
+                own is not None
+                and own.view() == RoundView(plan.candidates, len(plan.shards))
+                and self.recipe_current(r, own)
+            ):
                 await self.attest_canonical(r, j, own)
             else:
                 todo.append(j)
@@ -140,7 +144,7 @@ class ShardWorker:
                 )
                 if not admission.admitted:
                     continue
-                recipe = ctx.genesis.recipe(r, list(admission.admitted))
+                recipe = ctx.round_recipe(r, admission.admitted)
                 own = await asyncio.to_thread(self._merge_shard, r, plan, j, recipe, deltas, base_entries)
             except StoreError as exc:  # our own store lost a chunk: fetch it again, blame no one
                 logger.warning("round %d shard %d: store fault, fetching the chunk again: %s", r, j, exc)
@@ -157,6 +161,17 @@ class ShardWorker:
         for entry in entries:
             self.ctx.decode(contribution, (entry.name,))
         return EntryTensors(entries, self.ctx.store.get, contribution.manifest.message.chunk_size)
+
+    def recipe_current(self, r: int, own: ShardMerge) -> bool:
+        """Whether our merge of a shard used the recipe the round adopts now (a network with search
+        may adopt a better verified proposal after it merged; then the shard is merged again)."""
+        if self.ctx.recipes is None:
+            return True
+        try:
+            merged = self.ctx.stored_result(own.result).message.recipe
+        except (NodeError, ProtocolError):
+            return False
+        return self.ctx.round_recipe(r, merged.contributions).id == own.recipe
 
     async def _fetch_inputs(
         self, contributions: Sequence[Contribution], names: set[str]

@@ -130,8 +130,8 @@ async def _suitable_result(
         return None
     if tuple(t.name for t in m.tensors) != plan.shards[j]:
         return None
-    if m.recipe.id != ctx.genesis.recipe(r, list(m.recipe.contributions)).id:
-        return None  # not the network's method, parameters or dtype
+    if not ctx.recipe_acceptable(r, m.recipe):
+        return None  # not the network's method, parameters or dtype (or a verified proposal's)
     return result
 
 

@@ -20,8 +20,9 @@ from merging.engine import merge_state_dicts, resolve_parameters
 from merging.errors import MergeError
 from protocol.chunks import check_matches, encode_entry, reconstruct
 from protocol.codecs import DTYPE_NAMES, CodecSpec
-from protocol.errors import RecipeError, TensorMismatchError
+from protocol.errors import ProtocolError, RecipeError, TensorMismatchError
 from protocol.messages import DEFAULT_CHUNK_SIZE, MergeRecipe, TensorEntry, state_fingerprint
+from protocol.search_rules import recipe_parameters
 
 BASE_NAME = "base"
 RAW = CodecSpec(name="raw", zstd=False, k=0, block_size=0)
@@ -30,17 +31,22 @@ RAW = CodecSpec(name="raw", zstd=False, k=0, block_size=0)
 def recipe_config(recipe: MergeRecipe) -> MergeConfig:
     """The engine config a recipe stands for; RecipeError if the engine rejects it."""
     try:
+        top, per_model = recipe_parameters(recipe.parameters, recipe.contributions)
+        models = [
+            {"model": c, **({"parameters": per_model[c]} if c in per_model else {})}
+            for c in recipe.contributions
+        ]
         return MergeConfig.from_dict(
             {
                 "merge_method": recipe.method,
                 "base_model": BASE_NAME,
-                "models": [{"model": contribution} for contribution in recipe.contributions],
-                "parameters": recipe.parameters,
+                "models": models,
+                "parameters": top,
                 "dtype": recipe.dtype,
                 "seed": recipe.seed,
             }
         )
-    except MergeError as exc:
+    except (MergeError, ProtocolError) as exc:
         raise RecipeError(f"expected a recipe the merge engine accepts, got: {exc}") from exc
 
 

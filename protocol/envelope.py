@@ -25,13 +25,16 @@ from protocol.errors import (
 )
 from protocol.identity import SIGNATURE_SIZE, Identity, verify_signature
 from protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, SignedMessage
+from protocol.proposal import SearchProposal
 from protocol.schema import Record, field, integer, raw_bytes, text
 
 ENVELOPE_VERSION = 1
 ENVELOPE_OVERHEAD = 256
 SIGNING_DOMAIN = "umm-signed-message-v1"
 DEFAULT_MAX_CLOCK_SKEW = 300
-MAX_ENVELOPE_SIZE = max(cls.MAX_SIZE for cls in MESSAGE_TYPES.values()) + ENVELOPE_OVERHEAD
+# every type an envelope may carry: the round's messages and searched-merge proposals
+ENVELOPE_TYPES = {**MESSAGE_TYPES, SearchProposal.TYPE: SearchProposal}
+MAX_ENVELOPE_SIZE = max(cls.MAX_SIZE for cls in ENVELOPE_TYPES.values()) + ENVELOPE_OVERHEAD
 
 M = TypeVar("M", bound=SignedMessage)
 
@@ -100,9 +103,9 @@ def open_envelope(
     fields = _EnvelopeFields.from_dict(unpack(data, max_size=limit), where="envelope")
     if fields.v != ENVELOPE_VERSION:
         raise VersionError(f"expected envelope version {ENVELOPE_VERSION}, got {fields.v}")
-    cls = MESSAGE_TYPES.get(fields.type)
+    cls = ENVELOPE_TYPES.get(fields.type)
     if cls is None:
-        raise SchemaError(f"expected a message type in {sorted(MESSAGE_TYPES)}, got {fields.type[:64]!r}")
+        raise SchemaError(f"expected a message type in {sorted(ENVELOPE_TYPES)}, got {fields.type[:64]!r}")
     if expected is not None and cls is not expected:
         raise SchemaError(f"expected a {expected.TYPE}, got a {cls.TYPE}")
     body = unpack(fields.payload, max_size=cls.MAX_SIZE)

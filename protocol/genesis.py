@@ -28,6 +28,7 @@ from protocol.quorum import quorum_for
 
 if TYPE_CHECKING:
     from protocol.messages import MergeRecipe, TensorEntry
+    from protocol.search_rules import SearchSettings
 
 GENESIS_DOMAIN = "umm-genesis-v1"
 GENESIS_VERSION = 1
@@ -75,12 +76,23 @@ class Genesis:
     settle_seconds: float
     probe_set_fingerprint: str
     v: int = GENESIS_VERSION
+    search: dict[str, Any] | None = None  # protocol.search_rules; None: no searched merges
 
     def body_bytes(self) -> bytes:
-        """Canonical bytes of the body (what the id hashes and the creator signs)."""
+        """Canonical bytes of the body (what the id hashes and the creator signs); a genesis
+        without search has no ``search`` field, so its bytes are those of networks before it."""
         fields = dataclasses.asdict(self)
         fields["members"] = list(self.members) if self.members is not None else None
+        if self.search is None:
+            del fields["search"]
         return pack(fields)
+
+    @property
+    def search_settings(self) -> SearchSettings | None:
+        """The checked search settings, or None when the network merges with its recipe only."""
+        from protocol.search_rules import SearchSettings
+
+        return None if self.search is None else SearchSettings.from_dict(self.search)
 
     @property
     def id(self) -> str:
@@ -149,6 +161,10 @@ def _genesis_from_dict(body: Any) -> Genesis:
     if not isinstance(body, dict):
         raise GenesisError(f"expected a genesis body map, got {type(body).__name__}")
     names = {f.name for f in dataclasses.fields(Genesis)}
+    if "search" not in body:
+        names.discard("search")
+    elif body["search"] is None:
+        raise GenesisError("expected no search field rather than a nil one (a genesis without search)")
     if set(body) != names:
         odd = sorted(set(body) ^ names)
         raise GenesisError(f"expected genesis fields {sorted(names)}, got a difference at {odd}")
@@ -184,6 +200,11 @@ def check_settings(genesis: Genesis) -> None:
         recipe_config(genesis.recipe(0, ["00" * 32]))
     except ProtocolError as exc:
         raise GenesisError(f"expected merge settings the engine accepts, got: {exc}") from exc
+    if genesis.search is not None:
+        try:
+            genesis.search_settings.check_method(genesis.method)
+        except ProtocolError as exc:
+            raise GenesisError(f"expected search settings every node can apply, got: {exc}") from exc
 
 
 def check_proposed_settings(

@@ -110,6 +110,26 @@ def network() -> None:
     help="Probe texts (a JSON list, or one text a line) for distribution summaries of other architectures.",
 )
 @click.option(
+    "--search-tasks",
+    help="Enable searched merges: testbed tasks (comma-separated) whose dev split is the fitness.",
+)
+@click.option("--search-limit", default=16, show_default=True, help="Dev prompts per search task.")
+@click.option(
+    "--search-budget", default=24, show_default=True, help="Candidates each searcher scores a round."
+)
+@click.option("--search-granularity", default="layer", show_default=True, help="Layer groups searched.")
+@click.option(
+    "--search-keys", default="weight", show_default=True, help="Parameters searched (comma-separated)."
+)
+@click.option("--search-metric", default="loglik", show_default=True, help="Teacher-forced fitness metric.")
+@click.option("--search-aggregate", default="mean", show_default=True, help="How task gains combine.")
+@click.option(
+    "--search-wait",
+    default=120.0,
+    show_default=True,
+    help="Seconds after a round settles that nodes wait for proposals before adopting the best verified one.",
+)
+@click.option(
     "--out",
     "out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -128,6 +148,14 @@ def create(
     settle_seconds,
     outlier_factor,
     probe_set,
+    search_tasks,
+    search_limit,
+    search_budget,
+    search_granularity,
+    search_keys,
+    search_metric,
+    search_aggregate,
+    search_wait,
     out,
 ):
     """Write a signed genesis for a new network and print its network id.
@@ -165,10 +193,25 @@ def create(
         settle_seconds=settle_seconds,
     )
     check_proposed_settings(name, **{**settings, "dtype": dtype or DEFAULT_DTYPE})  # before any write
+    search = None
+    if search_tasks:
+        from protocol.search_rules import make_search_settings
+
+        search = make_search_settings(
+            [t.strip() for t in search_tasks.split(",") if t.strip()],
+            limit=search_limit,
+            budget=search_budget,
+            granularity=search_granularity,
+            keys=[k.strip() for k in search_keys.split(",") if k.strip()],
+            metric=search_metric,
+            aggregate=search_aggregate,
+            wait_seconds=search_wait,
+        )
+        search.check_method(method)
     identity = load_or_create_identity(data_dir)
     with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
         genesis, record = create_genesis(
-            name, base_dir, identity, store, members=allowed, probe_set=texts, **settings
+            name, base_dir, identity, store, members=allowed, probe_set=texts, search=search, **settings
         )
         state.set("genesis", record)
     if out is not None:
@@ -183,6 +226,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
     from node.dht import ClientBoard
     from node.lookups import latest_rounds_from_records, read_genesis, read_round_records
     from node.records import contrib_key, parse_record, peers_key, summary_key
+    from node.search_status import read_proposals
 
     client = await ClientBoard.start(initial_peers)
     try:
@@ -200,12 +244,14 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
                 client.aread(summary_key(network_id, r)),
                 client.aread(contrib_key(network_id, r)),
                 read_round_records(client, network_id, r),
+                read_proposals(client, network_id, r),
             )
 
         per_round = dict(zip(rounds, await asyncio.gather(*(read_round(r) for r in rounds)), strict=True))
         summaries = {r: [parse_record("summary", v) for v in per_round[r][0].values()] for r in rounds}
         contribs = {r: [parse_record("contrib", v) for v in per_round[r][1].values()] for r in rounds}
         results = {r: per_round[r][2] for r in rounds}
+        proposals = {r: per_round[r][3] for r in rounds}
     finally:
         await client.shutdown()
     return {
@@ -214,6 +260,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         "contribs": contribs,
         "summaries": summaries,
         "results": results,
+        "proposals": proposals,
     }
 
 
@@ -302,6 +349,7 @@ def _network_status(
     from rich.table import Table
 
     from node.cli.node_cmd import _read_maddrs_file
+    from node.search_status import proposals_table
     from protocol.genesis import network_genesis_id
     from protocol.identity import peer_id_from_public_key
 
@@ -335,7 +383,12 @@ def _network_status(
                             "checked": att.checked_bytes,
                         }
                     )
-        rounds[r] = {"contributions": rows, "summaries": summaries, "attestations": atts}
+        rounds[r] = {
+            "contributions": rows,
+            "summaries": summaries,
+            "attestations": atts,
+            "proposals": data["proposals"][r],
+        }
     if as_json:
         shown = {"network": network_id, "peers": peers, "rounds": rounds}
         if store is not None:
@@ -379,6 +432,8 @@ def _network_status(
                 row["fingerprint"][:16],
             )
         console.print(table)
+        if info["proposals"]:
+            console.print(proposals_table(r, info["proposals"]))
 
 
 def register(group: click.Group) -> None:

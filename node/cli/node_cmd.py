@@ -84,6 +84,11 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
     show_default=True,
     help="Decided rounds kept in the store; older rounds' deltas and results are deleted.",
 )
+@click.option(
+    "--search",
+    is_flag=True,
+    help="Search each round's merge recipe and propose it (networks whose genesis enables search).",
+)
 @log_level_option()
 def start(
     data_dir,
@@ -97,6 +102,7 @@ def start(
     poll,
     fallback_seconds,
     keep_rounds,
+    search,
     log_level,
 ) -> None:
     """Start a node: DHT, chunk server, store and rounds, until SIGINT/SIGTERM.
@@ -136,6 +142,7 @@ def start(
         on_ready=ready,
         fallback_seconds=fallback_seconds,
         keep_rounds=keep_rounds,
+        searcher=search,
     )
 
     async def main() -> None:
@@ -265,6 +272,7 @@ def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) ->
             )
         )
     click.echo(f"round {outcome.round}: {outcome.merged_fingerprint} attested by {outcome.attested_by} keys")
+    click.echo(f"recipe: {outcome.recipe}")
     seconds = sum(outcome.seconds.values())
     click.echo(
         f"wrote {outcome.out} ({format_bytes(outcome.bytes_fetched)} fetched in {format_seconds(seconds)})"

@@ -472,3 +472,19 @@ def _offline_machine(data_dir, genesis, *, shards=None, records=None, published=
         network_id=genesis.network_id,
     )
     return RoundMachine(ctx, Board()), view
+
+
+def test_network_create_with_search_writes_the_settings_into_the_genesis(base_dir, tmp_path):
+    from protocol.search_rules import dev_set_fingerprint
+
+    args = ["network", "create", "cli-search", "--base", str(base_dir), "--data-dir", str(tmp_path / "n1")]
+    args += ["--search-tasks", "arithmetic,logic", "--search-limit", "3", "--search-budget", "7"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "genesis.bin")])
+    assert result.exit_code == 0, result.output
+    settings = open_genesis((tmp_path / "genesis.bin").read_bytes()).search_settings
+    assert (settings.tasks, settings.limit, settings.budget) == (("arithmetic", "logic"), 3, 7)
+    assert settings.dev_fingerprint == dev_set_fingerprint(["arithmetic", "logic"], 3)
+    bad = CliRunner().invoke(cli, [*args, "--search-metric", "accuracy"])
+    assert bad.exit_code == 2
+    assert bad.output.startswith("Error: expected a teacher-forced metric among loglik, seqprob, tf_exact")
+    assert len(bad.output.splitlines()) == 1
