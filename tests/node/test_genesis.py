@@ -296,12 +296,16 @@ def test_node_refuses_a_quorum_for_a_merge_it_did_not_compute(base_dir, tmp_path
     assert not asyncio.run(machine.record(0, found))
     assert service.state.get("latest") is None
     service.state.set("view/0", [candidates, 2])
+    # shard 0 was neither merged nor spot-checked here: a quorum alone does not move the node
+    assert not asyncio.run(machine.record(0, found))
+    assert service.state.get("latest") is None
+    service.state.set("spot/0/0", {"result": "0d" * 32, "attestation": b"s"})  # its spot check passed
     assert asyncio.run(machine.record(0, found))
     latest = service.state.get("latest")
     assert latest["fingerprint"] == "12" * 32
     assert latest["results"] == ["0d" * 32, "1d" * 32]
-    # shard 0 (not computed here) is re-announced with a quorum member's attestation, shard 1 with ours
-    assert latest["announce"] == [[0, "0d" * 32, b"att"], [1, "cc" * 32, b"a"]]
+    # shard 0 is re-announced with this node's sampled attestation, shard 1 with its full one
+    assert latest["announce"] == [[0, "0d" * 32, b"s"], [1, "cc" * 32, b"a"]]
     assert service.rounds.round == 1
 
 
