@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from node_messages import signed_contribution
+from node_messages import full_attestation, signed_contribution
 from safetensors.torch import load_file
 
 from node.dht import NodeDHT, RecordBoard, start_dht
@@ -33,7 +33,7 @@ from protocol.envelope import sign_message
 from protocol.fingerprint import fingerprint_state_dict
 from protocol.genesis import Genesis
 from protocol.identity import Identity
-from protocol.messages import SCHEMA_VERSION, Attestation, MergeResult, TensorEntry
+from protocol.messages import SCHEMA_VERSION, MergeResult, TensorEntry
 from protocol.shards import plan_for, shard_count
 
 RECORD_TTL = 600.0
@@ -137,29 +137,6 @@ async def oversized_manifests(peer: HostilePeer, genesis: Genesis, sizes: Sequen
     return digests
 
 
-def _full_attestation(result, who: Identity) -> bytes:
-    m: MergeResult = result.message
-    return sign_message(
-        Attestation(
-            v=SCHEMA_VERSION,
-            network_id=m.network_id,
-            signer=who.public_key,
-            created_at=int(time.time()),
-            round=m.round,
-            recipe_id=m.recipe.id,
-            result_id=result.id,
-            merged_fingerprint=m.merged_fingerprint,
-            shard=m.shard,
-            shards=m.shards,
-            kind="full",
-            checked_tensors=len(m.tensors),
-            checked_bytes=sum(t.nbytes for t in m.tensors),
-            sample_proof=b"",
-        ),
-        who,
-    ).raw
-
-
 async def fabricated_round(
     peer: HostilePeer, genesis: Genesis, base_dir: Path, base_entries: Sequence[TensorEntry], r: int
 ) -> str:
@@ -195,9 +172,8 @@ async def fabricated_round(
         )
         peer.store.put(result.raw, result.id)
         for index, who in enumerate(peer.keys):
-            record = make_record(
-                "result", result=result.id, attestation=_full_attestation(result, who), p2p=peer.peer_id
-            )
+            attestation = full_attestation(result, who, created_at=int(time.time())).raw
+            record = make_record("result", result=result.id, attestation=attestation, p2p=peer.peer_id)
             await peer.publish(index, result_key(genesis.network_id, r, j), record)
     for index, who in enumerate(peer.keys):
         presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=r)

@@ -1,4 +1,4 @@
-"""Signed expert cards and delta manifests built in tests (random bf16 deltas of a base)."""
+"""Signed expert cards, delta manifests (random bf16 deltas of a base) and attestations built in tests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from protocol.chunks import encode_tensors
 from protocol.codecs import parse_codec
 from protocol.envelope import Signed, sign_message
 from protocol.identity import Identity
-from protocol.messages import SCHEMA_VERSION, DeltaManifest, ExpertCard
+from protocol.messages import SCHEMA_VERSION, Attestation, DeltaManifest, ExpertCard
 
 
 def signed_contribution(
@@ -62,3 +62,28 @@ def signed_contribution(
     )
     fields.update(manifest_changes or {})
     return card, sign_message(DeltaManifest(**fields), who), chunks
+
+
+def full_attestation(result: Signed, who: Identity, *, created_at: int) -> Signed:
+    """`who`'s full attestation of `result` (a signed MergeResult), made by hand: a test's attester
+    signs whatever it likes, checked or not."""
+    m = result.message
+    return sign_message(
+        Attestation(
+            v=SCHEMA_VERSION,
+            network_id=m.network_id,
+            signer=who.public_key,
+            created_at=created_at,
+            round=m.round,
+            recipe_id=m.recipe.id,
+            result_id=result.id,
+            merged_fingerprint=m.merged_fingerprint,
+            shard=m.shard,
+            shards=m.shards,
+            kind="full",
+            checked_tensors=len(m.tensors),
+            checked_bytes=sum(t.nbytes for t in m.tensors),
+            sample_proof=b"",
+        ),
+        who,
+    )

@@ -12,7 +12,7 @@ import hashlib
 from types import SimpleNamespace
 
 import pytest
-from node_messages import signed_contribution
+from node_messages import full_attestation, signed_contribution
 from node_models import make_base
 
 from node.genesis import create_genesis, read_base_manifest
@@ -145,26 +145,7 @@ def _result(node, publisher: Identity, forge: str | None = None, amount: float =
 
 
 def _full(result, who: Identity):
-    m = result.message
-    return sign_message(
-        Attestation(
-            v=SCHEMA_VERSION,
-            network_id=m.network_id,
-            signer=who.public_key,
-            created_at=NOW - 2,
-            round=0,
-            recipe_id=m.recipe.id,
-            result_id=result.id,
-            merged_fingerprint=m.merged_fingerprint,
-            shard=0,
-            shards=m.shards,
-            kind="full",
-            checked_tensors=len(m.tensors),
-            checked_bytes=sum(t.nbytes for t in m.tensors),
-            sample_proof=b"",
-        ),
-        who,
-    )
+    return full_attestation(result, who, created_at=NOW - 2)
 
 
 def _sample_by_hand(node, result) -> list[str]:
