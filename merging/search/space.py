@@ -72,20 +72,23 @@ def parse_granularity(text: str) -> tuple[str, int]:
 
 def group_filter(tensor: str, granularity: str, num_layers: int, blocks: int) -> tuple[str, str]:
     """(group name, name filter) of one tensor: the filter is a substring of the tensor's name
-    that names its group (`layers.3.mlp.`), so a mergekit-style filter list reproduces the group."""
+    that names its part of the group (`layers.3.mlp.`), so a mergekit-style filter list of the
+    group's filters reproduces the group. Filters stop at a layer's component (never the bare
+    `layers.3.`), so a tensor of the layer left out of the search (an unchanged norm) keeps the
+    config's own value in a written recipe."""
     match = LAYER_PATTERN.search(tensor)
     if match is None:
         return tensor, tensor
     index = int(match.group(1))
     start = match.start(0) + (1 if tensor[match.start(0)] == "." else 0)
     layer_prefix = tensor[start : match.end(1)] + "."  # e.g. "layers.3."
-    if granularity == "layer":
-        return f"layer {index}", layer_prefix
-    if granularity == "blocks":
-        block = index * blocks // max(1, num_layers)
-        return f"block {block}", layer_prefix
     parts = tensor[match.end(1) + 1 :].split(".")
     component = parts[0]
+    if granularity == "layer":
+        return f"layer {index}", f"{layer_prefix}{component}."
+    if granularity == "blocks":
+        block = index * blocks // max(1, num_layers)
+        return f"block {block}", f"{layer_prefix}{component}."
     if granularity == "module" and len(parts) > 2:
         component = f"{parts[0]}.{parts[1]}"
     label = "attn" if "attn" in parts[0] else "mlp" if "mlp" in parts[0] else component

@@ -49,6 +49,26 @@ def test_recipe_resolves_to_the_candidate_and_keeps_the_config_elsewhere(prepare
         check_recipe(data, other, prepared.evaluator.tensors)
 
 
+@pytest.mark.parametrize(("granularity", "keys"), [("layer", None), ("blocks:2", ("weight", "lambda"))])
+def test_whole_layer_groups_leave_unsearched_norms_at_the_config_value(
+    tiny_models, tmp_path, granularity, keys
+):
+    config = write_config(tmp_path / "ties.yaml", tiny_models)
+    settings = EvolveSettings(
+        tasks=("arithmetic",), limit=2, objective=Objective("loglik"), granularity=granularity, keys=keys
+    )
+    search = Search.prepare(config, settings)
+    norms = [n for n in search.evaluator.tensors if ".layers." in n and "norm" in n]
+    assert norms and not set(norms) & set(search.evaluator.searched)  # the experts left them unchanged
+    x = random_candidate(search.space.size, 5)
+    recipe = yaml.safe_load(
+        write_recipe(tmp_path / "r.yaml", search.space, x, search.evaluator.tensors).read_text()
+    )
+    filters = [e["filter"] for e in recipe["models"][0]["parameters"]["weight"] if "filter" in e]
+    assert filters and not any("norm" in f for f in filters)
+    assert all(f.count(".") == 3 for f in filters)  # "layers.<i>.<component>." (never a bare layer)
+
+
 def test_recipe_merged_from_files_equals_the_in_memory_candidate(prepared, tmp_path):
     x = random_candidate(prepared.space.size, 3)
     recipe = write_recipe(tmp_path / "recipe.yaml", prepared.space, x, prepared.evaluator.tensors)

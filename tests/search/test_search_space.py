@@ -41,7 +41,8 @@ def space(granularity="attn_mlp", keys=None, names=NAMES):
 @pytest.mark.parametrize(
     ("name", "granularity", "expected"),
     [
-        ("model.layers.3.mlp.up_proj.weight", "layer", ("layer 3", "layers.3.")),
+        ("model.layers.3.mlp.up_proj.weight", "layer", ("layer 3", "layers.3.mlp.")),
+        ("model.layers.3.input_layernorm.weight", "layer", ("layer 3", "layers.3.input_layernorm.")),
         ("model.layers.3.mlp.up_proj.weight", "attn_mlp", ("layer 3 mlp", "layers.3.mlp.")),
         ("model.layers.3.self_attn.q_proj.weight", "attn_mlp", ("layer 3 attn", "layers.3.self_attn.")),
         (
