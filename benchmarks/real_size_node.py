@@ -2,14 +2,17 @@
 
 Runs a 3-node network on 127.0.0.1 on SmolLM2-size folders (a base and three experts, e.g. the
 test-bed's real zoo under ~/.cache/umm/zoo/real-*/), one `umm contribute` per node started
-together, waits until every node holds the attested result, then `umm pull`s it. It samples every
+together (or ``--stagger`` seconds apart, to check that staggered contributions land in one round),
+waits until every node holds the attested result, times `umm status` (network view, and one node's
+store), then `umm pull`s it. It samples every
 0.5 s the resident memory (VmRSS) of each node's main process, its DHT child and its `p2pd`, and
 reports their peaks during the round and their memory after it; `umm contribute` and `umm pull`
 report their own peak (ru_maxrss). Memory numbers are meaningful on a loaded machine; the times
 are not (state the load).
 
 Usage: python benchmarks/real_size_node.py --zoo ~/.cache/umm/zoo/real-ea4d774aba7a2762
-           [--experts arithmetic,lists,logic] [--codec int8+zstd] [--timeout 2400] [--json out.json]
+           [--experts arithmetic,lists,logic] [--codec int8+zstd] [--stagger 0] [--timeout 2400]
+           [--json out.json]
 """
 
 from __future__ import annotations
@@ -99,6 +102,19 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def decided_rounds(data_dir: Path) -> list[int]:
+    """The rounds `umm status --data-dir` reports as decided and kept (its JSON view)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "node.cli", "status", "--data-dir", str(data_dir), "--json"],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        return json.loads(done.stdout).get("store", {}).get("decided_rounds", [])
+    except ValueError:
+        return []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,6 +122,7 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--experts", default="arithmetic,lists,logic")
     parser.add_argument("--codec", default="int8+zstd")
+    parser.add_argument("--stagger", type=float, default=0.0, help="seconds between contributions")
     parser.add_argument("--timeout", type=float, default=2400.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -131,7 +148,9 @@ def main() -> None:
             results[name] = run_with_peak(cmd, root / f"contribute-{name}.log")
 
         started = time.monotonic()
-        for name, expert in zip(names, experts, strict=True):
+        for index, (name, expert) in enumerate(zip(names, experts, strict=True)):
+            if index:
+                time.sleep(args.stagger)
             threads.append(threading.Thread(target=contribute, args=(name, expert)))
             threads[-1].start()
         for thread in threads:
@@ -150,6 +169,14 @@ def main() -> None:
         time.sleep(15)
         report["after_round_rss"] = {f"{n}/{r}": v for (n, r), v in sorted(sampler.now.items())}
         report["store_bytes"] = {n: folder_bytes(root / n / "store") for n in names}
+        report["rounds_decided"] = decided_rounds(root / names[0])
+        network = ["--network", net.network_id, "--initial-peers", net.bootstrap]
+        for label, extra in (
+            ("network", network),
+            ("network_and_store", [*network, "--data-dir", str(root / names[0])]),
+        ):
+            seconds, peak, out = run_with_peak(["status", *extra], root / f"status-{label}.log")
+            report[f"status_{label}"] = {"seconds": seconds, "peak_rss": peak, "out": out[-3000:]}
         seconds, peak, _ = run_with_peak(
             [
                 "pull",
