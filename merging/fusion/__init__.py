@@ -6,6 +6,7 @@ token distributions (FuseLLM arXiv 2401.10491, FuseChat arXiv 2402.16107).
 * `merging.fusion.align`: token-sequence alignment (DTW) and vocabulary mapping across tokenizers;
 * `merging.fusion.fuse`: MinCE / AvgCE fusion of the aligned distributions of several sources;
 * `merging.fusion.distill`: distillation of the fused distributions into a copy of the pivot model;
+* `merging.fusion.replay`: the pivot's own responses as targets, so the copy keeps its other skills;
 * `merging.fusion.refusal`: the cross-entropy rule a peer checks a fused contribution with.
 
 Pure: no network; files only through `merging.atomic`.

@@ -101,6 +101,13 @@ def summarize_command(
 @click.option(
     "--margin", default=0.05, show_default=True, help="Held-out cross-entropy drop a peer requires."
 )
+@click.option(
+    "--replay",
+    "replay_file",
+    type=_FILE,
+    help="Prompts of the other domains (probe-file format) on which the copy keeps the pivot's own "
+    "responses and distributions, so that it merges without erasing the other experts.",
+)
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bars.")
 def fuse_command(
     more_summaries: tuple[Path, ...],
@@ -118,6 +125,7 @@ def fuse_command(
     freeze: str,
     held_out: float,
     margin: float,
+    replay_file: Path | None,
     no_progress: bool,
 ) -> None:
     """Distill the summaries' fused distributions into a copy of the PIVOT model, written to OUT.
@@ -125,6 +133,7 @@ def fuse_command(
     \b
     Example:
       umm fuse --pivot zoo/base --summaries gpt2.summary other.summary --out fused
+      umm fuse --pivot zoo/base --summaries gpt2.summary --replay others.json --out fused
     """
     from merging.fusion import FusionError
     from merging.fusion.distill import DistillSpec
@@ -148,6 +157,7 @@ def fuse_command(
         spec=spec,
         held_out=held_out,
         margin=margin,
+        replay=read_probe_file(replay_file) if replay_file is not None else None,
         progress=not no_progress,
     )
     for path, shares in report.quality.items():

@@ -136,3 +136,29 @@ def test_fuse_records_the_held_out_check(folders):
         "fuse", "--pivot", pivot, summary, "--out", root / "z", "--held-out", 1.0, "--no-progress"
     )
     assert everything.exit_code == 2 and "left to distill on" in everything.output
+
+
+def test_fuse_with_replay_records_the_replay_prompts_and_trains_on_them(folders):
+    import hashlib
+
+    import msgpack
+    from safetensors.torch import load_file
+
+    root, source, pivot, probe = folders
+    summary = root / "replay.summary"
+    args = ("--max-new-tokens", 4, "--no-progress")
+    assert _run("summarize", source, "--probe", probe, "--out", summary, *args).exit_code == 0
+    prompts = ["x = 4\nx += 3\nPrint x.\n", "Is true and not false?\n"]
+    replay = root / "replay.json"
+    replay.write_text(json.dumps(prompts))
+    common = ("--pivot", pivot, "--summaries", summary, "--steps", 3, "--held-out", 0.0, "--no-progress")
+    assert _run("fuse", *common, "--out", root / "plain").exit_code == 0
+    done = _run("fuse", *common, "--replay", replay, "--out", root / "replayed")
+    assert done.exit_code == 0, done.output
+    recorded = json.loads((root / "replayed" / "fusion.json").read_text())["replay"]
+    digest = hashlib.sha256(msgpack.packb(["umm-probe-set-v1", prompts], use_bin_type=True)).hexdigest()
+    assert recorded == {"prompts": 2, "fingerprint": digest}
+    assert json.loads((root / "plain" / "fusion.json").read_text())["replay"] is None
+    plain = load_file(root / "plain" / "model.safetensors")
+    replayed = load_file(root / "replayed" / "model.safetensors")
+    assert any(not torch.equal(plain[name], replayed[name]) for name in plain)
