@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lambdas", default="0.9,0.5,1.0")
     parser.add_argument("--merge-lambda", type=float, default=0.9, help="The fused copies merged.")
-    parser.add_argument("--replay", default="0", help="Replay prompts per other task, one copy each.")
+    parser.add_argument("--replay", default="0,100", help="Replay prompts per other task, one copy each.")
     parser.add_argument("--merges", default="average,ties:0.7,varm", help="method[:density],...")
     parser.add_argument("--fused-density", type=float, help="The fused task vector's TIES density.")
     parser.add_argument("--limit", type=int, default=None, help="Test prompts per task (default all 300).")
