@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from merging.engine import merge_state_dicts
+from merging.fusion import SHARED_PARAMETERS
 from merging.fusion.distill import DistillSpec
 from merging.fusion.pipeline import fuse_into_pivot, save_model_folder, summarize_model
 from merging.fusion.summary import ProbeSet, load_summary
@@ -36,8 +37,6 @@ from merging.testbed.harness import evaluate, plain_prompt
 from merging.testbed.models import load_pretrained
 from merging.testbed.tasks import TASKS, generate
 from merging.testbed.zoo import build_zoo
-
-SHARED = ("embed_tokens", "norm")  # left as the base trained them, as the zoo's experts do
 
 
 def _merge_config(
@@ -103,7 +102,12 @@ def main() -> None:
     parser.add_argument("--merges", default="average,ties:0.7,varm", help="method[:density],...")
     parser.add_argument("--fused-density", type=float, help="The fused task vector's TIES density.")
     parser.add_argument("--limit", type=int, default=None, help="Test prompts per task (default all 300).")
-    parser.add_argument("--freeze", action="store_true", help="Freeze embeddings and norms like the experts.")
+    parser.add_argument(
+        "--freeze",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Freeze embeddings and norms like the experts (default).",
+    )
     parser.add_argument("--tasks", default=",".join(TASKS), help="Comma-separated tasks to evaluate.")
     parser.add_argument("--only-new", action="store_true", help="Evaluate the fused copies and merges only.")
     parser.add_argument("--min-experts", type=int, default=4, help="Merge with fewer experts than 4.")
@@ -144,7 +148,7 @@ def main() -> None:
         "bytes_per_position": round(size / int(summary.offsets[-1]), 2),
     }
     print(f"summary: {results['summary']} ({results.get('summary_seconds')} s)", flush=True)
-    frozen = SHARED if args.freeze else ()
+    frozen = SHARED_PARAMETERS if args.freeze else ()
     fused_dirs, merged_copies = {}, {}
     for lam in [float(x) for x in args.lambdas.split(",")]:
         for per_task in [int(x) for x in args.replay.split(",")]:

@@ -14,6 +14,11 @@ Pure: no network; files only through `merging.atomic`.
 
 from merging.errors import UmmError
 
+# Parameters a fused copy leaves as the pivot has them by default, as the zoo's experts do: a copy
+# that trains them moves every domain's inputs, and its task vector then disturbs the other experts
+# in a merge (docs/benchmarks.md, "Heterogeneous fusion").
+SHARED_PARAMETERS = ("embed_tokens", "norm")
+
 
 class FusionError(UmmError):
     """A summary, probe set or fusion setting that cannot be used."""

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from merging.fusion import SHARED_PARAMETERS
+
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
 
@@ -94,7 +96,12 @@ def summarize_command(
 @click.option("--batch-size", default=32, show_default=True, help="Probe responses per step.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the batch order and initial state.")
 @click.option("--threads", default=1, show_default=True, help="torch threads (the result depends on it).")
-@click.option("--freeze", default="", help="Comma-separated name parts of parameters left untrained.")
+@click.option(
+    "--freeze",
+    default=",".join(SHARED_PARAMETERS),
+    show_default=True,
+    help="Comma-separated name parts of parameters left untrained ('' trains all).",
+)
 @click.option(
     "--held-out", default=0.1, show_default=True, help="Share of probe prompts kept out of training."
 )

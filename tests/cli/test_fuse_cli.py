@@ -162,3 +162,24 @@ def test_fuse_with_replay_records_the_replay_prompts_and_trains_on_them(folders)
     plain = load_file(root / "plain" / "model.safetensors")
     replayed = load_file(root / "replayed" / "model.safetensors")
     assert any(not torch.equal(plain[name], replayed[name]) for name in plain)
+
+
+def test_fuse_leaves_embeddings_and_norms_as_the_pivot_has_them_unless_told(folders):
+    from safetensors.torch import load_file
+
+    root, source, pivot, probe = folders
+    summary = root / "frozen.summary"
+    args = ("--max-new-tokens", 4, "--no-progress")
+    assert _run("summarize", source, "--probe", probe, "--out", summary, *args).exit_code == 0
+    common = ("--pivot", pivot, "--summaries", summary, "--steps", 3, "--held-out", 0.0, "--no-progress")
+    assert _run("fuse", *common, "--out", root / "frozen").exit_code == 0
+    assert _run("fuse", *common, "--freeze", "", "--out", root / "all").exit_code == 0
+    original = load_file(pivot / "model.safetensors")
+    frozen, trained = (
+        load_file(root / "frozen" / "model.safetensors"),
+        load_file(root / "all" / "model.safetensors"),
+    )
+    shared = [name for name in original if "embed_tokens" in name or "norm" in name]
+    assert shared and all(torch.equal(original[name], frozen[name]) for name in shared)
+    assert any(not torch.equal(original[name], frozen[name]) for name in original if name not in shared)
+    assert any(not torch.equal(original[name], trained[name]) for name in shared)
