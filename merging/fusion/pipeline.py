@@ -31,6 +31,7 @@ from merging.fusion.refusal import (
     held_out_cross_entropy,
     split_held_out,
 )
+from merging.fusion.replay import replay_examples
 from merging.fusion.summary import ProbeSet, load_summary, save_summary, summarize
 from merging.fusion.transfer import AlignmentQuality, PivotTokens, align_summary
 from merging.testbed.models import load_pretrained
@@ -100,13 +101,15 @@ def fuse_into_pivot(
     spec: DistillSpec | None = None,
     held_out: float = DEFAULT_HELD_OUT,
     margin: float = DEFAULT_MARGIN,
+    replay: ProbeSet | None = None,
     progress: bool = True,
 ) -> FusionReport:
     """Distill the fused summaries into a copy of the pivot and write it to `out_dir`.
 
     The `held_out` share of the probe prompts (`merging.fusion.refusal.is_held_out`) is not trained
     on; the pivot's and the fused model's cross-entropy on them are recorded with the verdict a
-    peer would reach at `margin`.
+    peer would reach at `margin`. With `replay` prompts, the pivot's own responses and
+    distributions on them are distilled too (`merging.fusion.replay`), mixed in by count.
     """
     spec = spec or DistillSpec()
     summaries = load_summaries(summary_paths, probe)
@@ -125,8 +128,18 @@ def fuse_into_pivot(
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     before = held_out_cross_entropy(model, held, pad_id) if held else None
+    replayed = []
+    if replay is not None:
+        style, k = summaries[0].prompt_style, summaries[0].k
+        with (
+            pinned_threads(spec.threads),
+            counted_progress("replaying the pivot", len(replay.prompts), progress) as advance,
+        ):
+            replayed = replay_examples(model, pivot, replay, k=k, prompt_style=style, advance=advance)
     with counted_progress("distilling", spec.steps, progress) as advance:
-        losses = distill(model, train, spec, pad_id, on_step=lambda _s, loss: advance(1, loss=f"{loss:.3f}"))
+        losses = distill(
+            model, train + replayed, spec, pad_id, on_step=lambda _s, loss: advance(1, loss=f"{loss:.3f}")
+        )
     check = FusionCheck(before, held_out_cross_entropy(model, held, pad_id), margin) if held else None
     digests = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in summary_paths}
     provenance = {
@@ -136,6 +149,7 @@ def fuse_into_pivot(
         "method": method,
         "distill": asdict(spec),
         "alignment": quality,
+        "replay": {"prompts": len(replay.prompts), "fingerprint": replay.fingerprint()} if replay else None,
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "held_out": {

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from merging.fusion import SHARED_PARAMETERS
+
 _FILE = click.Path(dir_okay=False, exists=True, path_type=Path)
 
 
@@ -94,12 +96,24 @@ def summarize_command(
 @click.option("--batch-size", default=32, show_default=True, help="Probe responses per step.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the batch order and initial state.")
 @click.option("--threads", default=1, show_default=True, help="torch threads (the result depends on it).")
-@click.option("--freeze", default="", help="Comma-separated name parts of parameters left untrained.")
+@click.option(
+    "--freeze",
+    default=",".join(SHARED_PARAMETERS),
+    show_default=True,
+    help="Comma-separated name parts of parameters left untrained ('' trains all).",
+)
 @click.option(
     "--held-out", default=0.1, show_default=True, help="Share of probe prompts kept out of training."
 )
 @click.option(
     "--margin", default=0.05, show_default=True, help="Held-out cross-entropy drop a peer requires."
+)
+@click.option(
+    "--replay",
+    "replay_file",
+    type=_FILE,
+    help="Prompts of the other domains (probe-file format) on which the copy keeps the pivot's own "
+    "responses and distributions, so that it merges without erasing the other experts.",
 )
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bars.")
 def fuse_command(
@@ -118,6 +132,7 @@ def fuse_command(
     freeze: str,
     held_out: float,
     margin: float,
+    replay_file: Path | None,
     no_progress: bool,
 ) -> None:
     """Distill the summaries' fused distributions into a copy of the PIVOT model, written to OUT.
@@ -125,6 +140,7 @@ def fuse_command(
     \b
     Example:
       umm fuse --pivot zoo/base --summaries gpt2.summary other.summary --out fused
+      umm fuse --pivot zoo/base --summaries gpt2.summary --replay others.json --out fused
     """
     from merging.fusion import FusionError
     from merging.fusion.distill import DistillSpec
@@ -148,6 +164,7 @@ def fuse_command(
         spec=spec,
         held_out=held_out,
         margin=margin,
+        replay=read_probe_file(replay_file) if replay_file is not None else None,
         progress=not no_progress,
     )
     for path, shares in report.quality.items():

@@ -136,3 +136,50 @@ def test_fuse_records_the_held_out_check(folders):
         "fuse", "--pivot", pivot, summary, "--out", root / "z", "--held-out", 1.0, "--no-progress"
     )
     assert everything.exit_code == 2 and "left to distill on" in everything.output
+
+
+def test_fuse_with_replay_records_the_replay_prompts_and_trains_on_them(folders):
+    import hashlib
+
+    import msgpack
+    from safetensors.torch import load_file
+
+    root, source, pivot, probe = folders
+    summary = root / "replay.summary"
+    args = ("--max-new-tokens", 4, "--no-progress")
+    assert _run("summarize", source, "--probe", probe, "--out", summary, *args).exit_code == 0
+    prompts = ["x = 4\nx += 3\nPrint x.\n", "Is true and not false?\n"]
+    replay = root / "replay.json"
+    replay.write_text(json.dumps(prompts))
+    common = ("--pivot", pivot, "--summaries", summary, "--steps", 3, "--held-out", 0.0, "--no-progress")
+    assert _run("fuse", *common, "--out", root / "plain").exit_code == 0
+    done = _run("fuse", *common, "--replay", replay, "--out", root / "replayed")
+    assert done.exit_code == 0, done.output
+    recorded = json.loads((root / "replayed" / "fusion.json").read_text())["replay"]
+    digest = hashlib.sha256(msgpack.packb(["umm-probe-set-v1", prompts], use_bin_type=True)).hexdigest()
+    assert recorded == {"prompts": 2, "fingerprint": digest}
+    assert json.loads((root / "plain" / "fusion.json").read_text())["replay"] is None
+    plain = load_file(root / "plain" / "model.safetensors")
+    replayed = load_file(root / "replayed" / "model.safetensors")
+    assert any(not torch.equal(plain[name], replayed[name]) for name in plain)
+
+
+def test_fuse_leaves_embeddings_and_norms_as_the_pivot_has_them_unless_told(folders):
+    from safetensors.torch import load_file
+
+    root, source, pivot, probe = folders
+    summary = root / "frozen.summary"
+    args = ("--max-new-tokens", 4, "--no-progress")
+    assert _run("summarize", source, "--probe", probe, "--out", summary, *args).exit_code == 0
+    common = ("--pivot", pivot, "--summaries", summary, "--steps", 3, "--held-out", 0.0, "--no-progress")
+    assert _run("fuse", *common, "--out", root / "frozen").exit_code == 0
+    assert _run("fuse", *common, "--freeze", "", "--out", root / "all").exit_code == 0
+    original = load_file(pivot / "model.safetensors")
+    frozen, trained = (
+        load_file(root / "frozen" / "model.safetensors"),
+        load_file(root / "all" / "model.safetensors"),
+    )
+    shared = [name for name in original if "embed_tokens" in name or "norm" in name]
+    assert shared and all(torch.equal(original[name], frozen[name]) for name in shared)
+    assert any(not torch.equal(original[name], frozen[name]) for name in original if name not in shared)
+    assert any(not torch.equal(original[name], trained[name]) for name in shared)
