@@ -243,7 +243,14 @@ def contribute_command(
 @click.option(
     "--timeout", default=PULL_TIMEOUT, show_default=True, help="Seconds to wait for an attested result."
 )
-def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) -> None:
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Recompute a random sample of the result's tensors from the round's admitted deltas first, "
+    "and refuse a result that differs (--no-verify trusts the quorum's attestations alone).",
+)
+def pull_command(network_id, out, initial_peers, initial_peers_file, timeout, verify) -> None:
     """Download the latest attested merged model into a loadable folder (resumable).
 
     Example: umm pull --network demo.0123456789abcdef --out merged \
@@ -258,21 +265,29 @@ def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) ->
     if not initial_peers:
         raise NodeError("expected --initial-peers or --initial-peers-file, got neither")
 
-    from node.cli.progress import step_progress
+    from node.cli.progress import steps_progress
     from node.pull import pull
 
-    with step_progress("pull: chunks") as progress:
+    with steps_progress("pull") as progress:
         outcome = asyncio.run(
             pull(
                 network_id,
                 out,
                 initial_peers=list(initial_peers),
                 timeout=timeout,
-                progress=lambda _what, done, total: progress(done, total),
+                progress=progress,
+                verify=verify,
             )
         )
     click.echo(f"round {outcome.round}: {outcome.merged_fingerprint} attested by {outcome.attested_by} keys")
     click.echo(f"recipe: {outcome.recipe}")
+    if outcome.verified:
+        click.echo(
+            f"verified: {sum(outcome.verified)} tensors recomputed from the admitted deltas "
+            f"({format_bytes(outcome.verify_bytes)} of inputs)"
+        )
+    else:
+        click.echo("not verified (--no-verify): the quorum's attestations alone")
     seconds = sum(outcome.seconds.values())
     click.echo(
         f"wrote {outcome.out} ({format_bytes(outcome.bytes_fetched)} fetched in {format_seconds(seconds)})"

@@ -6,7 +6,9 @@ of its own store from the first peer's daemon (or, with ``stall``, answers no ch
 `fabricated_round` signs attack 1 of issue 14: a round of contributions that never existed, whose
 result is the base with one norm weight zeroed, with a full attestation per key and shard;
 `stalled_contribution` attack 3: a contribution announced by a peer that never serves it;
-`oversized_manifests` attack 4: contributions whose manifests are large blobs.
+`oversized_manifests` attack 4: contributions whose manifests are large blobs; `attested_merge`
+a round of real contributions (one per key) and their merge, optionally with one tensor altered,
+attested in full by every key (what only `umm pull --verify` can catch).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from node.process import process_tree, wait_gone
 from node.records import contrib_key, make_record, peers_key, result_key
 from node.store import ContentStore
 from node.transport import HANDLER_NAME, ChunkServer
-from protocol.aggregate import encode_result
+from protocol.aggregate import aggregate, encode_result
+from protocol.chunks import decode_tensors
 from protocol.envelope import sign_message
 from protocol.fingerprint import fingerprint_state_dict
 from protocol.genesis import Genesis
@@ -179,3 +182,79 @@ async def fabricated_round(
         presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=r)
         await peer.publish(index, peers_key(genesis.network_id), presence)
     return fingerprint_state_dict(model)
+
+
+async def attested_merge(
+    peer: HostilePeer,
+    genesis: Genesis,
+    base_dir: Path,
+    base_entries: Sequence[TensorEntry],
+    r: int,
+    *,
+    alter: str | None = None,
+) -> tuple[str, list[str]]:
+    """Announce round `r`: one real contribution per key (seeded deltas, served by the peer) and
+    their merge by the genesis recipe, whose tensor `alter` (if given) has 0.25 added, attested in
+    full by every key on every shard; presence records claim round `r` as latest. Returns the
+    published model's fingerprint (all shards) and the contribution ids."""
+    base = load_file(base_dir / "model.safetensors")
+    deltas, contributions = {}, []
+    for index, who in enumerate(peer.keys):
+        card, manifest, chunks = signed_contribution(
+            who,
+            genesis,
+            base,
+            chunk_size=genesis.chunk_size,
+            now=int(time.time()),
+            seed=100 * r + index,
+            manifest_changes={"round": r},
+        )
+        for digest, data in chunks.items():
+            peer.store.put(data, digest)
+        peer.store.put(manifest.raw, manifest.id)
+        record = make_record("contrib", card=card.raw, manifest=manifest.id, p2p=peer.peer_id)
+        await peer.publish(index, contrib_key(genesis.network_id, r), record)
+        deltas[manifest.id] = decode_tensors(manifest.message.tensors, chunks, genesis.chunk_size)
+        contributions.append(manifest.id)
+    candidates = tuple(sorted(contributions))
+    recipe = genesis.recipe(r, list(candidates))
+    model = aggregate(recipe, base, deltas, model_tensors=list(base))
+    if alter is not None:
+        model[alter] = model[alter] + 0.25
+    shards = plan_for(base_entries, shard_count(len(peer.keys), len(base_entries)))
+    for j, names in enumerate(shards):
+        entries, chunks, fingerprint = encode_result({n: model[n] for n in names}, genesis.chunk_size)
+        for digest, data in chunks.items():
+            peer.store.put(data, digest)
+        result = sign_message(
+            MergeResult(
+                v=SCHEMA_VERSION,
+                network_id=genesis.network_id,
+                signer=peer.keys[0].public_key,
+                created_at=int(time.time()),
+                round=r,
+                recipe=recipe,
+                chunk_size=genesis.chunk_size,
+                tensors=entries,
+                merged_fingerprint=fingerprint,
+                shard=j,
+                shards=len(shards),
+                candidates=candidates,
+            ),
+            peer.keys[0],
+        )
+        await _attest_everywhere(peer, genesis, result)
+    for index, who in enumerate(peer.keys):
+        presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=r)
+        await peer.publish(index, peers_key(genesis.network_id), presence)
+    return fingerprint_state_dict(model), list(candidates)
+
+
+async def _attest_everywhere(peer: HostilePeer, genesis: Genesis, result) -> None:
+    """Store shard result `result` and attest it in full with every key of the peer."""
+    peer.store.put(result.raw, result.id)
+    m = result.message
+    for index, who in enumerate(peer.keys):
+        attestation = full_attestation(result, who, created_at=int(time.time())).raw
+        record = make_record("result", result=result.id, attestation=attestation, p2p=peer.peer_id)
+        await peer.publish(index, result_key(genesis.network_id, m.round, m.shard), record)
