@@ -11,7 +11,14 @@ from pathlib import Path
 import click
 
 from merging.atomic import write_atomic
-from node.cli.options import format_bytes, format_seconds, log_level_option
+from node.cli.options import (
+    PORT,
+    check_writable_target,
+    format_bytes,
+    format_seconds,
+    log_level_option,
+    removed_on_failure,
+)
 from node.errors import NodeError
 from node.settings import (
     FALLBACK_SECONDS,
@@ -57,7 +64,7 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
     help="A genesis record file (instead of fetching it from the initial peers).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=0, show_default=True, help="TCP port (0 = any free port).")
+@click.option("--port", type=PORT, default=0, show_default=True, help="TCP port (0 = any free port).")
 @click.option("--initial-peers", multiple=True, help="Multiaddr of a running node (repeatable).")
 @click.option(
     "--initial-peers-file",
@@ -111,6 +118,9 @@ def start(
         --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     """
     checked_fallback_seconds(fallback_seconds)  # bad values fail before the node makes its folder
+    check_writable_target(data_dir / "state", "--data-dir")
+    if write_maddrs is not None:
+        check_writable_target(write_maddrs, "--write-maddrs")
     if network_id is not None:
         from protocol.genesis import network_genesis_id
 
@@ -120,9 +130,8 @@ def start(
         peers += _read_maddrs_file(initial_peers_file, timeout=MADDRS_FILE_WAIT)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from node.service import NodeService
-
-    def ready(service: NodeService) -> None:
+    def ready(service) -> None:
+        keep()  # from now on the data folder holds the node's state, whatever happens
         if write_maddrs is not None:
             write_atomic(write_maddrs, "".join(f"{m}\n" for m in service.maddrs).encode())
         click.echo(f"network: {service.network_id}", nl=True)
@@ -131,19 +140,28 @@ def start(
             click.echo(f"multiaddr: {maddr}")
         click.echo("ready", nl=True)
 
-    service = NodeService(
-        data_dir,
-        network_id=network_id,
-        genesis_record=genesis_file.read_bytes() if genesis_file else None,
-        host=host,
-        port=port,
-        initial_peers=peers,
-        poll=poll,
-        on_ready=ready,
-        fallback_seconds=fallback_seconds,
-        keep_rounds=keep_rounds,
-        searcher=search,
-    )
+    with removed_on_failure(data_dir) as keep:  # a node that never became ready leaves no folder
+        _run_node(
+            data_dir,
+            network_id=network_id,
+            genesis_record=genesis_file.read_bytes() if genesis_file else None,
+            host=host,
+            port=port,
+            initial_peers=peers,
+            poll=poll,
+            on_ready=ready,
+            fallback_seconds=fallback_seconds,
+            keep_rounds=keep_rounds,
+            searcher=search,
+        )
+    click.echo("stopped")
+
+
+def _run_node(data_dir: Path, **options) -> None:
+    """Run a `NodeService` with `options` until SIGINT or SIGTERM."""
+    from node.service import NodeService
+
+    service = NodeService(data_dir, **options)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -153,7 +171,6 @@ def start(
         await service.run(stop)
 
     asyncio.run(main())
-    click.echo("stopped")
 
 
 @click.command("contribute")
@@ -259,6 +276,7 @@ def pull_command(network_id, out, initial_peers, initial_peers_file, timeout, ve
     from protocol.genesis import network_genesis_id
 
     network_genesis_id(network_id)  # a malformed id fails before any DHT starts
+    check_writable_target(out, "--out")
     initial_peers = list(initial_peers)
     if initial_peers_file is not None:
         initial_peers += _read_maddrs_file(initial_peers_file, timeout=timeout)
