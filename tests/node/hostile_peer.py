@@ -150,37 +150,7 @@ async def fabricated_round(
     norm = sorted(n for n in base if n.endswith("norm.weight"))[0]
     model = {**base, norm: torch.zeros_like(base[norm])}
     candidates = tuple(sorted(hashlib.sha256(k.public_key + b"never").hexdigest() for k in peer.keys))
-    shards = plan_for(base_entries, shard_count(len(peer.keys), len(base_entries)))
-    recipe = genesis.recipe(r, list(candidates))
-    for j, names in enumerate(shards):
-        entries, chunks, fingerprint = encode_result({n: model[n] for n in names}, genesis.chunk_size)
-        for digest, data in chunks.items():
-            peer.store.put(data, digest)
-        result = sign_message(
-            MergeResult(
-                v=SCHEMA_VERSION,
-                network_id=genesis.network_id,
-                signer=peer.keys[0].public_key,
-                created_at=int(time.time()),
-                round=r,
-                recipe=recipe,
-                chunk_size=genesis.chunk_size,
-                tensors=entries,
-                merged_fingerprint=fingerprint,
-                shard=j,
-                shards=len(shards),
-                candidates=candidates,
-            ),
-            peer.keys[0],
-        )
-        peer.store.put(result.raw, result.id)
-        for index, who in enumerate(peer.keys):
-            attestation = full_attestation(result, who, created_at=int(time.time())).raw
-            record = make_record("result", result=result.id, attestation=attestation, p2p=peer.peer_id)
-            await peer.publish(index, result_key(genesis.network_id, r, j), record)
-    for index, who in enumerate(peer.keys):
-        presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=r)
-        await peer.publish(index, peers_key(genesis.network_id), presence)
+    await _publish_attested_model(peer, genesis, base_entries, r, model, candidates)
     return fingerprint_state_dict(model)
 
 
@@ -217,10 +187,25 @@ async def attested_merge(
         deltas[manifest.id] = decode_tensors(manifest.message.tensors, chunks, genesis.chunk_size)
         contributions.append(manifest.id)
     candidates = tuple(sorted(contributions))
-    recipe = genesis.recipe(r, list(candidates))
-    model = aggregate(recipe, base, deltas, model_tensors=list(base))
+    model = aggregate(genesis.recipe(r, list(candidates)), base, deltas, model_tensors=list(base))
     if alter is not None:
         model[alter] = model[alter] + 0.25
+    await _publish_attested_model(peer, genesis, base_entries, r, model, candidates)
+    return fingerprint_state_dict(model), list(candidates)
+
+
+async def _publish_attested_model(
+    peer: HostilePeer,
+    genesis: Genesis,
+    base_entries: Sequence[TensorEntry],
+    r: int,
+    model: dict[str, torch.Tensor],
+    candidates: tuple[str, ...],
+) -> None:
+    """Sign `model`, shard by shard, as round `r`'s result of `candidates` (the genesis recipe) with
+    the first key, serve it, attest each shard in full with every key, and claim round `r` as
+    every key's latest (so pulls look at it)."""
+    recipe = genesis.recipe(r, list(candidates))
     shards = plan_for(base_entries, shard_count(len(peer.keys), len(base_entries)))
     for j, names in enumerate(shards):
         entries, chunks, fingerprint = encode_result({n: model[n] for n in names}, genesis.chunk_size)
@@ -243,18 +228,11 @@ async def attested_merge(
             ),
             peer.keys[0],
         )
-        await _attest_everywhere(peer, genesis, result)
+        peer.store.put(result.raw, result.id)
+        for index, who in enumerate(peer.keys):
+            attestation = full_attestation(result, who, created_at=int(time.time())).raw
+            record = make_record("result", result=result.id, attestation=attestation, p2p=peer.peer_id)
+            await peer.publish(index, result_key(genesis.network_id, r, j), record)
     for index, who in enumerate(peer.keys):
         presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=r)
         await peer.publish(index, peers_key(genesis.network_id), presence)
-    return fingerprint_state_dict(model), list(candidates)
-
-
-async def _attest_everywhere(peer: HostilePeer, genesis: Genesis, result) -> None:
-    """Store shard result `result` and attest it in full with every key of the peer."""
-    peer.store.put(result.raw, result.id)
-    m = result.message
-    for index, who in enumerate(peer.keys):
-        attestation = full_attestation(result, who, created_at=int(time.time())).raw
-        record = make_record("result", result=result.id, attestation=attestation, p2p=peer.peer_id)
-        await peer.publish(index, result_key(genesis.network_id, m.round, m.shard), record)

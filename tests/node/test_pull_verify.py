@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 def _pull(net: LocalNetwork, out, *flags: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "node.cli", "pull", "--network", net.network_id, "--out", str(out)]
-    command += ["--initial-peers", net.bootstrap, "--timeout", "60", *flags]
-    return subprocess.run(command, capture_output=True, text=True, timeout=240)
+    command += ["--initial-peers", net.bootstrap, "--timeout", "180", *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
 def _in_thread(loop, fn, *args):
