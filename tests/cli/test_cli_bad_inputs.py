@@ -42,7 +42,8 @@ def listing(folder: Path) -> list[str]:
 def place(tmp_path: Path) -> Path:
     """A folder holding one regular file, ``a-file`` (nothing can be created under it)."""
     (tmp_path / "a-file").write_text("not a folder")
-    (tmp_path / "config.yaml").write_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n")
+    config = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n"
+    (tmp_path / "config.yaml").write_text(config)
     return tmp_path
 
 
