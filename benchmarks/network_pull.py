@@ -4,7 +4,8 @@ A random float32 Llama of about MIB MiB is the base of a network of `nodes` node
 of them contribute an expert (base + seeded noise, bf16 deltas) and every node merges (ties).
 Then, in this process and in the same run:
 
-    pull            `node.pull.pull()` from call to a written, loadable folder (DHT client start,
+    pull            `node.pull.pull(verify=False)` (benchmarks/pull_verify.py measures the
+                    verification) from call to a written, loadable folder (DHT client start,
                     lookups, attestation checks, the streaming fetch that writes each chunk in
                     place, fsync, rename, shutdown), split by its progress reports into: up to the
                     first chunk request, transfer (to the last chunk written), finish
@@ -109,7 +110,7 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
 
             # An untimed pull first: it names the chunks, and warms every cache both paths read from.
             warm = root / "warm"
-            outcome = asyncio.run(pull(net.network_id, warm, initial_peers=[net.bootstrap]))
+            outcome = asyncio.run(pull(net.network_id, warm, initial_peers=[net.bootstrap], verify=False))
             entries, sides, fingerprint = pulled_layout(warm)
             digests = [d for e in entries for d in e.chunks] + list(sides.values())
             if fingerprint != outcome.merged_fingerprint:
@@ -172,6 +173,7 @@ def measure_pull(mib: int, nodes: int, repeat: int, shape: tuple[int, int, int])
                         out,
                         initial_peers=[net.bootstrap],
                         progress=lambda *_, marks=marks: marks.append(time.perf_counter()),
+                        verify=False,
                     )
                 )
                 finished = time.perf_counter()

@@ -62,6 +62,8 @@ class PullOutcome:
     bytes_fetched: int
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # per phase, in order
     recipe: str = ""  # which recipe the model was merged with (protocol.search_rules.describe_recipes)
+    verified: tuple[int, ...] = ()  # tensors recomputed per shard (empty: not verified)
+    verify_bytes: int = 0  # of `bytes_fetched`, the sampled inputs the verification fetched
 
 
 class MemoryChunks:
@@ -90,6 +92,7 @@ class _Found:
     genesis: Genesis
     attested: AttestedRound
     peers: list[PeerID]
+    records: MemoryChunks  # the base manifest, the results and the candidates' manifests
 
 
 async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fetched: list[int]) -> _Found:
@@ -125,7 +128,7 @@ async def _find_latest(client: ClientBoard, network_id: str, timeout: float, fet
                         except (FetchError, ProtocolError) as exc:
                             failure = f" (round {round_number} names candidates that do not verify: {exc})"
                             continue
-                        return _Found(genesis, attested, peers)
+                        return _Found(genesis, attested, peers, records)
             finally:
                 fetched[0] += fetcher.bytes_received
         if loop.time() >= deadline:
@@ -176,13 +179,18 @@ async def pull(
     cache_dir: str | Path | None = None,
     timeout: float = PULL_TIMEOUT,
     progress: Callable[[str, int, int], None] | None = None,
+    verify: bool = True,
 ) -> PullOutcome:
     """Pull the latest attested result of `network_id` into `out` (see the module docstring).
 
     `cache_dir` is the work folder kept between attempts (default ``.<out name>.umm-pull`` beside
     `out`). `progress("chunks", done, total)` is called once before the transfer and then from the
-    fetch's writer threads after each chunk is written.
+    fetch's writer threads after each chunk is written. With `verify` (the default) a random sample
+    of the result is recomputed first (node.pull_verify; `progress("verify", shards done, shards)`):
+    `UnverifiedResultError`, and nothing written, if it differs.
     """
+    from node.pull_verify import verify_sample
+
     out = Path(out).absolute()
     work = Path(cache_dir) if cache_dir is not None else out.with_name(f".{out.name}.umm-pull")
     fetched = [0]
@@ -200,6 +208,18 @@ async def pull(
         found = await _find_latest(client, network_id, timeout, fetched)
         attested = found.attested
         phase("find attested result")
+        checked = None
+        if verify:
+            report = None if progress is None else (lambda done, total: progress("verify", done, total))
+            checked = await verify_sample(
+                found.genesis,
+                attested,
+                found.records,
+                lambda sink: Fetcher(client.p2p, sink, _known(found.peers), policy=MODEL_FETCH),
+                progress=report,
+            )
+            fetched[0] += checked.bytes_fetched
+            phase("verify a random sample")
         report = None if progress is None else (lambda done, total: progress("chunks", done, total))
         with PartialModel(
             work, attested.tensors, attested.chunk_size, found.genesis.base_files, progress=report
@@ -216,5 +236,13 @@ async def pull(
     phase("client shutdown")
     recipe = describe_recipes([s.result.message.recipe for s in attested.shards])
     return PullOutcome(
-        out, attested.round, attested.fingerprint, attested.signers, fetched[0], seconds, recipe
+        out,
+        attested.round,
+        attested.fingerprint,
+        attested.signers,
+        fetched[0],
+        seconds,
+        recipe,
+        checked.tensors if checked else (),
+        checked.bytes_fetched if checked else 0,
     )

@@ -32,12 +32,11 @@ from node.round_context import RoundContext
 from node.round_state import RoundView, SpotVerdict
 from node.rounds import Contribution, RoundPlan
 from node.shard_worker import merge_content
-from protocol.chunks import decode_tensors
 from protocol.envelope import Signed, sign_message
 from protocol.errors import ProtocolError
 from protocol.identity import Identity
 from protocol.messages import SCHEMA_VERSION, Attestation, MergeResult, TensorEntry
-from protocol.spotcheck import recheck, result_sample, sign_sample
+from protocol.spotcheck import recheck_chunks, recheck_digests, result_sample, sampled_entries, sign_sample
 
 logger = logging.getLogger(__name__)
 
@@ -145,28 +144,24 @@ async def _check_sample(
     m: MergeResult = result.message
     names = result_sample(sign_sample(ctx.identity, m), m)
     by_id = {c.id: c for c in contributions}
-    admitted = [by_id[cid] for cid in m.recipe.contributions]  # the recipe's ids are among our candidates
-    wanted = [d for t in m.tensors if t.name in names for d in t.chunks]
-    for c in admitted:
-        wanted += [d for t in c.manifest.message.tensors if t.name in names for d in t.chunks]
+    # the recipe's ids are among our candidates
+    manifests = {cid: by_id[cid].manifest.message for cid in m.recipe.contributions}
+    inputs = recheck_digests(m, names, base_entries, manifests)
+    wanted = [d for t in sampled_entries(m.tensors, names) for d in t.chunks] + inputs
     with contextlib.suppress(FetchError):
         await ctx.fetch(wanted, [], attempts=1)
     if ctx.store.missing(wanted):
         return None
     try:
-        deltas = {c.id: ctx.decode(c, names) for c in admitted}
-        sampled_base = tuple(e for e in base_entries if e.name in set(names))
-        base = decode_tensors(sampled_base, ctx.store.get, ctx.genesis.chunk_size)
+        chunks = {d: ctx.store.get(d) for d in inputs}
     except StoreError as exc:  # our own store dropped a chunk on read: fetch it next poll, blame no one
         logger.warning("round %d shard %d: store fault, fetching the chunk again: %s", m.round, m.shard, exc)
         return None
-    except ProtocolError as exc:  # an admitted contribution whose sampled bytes do not decode
-        logger.warning("round %d shard %d: spot check refuses %s: %s", m.round, m.shard, result.id, exc)
-        return False
-    model = [e.name for e in base_entries]
     try:
-        differing = await asyncio.to_thread(recheck, m, names, base, deltas, model)
-    except ProtocolError as exc:  # the recipe's inputs do not merge (e.g. a delta of another shape)
+        differing = await asyncio.to_thread(
+            recheck_chunks, m, names, base_entries, ctx.genesis.chunk_size, manifests, chunks
+        )
+    except ProtocolError as exc:  # sampled bytes that do not decode, or inputs that do not merge
         differing = (f"none ({exc})",)
     if differing:
         logger.warning(

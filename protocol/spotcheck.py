@@ -34,10 +34,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from protocol.aggregate import aggregate, encode_result
+from protocol.chunks import ChunkSource, decode_tensors
 from protocol.encoding import pack
 from protocol.errors import SchemaError
 from protocol.identity import Identity, verify_signature
-from protocol.messages import Attestation, MergeResult
+from protocol.messages import Attestation, DeltaManifest, MergeResult, TensorEntry
 
 SPOT_CHECK_DELTAS = 2  # a checker's expected spot-check input per round, in contributions' deltas
 SAMPLE_DOMAIN = "umm-spot-v1"
@@ -132,3 +133,45 @@ def recheck(
     entries, _, _ = encode_result(merged, result.chunk_size)
     held = {t.name: t for t in result.tensors}
     return tuple(sorted(e.name for e in entries if held.get(e.name) != e))
+
+
+def sampled_entries(entries: Iterable[TensorEntry], names: Iterable[str]) -> tuple[TensorEntry, ...]:
+    """The entries of `entries` whose tensor is one of `names`, in their order."""
+    wanted = set(names)
+    return tuple(e for e in entries if e.name in wanted)
+
+
+def recheck_digests(
+    result: MergeResult,
+    names: Sequence[str],
+    base_entries: Sequence[TensorEntry],
+    manifests: Mapping[str, DeltaManifest],
+) -> list[str]:
+    """The chunks `recheck_chunks` reads: the sampled tensors of the base and of every contribution
+    `result`'s recipe admits (`manifests` by contribution id), without repeats."""
+    entries = [*sampled_entries(base_entries, names)]
+    for cid in result.recipe.contributions:
+        entries += sampled_entries(manifests[cid].tensors, names)
+    return list(dict.fromkeys(d for e in entries for d in e.chunks))
+
+
+def recheck_chunks(
+    result: MergeResult,
+    names: Sequence[str],
+    base_entries: Sequence[TensorEntry],
+    base_chunk_size: int,
+    manifests: Mapping[str, DeltaManifest],
+    source: ChunkSource,
+) -> tuple[str, ...]:
+    """`recheck` of tensors `names` of `result` from chunks: the base's and each admitted
+    contribution's sampled tensors decoded from `source` (`recheck_digests` lists them).
+
+    ProtocolError for bytes that do not decode or inputs that do not merge; whatever `source`
+    raises for a chunk it lacks.
+    """
+    deltas = {
+        cid: decode_tensors(sampled_entries(manifests[cid].tensors, names), source, manifests[cid].chunk_size)
+        for cid in result.recipe.contributions
+    }
+    base = decode_tensors(sampled_entries(base_entries, names), source, base_chunk_size)
+    return recheck(result, names, base, deltas, [e.name for e in base_entries])

@@ -44,7 +44,9 @@ def merge_command(
 
     from merging.config import load_config
     from merging.engine import merge
+    from node.cli.options import check_writable_target
 
+    check_writable_target(out_dir, "OUT_DIR")
     merge_config = load_config(config)
     max_shard_bytes = parse_size(max_shard_size)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.umm-codec-", dir=out_dir.parent) as work:

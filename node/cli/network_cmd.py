@@ -11,7 +11,7 @@ import click
 from merging.atomic import write_atomic
 from merging.config import DTYPES
 from merging.methods import METHODS
-from node.cli.options import format_bytes
+from node.cli.options import check_writable_target, format_bytes, removed_on_failure
 from node.errors import NodeError
 from node.settings import MADDRS_FILE_WAIT
 from protocol.genesis import (
@@ -173,7 +173,10 @@ def create(
     try:
         parameters = yaml.safe_load(params)
     except yaml.YAMLError as exc:
-        raise NodeError(f"expected --params as JSON or YAML, got unparsable text: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise NodeError(f"expected --params as JSON or YAML, got unparsable text: {problem}{where}") from None
     if not isinstance(parameters, dict):
         raise NodeError(f"expected --params to be a map, got {type(parameters).__name__}")
     texts = None
@@ -208,14 +211,18 @@ def create(
             wait_seconds=search_wait,
         )
         search.check_method(method)
-    identity = load_or_create_identity(data_dir)
-    with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
-        genesis, record = create_genesis(
-            name, base_dir, identity, store, members=allowed, probe_set=texts, search=search, **settings
-        )
-        state.set("genesis", record)
+    check_writable_target(data_dir / "state", "--data-dir")
     if out is not None:
-        write_atomic(out, record)
+        check_writable_target(out, "--out")
+    with removed_on_failure(data_dir):  # a failed create leaves no data folder behind
+        identity = load_or_create_identity(data_dir)
+        with ContentStore(data_dir / "store") as store, NodeState(data_dir) as state:
+            genesis, record = create_genesis(
+                name, base_dir, identity, store, members=allowed, probe_set=texts, search=search, **settings
+            )
+            state.set("genesis", record)
+        if out is not None:
+            write_atomic(out, record)
     click.echo(f"network: {genesis.network_id}")
     click.echo(f"genesis: {genesis.id}")
     click.echo(f"creator: {identity.peer_id}")

@@ -11,7 +11,14 @@ from pathlib import Path
 import click
 
 from merging.atomic import write_atomic
-from node.cli.options import format_bytes, format_seconds, log_level_option
+from node.cli.options import (
+    PORT,
+    check_writable_target,
+    format_bytes,
+    format_seconds,
+    log_level_option,
+    removed_on_failure,
+)
 from node.errors import NodeError
 from node.settings import (
     FALLBACK_SECONDS,
@@ -57,7 +64,7 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
     help="A genesis record file (instead of fetching it from the initial peers).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=0, show_default=True, help="TCP port (0 = any free port).")
+@click.option("--port", type=PORT, default=0, show_default=True, help="TCP port (0 = any free port).")
 @click.option("--initial-peers", multiple=True, help="Multiaddr of a running node (repeatable).")
 @click.option(
     "--initial-peers-file",
@@ -111,6 +118,9 @@ def start(
         --initial-peers /ip4/127.0.0.1/tcp/4001/p2p/12D3...
     """
     checked_fallback_seconds(fallback_seconds)  # bad values fail before the node makes its folder
+    check_writable_target(data_dir / "state", "--data-dir")
+    if write_maddrs is not None:
+        check_writable_target(write_maddrs, "--write-maddrs")
     if network_id is not None:
         from protocol.genesis import network_genesis_id
 
@@ -120,9 +130,8 @@ def start(
         peers += _read_maddrs_file(initial_peers_file, timeout=MADDRS_FILE_WAIT)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    from node.service import NodeService
-
-    def ready(service: NodeService) -> None:
+    def ready(service) -> None:
+        keep()  # from now on the data folder holds the node's state, whatever happens
         if write_maddrs is not None:
             write_atomic(write_maddrs, "".join(f"{m}\n" for m in service.maddrs).encode())
         click.echo(f"network: {service.network_id}", nl=True)
@@ -131,19 +140,28 @@ def start(
             click.echo(f"multiaddr: {maddr}")
         click.echo("ready", nl=True)
 
-    service = NodeService(
-        data_dir,
-        network_id=network_id,
-        genesis_record=genesis_file.read_bytes() if genesis_file else None,
-        host=host,
-        port=port,
-        initial_peers=peers,
-        poll=poll,
-        on_ready=ready,
-        fallback_seconds=fallback_seconds,
-        keep_rounds=keep_rounds,
-        searcher=search,
-    )
+    with removed_on_failure(data_dir) as keep:  # a node that never became ready leaves no folder
+        _run_node(
+            data_dir,
+            network_id=network_id,
+            genesis_record=genesis_file.read_bytes() if genesis_file else None,
+            host=host,
+            port=port,
+            initial_peers=peers,
+            poll=poll,
+            on_ready=ready,
+            fallback_seconds=fallback_seconds,
+            keep_rounds=keep_rounds,
+            searcher=search,
+        )
+    click.echo("stopped")
+
+
+def _run_node(data_dir: Path, **options) -> None:
+    """Run a `NodeService` with `options` until SIGINT or SIGTERM."""
+    from node.service import NodeService
+
+    service = NodeService(data_dir, **options)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -153,7 +171,6 @@ def start(
         await service.run(stop)
 
     asyncio.run(main())
-    click.echo("stopped")
 
 
 @click.command("contribute")
@@ -243,7 +260,14 @@ def contribute_command(
 @click.option(
     "--timeout", default=PULL_TIMEOUT, show_default=True, help="Seconds to wait for an attested result."
 )
-def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) -> None:
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Recompute a random sample of the result's tensors from the round's admitted deltas first, "
+    "and refuse a result that differs (--no-verify trusts the quorum's attestations alone).",
+)
+def pull_command(network_id, out, initial_peers, initial_peers_file, timeout, verify) -> None:
     """Download the latest attested merged model into a loadable folder (resumable).
 
     Example: umm pull --network demo.0123456789abcdef --out merged \
@@ -252,27 +276,36 @@ def pull_command(network_id, out, initial_peers, initial_peers_file, timeout) ->
     from protocol.genesis import network_genesis_id
 
     network_genesis_id(network_id)  # a malformed id fails before any DHT starts
+    check_writable_target(out, "--out")
     initial_peers = list(initial_peers)
     if initial_peers_file is not None:
         initial_peers += _read_maddrs_file(initial_peers_file, timeout=timeout)
     if not initial_peers:
         raise NodeError("expected --initial-peers or --initial-peers-file, got neither")
 
-    from node.cli.progress import step_progress
+    from node.cli.progress import steps_progress
     from node.pull import pull
 
-    with step_progress("pull: chunks") as progress:
+    with steps_progress("pull") as progress:
         outcome = asyncio.run(
             pull(
                 network_id,
                 out,
                 initial_peers=list(initial_peers),
                 timeout=timeout,
-                progress=lambda _what, done, total: progress(done, total),
+                progress=progress,
+                verify=verify,
             )
         )
     click.echo(f"round {outcome.round}: {outcome.merged_fingerprint} attested by {outcome.attested_by} keys")
     click.echo(f"recipe: {outcome.recipe}")
+    if outcome.verified:
+        click.echo(
+            f"verified: {sum(outcome.verified)} tensors recomputed from the admitted deltas "
+            f"({format_bytes(outcome.verify_bytes)} of inputs)"
+        )
+    else:
+        click.echo("not verified (--no-verify): the quorum's attestations alone")
     seconds = sum(outcome.seconds.values())
     click.echo(
         f"wrote {outcome.out} ({format_bytes(outcome.bytes_fetched)} fetched in {format_seconds(seconds)})"

@@ -6,18 +6,23 @@ import their heavy modules inside their functions.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import click
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # not hivemind: its log level also sets its p2pd daemon's, and a daemon that never logs never sees
 # its output pipe break, so it would outlive a SIGKILLed pull
-NOISY_LOGGERS = ("transformers", "torch", "urllib3", "filelock", "huggingface_hub")
+# asyncio: "Loop ... that handles pid ... is closed" when a p2pd daemon exits after its event loop
+NOISY_LOGGERS = ("transformers", "torch", "urllib3", "filelock", "huggingface_hub", "asyncio")
+IDENTITY_LOGGER = "hivemind.p2p.p2p_daemon"  # "Generating new identity ...": filtered, not its level
 
 
 class LazyChoice(click.Choice):
@@ -85,6 +90,14 @@ def quiet_third_parties(verbose: bool) -> None:
     warnings.filterwarnings("ignore")
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    identity = logging.getLogger(IDENTITY_LOGGER)
+    if _identity_notice not in identity.filters:
+        identity.addFilter(_identity_notice)
+
+
+def _identity_notice(record: logging.LogRecord) -> bool:
+    """False for hivemind's notices about the p2p identity file it makes or checks (log noise)."""
+    return "identity" not in record.getMessage() or record.levelno > logging.INFO
 
 
 def format_bytes(count: float) -> str:
@@ -107,3 +120,33 @@ def format_seconds(seconds: float) -> str:
         return f"{minutes} min {rest:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+PORT = click.IntRange(0, 65535)  # a TCP port; 0 = any free one
+
+
+def check_writable_target(path: Path, option: str) -> None:
+    """Raise click.BadParameter unless `path` can be created or replaced: the nearest existing
+    folder above it is a folder this process may write to (checked before anything is created)."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise click.BadParameter(f"{path} lies under {parent}, a file, not a folder", param_hint=option)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        message = f"{path} lies under {parent}, where this user cannot write"
+        raise click.BadParameter(message, param_hint=option)
+
+
+@contextlib.contextmanager
+def removed_on_failure(folder: Path) -> Iterator[Callable[[], None]]:
+    """Remove `folder` if this command created it and fails before calling the yielded ``keep()``
+    (e.g. a node that never became ready): a failed command leaves no data folder behind."""
+    existed = folder.exists()
+    kept = [existed]
+    try:
+        yield lambda: kept.__setitem__(0, True)
+    except BaseException:
+        if not kept[0]:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise

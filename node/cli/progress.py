@@ -19,6 +19,14 @@ from rich.progress import (
 @contextlib.contextmanager
 def step_progress(description: str) -> Iterator[Callable[[int, int], None]]:
     """A transient bar for one step; yields ``update(done, total)``, callable from any thread."""
+    with steps_progress(description) as update:
+        yield lambda done, total: update("", done, total)
+
+
+@contextlib.contextmanager
+def steps_progress(description: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A transient bar for steps in turn; yields ``update(step, done, total)`` (any thread), which
+    shows ``description: step`` (or `description` alone for an empty step)."""
     lock = threading.Lock()
     with Progress(
         TextColumn("{task.description}"),
@@ -31,8 +39,9 @@ def step_progress(description: str) -> Iterator[Callable[[int, int], None]]:
     ) as bars:
         task = bars.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
+        def update(step: str, done: int, total: int) -> None:
             with lock:
-                bars.update(task, completed=done, total=total)
+                shown = f"{description}: {step}" if step else description
+                bars.update(task, description=shown, completed=done, total=total)
 
         yield update

@@ -6,7 +6,9 @@ of its own store from the first peer's daemon (or, with ``stall``, answers no ch
 `fabricated_round` signs attack 1 of issue 14: a round of contributions that never existed, whose
 result is the base with one norm weight zeroed, with a full attestation per key and shard;
 `stalled_contribution` attack 3: a contribution announced by a peer that never serves it;
-`oversized_manifests` attack 4: contributions whose manifests are large blobs.
+`oversized_manifests` attack 4: contributions whose manifests are large blobs; `attested_merge`
+a round of real contributions (one per key) and their merge, optionally with one tensor altered,
+attested in full by every key (what only `umm pull --verify` can catch).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from node.process import process_tree, wait_gone
 from node.records import contrib_key, make_record, peers_key, result_key
 from node.store import ContentStore
 from node.transport import HANDLER_NAME, ChunkServer
-from protocol.aggregate import encode_result
+from protocol.aggregate import aggregate, encode_result
+from protocol.chunks import decode_tensors
 from protocol.envelope import sign_message
 from protocol.fingerprint import fingerprint_state_dict
 from protocol.genesis import Genesis
@@ -147,8 +150,63 @@ async def fabricated_round(
     norm = sorted(n for n in base if n.endswith("norm.weight"))[0]
     model = {**base, norm: torch.zeros_like(base[norm])}
     candidates = tuple(sorted(hashlib.sha256(k.public_key + b"never").hexdigest() for k in peer.keys))
-    shards = plan_for(base_entries, shard_count(len(peer.keys), len(base_entries)))
+    await _publish_attested_model(peer, genesis, base_entries, r, model, candidates)
+    return fingerprint_state_dict(model)
+
+
+async def attested_merge(
+    peer: HostilePeer,
+    genesis: Genesis,
+    base_dir: Path,
+    base_entries: Sequence[TensorEntry],
+    r: int,
+    *,
+    alter: str | None = None,
+) -> tuple[str, list[str]]:
+    """Announce round `r`: one real contribution per key (seeded deltas, served by the peer) and
+    their merge by the genesis recipe, whose tensor `alter` (if given) has 0.25 added, attested in
+    full by every key on every shard; presence records claim round `r` as latest. Returns the
+    published model's fingerprint (all shards) and the contribution ids."""
+    base = load_file(base_dir / "model.safetensors")
+    deltas, contributions = {}, []
+    for index, who in enumerate(peer.keys):
+        card, manifest, chunks = signed_contribution(
+            who,
+            genesis,
+            base,
+            chunk_size=genesis.chunk_size,
+            now=int(time.time()),
+            seed=100 * r + index,
+            manifest_changes={"round": r},
+        )
+        for digest, data in chunks.items():
+            peer.store.put(data, digest)
+        peer.store.put(manifest.raw, manifest.id)
+        record = make_record("contrib", card=card.raw, manifest=manifest.id, p2p=peer.peer_id)
+        await peer.publish(index, contrib_key(genesis.network_id, r), record)
+        deltas[manifest.id] = decode_tensors(manifest.message.tensors, chunks, genesis.chunk_size)
+        contributions.append(manifest.id)
+    candidates = tuple(sorted(contributions))
+    model = aggregate(genesis.recipe(r, list(candidates)), base, deltas, model_tensors=list(base))
+    if alter is not None:
+        model[alter] = model[alter] + 0.25
+    await _publish_attested_model(peer, genesis, base_entries, r, model, candidates)
+    return fingerprint_state_dict(model), list(candidates)
+
+
+async def _publish_attested_model(
+    peer: HostilePeer,
+    genesis: Genesis,
+    base_entries: Sequence[TensorEntry],
+    r: int,
+    model: dict[str, torch.Tensor],
+    candidates: tuple[str, ...],
+) -> None:
+    """Sign `model`, shard by shard, as round `r`'s result of `candidates` (the genesis recipe) with
+    the first key, serve it, attest each shard in full with every key, and claim round `r` as
+    every key's latest (so pulls look at it)."""
     recipe = genesis.recipe(r, list(candidates))
+    shards = plan_for(base_entries, shard_count(len(peer.keys), len(base_entries)))
     for j, names in enumerate(shards):
         entries, chunks, fingerprint = encode_result({n: model[n] for n in names}, genesis.chunk_size)
         for digest, data in chunks.items():
@@ -178,4 +236,3 @@ async def fabricated_round(
     for index, who in enumerate(peer.keys):
         presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=r)
         await peer.publish(index, peers_key(genesis.network_id), presence)
-    return fingerprint_state_dict(model)
