@@ -22,7 +22,7 @@ from node.cli.options import LazyChoice
     default="small",
     show_default=True,
     help="Test-bed zoo size: small (trained experts; ~15 min to build once), micro (seconds, untrained) "
-    "or real (SmolLM2-135M experts; needs the real extra, about an hour to build once).",
+    "or real (SmolLM2-135M experts; needs the real extra, about 100 minutes to build once).",
 )
 @click.option("--nodes", default=3, show_default=True, help="Node processes, one expert each.")
 @click.option("--codec", default="bf16", show_default=True, help="Delta codec the nodes contribute with.")
