@@ -27,6 +27,10 @@ class InvalidDigestError(StoreError):
     """A digest is not 64 lowercase hex characters (a sha256)."""
 
 
+class StoreQuotaError(StoreError):
+    """A chunk would take the store past its quota (`umm node start --store-quota`)."""
+
+
 class TransportError(NodeError):
     """A remote call failed: the peer is gone, too slow, or answered outside the framing."""
 

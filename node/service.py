@@ -84,13 +84,14 @@ class NodeService:
         fallback_seconds: float = FALLBACK_SECONDS,
         keep_rounds: int = KEEP_ROUNDS,
         searcher: bool = False,
+        store_quota: int | None = None,
     ) -> None:
         self.searcher = searcher  # searches each round's recipe (a network whose genesis enables it)
         self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
         self.keep_rounds = keep_rounds
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = ContentStore(self.data_dir / "store")
+        self.store = ContentStore(self.data_dir / "store", quota=store_quota)
         self.state = NodeState(self.data_dir)
         self.rounds = RoundState(self.state)
         self.identity = load_or_create_identity(self.data_dir)

@@ -9,6 +9,9 @@ Layout under `root`:
 A write goes: hash -> temp file -> fsync -> rename into blobs/ -> fsync the folder -> index row
 (committed without waiting for the disk; see `_recover`). Writes may run on several threads.
 A read verifies the sha256 again; a blob that no longer matches is removed and reported.
+With a `quota`, a write that would take the indexed bytes (plus this process's writes in flight)
+past it is refused with `StoreQuotaError` before any byte is written; the bytes of peers'
+contributions, results and records all count, so whatever peers announce, the store stays under it.
 A kill at any moment leaves either no trace of the chunk, a stray temp file (removed on the next
 open), or a blob without an index row (verified and indexed on the next open); never a row that
 points at wrong or partial bytes.
@@ -25,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from merging.atomic import write_atomic
-from node.errors import ChunkHashMismatchError, ChunkNotFoundError, InvalidDigestError
+from node.errors import ChunkHashMismatchError, ChunkNotFoundError, InvalidDigestError, StoreQuotaError
 from protocol.encoding import sha256_hex
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -60,12 +63,17 @@ class ContentStore:
     """Chunks addressed by sha256, checked on write and on read; safe across threads and kills.
 
     `durable=False` (a download cache, e.g. a pull's) skips the fsyncs: a power cut may then leave
-    a blob with wrong bytes under its row, which `get` detects, removes and reports.
+    a blob with wrong bytes under its row, which `get` detects, removes and reports. `quota`
+    (bytes, None: none) bounds the stored bytes (see the module docstring).
     """
 
-    def __init__(self, root: str | Path, *, durable: bool = True) -> None:
+    def __init__(self, root: str | Path, *, durable: bool = True, quota: int | None = None) -> None:
+        if quota is not None and quota <= 0:
+            raise ValueError(f"expected a positive store quota in bytes, got {quota}")
         self.root = Path(root)
         self.durable = durable
+        self.quota = quota
+        self._in_flight = 0  # bytes this process is writing, reserved against the quota
         self._blobs = self.root / "blobs"
         self._tmp = self.root / "tmp"
         for folder in (self.root, self._blobs, self._tmp):
@@ -115,19 +123,37 @@ class ContentStore:
         actual = verified_digest(data, digest)
         if self.has(actual):
             return actual
-        final = self._blob_path(actual)
-        final.parent.mkdir(exist_ok=True)
-        prefix = f"{os.getpid()}.{actual[:16]}."
-        if self.durable:
-            write_atomic(final, data, temp_dir=self._tmp, temp_prefix=prefix)
-        else:  # a cache: renamed whole, not flushed; `get` catches what a power cut may garble
-            fd, temp = tempfile.mkstemp(dir=self._tmp, prefix=prefix)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(temp, final)
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (actual, len(data)))
+        self._reserve(len(data))
+        try:
+            final = self._blob_path(actual)
+            final.parent.mkdir(exist_ok=True)
+            prefix = f"{os.getpid()}.{actual[:16]}."
+            if self.durable:
+                write_atomic(final, data, temp_dir=self._tmp, temp_prefix=prefix)
+            else:  # a cache: renamed whole, not flushed; `get` catches what a power cut may garble
+                fd, temp = tempfile.mkstemp(dir=self._tmp, prefix=prefix)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                os.replace(temp, final)
+            with self._lock:
+                self._db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?)", (actual, len(data)))
+        finally:
+            with self._lock:
+                self._in_flight -= len(data)
         return actual
+
+    def _reserve(self, size: int) -> None:
+        """Count `size` bytes as in flight, or raise StoreQuotaError if they would pass the quota."""
+        with self._lock:
+            if self.quota is not None:
+                used = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()[0])
+                if used + self._in_flight + size > self.quota:
+                    raise StoreQuotaError(
+                        f"expected the store at {self.root} to stay within its quota of {self.quota} bytes, "
+                        f"got {used + self._in_flight} bytes stored and a chunk of {size} more "
+                        "(raise --store-quota or lower --keep-rounds)"
+                    )
+            self._in_flight += size
 
     def delete(self, digest: str) -> None:
         """Remove a chunk (index row first, then the blob); absent chunks are ignored."""

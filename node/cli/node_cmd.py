@@ -13,6 +13,7 @@ import click
 from merging.atomic import write_atomic
 from node.cli.options import (
     PORT,
+    ByteSize,
     check_writable_target,
     format_bytes,
     format_seconds,
@@ -92,6 +93,13 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
     help="Decided rounds kept in the store; older rounds' deltas and results are deleted.",
 )
 @click.option(
+    "--store-quota",
+    type=ByteSize(),
+    default=None,
+    help="Most bytes this node's store may hold (e.g. 20GiB): a chunk past it is refused with an "
+    "error in the log, whatever peers announce [default: no quota].",
+)
+@click.option(
     "--search",
     is_flag=True,
     help="Search each round's merge recipe and propose it (networks whose genesis enables search).",
@@ -109,6 +117,7 @@ def start(
     poll,
     fallback_seconds,
     keep_rounds,
+    store_quota,
     search,
     log_level,
 ) -> None:
@@ -152,6 +161,7 @@ def start(
             on_ready=ready,
             fallback_seconds=fallback_seconds,
             keep_rounds=keep_rounds,
+            store_quota=store_quota,
             searcher=search,
         )
     click.echo("stopped")

@@ -125,6 +125,34 @@ def format_seconds(seconds: float) -> str:
 PORT = click.IntRange(0, 65535)  # a TCP port; 0 = any free one
 
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12} | {
+    "KIB": 1 << 10,
+    "MIB": 1 << 20,
+    "GIB": 1 << 30,
+    "TIB": 1 << 40,
+}
+
+
+class ByteSize(click.ParamType):
+    """A size in bytes written as a number and an optional unit: `2GiB`, `500MiB`, `1.5GB`, `4096`."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        number = str(value).strip().upper()
+        digits = number.rstrip("KMGTIB")
+        unit = number[len(digits) :].strip()
+        try:
+            size = int(float(digits) * SIZE_UNITS[unit])
+        except (KeyError, ValueError):
+            self.fail(f"expected a size such as 2GiB, 500MiB or 4096, got {value!r}", param, ctx)
+        if size <= 0:
+            self.fail(f"expected a positive size, got {value!r}", param, ctx)
+        return size
+
+
 def check_writable_target(path: Path, option: str) -> None:
     """Raise click.BadParameter unless `path` can be created or replaced: the nearest existing
     folder above it is a folder this process may write to (checked before anything is created)."""

@@ -83,6 +83,17 @@ def test_an_output_where_the_system_refuses_to_create_it_is_one_error(place, arg
     assert listing(place) == before and not Path("/proc/umm-out").exists()
 
 
+@pytest.mark.parametrize(
+    ("quota", "reason"), [("12XB", "such as 2GiB"), ("0", "positive"), ("-5MiB", "positive")]
+)
+def test_a_bad_store_quota_is_refused_before_the_data_folder_exists(tmp_path, quota, reason):
+    result = invoke(
+        ["node", "start", "--data-dir", str(tmp_path / "d"), "--network", NETWORK, "--store-quota", quota]
+    )
+    assert_one_error(result.exit_code, result.stderr, "'--store-quota'", reason)
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.mark.parametrize("port", ["-1", "65536", "70000"])
 def test_a_port_out_of_range_is_refused_before_the_data_folder_exists(tmp_path, port):
     result = invoke(

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from merging import atomic as atomic_module
-from node.errors import ChunkHashMismatchError, ChunkNotFoundError, InvalidDigestError
+from node.errors import ChunkHashMismatchError, ChunkNotFoundError, InvalidDigestError, StoreQuotaError
 from node.store import ContentStore
 
 
@@ -203,3 +203,27 @@ def test_a_cache_store_skips_fsync_and_still_verifies(tmp_path, monkeypatch):
     with ContentStore(tmp_path) as store:
         store.put(b"durable bytes")
         assert len(synced) == 2  # the blob and its folder
+
+
+def test_a_quota_refuses_the_chunk_that_would_pass_it_and_deletes_make_room(tmp_path):
+    with ContentStore(tmp_path, quota=100) as store:
+        first = store.put(b"a" * 60)
+        assert store.put(b"a" * 60) == first  # a chunk already held costs nothing
+        with pytest.raises(
+            StoreQuotaError, match="quota of 100 bytes, got 60 bytes stored and a chunk of 41"
+        ):
+            store.put(b"b" * 41)
+        assert not (tmp_path / "blobs" / _digest(b"b" * 41)[:2] / _digest(b"b" * 41)).exists()
+        assert list(store) == [first] and store.total_bytes() == 60
+        assert store.put(b"b" * 40) == _digest(b"b" * 40)  # exactly at the quota
+        store.delete(first)
+        assert store.put(b"c" * 60) == _digest(b"c" * 60)
+        assert store.total_bytes() == 100
+    # what is stored counts after a reopen too
+    with ContentStore(tmp_path, quota=50) as reopened, pytest.raises(StoreQuotaError):
+        reopened.put(b"d")
+
+
+def test_a_store_refuses_a_quota_that_is_not_positive(tmp_path):
+    with pytest.raises(ValueError, match="positive store quota"):
+        ContentStore(tmp_path, quota=0)
