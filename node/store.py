@@ -146,7 +146,7 @@ class ContentStore:
         """Count `size` bytes as in flight, or raise StoreQuotaError if they would pass the quota."""
         with self._lock:
             if self.quota is not None:
-                used = int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()[0])
+                used = self._indexed_bytes()
                 if used + self._in_flight + size > self.quota:
                     raise StoreQuotaError(
                         f"expected the store at {self.root} to stay within its quota of {self.quota} bytes, "
@@ -219,7 +219,11 @@ class ContentStore:
     def total_bytes(self) -> int:
         """The sum of the stored chunks' sizes."""
         with self._lock:
-            return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()[0])
+            return self._indexed_bytes()
+
+    def _indexed_bytes(self) -> int:
+        """The sum of the indexed chunks' sizes (the caller holds `_lock`)."""
+        return int(self._db.execute("SELECT COALESCE(SUM(size), 0) FROM chunks").fetchone()[0])
 
     def close(self) -> None:
         """Close the index; the store must not be used afterwards."""
