@@ -108,15 +108,21 @@ def test_makespan_schedules_the_longest_job_first_on_the_first_free_worker():
     assert real_zoo.makespan([], 2) == 0
 
 
-def test_the_real_recipe_trains_tracing_longest_and_the_build_starts_it_first(micro_zoo, tmp_path, monkeypatch):
-    estimate = real_zoo.estimate_seconds(REAL_RECIPE)
-    assert max(estimate, key=estimate.get) == "tracing"
+def test_a_domain_step_count_overrides_the_recipe_steps_and_scales_its_estimate():
+    recipe = replace(REAL_RECIPE, expert_steps=(("lists", 7),))
+    assert recipe.expert_spec("lists").steps == 7
+    assert recipe.expert_spec("arithmetic").steps == recipe.expert_train.steps
+    plain = real_zoo.estimate_seconds(replace(REAL_RECIPE, expert_steps=()))
+    scaled = plain["lists"] * 7 / recipe.expert_train.steps
+    assert real_zoo.estimate_seconds(recipe)["lists"] == pytest.approx(scaled)
+    assert recipe.digest() != replace(REAL_RECIPE, expert_steps=()).digest()
+
+
+def test_the_build_starts_the_longest_estimated_model_first(micro_zoo, tmp_path, monkeypatch):
     recipe = _tiny_real_recipe(micro_zoo)
     monkeypatch.setattr(real_zoo, "BUILD_WORKERS", 1)
-    monkeypatch.setattr(
-        real_zoo, "SECONDS_PER_STEP", {recipe.base: 1.0, recipe.heterogeneous[0].source: 0.5}
-    )
+    monkeypatch.setattr(real_zoo, "SECONDS_PER_STEP", {recipe.base: 1.0, recipe.heterogeneous[0].source: 0.5})
     order = []
     build_real_zoo(tmp_path, recipe=recipe, reporter=lambda name, n: lambda s, loss: order.append(name))
-    # Batch 4 is half a step of 8: tracing 2 x 23/15 / 2, logic 2 x 13.6/15 / 2, the other 2 x 0.5 / 2.
+    # Batch 4 is half a step of 8: tracing 2 x 20.5/10.6 / 2, logic 2 x 11.1/10.6 / 2, the other 2 x 0.5 / 2.
     assert list(dict.fromkeys(order)) == ["tracing", "logic", "gpt2-logic"]
