@@ -18,16 +18,17 @@ of any block is drawn independently: see `stream_key` and `merging.kernels.split
 from __future__ import annotations
 
 import hashlib
+import importlib
 import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import numpy as np
 import torch
 
-from merging import kernels
 from merging.blocks import TensorStack
 from merging.parameters import TensorParameters
 from merging.select import OrderStatistic, RankWindow, window_from_ranks
@@ -43,6 +44,19 @@ PIVOTS = 8  # at most this many candidate values counted per model in the statis
 PIVOT_STEPS = (-2.5, 0.0, 2.5)  # standard errors from the sampled quantile
 
 _pool: ThreadPoolExecutor | None = None
+
+
+class _KernelsOnFirstUse:
+    """`merging.kernels`, imported at the first attribute read: numba and LLVM (about 50 MiB
+    resident) load when a process first merges, not when it imports the merge engine (a node
+    imports it at start and may idle for hours)."""
+
+    def __getattr__(self, name: str) -> object:
+        module: ModuleType = importlib.import_module("merging.kernels")
+        return getattr(module, name)
+
+
+kernels = _KernelsOnFirstUse()
 
 
 def stream_key(seed: int, tensor: str, position: int) -> int:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import hivemind
+from hivemind.dht import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import CompositeValidator
@@ -51,7 +51,7 @@ def _terminate_children_and_exit(signum: int, _frame: object) -> None:
     os._exit(128 + signum)
 
 
-class NodeDHT(hivemind.DHT):
+class NodeDHT(DHT):
     """hivemind's DHT whose child process (and its `p2pd`) dies with the parent."""
 
     def run(self) -> None:  # runs in the forked child
@@ -110,7 +110,7 @@ def start_dht(
     return dht, validator
 
 
-def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+def visible_maddrs(dht: DHT) -> list[str]:
     """The multiaddrs other peers can bootstrap from (with the /p2p/ peer id)."""
     return [str(addr) for addr in dht.get_visible_maddrs()]
 
@@ -118,9 +118,7 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
 class RecordBoard:
     """Owner-only records of a few KiB under shared keys, on a DHT started by `start_dht`."""
 
-    def __init__(
-        self, dht: hivemind.DHT, validator: RSASignatureValidator, *, timeout: float = DEFAULT_DHT_TIMEOUT
-    ):
+    def __init__(self, dht: DHT, validator: RSASignatureValidator, *, timeout: float = DEFAULT_DHT_TIMEOUT):
         self.dht = dht
         self.validator = validator
         self.timeout = timeout

@@ -78,11 +78,13 @@ class LocalNetwork:
         poll: float | None = None,
         fallback_seconds: float | None = None,
         search: bool = False,
+        store_quota: int | None = None,
     ) -> subprocess.Popen:
         """Start (or restart) node `name`; it joins through a running node, the bootstrap if it runs.
 
         `poll` and `fallback_seconds` override the network's settings for this start of this node;
-        `search` starts it as a searcher (``--search``).
+        `search` starts it as a searcher (``--search``); `store_quota` bounds its store
+        (``--store-quota``, bytes).
         """
         command = [sys.executable, "-m", "node.cli", "node", "start", "--data-dir", str(self.root / name)]
         command += ["--poll", str(self.poll if poll is None else poll)]
@@ -90,6 +92,8 @@ class LocalNetwork:
         command += ["--fallback-seconds", str(fallback)]
         if search:
             command.append("--search")
+        if store_quota is not None:
+            command += ["--store-quota", str(store_quota)]
         if self.bootstrap:
             command += ["--network", self.network_id]
             peer = self._running_peer(name)

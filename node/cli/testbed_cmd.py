@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from merging.atomic import write_text_atomic
 from merging.testbed.tasks import SPLITS, resolve_tasks
 from node.cli.options import LazyChoice
 
+if TYPE_CHECKING:  # rich's console and tables load with the command that prints them
+    from rich.table import Table
+
 
 def _accuracy_table(title: str, scores: dict[str, dict], tasks: list[str]) -> Table:
+    from rich.table import Table
+
     table = Table(title=title)
     table.add_column("model")
     for task in tasks:
@@ -27,6 +31,8 @@ def _accuracy_table(title: str, scores: dict[str, dict], tasks: list[str]) -> Ta
 
 
 def _retention_table(summary: dict) -> Table:
+    from rich.table import Table
+
     domains = list(summary["experts"])
     table = Table(title=f"gain retention vs base {summary['base']}: (model - base) / (expert - base)")
     table.add_column("model")
@@ -95,6 +101,8 @@ def eval_command(model_dirs, tasks, split, limit, base, json_out, batch_size, pr
 
     Example: umm eval ~/.cache/umm/zoo/small-*/experts/* --base ~/.cache/umm/zoo/small-*/base --json out.json
     """
+    from rich.console import Console
+
     from merging.testbed.report import comparison
     from merging.testbed.zoo import model_meta
 
@@ -138,6 +146,8 @@ def zoo_build(size, cache_dir, run_eval, limit):
 
     Example: umm zoo build --size small --eval
     """
+    from rich.console import Console
+
     from merging.testbed.sizes import build_any_zoo
     from merging.testbed.training_progress import rich_reporter
 

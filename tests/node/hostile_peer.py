@@ -6,7 +6,8 @@ of its own store from the first peer's daemon (or, with ``stall``, answers no ch
 `fabricated_round` signs attack 1 of issue 14: a round of contributions that never existed, whose
 result is the base with one norm weight zeroed, with a full attestation per key and shard;
 `stalled_contribution` attack 3: a contribution announced by a peer that never serves it;
-`oversized_manifests` attack 4: contributions whose manifests are large blobs; `attested_merge`
+`oversized_manifests` attack 4: contributions whose manifests are large blobs;
+`valid_contributions` attack 4 with bytes no check refuses (against a store quota); `attested_merge`
 a round of real contributions (one per key) and their merge, optionally with one tensor altered,
 attested in full by every key (what only `umm pull --verify` can catch).
 """
@@ -32,7 +33,7 @@ from node.store import ContentStore
 from node.transport import HANDLER_NAME, ChunkServer
 from protocol.aggregate import aggregate, encode_result
 from protocol.chunks import decode_tensors
-from protocol.envelope import sign_message
+from protocol.envelope import Signed, sign_message
 from protocol.fingerprint import fingerprint_state_dict
 from protocol.genesis import Genesis
 from protocol.identity import Identity
@@ -169,21 +170,8 @@ async def attested_merge(
     published model's fingerprint (all shards) and the contribution ids."""
     base = load_file(base_dir / "model.safetensors")
     deltas, contributions = {}, []
-    for index, who in enumerate(peer.keys):
-        card, manifest, chunks = signed_contribution(
-            who,
-            genesis,
-            base,
-            chunk_size=genesis.chunk_size,
-            now=int(time.time()),
-            seed=100 * r + index,
-            manifest_changes={"round": r},
-        )
-        for digest, data in chunks.items():
-            peer.store.put(data, digest)
-        peer.store.put(manifest.raw, manifest.id)
-        record = make_record("contrib", card=card.raw, manifest=manifest.id, p2p=peer.peer_id)
-        await peer.publish(index, contrib_key(genesis.network_id, r), record)
+    for index in range(len(peer.keys)):
+        manifest, chunks = await _announce_contribution(peer, index, genesis, base, r, seed=100 * r + index)
         deltas[manifest.id] = decode_tensors(manifest.message.tensors, chunks, genesis.chunk_size)
         contributions.append(manifest.id)
     candidates = tuple(sorted(contributions))
@@ -236,3 +224,39 @@ async def _publish_attested_model(
     for index, who in enumerate(peer.keys):
         presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=r)
         await peer.publish(index, peers_key(genesis.network_id), presence)
+
+
+async def valid_contributions(peer: HostilePeer, genesis: Genesis, base_dir: Path, r: int) -> list[str]:
+    """Announce, from every key, a valid contribution of round `r` (seeded bf16 deltas of the whole
+    base, served by the peer): bytes no verification refuses, so an honest node fetches and keeps
+    them (attack 4 of issue 14 against a store quota); returns their manifest ids."""
+    base = load_file(base_dir / "model.safetensors")
+    contributions = []
+    for index, who in enumerate(peer.keys):
+        manifest, _chunks = await _announce_contribution(peer, index, genesis, base, r, seed=500 + index)
+        presence = make_record("peers", p2p=peer.peer_id, signer=who.public_key, latest=-1)
+        await peer.publish(index, peers_key(genesis.network_id), presence)
+        contributions.append(manifest.id)
+    return contributions
+
+
+async def _announce_contribution(
+    peer: HostilePeer, index: int, genesis: Genesis, base: dict[str, torch.Tensor], r: int, *, seed: int
+) -> tuple[Signed, dict[str, bytes]]:
+    """Sign key `index`'s contribution of round `r` (deltas of `seed`), serve it and announce it;
+    its manifest and chunks."""
+    card, manifest, chunks = signed_contribution(
+        peer.keys[index],
+        genesis,
+        base,
+        chunk_size=genesis.chunk_size,
+        now=int(time.time()),
+        seed=seed,
+        manifest_changes={"round": r},
+    )
+    for digest, data in chunks.items():
+        peer.store.put(data, digest)
+    peer.store.put(manifest.raw, manifest.id)
+    record = make_record("contrib", card=card.raw, manifest=manifest.id, p2p=peer.peer_id)
+    await peer.publish(index, contrib_key(genesis.network_id, r), record)
+    return manifest, chunks
