@@ -145,25 +145,12 @@ class FaultBook:
         book = self.round(r)
         by_id = {c.id: c for c in contributions}
         given_up = set(given_up)
-        for claim in sorted(book.claims.values(), key=_check_order):
-            m: ContributionFault = claim.message
-            if m.contribution not in by_id or claim.id in book.refuted:
-                continue
-            comparable = self._comparable(book, by_id, given_up)
-            if (m.signer, comparable) in book.false_signers:
-                continue
-            holds = await self._check(ctx, r, book, m, by_id, comparable)
-            if holds is False:
-                book.refuted.add(claim.id)
-                book.false_signers.add((m.signer, comparable))
-                logger.warning(
-                    "round %d: ignoring %s's fault claim against %s (%s in %s): it does not hold here",
-                    r,
-                    m.peer_id[:16],
-                    m.contribution[:8],
-                    m.kind,
-                    m.tensor,
-                )
+        while True:  # again while the pass confirms undecodable ones: the outlier rule compares the rest
+            confirmed = len(book.undecodable)
+            for claim in sorted(book.claims.values(), key=_check_order):
+                await self._check_claim(ctx, r, book, claim, by_id, given_up)
+            if len(book.undecodable) == confirmed:
+                break
         comparable = self._comparable(book, by_id, given_up)
         excluded = {cid: f for cid, f in book.undecodable.items() if cid in by_id}
         for claim in book.claims.values():
@@ -178,6 +165,35 @@ class FaultBook:
             logger.info("round %d: contribution %s excluded from every shard: %s", r, cid[:8], f.detail)
         book.excluded = excluded
         return dict(excluded)
+
+    async def _check_claim(
+        self,
+        ctx: RoundContext,
+        r: int,
+        book: RoundFaults,
+        claim: Signed,
+        by_id: Mapping[str, Contribution],
+        given_up: set[str],
+    ) -> None:
+        """Check one claim (unless it was refuted, names no candidate, or its signer's claims are
+        not heard); a claim that does not hold is refuted and its signer not heard again."""
+        m: ContributionFault = claim.message
+        if m.contribution not in by_id or claim.id in book.refuted:
+            return
+        comparable = self._comparable(book, by_id, given_up)
+        if (m.signer, comparable) in book.false_signers:
+            return
+        if await self._check(ctx, r, book, m, by_id, comparable) is False:
+            book.refuted.add(claim.id)
+            book.false_signers.add((m.signer, comparable))
+            logger.warning(
+                "round %d: ignoring %s's fault claim against %s (%s in %s): it does not hold here",
+                r,
+                m.peer_id[:16],
+                m.contribution[:8],
+                m.kind,
+                m.tensor,
+            )
 
     @staticmethod
     def _comparable(

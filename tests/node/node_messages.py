@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from node.genesis import Genesis
-from protocol.chunks import encode_tensors
+from protocol.chunks import encode_tensors, split_blob
 from protocol.codecs import parse_codec
 from protocol.envelope import Signed, sign_message
 from protocol.identity import Identity
@@ -87,3 +88,21 @@ def full_attestation(result: Signed, who: Identity, *, created_at: int) -> Signe
         ),
         who,
     )
+
+
+NAN_BYTES = {"bf16": b"\xc0\x7f", "raw": b"\x00\x00\xc0\x7f"}  # raw: a float32 tensor's first value
+
+
+def with_nan(
+    who: Identity, manifest: Signed, get: Callable[[str], bytes], tensor: str
+) -> tuple[Signed, dict[str, bytes]]:
+    """`manifest` (a bf16 or float32 raw delta manifest, no zstd) re-signed by `who` with the first
+    value of `tensor`'s delta made NaN, and the new chunks of that tensor (`get` reads the old)."""
+    m: DeltaManifest = manifest.message
+    entry = next(t for t in m.tensors if t.name == tensor)
+    nan = NAN_BYTES[entry.codec.name]
+    data = b"".join(get(address) for address in entry.chunks)
+    digest, addresses, pieces = split_blob(nan + data[len(nan) :], m.chunk_size)
+    changed = dataclasses.replace(entry, digest=digest, chunks=addresses)
+    tensors = tuple(changed if t.name == tensor else t for t in m.tensors)
+    return sign_message(dataclasses.replace(m, tensors=tensors), who), pieces
