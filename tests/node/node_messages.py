@@ -90,13 +90,13 @@ def full_attestation(result: Signed, who: Identity, *, created_at: int) -> Signe
     )
 
 
-NAN_BYTES = {"bf16": b"\xc0\x7f", "raw": b"\x00\x00\xc0\x7f"}  # raw: a float32 tensor's first value
+NAN_BYTES = {"bf16": b"\xc0\x7f", "fp32": b"\x00\x00\xc0\x7f"}  # a NaN as the first value
 
 
 def with_nan(
     who: Identity, manifest: Signed, get: Callable[[str], bytes], tensor: str
 ) -> tuple[Signed, dict[str, bytes]]:
-    """`manifest` (a bf16 or float32 raw delta manifest, no zstd) re-signed by `who` with the first
+    """`manifest` (a bf16 or fp32 delta manifest, no zstd) re-signed by `who` with the first
     value of `tensor`'s delta made NaN, and the new chunks of that tensor (`get` reads the old)."""
     m: DeltaManifest = manifest.message
     entry = next(t for t in m.tensors if t.name == tensor)
