@@ -14,6 +14,7 @@ import torch
 from node_messages import signed_contribution, with_nan
 
 from node.errors import FetchError
+from node.fault_status import read_faults
 from node.genesis import Genesis
 from node.records import fault_key, make_record, parse_record
 from node.round_context import RoundContext
@@ -227,3 +228,19 @@ def test_claims_of_other_rounds_malformed_records_or_non_candidates_count_for_no
     # the accused is not among this node's candidates: nothing to exclude, nothing fetched
     assert _refresh(ctx, board, [by_n[1], by_n[2], by_n[4]]) == {}
     assert fetched == []
+
+
+def test_status_lists_each_claimed_fault_with_the_keys_that_signed_it(network):
+    _, by_n, _, _, _ = network
+    board = Board()
+    _claim(board, 1, (by_n[3], "b.weight", "undecodable"), (by_n[2], "b.weight", "outlier"))
+    _claim(board, 6, (by_n[3], "b.weight", "undecodable"))
+    board.records[b"x"] = b"not a record"
+    rows = asyncio.run(read_faults(board, GENESIS.network_id, 0))
+    assert [(r["contribution"], r["kind"], len(r["claimed_by"])) for r in rows] == sorted(
+        [(by_n[3].id, "undecodable", 2), (by_n[2].id, "outlier", 1)]
+    )
+    assert all(r["tensor"] == "b.weight" for r in rows)
+    assert sorted(rows[0]["claimed_by"] + rows[1]["claimed_by"]) == sorted(
+        [_who(1).peer_id, _who(1).peer_id, _who(6).peer_id]
+    )

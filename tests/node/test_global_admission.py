@@ -12,6 +12,10 @@ model equals, bit for bit, the offline merge (merging.engine) of the three good 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from node_messages import with_nan
@@ -77,6 +81,13 @@ def test_a_fault_in_one_shard_excludes_the_contribution_from_every_shard(tmp_pat
         for name in NODES[1:]:
             net.contribute(name, tmp_path / f"expert-{name}", codec="raw")
         latest = net.wait_converged(NODES, timeout=420.0)
+        command = [sys.executable, "-m", "node.cli", "status", "--network", net.network_id, "--json"]
+        status = subprocess.run(
+            [*command, "--initial-peers", net.bootstrap],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         manifests = {name: net.state(name, "contribution/0")["manifest"] for name in NODES}
         logs = {name: (tmp_path / f"{name}.log").read_text() for name in NODES}
         carried = {name: net.state(name, "contribution/1") for name in NODES}
@@ -89,6 +100,11 @@ def test_a_fault_in_one_shard_excludes_the_contribution_from_every_shard(tmp_pat
     for name in NODES:  # every node excluded it itself, from every shard
         assert f"contribution {bad_id[:8]} excluded from every shard" in logs[name], logs[name][-3000:]
     assert carried[BAD] is None  # a contribution a fault excluded is not offered again
+    assert status.returncode == 0, status.stderr
+    claims = json.loads(status.stdout)["rounds"]["0"]["faults"]
+    kind = "undecodable" if fault == "nan" else "outlier"
+    assert [(c["contribution"], c["tensor"], c["kind"]) for c in claims] == [(bad_id, TARGET, kind)]
+    assert len(claims[0]["claimed_by"]) >= 2  # the target's shard has three full workers
 
     with ContentStore(tmp_path / NODES[1] / "store") as store:
         results = [
