@@ -70,6 +70,7 @@ class RoundFaults:
     refuted: set[str] = dataclasses.field(default_factory=set)  # claim ids that did not hold
     false_signers: set[tuple[bytes, tuple[str, ...]]] = dataclasses.field(default_factory=set)
     excluded: dict[str, ConfirmedFault] = dataclasses.field(default_factory=dict)
+    reported: set[str] = dataclasses.field(default_factory=set)  # contributions this node claimed
 
 
 class FaultBook:
@@ -87,6 +88,12 @@ class FaultBook:
         held = self._rounds.get(r)
         return dict(held.excluded) if held is not None else {}
 
+    def unreported(self, r: int, found: Iterable[str]) -> set[str]:
+        """Of the contributions `found` failing this node's own admission, those it has neither
+        claimed nor seen excluded (a claim of its own that did not hold here is not made again)."""
+        book = self.round(r)
+        return set(found) - set(book.excluded) - book.reported
+
     def forget_before(self, r: int) -> None:
         for old in [k for k in self._rounds if k < r]:
             del self._rounds[old]
@@ -103,8 +110,9 @@ class FaultBook:
         (tensor, fault)), those not excluded yet, and count them at once."""
         book = self.round(r)
         for cid, (tensor, fault) in sorted(found.items()):
-            if cid in book.excluded:
+            if cid in book.excluded or cid in book.reported:
                 continue
+            book.reported.add(cid)
             claim = sign_fault(ctx, r, cid, tensor, fault.kind)
             ctx.rounds.add_fault(r, claim.raw)
             book.claims[claim.id] = claim

@@ -10,12 +10,14 @@
    the round (`node.rounds.plan_round`) and picks the shards to merge in full
    (`shards_to_compute`: its own; every shard when the workers alone cannot reach the quorum;
    after ``fallback_seconds`` also the shards still lacking a quorum);
-3. merges and attests those (`node.shard_worker`) and spot-checks every other shard
-   (`node.spotcheck`);
+3. reads and checks the round's fault claims (`node.faults`: a contribution that fails admission
+   in one shard is excluded from every shard), merges and attests its shards (`node.shard_worker`)
+   and spot-checks every other shard (`node.spotcheck`);
 4. looks for the round's attested result (`node.discover.find_attested_rounds`: the one of its own
    view if it has one, else the best it has not failed to verify) and, if found —
    after verifying it as a round it did not plan when it has no view of the round
-   (`node.unplanned`) — records it and moves on (`node.decided.record_decided`), deleting
+   (`node.unplanned`), and unless any shard admits a contribution a confirmed fault excludes —
+   records it and moves on (`node.decided.record_decided`), deleting
    rounds older than the latest ``keep_rounds`` decided ones (`node.retention`); else logs, every
    ``WAITING_LOG_SECONDS``, what each shard's records attest.
 

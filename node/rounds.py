@@ -4,10 +4,10 @@
    manifest is signed by the card's signer, names that card, targets this round, applies to the
    genesis base and architecture, and (with an allowlist) comes from a member; one per signer —
    the newest ``created_at``, ties broken by the smaller manifest id.
-2. `admit`: decode every selected contribution (codec checks reject malformed bytes and NaN/Inf);
-   its tensors must be exactly the base's names and shapes; then, with three or more decodable
-   contributions, exclude any whose delta L2 norm exceeds ``outlier_factor`` x the median norm,
-   or whose delta of any one tensor does (against the median of that tensor's deltas).
+2. `admit`: every selected contribution's tensors must be exactly the base's names and shapes;
+   then `protocol.faults.tensor_faults`, tensor by tensor: a delta that does not decode (codec
+   checks reject malformed bytes and NaN/Inf) or, among three or more decodable ones, whose L2
+   norm exceeds ``outlier_factor`` x the median of that tensor's norms, excludes the contribution.
 3. The recipe is `Genesis.recipe(round, admitted ids)` (sorted ids, content-derived seed), so two
    nodes that saw the same contributions build byte-identical recipes.
 
@@ -15,9 +15,9 @@ Sharded rounds (`plan_round`, rules in protocol.shards): the workers are the sel
 contributions' signers; the base's tensors are split into byte-balanced shards, each computed in
 full by ``R`` workers, ``R = replica_count(W, full_quorum(quorum))`` (3 when there are 3 or more
 workers, whatever the quorum); the other nodes spot-check it (protocol.spotcheck). `admit` then
-runs per shard: the name/shape check stays global (every manifest must cover exactly the base's
-tensors), while decoding (NaN/Inf) and the norm-outlier rule look at the
-shard's tensors only, so every worker of a shard decides identically from the same bytes.
+runs per shard on the shard's tensors; a fault it finds there is published and checked by every
+node, and excludes the contribution from every shard (node.faults), so every shard admits the
+same contributions.
 """
 
 from __future__ import annotations

@@ -3,11 +3,15 @@
 For each shard of a settled round that the plan gives this node (or, after the fallback delay,
 that still lacks a quorum), each poll:
 
-1. a shard already merged for these candidates is final (admission is a function of their bytes):
-   the node only re-attests it (step 4);
+1. a shard already merged for these candidates is final (admission is a function of their bytes),
+   unless a fault confirmed since excludes one of the contributions it admitted: the node only
+   re-attests it (step 4);
 2. otherwise it fetches the shard's tensors of every candidate; a contribution whose chunks do not
    arrive is waited for `FETCH_PATIENCE` polls, then left out (`FetchPatience`);
-3. it admits per shard (`node.rounds.admit`), merges with `protocol.aggregate` one tensor at a
+3. it admits per shard (`node.rounds.admit`); a contribution that fails admission in any of its
+   shards' tensors is reported as a fault (node.faults: published, checked by every node, and
+   excluded from every shard) and nothing is merged that poll; then it merges the contributions
+   no confirmed fault excludes with `protocol.aggregate` one tensor at a
    time (inputs decoded from the store as each tensor is merged, its chunks stored at once: no
    whole shard is held in memory), stores a signed MergeResult, and keeps a `ShardMerge` in its
    round state;
@@ -162,7 +166,7 @@ class ShardWorker:
             await refetch_missing(ctx, names, base_entries, available)
             return
         found = {cid: f for admission, _ in admissions.values() for cid, f in admission.faults.items()}
-        if set(found) - set(excluded):
+        if ctx.faults.unreported(r, found):
             # a fault from the bytes excludes the contribution from every shard (node.faults): publish
             # it and merge next poll, once the other nodes can read it
             given_up = self.patience.given_up_on()
