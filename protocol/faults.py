@@ -21,13 +21,14 @@ import math
 import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from protocol.errors import ProtocolError
 from protocol.messages import TENSOR_NAME, KiB, RoundMessage
 from protocol.schema import field, hex64, text
+
+if TYPE_CHECKING:  # the message and the rule need no torch import (umm status reads faults)
+    import torch
 
 FAULT_KINDS = ("undecodable", "outlier")
 MIN_OUTLIER_PEERS = 3  # contributions decodable in a tensor before its norms are compared

@@ -16,6 +16,32 @@ from protocol.identity import Identity
 from protocol.messages import SCHEMA_VERSION, Attestation, DeltaManifest, ExpertCard
 
 
+def unit_genesis(*, chunk_size: int, now: int, **changes: Any) -> Genesis:
+    """A genesis for unit tests (no base stored anywhere): ties, majority quorum, outlier factor 3."""
+    fields: dict[str, Any] = dict(
+        name="unit",
+        created_at=now - 1000,
+        creator=Identity.from_seed(b"\x09" * 32).public_key,
+        base_fingerprint="ba" * 32,
+        architecture_fingerprint="ac" * 32,
+        tokenizer_fingerprint="70" * 32,
+        base_manifest="bb" * 32,
+        base_files={},
+        chunk_size=chunk_size,
+        method="ties",
+        parameters={"density": 0.5, "weight": 1.0},
+        dtype="float32",
+        quorum=0,
+        members=None,
+        outlier_factor=3.0,
+        min_contributions=2,
+        settle_seconds=2.0,
+        probe_set_fingerprint="",
+    )
+    fields.update(changes)
+    return Genesis(**fields)
+
+
 def signed_contribution(
     who: Identity,
     genesis: Genesis,

@@ -11,11 +11,10 @@ import time
 
 import pytest
 import torch
-from node_messages import signed_contribution, with_nan
+from node_messages import signed_contribution, unit_genesis, with_nan
 
 from node.errors import FetchError
 from node.fault_status import read_faults
-from node.genesis import Genesis
 from node.records import fault_key, make_record, parse_record
 from node.round_context import RoundContext
 from node.round_state import RoundState
@@ -36,26 +35,7 @@ def _who(n: int) -> Identity:
     return Identity.from_seed(bytes([n]) * 32)
 
 
-GENESIS = Genesis(
-    name="unit",
-    created_at=NOW - 1000,
-    creator=_who(9).public_key,
-    base_fingerprint="ba" * 32,
-    architecture_fingerprint="ac" * 32,
-    tokenizer_fingerprint="70" * 32,
-    base_manifest="bb" * 32,
-    base_files={},
-    chunk_size=CHUNK,
-    method="ties",
-    parameters={"density": 0.5, "weight": 1.0},
-    dtype="float32",
-    quorum=0,
-    members=None,
-    outlier_factor=3.0,
-    min_contributions=2,
-    settle_seconds=2.0,
-    probe_set_fingerprint="",
-)
+GENESIS = unit_genesis(chunk_size=CHUNK, now=NOW)
 
 
 class Board:

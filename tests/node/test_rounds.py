@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from node_messages import signed_contribution
+from node_messages import signed_contribution, unit_genesis
 
 from node.genesis import Genesis
 from node.rounds import (
@@ -27,28 +27,7 @@ NOW = 1_800_000_000
 
 
 def _genesis(**changes) -> Genesis:
-    fields = dict(
-        name="unit",
-        created_at=NOW - 1000,
-        creator=Identity.from_seed(b"\x09" * 32).public_key,
-        base_fingerprint="ba" * 32,
-        architecture_fingerprint="ac" * 32,
-        tokenizer_fingerprint="70" * 32,
-        base_manifest="bb" * 32,
-        base_files={},
-        chunk_size=CHUNK,
-        method="ties",
-        parameters={"density": 0.5, "weight": 1.0},
-        dtype="float32",
-        quorum=0,
-        members=None,
-        outlier_factor=3.0,
-        min_contributions=2,
-        settle_seconds=2.0,
-        probe_set_fingerprint="",
-    )
-    fields.update(changes)
-    return Genesis(**fields)
+    return unit_genesis(chunk_size=CHUNK, now=NOW, **changes)
 
 
 GENESIS = _genesis()
