@@ -12,6 +12,9 @@ Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
                                      (a contribution being prepared for round r: node.settle)
     umm/<network id>/result/<r>/<j>  {"result": MergeResult envelope id of shard j, "attestation":
                                       Attestation envelope, "p2p": the holder's libp2p peer id}
+    umm/<network id>/fault/<r>       {"faults": [ContributionFault envelope, ...]} (at most
+                                      MAX_FAULTS_PER_RECORD: contributions this node found failing
+                                      admission in round r, node.faults)
     umm/<network id>/proposal/<r>    {"proposal": SearchProposal envelope id, "p2p": the holder's
                                       libp2p peer id} (searchers of a network with search)
     umm/<network id>/verdict/<r>/<p> {"proposal": the proposal's id (of its fields), "claimed": its
@@ -42,7 +45,9 @@ RECORD_FIELDS: dict[str, dict[str, type]] = {
     "pending": {"signer": bytes, "started": int, "p2p": str},
     "proposal": {"proposal": str, "p2p": str},
     "verdict": {"proposal": str, "claimed": float, "fitness": float, "reason": str},
+    "fault": {"faults": list},
 }
+MAX_FAULTS_PER_RECORD = 8
 
 
 def genesis_key(network_id: str) -> str:
@@ -67,6 +72,10 @@ def pending_key(network_id: str, round_number: int) -> str:
 
 def result_key(network_id: str, round_number: int, shard: int = 0) -> str:
     return f"umm/{network_id}/result/{round_number}/{shard}"
+
+
+def fault_key(network_id: str, round_number: int) -> str:
+    return f"umm/{network_id}/fault/{round_number}"
 
 
 def proposal_key(network_id: str, round_number: int) -> str:
@@ -96,6 +105,9 @@ def parse_record(kind: str, data: bytes) -> dict[str, Any] | None:
     for name, kind_type in expected.items():
         if type(value[name]) is not kind_type:
             return None
+    faults = value.get("faults", ())
+    if len(faults) > MAX_FAULTS_PER_RECORD or any(type(item) is not bytes for item in faults):
+        return None
     for digest_field in ("manifest", "result", "summary", "proposal"):
         digest = value.get(digest_field)
         if digest is not None and (len(digest) != 64 or not set(digest) <= _HEX):

@@ -32,7 +32,7 @@ from protocol.messages import DeltaManifest, MergeResult
 
 logger = logging.getLogger("node.service")  # the round log keeps its name: log readers match it
 
-_ROUND_PREFIXES = ("shard", "spot", "view", "refused", "contribution", "summary")
+_ROUND_PREFIXES = ("shard", "spot", "view", "refused", "contribution", "summary", "faults")
 
 
 def note_decided(rounds: RoundState, r: int, found: AttestedRound) -> None:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from node.faults import FaultBook
 from node.lookups import OpenedAttestations, ShardRecords
 from node.records import make_record, result_key
 from node.round_state import RoundState
@@ -45,7 +46,8 @@ class RoundContext:
     `fetch(digests, holders, attempts=n)` puts the chunks into `store` (FetchError if it cannot);
     `publish(key, value)` announces a DHT record; `read_shard(r, j)` reads shard j's records;
     `peer_id` is the node's libp2p peer id, named in its result records; `opened` the attestations
-    it opened (so each is verified once however often it is read).
+    it opened (so each is verified once however often it is read); `faults` the round's checked
+    fault claims (node.faults: the contributions excluded from every shard).
     """
 
     genesis: Genesis
@@ -58,6 +60,7 @@ class RoundContext:
     peer_id: str
     opened: OpenedAttestations = dataclasses.field(default_factory=OpenedAttestations)
     recipes: RecipeRules | None = None  # None: every round merges with the genesis recipe
+    faults: FaultBook = dataclasses.field(default_factory=FaultBook)
 
     @property
     def network_id(self) -> str:

@@ -10,12 +10,14 @@
    the round (`node.rounds.plan_round`) and picks the shards to merge in full
    (`shards_to_compute`: its own; every shard when the workers alone cannot reach the quorum;
    after ``fallback_seconds`` also the shards still lacking a quorum);
-3. merges and attests those (`node.shard_worker`) and spot-checks every other shard
-   (`node.spotcheck`);
+3. reads and checks the round's fault claims (`node.faults`: a contribution that fails admission
+   in one shard is excluded from every shard), merges and attests its shards (`node.shard_worker`)
+   and spot-checks every other shard (`node.spotcheck`);
 4. looks for the round's attested result (`node.discover.find_attested_rounds`: the one of its own
    view if it has one, else the best it has not failed to verify) and, if found —
    after verifying it as a round it did not plan when it has no view of the round
-   (`node.unplanned`) — records it and moves on (`node.decided.record_decided`), deleting
+   (`node.unplanned`), and unless any shard admits a contribution a confirmed fault excludes —
+   records it and moves on (`node.decided.record_decided`), deleting
    rounds older than the latest ``keep_rounds`` decided ones (`node.retention`); else logs, every
    ``WAITING_LOG_SECONDS``, what each shard's records attest.
 
@@ -150,6 +152,7 @@ class RoundMachine:
         self.manifests = ManifestFetches()
         self.settle = SettleClock(ctx.genesis.settle_seconds)
         self._waiting_logged = 0.0
+        self._candidates: dict[int, list[Contribution]] = {}  # the settled candidates of a round
 
     async def step(self, r: int, *, aggregate: bool = True) -> None:
         """One poll of round `r`: merge and check it (unless `aggregate` is off), then decide it."""
@@ -174,6 +177,8 @@ class RoundMachine:
             return
         base_entries = ctx.base_entries()
         plan = plan_round(ctx.genesis, contributions, base_entries)
+        self._candidates[r] = contributions
+        await ctx.faults.refresh(ctx, self.board, r, contributions, self.patience.given_up_on())
         settled_at = time.monotonic() - waited
         if self.search is not None and not await self.search.ready(
             r, plan, contributions, base_entries, settled_at
@@ -215,13 +220,23 @@ class RoundMachine:
             complete = [f for f in complete if RoundView(f.candidates, len(f.shards)) == view] or complete
         else:
             complete = [f for f in complete if (r, tuple(f.candidates)) not in self._unverifiable]
+        if complete and r in self._candidates:  # the faults published since this poll's first read
+            await ctx.faults.refresh(ctx, self.board, r, self._candidates[r], self.patience.given_up_on())
+        complete = [f for f in complete if not self.admits_excluded(r, f)]
         if not complete:
             await self.log_waiting(r)
             return
         found = complete[0]
         if view is None and not await self.verified_unplanned(r, found):
             return
+        if self.admits_excluded(r, found):  # a fault learned while verifying the round
+            return
         await self.record(r, found)
+
+    def admits_excluded(self, r: int, found: AttestedRound) -> bool:
+        """Whether any shard of `found` admits a contribution that a confirmed fault excludes
+        (node.faults): this node records no such round, whatever its quorum."""
+        return bool(set(found.contributions) & set(self.ctx.faults.excluded(r)))
 
     async def verified_unplanned(self, r: int, found: AttestedRound) -> bool:
         """Whether `found`, a result of a round this node did not plan, passed `verify_unplanned`
@@ -230,7 +245,7 @@ class RoundMachine:
         if key in self._unverifiable:
             return False
         try:
-            await verify_unplanned(self.ctx, r, found, self.ctx.base_entries())
+            await verify_unplanned(self.ctx, r, found, self.ctx.base_entries(), self.board)
         except ProtocolError as exc:
             self._unverifiable.add(key)
             logger.warning("round %d: not adopting the attested result %s: %s", r, found.fingerprint, exc)
@@ -243,6 +258,8 @@ class RoundMachine:
         (`node.retention`)."""
         recorded = await record_decided(self.ctx, self.worker, self.patience, r, found)
         if recorded:
+            self.ctx.faults.forget_before(r)
+            self._candidates = {k: v for k, v in self._candidates.items() if k > r}
             note_decided(self.ctx.rounds, r, found)
             await asyncio.to_thread(
                 sweep, self.ctx.rounds, self.ctx.store, self.ctx.genesis, self.keep_rounds

@@ -11,6 +11,7 @@ Each dataclass encodes to (and decodes from) exactly the msgpack value kept unde
     spot/<r>/<j>          `SpotVerdict`: the result its spot check of shard j passed, and its attestation
     refused/<r>           [result id, ...]: results its spot checks refused
     view/<r>              `RoundView`: [candidates, shard count] of the round it merged or checked
+    faults/<r>            [ContributionFault envelope, ...]: the faults this node found (node.faults)
     latest                `LatestRound`: the last decided round and what the node announces for it
     stats                 {"bytes_sent", "bytes_received"}
 """
@@ -237,6 +238,13 @@ class RoundState:
 
     def set_view(self, r: int, value: RoundView) -> None:
         self.state.set(f"view/{r}", value.encode())
+
+    def faults(self, r: int) -> tuple[bytes, ...]:
+        """The signed faults this node found in round r (node.faults), oldest first."""
+        return tuple(self.state.get(f"faults/{r}", []))
+
+    def add_fault(self, r: int, envelope: bytes) -> None:
+        self.state.set(f"faults/{r}", [*self.faults(r), envelope])
 
     def latest(self) -> LatestRound | None:
         return _decoded(LatestRound, self.state.get("latest"))

@@ -4,10 +4,10 @@
    manifest is signed by the card's signer, names that card, targets this round, applies to the
    genesis base and architecture, and (with an allowlist) comes from a member; one per signer —
    the newest ``created_at``, ties broken by the smaller manifest id.
-2. `admit`: decode every selected contribution (codec checks reject malformed bytes and NaN/Inf);
-   its tensors must be exactly the base's names and shapes; then, with three or more decodable
-   contributions, exclude any whose delta L2 norm exceeds ``outlier_factor`` x the median norm,
-   or whose delta of any one tensor does (against the median of that tensor's deltas).
+2. `admit`: every selected contribution's tensors must be exactly the base's names and shapes;
+   then `protocol.faults.tensor_faults`, tensor by tensor: a delta that does not decode (codec
+   checks reject malformed bytes and NaN/Inf) or, among three or more decodable ones, whose L2
+   norm exceeds ``outlier_factor`` x the median of that tensor's norms, excludes the contribution.
 3. The recipe is `Genesis.recipe(round, admitted ids)` (sorted ids, content-derived seed), so two
    nodes that saw the same contributions build byte-identical recipes.
 
@@ -15,16 +15,14 @@ Sharded rounds (`plan_round`, rules in protocol.shards): the workers are the sel
 contributions' signers; the base's tensors are split into byte-balanced shards, each computed in
 full by ``R`` workers, ``R = replica_count(W, full_quorum(quorum))`` (3 when there are 3 or more
 workers, whatever the quorum); the other nodes spot-check it (protocol.spotcheck). `admit` then
-runs per shard: the name/shape check stays global (every manifest must cover exactly the base's
-tensors), while decoding (NaN/Inf) and the norm-outlier rule look at the
-shard's tensors only, so every worker of a shard decides identically from the same bytes.
+runs per shard on the shard's tensors; a fault it finds there is published and checked by every
+node, and excludes the contribution from every shard (node.faults), so every shard admits the
+same contributions.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -32,6 +30,7 @@ import torch
 from node.errors import NodeError
 from protocol.envelope import Signed
 from protocol.errors import ProtocolError
+from protocol.faults import TensorFault, tensor_faults
 from protocol.genesis import Genesis
 from protocol.messages import DeltaManifest, ExpertCard, TensorEntry
 from protocol.quorum import full_quorum
@@ -128,21 +127,14 @@ def select_contributions(
     return sorted(best.values(), key=lambda c: c.id)
 
 
-def delta_norm(deltas: Mapping[str, torch.Tensor]) -> float:
-    """The L2 norm over all tensors, summed in float64 in sorted name order."""
-    total = 0.0
-    for name in sorted(deltas):
-        total += float(deltas[name].double().pow(2).sum())
-    return math.sqrt(total)
-
-
 @dataclasses.dataclass(frozen=True)
 class Admission:
-    """Rule 2's outcome: admitted contribution ids (sorted), rejected ones with reasons, and norms."""
+    """Rule 2's outcome: admitted contribution ids (sorted), rejected ones with reasons, and the
+    fault (tensor, `TensorFault`) behind each rejection that came from the bytes."""
 
     admitted: tuple[str, ...]
     rejected: dict[str, str]
-    norms: dict[str, float]
+    faults: dict[str, tuple[str, TensorFault]]
 
 
 def admit(
@@ -151,66 +143,63 @@ def admit(
     base_entries: Iterable[TensorEntry],
     decode: Callable[[Contribution, tuple[str, ...]], Mapping[str, torch.Tensor]],
     names: Sequence[str] | None = None,
+    excluded: Iterable[str] = (),
 ) -> tuple[Admission, dict[str, Mapping[str, torch.Tensor]]]:
     """Rule 2 of the module docstring for the tensors `names` (a shard; None: every base tensor).
 
-    `decode(contribution, names)` returns that contribution's decoded deltas of `names` (raising
-    ProtocolError for bad bytes). Also returns the decoded deltas of the admitted contributions.
+    `decode(contribution, names)` returns that contribution's decoded deltas of `names` (a mapping
+    that may decode each tensor when it is read; ProtocolError for bad bytes). Contributions in
+    `excluded` (faults confirmed elsewhere in the round) are rejected without being read. Also
+    returns the deltas of the admitted contributions (`decode`'s mappings).
     """
     expected = {e.name: tuple(e.shape) for e in base_entries}
     wanted = tuple(sorted(expected if names is None else names))
     if not set(wanted) <= set(expected):
         raise RuntimeError("admit: the shard's tensors must be base tensors")
+    excluded = set(excluded)
     rejected: dict[str, str] = {}
-    decoded: dict[str, Mapping[str, torch.Tensor]] = {}
-    norms: dict[str, float] = {}
+    readable: dict[str, Contribution] = {}
     for contribution in contributions:
         shapes = {t.name: tuple(t.shape) for t in contribution.manifest.message.tensors}
         if shapes != expected:
             rejected[contribution.id] = "expected exactly the base's tensor names and shapes"
-            continue
-        try:
-            deltas = decode(contribution, wanted)
-        except ProtocolError as exc:
-            rejected[contribution.id] = f"{type(exc).__name__}: {exc}"
-            continue
-        if sorted(deltas) != list(wanted):
-            raise RuntimeError("admit: decode must return exactly the requested tensors")
-        norm = delta_norm(deltas)
-        if not math.isfinite(norm):
-            rejected[contribution.id] = "expected a finite delta norm"
-            continue
-        decoded[contribution.id] = deltas
-        norms[contribution.id] = norm
-    if len(norms) >= 3:
-        median = statistics.median(norms.values())
-        for cid, norm in norms.items():
-            if norm > genesis.outlier_factor * median:
-                rejected[cid] = (
-                    f"expected a delta norm <= {genesis.outlier_factor:g} x median {median:.4g}, "
-                    f"got {norm:.4g}"
-                )
-    if len(decoded) >= 3:
-        for cid, reason in tensor_outliers(genesis.outlier_factor, decoded, wanted).items():
-            rejected.setdefault(cid, reason)
-    admitted = tuple(sorted(cid for cid in decoded if cid not in rejected))
-    return Admission(admitted, rejected, norms), {cid: decoded[cid] for cid in admitted}
+        elif contribution.id in excluded:
+            rejected[contribution.id] = "excluded by a confirmed fault of the round"
+        else:
+            readable[contribution.id] = contribution
+    faults = shard_faults(genesis.outlier_factor, wanted, readable, decode)
+    for cid, (_, fault) in faults.items():
+        rejected[cid] = fault.detail
+    admitted = tuple(sorted(cid for cid in readable if cid not in faults))
+    return Admission(admitted, rejected, faults), {cid: decode(readable[cid], wanted) for cid in admitted}
 
 
-def tensor_outliers(
-    factor: float, decoded: Mapping[str, Mapping[str, torch.Tensor]], names: Sequence[str]
-) -> dict[str, str]:
-    """Contributions whose delta of some tensor has an L2 norm above `factor` x the median of the
-    contributions' deltas of that tensor (first such tensor in name order: the reason)."""
-    found: dict[str, str] = {}
-    for name in names:
-        norms = {cid: float(deltas[name].double().norm()) for cid, deltas in decoded.items()}
-        median = statistics.median(norms.values())
-        for cid, norm in sorted(norms.items()):
-            if cid not in found and median > 0 and norm > factor * median:
-                limit = f"{factor:g} x median {median:.4g}"
-                found[cid] = f"expected {name}'s delta norm <= {limit}, got {norm:.4g}"
-    return found
+def shard_faults(
+    factor: float,
+    names: Sequence[str],
+    contributions: Mapping[str, Contribution],
+    decode: Callable[[Contribution, tuple[str, ...]], Mapping[str, torch.Tensor]],
+) -> dict[str, tuple[str, TensorFault]]:
+    """`protocol.faults.tensor_faults` over tensors `names`: each contribution's first fault (in
+    name order). Contributions undecodable in any of the tensors are left out of every tensor's
+    norm comparison (the rule compares the decodable contributions), so the rule runs again
+    without them until no new undecodable one appears."""
+    found: dict[str, tuple[str, TensorFault]] = {}
+    while True:
+        members = [cid for cid in sorted(contributions) if cid not in found]
+        outliers: dict[str, tuple[str, TensorFault]] = {}
+        undecodable: dict[str, tuple[str, TensorFault]] = {}
+        for name in names:
+
+            def one(cid: str, name: str = name) -> torch.Tensor:
+                return decode(contributions[cid], (name,))[name]
+
+            for cid, fault in tensor_faults(factor, name, members, one).items():
+                target = undecodable if fault.kind == "undecodable" else outliers
+                target.setdefault(cid, (name, fault))
+        if not undecodable:
+            return {**found, **outliers}
+        found.update(undecodable)
 
 
 @dataclasses.dataclass(frozen=True)

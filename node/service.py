@@ -32,6 +32,7 @@ from hivemind.p2p import P2P
 from node.datafolder import load_or_create_identity
 from node.dht import RecordBoard, load_or_create_rsa_key, start_dht, visible_maddrs
 from node.errors import NodeError
+from node.faults import publish_faults
 from node.fetcher import Fetcher, node_chunk_limit
 from node.lookups import OpenedAttestations, ShardRecords, read_genesis, read_peers, read_shard_records
 from node.records import (
@@ -287,6 +288,8 @@ class NodeService:
         if summary is not None:
             record = make_record("summary", card=summary.card, summary=summary.summary, p2p=p2p)
             await self.publish(summary_key(nid, r), record)
+        for faulted in {r} | ({latest.round} if latest is not None else set()):
+            await publish_faults(self.machine.ctx, faulted)  # the faults this node found (node.faults)
         if latest is not None:
             for a in latest.announce:
                 record = make_record("result", result=a.result, attestation=a.attestation, p2p=p2p)

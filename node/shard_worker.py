@@ -3,11 +3,15 @@
 For each shard of a settled round that the plan gives this node (or, after the fallback delay,
 that still lacks a quorum), each poll:
 
-1. a shard already merged for these candidates is final (admission is a function of their bytes):
-   the node only re-attests it (step 4);
+1. a shard already merged for these candidates is final (admission is a function of their bytes),
+   unless a fault confirmed since excludes one of the contributions it admitted: the node only
+   re-attests it (step 4);
 2. otherwise it fetches the shard's tensors of every candidate; a contribution whose chunks do not
    arrive is waited for `FETCH_PATIENCE` polls, then left out (`FetchPatience`);
-3. it admits per shard (`node.rounds.admit`), merges with `protocol.aggregate` one tensor at a
+3. it admits per shard (`node.rounds.admit`); a contribution that fails admission in any of its
+   shards' tensors is reported as a fault (node.faults: published, checked by every node, and
+   excluded from every shard) and nothing is merged that poll; then it merges the contributions
+   no confirmed fault excludes with `protocol.aggregate` one tensor at a
    time (inputs decoded from the store as each tensor is merged, its chunks stored at once: no
    whole shard is held in memory), stores a signed MergeResult, and keeps a `ShardMerge` in its
    round state;
@@ -83,6 +87,10 @@ class FetchPatience:
         self.missing[contribution_id] = self.missing.get(contribution_id, 0) + 1
         return self.missing[contribution_id] < FETCH_PATIENCE
 
+    def given_up_on(self) -> set[str]:
+        """Contributions whose chunks are left out now (after `FETCH_PATIENCE` polls)."""
+        return {c for c, polls in self.missing.items() if polls >= FETCH_PATIENCE}
+
     def given_up(self) -> set[str]:
         """Contributions left out after `FETCH_PATIENCE` polls and not yet retried."""
         return {c for c, polls in self.missing.items() if polls >= FETCH_PATIENCE} - self.retried
@@ -118,6 +126,7 @@ class ShardWorker:
                 own is not None
                 and own.view() == RoundView(plan.candidates, len(plan.shards))
                 and self.recipe_current(r, own)
+                and not self.admits_excluded(r, own)
             ):
                 await self.attest_canonical(r, j, own)
             else:
@@ -126,7 +135,10 @@ class ShardWorker:
             return
         names = {name for j in todo for name in plan.shards[j]}
         started = time.monotonic()
-        available = await self._fetch_inputs(contributions, names)
+        excluded = ctx.faults.excluded(r)
+        undecodable = {cid for cid, fault in excluded.items() if fault.kind == "undecodable"}
+        comparable = [c for c in contributions if c.id not in undecodable]
+        available = await self._fetch_inputs(comparable, names)
         if available is None:
             return  # wait for the chunks rather than decide on a partial view
         logger.info(
@@ -137,14 +149,37 @@ class ShardWorker:
             len(available),
             time.monotonic() - started,
         )
-        for j in todo:
-            try:
-                admission, deltas = await asyncio.to_thread(
-                    admit, ctx.genesis, available, base_entries, self._checked_lazy_decode, plan.shards[j]
+        admissions = {}
+        try:
+            for j in todo:
+                admissions[j] = await asyncio.to_thread(
+                    admit,
+                    ctx.genesis,
+                    available,
+                    base_entries,
+                    self._lazy_decode,
+                    plan.shards[j],
+                    undecodable,
                 )
-                if not admission.admitted:
+        except StoreError as exc:  # our own store lost a chunk: fetch it again, blame no one
+            logger.warning("round %d shards %s: store fault, fetching the chunk again: %s", r, todo, exc)
+            await refetch_missing(ctx, names, base_entries, available)
+            return
+        found = {cid: f for admission, _ in admissions.values() for cid, f in admission.faults.items()}
+        if ctx.faults.unreported(r, found):
+            # a fault from the bytes excludes the contribution from every shard (node.faults): publish
+            # it and merge next poll, once the other nodes can read it
+            given_up = self.patience.given_up_on()
+            await ctx.faults.report(ctx, r, found, contributions, given_up)
+            return
+        for j in todo:
+            admission, deltas = admissions[j]
+            admitted = tuple(cid for cid in admission.admitted if cid not in excluded)
+            try:
+                if not admitted:
                     continue
-                recipe = ctx.round_recipe(r, admission.admitted)
+                deltas = {cid: deltas[cid] for cid in admitted}
+                recipe = ctx.round_recipe(r, admitted)
                 own = await asyncio.to_thread(self._merge_shard, r, plan, j, recipe, deltas, base_entries)
             except StoreError as exc:  # our own store lost a chunk: fetch it again, blame no one
                 logger.warning("round %d shard %d: store fault, fetching the chunk again: %s", r, j, exc)
@@ -154,13 +189,23 @@ class ShardWorker:
             ctx.rounds.set_view(r, own.view())
             await self.attest_canonical(r, j, own)
 
-    def _checked_lazy_decode(self, contribution: Contribution, names: Sequence[str]) -> EntryTensors:
-        """`ctx.decode` without holding the tensors: each is decoded once to check it (ProtocolError
-        for bad bytes, as admission needs) and again when the norm and the merge read it."""
+    def _lazy_decode(self, contribution: Contribution, names: Sequence[str]) -> EntryTensors:
+        """`ctx.decode` without holding the tensors: each is decoded when admission's rule reads
+        it (ProtocolError for bad bytes) and again when the merge reads it."""
         entries = [t for t in contribution.manifest.message.tensors if t.name in set(names)]
-        for entry in entries:
-            self.ctx.decode(contribution, (entry.name,))
         return EntryTensors(entries, self.ctx.store.get, contribution.manifest.message.chunk_size)
+
+    def admits_excluded(self, r: int, own: ShardMerge) -> bool:
+        """Whether our merge of a shard admitted a contribution a confirmed fault now excludes (it
+        is merged again without it)."""
+        excluded = self.ctx.faults.excluded(r)
+        if not excluded:
+            return False
+        try:
+            merged = self.ctx.stored_result(own.result).message.recipe.contributions
+        except (NodeError, ProtocolError):
+            return True
+        return bool(set(merged) & set(excluded))
 
     def recipe_current(self, r: int, own: ShardMerge) -> bool:
         """Whether our merge of a shard used the recipe the round adopts now (a network with search

@@ -5,7 +5,8 @@ For every shard of a settled round that the node does not merge in full, each po
 1. it orders the shard's published results by distinct full attesters (most first), then by
    distinct attesters of any kind (most first; ties: the smaller id) and takes the first it has
    not refused that states this round, this shard and shard count, the node's own candidates, the
-   shard's planned tensors and the genesis recipe of its admitted contributions;
+   shard's planned tensors and the genesis recipe of its admitted contributions, none of them
+   excluded by a confirmed fault (node.faults);
 2. it draws its sample (`protocol.spotcheck.sign_sample` / `result_sample`: about
    ``SPOT_CHECK_DELTAS / contributions`` of the tensors, unpredictable to the publisher), fetches
    those tensors of the result and of every admitted contribution (the base is local), and
@@ -131,6 +132,8 @@ async def _suitable_result(
         return None
     if not ctx.recipe_acceptable(r, m.recipe):
         return None  # not the network's method, parameters or dtype (or a verified proposal's)
+    if set(m.recipe.contributions) & set(ctx.faults.excluded(r)):
+        return None  # it admits a contribution that a confirmed fault excludes (node.faults)
     return result
 
 

@@ -8,7 +8,8 @@ later, or had no contribution of that round in view) learns the round from the a
    signature, network, round, base and allowlist (`node.rounds.manifest_problem`), one per signer;
 2. it plans the round from those manifests (`node.rounds.plan_round`); the plan must name exactly
    the result's candidates and shard count;
-3. it spot-checks every shard (node.spotcheck), which records its round view when a check passes.
+3. it checks the round's fault records (node.faults) and spot-checks every shard (node.spotcheck),
+   which records its round view when a check passes.
 
 Candidates that cannot be fetched or verified (contributions that never existed) leave the round
 unverified, and a result whose sampled tensors differ is refused: in neither case is it adopted.
@@ -20,6 +21,7 @@ import time
 from collections.abc import Sequence
 
 from node.errors import NodeError
+from node.lookups import RecordReader
 from node.round_context import RoundContext
 from node.rounds import Contribution, named_candidates, plan_round
 from node.spotcheck import spot_check_shards
@@ -39,11 +41,18 @@ async def named_contributions(ctx: RoundContext, r: int, candidates: Sequence[st
 
 
 async def verify_unplanned(
-    ctx: RoundContext, r: int, found: AttestedRound, base_entries: Sequence[TensorEntry]
+    ctx: RoundContext,
+    r: int,
+    found: AttestedRound,
+    base_entries: Sequence[TensorEntry],
+    board: RecordReader,
 ) -> None:
     """Steps 1-3 of the module docstring for the round `found` decides; ProtocolError if its
-    candidates cannot be verified or planned as the result states."""
+    candidates cannot be verified or planned as the result states. The round's fault records
+    (`board`) are checked before the spot checks (node.faults), so a result that admits an
+    excluded contribution is refused there."""
     contributions = await named_contributions(ctx, r, found.candidates)
+    await ctx.faults.refresh(ctx, board, r, contributions)
     plan = plan_round(ctx.genesis, contributions, base_entries)
     if plan.candidates != tuple(found.candidates) or len(plan.shards) != len(found.shards):
         raise ProtocolError(

@@ -23,6 +23,7 @@ from protocol.errors import (
     SchemaError,
     VersionError,
 )
+from protocol.faults import ContributionFault
 from protocol.identity import SIGNATURE_SIZE, Identity, verify_signature
 from protocol.messages import MESSAGE_TYPES, SCHEMA_VERSION, SignedMessage
 from protocol.proposal import SearchProposal
@@ -32,8 +33,12 @@ ENVELOPE_VERSION = 1
 ENVELOPE_OVERHEAD = 256
 SIGNING_DOMAIN = "umm-signed-message-v1"
 DEFAULT_MAX_CLOCK_SKEW = 300
-# every type an envelope may carry: the round's messages and searched-merge proposals
-ENVELOPE_TYPES = {**MESSAGE_TYPES, SearchProposal.TYPE: SearchProposal}
+# every type an envelope may carry: the round's messages, searched-merge proposals and faults
+ENVELOPE_TYPES = {
+    **MESSAGE_TYPES,
+    SearchProposal.TYPE: SearchProposal,
+    ContributionFault.TYPE: ContributionFault,
+}
 MAX_ENVELOPE_SIZE = max(cls.MAX_SIZE for cls in ENVELOPE_TYPES.values()) + ENVELOPE_OVERHEAD
 
 M = TypeVar("M", bound=SignedMessage)

@@ -231,6 +231,7 @@ def create(
 async def _collect(network_id: str, initial_peers: list[str]) -> dict:
     """What `umm status` shows, read by a light client DHT node (no node process)."""
     from node.dht import ClientBoard
+    from node.fault_status import read_faults
     from node.lookups import latest_rounds_from_records, read_genesis, read_round_records
     from node.records import contrib_key, parse_record, peers_key, summary_key
     from node.search_status import read_proposals
@@ -252,6 +253,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
                 client.aread(contrib_key(network_id, r)),
                 read_round_records(client, network_id, r),
                 read_proposals(client, network_id, r),
+                read_faults(client, network_id, r),
             )
 
         per_round = dict(zip(rounds, await asyncio.gather(*(read_round(r) for r in rounds)), strict=True))
@@ -259,6 +261,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         contribs = {r: [parse_record("contrib", v) for v in per_round[r][1].values()] for r in rounds}
         results = {r: per_round[r][2] for r in rounds}
         proposals = {r: per_round[r][3] for r in rounds}
+        faults = {r: per_round[r][4] for r in rounds}
     finally:
         await client.shutdown()
     return {
@@ -268,6 +271,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         "summaries": summaries,
         "results": results,
         "proposals": proposals,
+        "faults": faults,
     }
 
 
@@ -356,6 +360,7 @@ def _network_status(
     from rich.table import Table
 
     from node.cli.node_cmd import _read_maddrs_file
+    from node.fault_status import faults_table
     from node.search_status import proposals_table
     from protocol.genesis import network_genesis_id
     from protocol.identity import peer_id_from_public_key
@@ -395,6 +400,7 @@ def _network_status(
             "summaries": summaries,
             "attestations": atts,
             "proposals": data["proposals"][r],
+            "faults": data["faults"][r],
         }
     if as_json:
         shown = {"network": network_id, "peers": peers, "rounds": rounds}
@@ -441,6 +447,8 @@ def _network_status(
         console.print(table)
         if info["proposals"]:
             console.print(proposals_table(r, info["proposals"]))
+        if info["faults"]:
+            console.print(faults_table(r, info["faults"]))
 
 
 def register(group: click.Group) -> None:

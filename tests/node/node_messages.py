@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from node.genesis import Genesis
-from protocol.chunks import encode_tensors
+from protocol.chunks import encode_tensors, split_blob
 from protocol.codecs import parse_codec
 from protocol.envelope import Signed, sign_message
 from protocol.identity import Identity
 from protocol.messages import SCHEMA_VERSION, Attestation, DeltaManifest, ExpertCard
+
+
+def unit_genesis(*, chunk_size: int, now: int, **changes: Any) -> Genesis:
+    """A genesis for unit tests (no base stored anywhere): ties, majority quorum, outlier factor 3."""
+    fields: dict[str, Any] = dict(
+        name="unit",
+        created_at=now - 1000,
+        creator=Identity.from_seed(b"\x09" * 32).public_key,
+        base_fingerprint="ba" * 32,
+        architecture_fingerprint="ac" * 32,
+        tokenizer_fingerprint="70" * 32,
+        base_manifest="bb" * 32,
+        base_files={},
+        chunk_size=chunk_size,
+        method="ties",
+        parameters={"density": 0.5, "weight": 1.0},
+        dtype="float32",
+        quorum=0,
+        members=None,
+        outlier_factor=3.0,
+        min_contributions=2,
+        settle_seconds=2.0,
+        probe_set_fingerprint="",
+    )
+    fields.update(changes)
+    return Genesis(**fields)
 
 
 def signed_contribution(
@@ -87,3 +114,21 @@ def full_attestation(result: Signed, who: Identity, *, created_at: int) -> Signe
         ),
         who,
     )
+
+
+NAN_BYTES = {"bf16": b"\xc0\x7f", "fp32": b"\x00\x00\xc0\x7f"}  # a NaN as the first value
+
+
+def with_nan(
+    who: Identity, manifest: Signed, get: Callable[[str], bytes], tensor: str
+) -> tuple[Signed, dict[str, bytes]]:
+    """`manifest` (a bf16 or fp32 delta manifest, no zstd) re-signed by `who` with the first
+    value of `tensor`'s delta made NaN, and the new chunks of that tensor (`get` reads the old)."""
+    m: DeltaManifest = manifest.message
+    entry = next(t for t in m.tensors if t.name == tensor)
+    nan = NAN_BYTES[entry.codec.name]
+    data = b"".join(get(address) for address in entry.chunks)
+    digest, addresses, pieces = split_blob(nan + data[len(nan) :], m.chunk_size)
+    changed = dataclasses.replace(entry, digest=digest, chunks=addresses)
+    tensors = tuple(changed if t.name == tensor else t for t in m.tensors)
+    return sign_message(dataclasses.replace(m, tensors=tensors), who), pieces

@@ -6,14 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from node_messages import signed_contribution
+from node_messages import signed_contribution, unit_genesis
 
 from node.genesis import Genesis
 from node.rounds import (
     Contribution,
     admit,
     contribution_problem,
-    delta_norm,
     plan_round,
     select_contributions,
 )
@@ -28,28 +27,7 @@ NOW = 1_800_000_000
 
 
 def _genesis(**changes) -> Genesis:
-    fields = dict(
-        name="unit",
-        created_at=NOW - 1000,
-        creator=Identity.from_seed(b"\x09" * 32).public_key,
-        base_fingerprint="ba" * 32,
-        architecture_fingerprint="ac" * 32,
-        tokenizer_fingerprint="70" * 32,
-        base_manifest="bb" * 32,
-        base_files={},
-        chunk_size=CHUNK,
-        method="ties",
-        parameters={"density": 0.5, "weight": 1.0},
-        dtype="float32",
-        quorum=0,
-        members=None,
-        outlier_factor=3.0,
-        min_contributions=2,
-        settle_seconds=2.0,
-        probe_set_fingerprint="",
-    )
-    fields.update(changes)
-    return Genesis(**fields)
+    return unit_genesis(chunk_size=CHUNK, now=NOW, **changes)
 
 
 GENESIS = _genesis()
@@ -129,10 +107,6 @@ def test_one_contribution_per_signer_newest_wins():
     assert [c.id for c in chosen] == [min(newer.id, twin.id)]
 
 
-def test_delta_norm_is_the_l2_norm_over_all_tensors():
-    assert delta_norm({"x": torch.tensor([3.0]), "y": torch.tensor([[4.0]])}) == 5.0
-
-
 def _decoder(chunks_by_id):
     def decode(contribution: Contribution, names: tuple[str, ...]):
         manifest = contribution.manifest.message
@@ -149,14 +123,15 @@ def test_admission_excludes_an_outlier_norm():
     admission, deltas = admit(GENESIS, contributions, BASE_ENTRIES, _decoder(chunks))
     poisoned = made[3][1].id
     assert admission.admitted == tuple(sorted(m[1].id for m in made[:3]))
-    assert admission.rejected[poisoned].startswith("expected a delta norm <= 3 x median")
+    # x100 on every tensor: the first tensor in name order is the one the fault names
+    assert admission.rejected[poisoned].startswith("expected a.weight's delta norm <= 3 x median")
+    assert admission.faults[poisoned][0] == "a.weight" and admission.faults[poisoned][1].kind == "outlier"
     assert set(deltas) == set(admission.admitted)
-    assert admission.norms[poisoned] > 3 * sorted(admission.norms.values())[1]
 
 
 def test_admission_excludes_one_small_tensor_far_above_the_others_same_tensor():
-    """x4 on the small tensor b alone keeps the whole delta's norm within 3 x the median (about
-    1.6 x here), but b's delta norm is 4 x that of the others' b: the per-tensor rule excludes it."""
+    """x4 on the small tensor b alone: b's delta norm is 4 x that of the others' b, so the
+    per-tensor rule excludes it (a.weight, the large tensor, is like the others')."""
     made = [_contribution(_who(n), seed=n) for n in (1, 2, 3)]
     contributions = select_contributions(GENESIS, 0, [m[:2] for m in made])
     decode = _decoder({m[1].id: m[2] for m in made})
@@ -164,14 +139,14 @@ def test_admission_excludes_one_small_tensor_far_above_the_others_same_tensor():
 
     def decode_scaled(contribution, names):
         deltas = dict(decode(contribution, names))
-        if contribution.id == poisoned:
+        if contribution.id == poisoned and "b.weight" in deltas:
             deltas["b.weight"] = deltas["b.weight"] * 4
         return deltas
 
     admission, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_scaled)
-    assert max(admission.norms.values()) < 3 * sorted(admission.norms.values())[1]
     assert admission.admitted == tuple(sorted(m[1].id for m in made[:2]))
     assert admission.rejected[poisoned].startswith("expected b.weight's delta norm <= 3 x median")
+    assert admission.faults[poisoned][0] == "b.weight"
 
 
 def test_with_two_contributions_no_norm_is_an_outlier():
@@ -189,16 +164,50 @@ def test_undecodable_and_misshapen_contributions_are_rejected():
     decode = _decoder(chunks)
 
     def decode_with_nan(contribution, names):
-        if contribution.id == nan[1].id:
+        if contribution.id == nan[1].id and "b.weight" in names:
             raise NonFiniteValuesError("expected finite values, got NaN")
         return decode(contribution, names)
 
     admission, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_with_nan)
-    assert admission.rejected == {nan[1].id: "NonFiniteValuesError: expected finite values, got NaN"}
+    assert admission.rejected == {
+        nan[1].id: "b.weight: NonFiniteValuesError: expected finite values, got NaN"
+    }
+    assert admission.faults[nan[1].id][0] == "b.weight"
+    assert admission.faults[nan[1].id][1].kind == "undecodable"
     other_base = encode_tensors({"a.weight": torch.zeros(8, 16)}, parse_codec("bf16"), CHUNK)[0]
     admission, _ = admit(GENESIS, contributions[:1], other_base, decode)
     assert admission.admitted == ()
     assert list(admission.rejected.values()) == ["expected exactly the base's tensor names and shapes"]
+    assert admission.faults == {}  # a manifest check: every node sees it, nothing to publish
+
+
+def test_an_undecodable_contribution_is_left_out_of_the_norm_comparison():
+    """Four contributions, one undecodable in b.weight and x100 in a.weight: the rule compares the
+    three decodable ones, so a spike that would have moved the median is not counted, and the
+    excluded set names the one fault it found first (undecodable wins over outlier)."""
+    made = [_contribution(_who(n), seed=n) for n in (1, 2, 3, 4)]
+    contributions = select_contributions(GENESIS, 0, [m[:2] for m in made])
+    decode = _decoder({m[1].id: m[2] for m in made})
+    bad, spiky = made[3][1].id, made[2][1].id
+
+    def decode_bad(contribution, names):
+        if contribution.id == bad and "b.weight" in names:
+            raise NonFiniteValuesError("expected finite values, got Inf")
+        deltas = dict(decode(contribution, names))
+        if contribution.id == bad and "a.weight" in deltas:
+            deltas["a.weight"] = deltas["a.weight"] * 100
+        if contribution.id == spiky and "a.weight" in deltas:
+            deltas["a.weight"] = deltas["a.weight"] * 5
+        return deltas
+
+    admission, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_bad)
+    assert admission.faults[bad][1].kind == "undecodable"
+    assert admission.faults[spiky][1].kind == "outlier"  # 5 x among the three decodable ones
+    assert admission.admitted == tuple(sorted(m[1].id for m in made[:2]))
+    # a fault confirmed elsewhere: the contribution is not read, and the rule compares the rest
+    excluded, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_bad, ["a.weight"], excluded=[bad])
+    assert excluded.rejected[bad] == "excluded by a confirmed fault of the round"
+    assert set(excluded.faults) == {spiky}
 
 
 def test_recipe_is_identical_for_the_same_contributions_in_any_order():
@@ -270,7 +279,8 @@ def test_shard_admission_looks_at_the_shards_tensors_only():
     on_b, _ = admit(GENESIS, contributions, BASE_ENTRIES, decode_spiky, ["b.weight"])
     assert spiky[1].id in on_a.admitted and set(deltas_a[spiky[1].id]) == {"a.weight"}
     assert spiky[1].id not in on_b.admitted
-    assert on_b.rejected[spiky[1].id].startswith("expected a delta norm <= 3 x median")
+    assert on_b.rejected[spiky[1].id].startswith("expected b.weight's delta norm <= 3 x median")
+    assert on_b.faults[spiky[1].id][0] == "b.weight"  # what the worker publishes: node.faults
     # the name/shape check stays global: a manifest missing any base tensor fails every shard
     other_base = encode_tensors({**BASE, "c.weight": torch.zeros(2)}, parse_codec("bf16"), CHUNK)[0]
     on_a, _ = admit(GENESIS, contributions, other_base, decode, ["a.weight"])

@@ -61,7 +61,7 @@ def test_streamed_shard_merge_equals_the_in_memory_merge(tmp_path):
         plan = plan_round(genesis, contributions, base_entries)
         names = [e.name for e in base_entries]
         for j, shard in enumerate(plan.shards):
-            admission, lazy = admit(genesis, contributions, base_entries, worker._checked_lazy_decode, shard)
+            admission, lazy = admit(genesis, contributions, base_entries, worker._lazy_decode, shard)
             assert admission.admitted == tuple(sorted(deltas))
             recipe = genesis.recipe(0, list(admission.admitted))
             own = worker._merge_shard(0, plan, j, recipe, lazy, base_entries)
