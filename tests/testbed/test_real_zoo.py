@@ -36,6 +36,7 @@ def _tiny_real_recipe(micro_zoo):
         expert_train=spec,
         domains=("logic", "tracing"),
         heterogeneous=(hetero,),
+        expert_steps=(),
     )
 
 
