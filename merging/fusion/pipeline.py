@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from merging.atomic import fsync_dir, write_text_atomic
 from merging.fusion import FusionError
@@ -32,8 +33,8 @@ from merging.fusion.refusal import (
     split_held_out,
 )
 from merging.fusion.replay import replay_examples
-from merging.fusion.summary import ProbeSet, load_summary, save_summary, summarize
-from merging.fusion.transfer import AlignmentQuality, PivotTokens, align_summary
+from merging.fusion.summary import ProbeSet, ResponseSummary, load_summary, save_summary, summarize
+from merging.fusion.transfer import AlignedExample, AlignmentQuality, PivotTokens, align_summary
 from merging.testbed.models import load_pretrained
 from merging.testbed.training import pinned_threads
 
@@ -73,7 +74,7 @@ class FusionReport:
 
     out_dir: Path
     probe_fingerprint: str
-    summaries: dict[str, str]  # path -> sha256 of the file
+    summaries: dict[str, str]  # label (a path) -> sha256 of the file, or the summary's id
     quality: dict[str, dict[str, float]]  # path -> alignment shares
     losses: list[float]
     check: FusionCheck | None  # held-out cross-entropy, pivot vs fused (None without held-out prompts)
@@ -104,24 +105,82 @@ def fuse_into_pivot(
     replay: ProbeSet | None = None,
     progress: bool = True,
 ) -> FusionReport:
-    """Distill the fused summaries into a copy of the pivot and write it to `out_dir`.
+    """Distill the summary files' fused distributions into a copy of the pivot, written to `out_dir`
+    (`fuse_summaries`; `fusion.json` names each summary by its file's sha256)."""
+    summaries = load_summaries(summary_paths, probe)
+    digests = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in summary_paths}
+    return fuse_summaries(
+        pivot_dir,
+        list(zip(digests, summaries, strict=True)),
+        out_dir,
+        digests=digests,
+        method=method,
+        spec=spec,
+        held_out=held_out,
+        margin=margin,
+        replay=replay,
+        progress=progress,
+    )
 
-    The `held_out` share of the probe prompts (`merging.fusion.refusal.is_held_out`) is not trained
-    on; the pivot's and the fused model's cross-entropy on them are recorded with the verdict a
+
+def fusion_targets(
+    sources: Sequence[tuple[str, ResponseSummary]], pivot: PivotTokens, method: str, progress: bool = False
+) -> tuple[list[AlignedExample], dict[str, dict[str, float]]]:
+    """Every probe prompt's fused distillation target in the pivot's tokens (each labelled summary
+    aligned, then fused by `method`) and the alignment quality per label."""
+    aligned, quality = [], {}
+    for label, summary in sources:
+        with counted_progress(f"aligning {Path(label).name}", len(summary.responses), progress) as advance:
+            examples, report = align_summary(summary, pivot, source=label, advance=advance)
+        aligned.append(examples)
+        quality[label] = _shares(report)
+    return fuse(aligned, method), quality
+
+
+def held_out_targets(
+    sources: Sequence[tuple[str, ResponseSummary]],
+    tokenizer: Any,
+    method: str = MINCE,
+    held_out: float = DEFAULT_HELD_OUT,
+) -> list[AlignedExample]:
+    """The fused targets of the held-out probe prompts: what a peer checks a fused copy on."""
+    examples, _ = fusion_targets(sources, PivotTokens(tokenizer), method)
+    return split_held_out(sources[0][1].probe.prompts, examples, held_out)[1]
+
+
+def fuse_summaries(
+    pivot_dir: str | Path,
+    sources: Sequence[tuple[str, ResponseSummary]],
+    out_dir: str | Path,
+    *,
+    digests: dict[str, str],
+    method: str = MINCE,
+    spec: DistillSpec | None = None,
+    held_out: float = DEFAULT_HELD_OUT,
+    margin: float = DEFAULT_MARGIN,
+    replay: ProbeSet | None = None,
+    progress: bool = True,
+) -> FusionReport:
+    """Distill the labelled summaries (all on one probe set) into a copy of the pivot at `out_dir`.
+
+    Each summary is aligned to the pivot's tokenizer and they are fused (MinCE or AvgCE); the
+    `held_out` share of the probe prompts (`merging.fusion.refusal.is_held_out`) is not trained
+    on, and the pivot's and the fused model's cross-entropy on them are recorded with the verdict a
     peer would reach at `margin`. With `replay` prompts, the pivot's own responses and
     distributions on them are distilled too (`merging.fusion.replay`), mixed in by count.
+    `digests` (label -> sha256 or id) is recorded as the copy's provenance in ``fusion.json``.
     """
+    if not sources:
+        raise FusionError("expected at least one summary, got none")
     spec = spec or DistillSpec()
-    summaries = load_summaries(summary_paths, probe)
+    summaries = [summary for _, summary in sources]
+    probe = summaries[0].probe
+    if any(s.probe.fingerprint() != probe.fingerprint() for s in summaries):
+        raise FusionError("expected every summary on one probe set, got several")
     model, tokenizer = load_pretrained(pivot_dir)
     pivot = PivotTokens(tokenizer)
-    aligned, quality = [], {}
-    for path, summary in zip(summary_paths, summaries, strict=True):
-        with counted_progress(f"aligning {Path(path).name}", len(summary.responses), progress) as advance:
-            examples, report = align_summary(summary, pivot, source=str(path), advance=advance)
-        aligned.append(examples)
-        quality[str(path)] = _shares(report)
-    train, held = split_held_out(summaries[0].probe.prompts, fuse(aligned, method), held_out)
+    fused, quality = fusion_targets(sources, pivot, method, progress)
+    train, held = split_held_out(probe.prompts, fused, held_out)
     if not train:
         raise FusionError(
             f"expected probe prompts left to distill on after holding out {held_out:.0%}, got none"
@@ -141,11 +200,10 @@ def fuse_into_pivot(
             model, train + replayed, spec, pad_id, on_step=lambda _s, loss: advance(1, loss=f"{loss:.3f}")
         )
     check = FusionCheck(before, held_out_cross_entropy(model, held, pad_id), margin) if held else None
-    digests = {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in summary_paths}
     provenance = {
         "pivot": str(pivot_dir),
-        "probe_fingerprint": summaries[0].probe.fingerprint(),
-        "summaries": digests,
+        "probe_fingerprint": probe.fingerprint(),
+        "summaries": dict(digests),
         "method": method,
         "distill": asdict(spec),
         "alignment": quality,
@@ -162,7 +220,7 @@ def fuse_into_pivot(
         },
     }
     out = save_model_folder(model, tokenizer, out_dir, provenance)
-    return FusionReport(out, provenance["probe_fingerprint"], digests, quality, losses, check)
+    return FusionReport(out, provenance["probe_fingerprint"], dict(digests), quality, losses, check)
 
 
 def _shares(quality: AlignmentQuality) -> dict[str, float]:
