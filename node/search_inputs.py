@@ -20,33 +20,27 @@ from typing import Any
 import torch
 
 from merging.search.fitness import MergeEvaluator, Objective
+from node.model_folders import COMPLETE, base_state, write_model_folder
 from node.round_context import RoundContext
-from protocol.chunks import decode_tensors
 from protocol.search_rules import SearchSettings
 
 BASE_FOLDER = "base"
-COMPLETE = "complete"  # marker: every folder of the round is written
 
 
 def write_inputs(
     ctx: RoundContext, folder: Path, deltas: Mapping[str, Mapping[str, torch.Tensor]]
 ) -> dict[str, Any]:
     """Write the base and each contribution (id -> decoded deltas) under `folder`; the merge config."""
-    from safetensors.torch import save_file
-
     genesis = ctx.genesis
     admitted = sorted(deltas)
     if not (folder / COMPLETE).exists():
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        base = decode_tensors(ctx.base_entries(), ctx.store.get, genesis.chunk_size)
+        base = base_state(ctx)
         for name, state in [(BASE_FOLDER, base)] + [
             (cid, {k: (base[k].float() + deltas[cid][k]).contiguous() for k in base}) for cid in admitted
         ]:
-            (folder / name).mkdir()
-            save_file(state, folder / name / "model.safetensors", metadata={"format": "pt"})
-            for side, digest in genesis.base_files.items():
-                (folder / name / side).write_bytes(ctx.store.get(digest))
+            write_model_folder(ctx, folder / name, state)
         (folder / COMPLETE).touch()
     return {
         "merge_method": genesis.method,
