@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,13 @@ class LocalNetwork:
         fallback_seconds: float | None = None,
         search: bool = False,
         store_quota: int | None = None,
+        args: Sequence[str] = (),
     ) -> subprocess.Popen:
         """Start (or restart) node `name`; it joins through a running node, the bootstrap if it runs.
 
         `poll` and `fallback_seconds` override the network's settings for this start of this node;
         `search` starts it as a searcher (``--search``); `store_quota` bounds its store
-        (``--store-quota``, bytes).
+        (``--store-quota``, bytes); `args` are more `umm node start` options (e.g. ``--fuse``).
         """
         command = [sys.executable, "-m", "node.cli", "node", "start", "--data-dir", str(self.root / name)]
         command += ["--poll", str(self.poll if poll is None else poll)]
@@ -94,6 +95,7 @@ class LocalNetwork:
             command.append("--search")
         if store_quota is not None:
             command += ["--store-quota", str(store_quota)]
+        command += list(args)
         if self.bootstrap:
             command += ["--network", self.network_id]
             peer = self._running_peer(name)
@@ -128,14 +130,20 @@ class LocalNetwork:
             time.sleep(0.1)
         raise NodeError(f"expected node {name} ready within {timeout:g} s, got: {self.tail(name)}")
 
-    def start_all(self, names: Iterable[str], timeout: float = 180.0, searchers: Iterable[str] = ()) -> None:
+    def start_all(
+        self,
+        names: Iterable[str],
+        timeout: float = 180.0,
+        searchers: Iterable[str] = (),
+        args: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         """Start the first node, wait for it, then start the rest together and wait for them;
-        the nodes in `searchers` search (``--search``)."""
-        names, searchers = list(names), set(searchers)
-        self.start(names[0], search=names[0] in searchers)
+        the nodes in `searchers` search (``--search``); `args` adds options per node."""
+        names, searchers, args = list(names), set(searchers), args or {}
+        self.start(names[0], search=names[0] in searchers, args=args.get(names[0], ()))
         self.wait_ready(names[0], timeout)
         for name in names[1:]:
-            self.start(name, search=name in searchers)
+            self.start(name, search=name in searchers, args=args.get(name, ()))
         for name in names[1:]:
             self.wait_ready(name, timeout)
 

@@ -21,6 +21,10 @@ Keys (values are canonical msgpack maps of a few KiB, one subkey per DHT owner):
                                       claimed fitness, "fitness": the fitness the publisher
                                       recomputed (0.0 if it could not), "reason": why it refused
                                       it, or ""} (<p>: 16 hex of the proposal's envelope id)
+    umm/<network id>/fusion/<r>/<c>  {"contribution": a fused contribution's id, "pivot": the base's
+                                      held-out cross-entropy to its summaries, "fused": the
+                                      contribution's, "reason": why the publisher refused it, or
+                                      ""} (<c>: 16 hex of the contribution id; node.fusion_check)
 
 Large things (manifests, results, tensors) are chunks addressed by sha256 and fetched peer to peer.
 Every record is untrusted input: `parse_record` returns None for anything but a map with exactly
@@ -46,6 +50,7 @@ RECORD_FIELDS: dict[str, dict[str, type]] = {
     "proposal": {"proposal": str, "p2p": str},
     "verdict": {"proposal": str, "claimed": float, "fitness": float, "reason": str},
     "fault": {"faults": list},
+    "fusion": {"contribution": str, "pivot": float, "fused": float, "reason": str},
 }
 MAX_FAULTS_PER_RECORD = 8
 
@@ -86,6 +91,10 @@ def verdict_key(network_id: str, round_number: int, envelope_id: str) -> str:
     return f"umm/{network_id}/verdict/{round_number}/{envelope_id[:16]}"
 
 
+def fusion_key(network_id: str, round_number: int, contribution_id: str) -> str:
+    return f"umm/{network_id}/fusion/{round_number}/{contribution_id[:16]}"
+
+
 def make_record(kind: str, **fields: Any) -> bytes:
     """A record's bytes; RuntimeError if the fields do not match the layout (a programming error)."""
     if parse_record(kind, pack(fields)) is None:
@@ -108,7 +117,7 @@ def parse_record(kind: str, data: bytes) -> dict[str, Any] | None:
     faults = value.get("faults", ())
     if len(faults) > MAX_FAULTS_PER_RECORD or any(type(item) is not bytes for item in faults):
         return None
-    for digest_field in ("manifest", "result", "summary", "proposal"):
+    for digest_field in ("manifest", "result", "summary", "proposal", "contribution"):
         digest = value.get(digest_field)
         if digest is not None and (len(digest) != 64 or not set(digest) <= _HEX):
             return None

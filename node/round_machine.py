@@ -3,7 +3,9 @@
 `RoundMachine.step(r)`:
 
 1. collects the round's contributions (`collect_contributions`: each card and manifest verified,
-   manifests fetched from their holders, then `node.rounds.select_contributions`);
+   manifests fetched from their holders, then `node.rounds.select_contributions`); in a network
+   with a probe set, a fused contribution counts only once this node has checked it
+   (node.fusion_check), and counts as on its way until then;
 2. once at least ``min_contributions`` are in, the set (the candidates) has not changed for
    ``settle_seconds`` and no announced contribution is still on its way (`node.settle`) (in a
    network with search, once node.search_round has chosen the round's recipe), plans
@@ -54,6 +56,7 @@ from protocol.messages import DeltaManifest, ExpertCard
 from protocol.verify import verify_message
 
 if TYPE_CHECKING:  # node.search_round loads transformers: a network without search never imports it
+    from node.fusion_check import FusionChecks
     from node.search_round import SearchRound
 
 logger = logging.getLogger("node.service")  # the round log keeps its name: log readers match it
@@ -138,8 +141,10 @@ class RoundMachine:
         fallback_seconds: float = FALLBACK_SECONDS,
         keep_rounds: int = KEEP_ROUNDS,
         search: SearchRound | None = None,
+        fusion: FusionChecks | None = None,
     ) -> None:
         self.ctx = ctx
+        self.fusion = fusion  # a network with a probe set: fused contributions are checked
         self.keep_rounds = keep_rounds
         self.board = board
         self.search = search  # a network with search: the round's recipe is proposed and verified
@@ -164,9 +169,12 @@ class RoundMachine:
         """Steps 1-3 of the module docstring."""
         ctx = self.ctx
         contributions = await collect_contributions(ctx, self.board, r, self.manifests)
+        checking: set[bytes] = set()
+        if self.fusion is not None:  # fused contributions count once checked (node.fusion_check)
+            contributions, checking = await self.fusion.filter(r, contributions)
         if len(contributions) < ctx.genesis.min_contributions:
             return
-        pending = pending_signers(
+        pending = checking | pending_signers(
             (await self.board.aread(pending_key(ctx.network_id, r))).values(),
             {c.signer for c in contributions},
             now=time.time(),

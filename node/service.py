@@ -8,9 +8,10 @@ daemon, joins the network (the genesis from the initial peers, unless given), fe
    distribution summary) for the current round — or, while `umm contribute` prepares one, a
    ``pending`` record (node.settle) — and, for its latest decided round, one result
    record per shard (owner-only DHT subkeys, a few KiB each; node.records);
-2. runs one step of the round state machine (node.round_machine): collect, plan, merge its shards
-   (node.shard_worker), spot-check the others (node.spotcheck), find the attested result
-   (node.discover) and record it (node.decided);
+2. on a fuser (``--fuse``), distills the round's distribution summaries and contributes the
+   fused copy (node.fuser); then runs one step of the round state machine (node.round_machine):
+   collect, plan, merge its shards (node.shard_worker), spot-check the others (node.spotcheck),
+   find the attested result (node.discover) and record it (node.decided);
 3. scrubs a slice of its store and fetches again the blobs found corrupt (node.scrub).
 
 A restart resumes from the state in ``--data-dir`` (store + state.sqlite, node.round_state): the
@@ -26,6 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hivemind.p2p import P2P
 
@@ -61,6 +63,9 @@ from node.transport import ChunkServer
 from protocol.errors import ProtocolError
 from protocol.genesis import Genesis, GenesisError, open_genesis, read_base_manifest
 
+if TYPE_CHECKING:  # node.fuser loads the fusion code: a node that does not fuse never imports it
+    from node.fuser import Fuser, FuserSettings
+
 logger = logging.getLogger(__name__)
 
 RECORD_TTL = 600.0
@@ -86,8 +91,11 @@ class NodeService:
         keep_rounds: int = KEEP_ROUNDS,
         searcher: bool = False,
         store_quota: int | None = None,
+        fuser: FuserSettings | None = None,
     ) -> None:
         self.searcher = searcher  # searches each round's recipe (a network whose genesis enables it)
+        self.fuser_settings = fuser  # distills the rounds' summaries (a network with a probe set)
+        self.fuser: Fuser | None = None
         self.fallback_seconds = checked_fallback_seconds(fallback_seconds)
         self.keep_rounds = keep_rounds
         self.data_dir = Path(data_dir)
@@ -185,12 +193,25 @@ class NodeService:
             logger.warning(
                 "the genesis of %s does not enable search: --search has no effect", self.network_id
             )
+        fusion = None
+        if self.genesis.probe_set_fingerprint:  # fused contributions are checked (node.fusion_check)
+            from node.fuser import FUSION_FOLDER
+            from node.fusion_check import FusionChecks
+
+            fusion = FusionChecks(ctx, self.data_dir / FUSION_FOLDER / "base")
+            if self.fuser_settings is not None:
+                from node.fuser import Fuser
+
+                self.fuser = Fuser(ctx, self.board, self.data_dir, self.fuser_settings)
+        elif self.fuser_settings is not None:
+            logger.warning("the genesis of %s has no probe set: --fuse has no effect", self.network_id)
         self.machine = RoundMachine(
             ctx,
             self.board,
             fallback_seconds=self.fallback_seconds,
             keep_rounds=self.keep_rounds,
             search=search,
+            fusion=fusion,
         )
         self.scrub = StoreScrub(self.store, self.fetch)
 
@@ -263,6 +284,8 @@ class NodeService:
         """One poll of the loop in the module docstring."""
         r = self.round
         await self.publish_records(r)
+        if self.fuser is not None:
+            await self.fuser.step(r)
         await self.machine.step(r, aggregate=self.aggregate_rounds)
         await self.scrub.step()
         self.rounds.set_stats(self.server.bytes_sent, self.bytes_received)

@@ -232,6 +232,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
     """What `umm status` shows, read by a light client DHT node (no node process)."""
     from node.dht import ClientBoard
     from node.fault_status import read_faults
+    from node.fusion_status import fused_contributions, read_fusion_verdicts
     from node.lookups import latest_rounds_from_records, read_genesis, read_round_records
     from node.records import contrib_key, parse_record, peers_key, summary_key
     from node.search_status import read_proposals
@@ -262,6 +263,20 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         results = {r: per_round[r][2] for r in rounds}
         proposals = {r: per_round[r][3] for r in rounds}
         faults = {r: per_round[r][4] for r in rounds}
+        fusion = dict(
+            zip(
+                rounds,
+                await asyncio.gather(
+                    *(
+                        read_fusion_verdicts(
+                            client, network_id, r, fused_contributions(contribs[r], network_id)
+                        )
+                        for r in rounds
+                    )
+                ),
+                strict=True,
+            )
+        )
     finally:
         await client.shutdown()
     return {
@@ -272,6 +287,7 @@ async def _collect(network_id: str, initial_peers: list[str]) -> dict:
         "results": results,
         "proposals": proposals,
         "faults": faults,
+        "fusion": fusion,
     }
 
 
@@ -289,7 +305,13 @@ def _cards(records: list, network_id: str, field: str) -> list[dict]:
         except ProtocolError:
             continue
         rows.append(
-            {"expert": card.name, "peer": card.peer_id, "domains": list(card.domains), field: rec[field]}
+            {
+                "expert": card.name,
+                "peer": card.peer_id,
+                "domains": list(card.domains),
+                "fused_from": list(card.fused_from),
+                field: rec[field],
+            }
         )
     return rows
 
@@ -361,6 +383,7 @@ def _network_status(
 
     from node.cli.node_cmd import _read_maddrs_file
     from node.fault_status import faults_table
+    from node.fusion_status import fusion_table
     from node.search_status import proposals_table
     from protocol.genesis import network_genesis_id
     from protocol.identity import peer_id_from_public_key
@@ -401,6 +424,7 @@ def _network_status(
             "attestations": atts,
             "proposals": data["proposals"][r],
             "faults": data["faults"][r],
+            "fusion": data["fusion"][r],
         }
     if as_json:
         shown = {"network": network_id, "peers": peers, "rounds": rounds}
@@ -449,6 +473,8 @@ def _network_status(
             console.print(proposals_table(r, info["proposals"]))
         if info["faults"]:
             console.print(faults_table(r, info["faults"]))
+        if info["fusion"]:
+            console.print(fusion_table(r, info["fusion"]))
 
 
 def register(group: click.Group) -> None:

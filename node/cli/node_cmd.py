@@ -104,6 +104,39 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
     is_flag=True,
     help="Search each round's merge recipe and propose it (networks whose genesis enables search).",
 )
+@click.option(
+    "--fuse",
+    is_flag=True,
+    help="Distill each round's distribution summaries into a copy of the base and contribute it "
+    "(networks with a probe set; the copy is this node's contribution for the round).",
+)
+@click.option(
+    "--fuse-steps", type=click.IntRange(min=1), default=600, show_default=True, help="Distillation steps."
+)
+@click.option(
+    "--fuse-lr",
+    type=click.FloatRange(min=0, min_open=True),
+    default=2e-3,
+    show_default=True,
+    help="AdamW learning rate.",
+)
+@click.option(
+    "--fuse-batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Probe responses per step.",
+)
+@click.option(
+    "--fuse-lambda",
+    type=click.FloatRange(0, 1),
+    default=0.9,
+    show_default=True,
+    help="Weight of the CLM term (1: the summaries' text only).",
+)
+@click.option(
+    "--fuse-threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads."
+)
 @log_level_option()
 def start(
     data_dir,
@@ -119,6 +152,12 @@ def start(
     keep_rounds,
     store_quota,
     search,
+    fuse,
+    fuse_steps,
+    fuse_lr,
+    fuse_batch_size,
+    fuse_lambda,
+    fuse_threads,
     log_level,
 ) -> None:
     """Start a node: DHT, chunk server, store and rounds, until SIGINT/SIGTERM.
@@ -138,6 +177,13 @@ def start(
     if initial_peers_file is not None:
         peers += _read_maddrs_file(initial_peers_file, timeout=MADDRS_FILE_WAIT)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    fuser = None
+    if fuse:
+        from node.fuser import FuserSettings
+
+        fuser = FuserSettings(
+            steps=fuse_steps, lr=fuse_lr, batch_size=fuse_batch_size, lam=fuse_lambda, threads=fuse_threads
+        )
 
     def ready(service) -> None:
         keep()  # from now on the data folder holds the node's state, whatever happens
@@ -163,6 +209,7 @@ def start(
             keep_rounds=keep_rounds,
             store_quota=store_quota,
             searcher=search,
+            fuser=fuser,
         )
     click.echo("stopped")
 
