@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from merging.distribution import TopKDistribution
+from merging.fusion.align import Vocabulary
+from merging.fusion.summary import ProbeSet, ResponseSummary
 from protocol.aggregate import encode_result
 from protocol.chunks import decode_entry, encode_tensors
 from protocol.codecs import CODEC_NAMES, DTYPES, CodecSpec, decode_tensor, parse_codec
@@ -46,11 +47,12 @@ from protocol.messages import (
     MergeRecipe,
     MergeResult,
 )
-from protocol.summary import decode_summary, encode_summary
+from protocol.summary import decode_summary, encode_summary, probe_set_fingerprint
 
 NETWORK = "fuzznet"
 NOW = 1_800_000_000
 CHUNK = 4096
+PROBE_TEXTS = ("probe one", "probe two")
 
 
 def corpus() -> tuple[list[bytes], dict[str, bytes], DistributionSummary]:
@@ -88,19 +90,24 @@ def corpus() -> tuple[list[bytes], dict[str, bytes], DistributionSummary]:
         ),
         alice,
     )
-    dist = TopKDistribution(
+    response_summary = ResponseSummary(
+        probe=ProbeSet(PROBE_TEXTS),
+        responses=("t1 t2 t3", "t4"),
         offsets=torch.tensor([0, 3, 5]),
-        input_ids=torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32),
+        target_ids=torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32),
         token_ids=torch.tensor([[1, 2], [3, 4], [5, 1], [2, 3], [4, 5]], dtype=torch.int32),
         logprobs=-torch.tensor([[0.1, 2.0], [0.2, 3.0], [0.5, 1.0], [0.3, 0.4], [0.01, 5.0]]),
+        vocabulary=Vocabulary("plain", {i: f"t{i}" for i in range(1, 6)}, {"eos": 5}),
+        model_name="fuzz",
+        prompt_style="plain",
     )
-    s_entries, s_chunks = encode_summary(dist, {i: f"t{i}" for i in range(1, 6)}, chunk_size=CHUNK)
+    s_entries, s_chunks = encode_summary(response_summary, chunk_size=CHUNK)
     chunks.update(s_chunks)
     summary = DistributionSummary(
         **common,
         round=1,
         card_id=card.id,
-        probe_set_fingerprint="9b" * 32,
+        probe_set_fingerprint=probe_set_fingerprint(PROBE_TEXTS),
         tokenizer_fingerprint="70" * 32,
         k=2,
         num_examples=2,
@@ -314,7 +321,7 @@ def make_properties(cases: int, derandomize: bool):
             elif which == 2:
                 entry = SUMMARY.tensors[size % 5]
                 chunks = {**CHUNKS, entry.chunks[0]: data}
-                decode_summary(SUMMARY, chunks)
+                decode_summary(SUMMARY, chunks, PROBE_TEXTS)
             else:
                 MergeRecipe.from_dict(unpack(data, max_size=MergeRecipe.MAX_SIZE))
         except ProtocolError:

@@ -11,8 +11,10 @@ from its own values: its deltas are computed in float32 and its manifest states 
 architecture. Tensors are read and encoded one at a time, so no whole model is held in memory.
 
 An expert of another architecture cannot be merged in weight space: if the network has a probe
-set, it publishes a DistributionSummary instead — its top-k next-token log-probs on the probe
-texts (FuseLLM-style), with the token strings needed to align vocabularies.
+set, it publishes a DistributionSummary instead — its response summary (FuseLLM / FuseChat-style):
+its greedy responses to the probe prompts, its top-k next-token log-probs along them and the
+token strings needed to align vocabularies. A fuser distills it into a copy of the base, whose
+card lists the summaries it came from (``fused_from``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from merging.distribution import token_strings, top_k_distribution
 from node.datafolder import check_node_folder, load_or_create_identity
 from node.errors import NodeError
 from node.lazy_tensors import EntryTensors, FolderTensors
@@ -55,6 +56,15 @@ class PreparedContribution:
     kind: str = "delta"
 
 
+@dataclasses.dataclass(frozen=True)
+class SummarySettings:
+    """How an expert of another architecture summarizes itself: top-k, longest greedy response."""
+
+    k: int = 10
+    max_new_tokens: int = 128
+    progress: bool = False
+
+
 def contribute(
     data_dir: str | Path,
     expert_dir: str | Path,
@@ -65,8 +75,16 @@ def contribute(
     license: str = "unknown",
     round_number: int | None = None,
     k: int = 10,
+    max_new_tokens: int = 128,
+    fused_from: tuple[str, ...] = (),
+    progress: bool = False,
 ) -> PreparedContribution:
-    """Sign and store `expert_dir`'s deltas (or its distribution summary) for the node in `data_dir`."""
+    """Sign and store `expert_dir`'s deltas (or its distribution summary) for the node in `data_dir`.
+
+    `k` and `max_new_tokens` shape a summary (top-k, longest greedy response; `progress` draws a
+    bar over its prompts); `fused_from` lists the DistributionSummary ids a fused copy of the base
+    was distilled from (its card carries them, sorted).
+    """
     data_dir = check_node_folder(data_dir)  # before anything is created there
     with NodeState(data_dir) as state, ContentStore(data_dir / "store") as store:
         rounds = RoundState(state)
@@ -82,11 +100,13 @@ def contribute(
             genesis, fingerprints.architecture, expert_dir, base_entries
         )
         card_name = name or Path(expert_dir).name
+        about = (card_name, tuple(domains), license, tuple(sorted(fused_from)))
         if architecture is None:
-            card = _sign_card(genesis, identity, fingerprints, card_name, domains, license)
-            return _contribute_summary(genesis, identity, card, expert_dir, store, rounds, r, k)
+            card = _sign_card(genesis, identity, fingerprints, *about)
+            settings = SummarySettings(k, max_new_tokens, progress)
+            return _contribute_summary(genesis, identity, card, expert_dir, store, rounds, r, settings)
         fingerprints = dataclasses.replace(fingerprints, architecture=architecture)
-        card = _sign_card(genesis, identity, fingerprints, card_name, domains, license)
+        card = _sign_card(genesis, identity, fingerprints, *about)
         rounds.set_pending(r, int(time.time()))  # the node announces it is on its way (node.settle)
         try:
             return _contribute_deltas(genesis, identity, card, expert_dir, codec, store, rounds, r)
@@ -157,7 +177,9 @@ def _architecture_against_base(
     )
 
 
-def _sign_card(genesis: Genesis, identity, fingerprints, name: str, domains, license: str):
+def _sign_card(
+    genesis: Genesis, identity, fingerprints, name: str, domains, license: str, fused_from: tuple[str, ...]
+):
     return sign_message(
         ExpertCard(
             v=SCHEMA_VERSION,
@@ -170,25 +192,37 @@ def _sign_card(genesis: Genesis, identity, fingerprints, name: str, domains, lic
             tokenizer_fingerprint=fingerprints.tokenizer,
             domains=tuple(domains),
             license=license,
+            fused_from=fused_from,
         ),
         identity,
     )
 
 
 def _contribute_summary(
-    genesis, identity, card, expert_dir, store, rounds: RoundState, r: int, k: int
+    genesis, identity, card, expert_dir, store, rounds: RoundState, r: int, settings: SummarySettings
 ) -> PreparedContribution:
-    """Publish the expert's top-k distributions on the network's probe set (FuseLLM-style)."""
+    """Publish the expert's response summary on the network's probe set (its greedy responses and
+    the top-k along them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from merging.fusion.progress import counted_progress
+    from merging.fusion.summary import ProbeSet, summarize
 
     texts = read_probe_set(store.get(genesis.probe_set_fingerprint))
     model = AutoModelForCausalLM.from_pretrained(expert_dir)
     tokenizer = AutoTokenizer.from_pretrained(expert_dir)
-    with torch.no_grad():
-        distribution = top_k_distribution(model, tokenizer, texts, k=k)
-    entries, chunks = encode_summary(
-        distribution, token_strings(tokenizer, distribution), chunk_size=genesis.chunk_size
-    )
+    with torch.no_grad(), counted_progress("summarizing", len(texts), settings.progress) as advance:
+        response_summary = summarize(
+            model,
+            tokenizer,
+            ProbeSet(tuple(texts)),
+            k=settings.k,
+            max_new_tokens=settings.max_new_tokens,
+            model_name=card.message.name,
+            prompt_style="auto",
+            advance=advance,
+        )
+    entries, chunks = encode_summary(response_summary, chunk_size=genesis.chunk_size)
     summary = sign_message(
         DistributionSummary(
             v=SCHEMA_VERSION,
@@ -199,7 +233,7 @@ def _contribute_summary(
             card_id=card.id,
             probe_set_fingerprint=genesis.probe_set_fingerprint,
             tokenizer_fingerprint=card.message.tokenizer_fingerprint,
-            k=k,
+            k=settings.k,
             num_examples=len(texts),
             chunk_size=genesis.chunk_size,
             tensors=entries,

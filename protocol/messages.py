@@ -130,7 +130,12 @@ class RoundMessage(SignedMessage):
 
 @dataclass(frozen=True)
 class ExpertCard(SignedMessage):
-    """Who hosts which expert: fingerprints of its base, architecture and tokenizer, domains, license."""
+    """Who hosts which expert: fingerprints of its base, architecture and tokenizer, domains, license.
+
+    ``fused_from``: for a copy of the base distilled from other experts' summaries (heterogeneous
+    fusion), the ids of the DistributionSummary envelopes it was distilled from, sorted; empty for
+    an ordinary expert.
+    """
 
     TYPE: ClassVar[str] = "expert_card"
     MAX_SIZE: ClassVar[int] = 16 * KiB
@@ -141,6 +146,7 @@ class ExpertCard(SignedMessage):
     tokenizer_fingerprint: str = field(hex64)
     domains: tuple[str, ...] = field(sequence(text(64), 32))
     license: str = field(text(128))
+    fused_from: tuple[str, ...] = field(sequence(hex64, 64, strictly_sorted=True), default=())
 
 
 @dataclass(frozen=True)
@@ -167,18 +173,21 @@ class DeltaManifest(RoundMessage):
             raise SchemaError(f"expected total_bytes {total} (sum of tensors), got {self.total_bytes}")
 
 
-SUMMARY_TENSORS = ("input_ids", "logprobs", "offsets", "token_ids", "token_strings")
+SUMMARY_TENSORS = ("header", "logprobs", "offsets", "target_ids", "token_ids")
+MAX_SUMMARY_HEADER_BYTES = 64 * MiB
 
 
 @dataclass(frozen=True)
 class DistributionSummary(RoundMessage):
-    """Top-k next-token distributions of an expert on the network's probe set (FuseLLM-style).
+    """An expert's response summary on the network's probe set (FuseLLM / FuseChat-style fusion).
 
-    Tensors (raw codec, zstd allowed): ``offsets`` int64 [examples + 1] (where each example's
-    positions start), ``input_ids`` int32 [positions] (the probe text's tokens), ``token_ids`` int32
-    [positions, k] and ``logprobs`` float32 [positions, k] (the top-k next tokens after each position,
-    most likely first) and ``token_strings`` uint8 [n] (canonical msgpack list of [id, string] for
-    every id used, for vocabulary alignment across tokenizers).
+    Tensors (raw codec, zstd allowed): ``offsets`` int64 [examples + 1] (prompt j owns positions
+    offsets[j]:offsets[j + 1]), ``target_ids`` int32 [positions] (the expert's greedy response
+    tokens, end-of-sequence last), ``token_ids`` int32 [positions, k] and ``logprobs`` float32
+    [positions, k] (the top-k next tokens at each position, most likely first), and ``header``
+    uint8 [n] (canonical msgpack map: the responses' texts, the tokenizer's marker style, the token
+    strings of every id used, the special tokens by role, the prompt style and the model's name;
+    protocol.summary). The prompts do not travel: the genesis holds the probe set.
     """
 
     TYPE: ClassVar[str] = "distribution_summary"
@@ -198,11 +207,11 @@ class DistributionSummary(RoundMessage):
         if tuple(by_name) != SUMMARY_TENSORS:
             raise SchemaError(f"expected summary tensors {SUMMARY_TENSORS}, got {tuple(by_name)}")
         expected = {
-            "offsets": ("int64", 1),
-            "input_ids": ("int32", 1),
-            "token_ids": ("int32", 2),
+            "header": ("uint8", 1),
             "logprobs": ("float32", 2),
-            "token_strings": ("uint8", 1),
+            "offsets": ("int64", 1),
+            "target_ids": ("int32", 1),
+            "token_ids": ("int32", 2),
         }
         for name, (dtype, ndim) in expected.items():
             entry = by_name[name]
@@ -214,9 +223,14 @@ class DistributionSummary(RoundMessage):
         positions = by_name["token_ids"].shape
         if positions[1] != self.k or by_name["logprobs"].shape != positions:
             raise SchemaError(f"expected token_ids and logprobs of shape [n, {self.k}], got others")
-        if by_name["input_ids"].shape != positions[:1]:
+        if by_name["target_ids"].shape != positions[:1]:
             raise SchemaError(
-                f"expected input_ids of shape [{positions[0]}], got {list(by_name['input_ids'].shape)}"
+                f"expected target_ids of shape [{positions[0]}], got {list(by_name['target_ids'].shape)}"
+            )
+        header_bytes = by_name["header"].shape[0]
+        if not 1 <= header_bytes <= MAX_SUMMARY_HEADER_BYTES:
+            raise SchemaError(
+                f"expected a summary header of 1..{MAX_SUMMARY_HEADER_BYTES} bytes, got {header_bytes}"
             )
 
 

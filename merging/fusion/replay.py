@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from merging.distribution import DEFAULT_K
-from merging.fusion.summary import AUTO_PROMPTS, ProbeSet, summarize
+from merging.fusion.summary import AUTO_PROMPTS, DEFAULT_K, ProbeSet, summarize
 from merging.fusion.transfer import AlignedExample, PivotTokens, align_summary
 
 REPLAY_SOURCE = "replay"

@@ -5,7 +5,8 @@ set's reference response, teacher-forced, when there is one) and, for every resp
 the end-of-sequence token that closes it), the expert's top-k next-token ids and log-probabilities
 (most likely first, ties by lower id), plus the token strings of every id used and the tokenizer's
 marker style and special tokens, which `merging.fusion.align` needs to map them to another
-vocabulary. A file is one safetensors: four tensors and a JSON header; `load_summary` checks it.
+vocabulary. A file is one safetensors: four tensors and a JSON header; `load_summary` checks it
+(`check_summary`, the rule the protocol's `decode_summary` applies too).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from merging.atomic import write_atomic
-from merging.distribution import DEFAULT_K
 from merging.fusion import FusionError
 from merging.fusion.align import Vocabulary
 
@@ -32,6 +32,7 @@ PLAIN_PROMPTS, CHAT_PROMPTS, AUTO_PROMPTS = "plain", "chat", "auto"
 PROMPT_STYLES = (AUTO_PROMPTS, PLAIN_PROMPTS, CHAT_PROMPTS)
 PROBE_DOMAIN = "umm-probe-set-v1"  # the genesis' probe-set chunk: pack([PROBE_DOMAIN, texts])
 PROBE_REFERENCES_DOMAIN = "umm-probe-set-references-v1"
+DEFAULT_K = 10  # FuseLLM keeps the top 10 entries of each distribution
 
 
 @dataclass(frozen=True)
@@ -302,28 +303,36 @@ def load_summary(path: str | Path, probe: ProbeSet | None = None) -> ResponseSum
         model_name=header.get("model_name", ""),
         prompt_style=header.get("prompt_style", AUTO_PROMPTS),
     )
-    _check(summary, path)
+    try:
+        check_summary(summary)
+    except FusionError as exc:
+        raise FusionError(f"{exc} (in {path})") from None
     return summary
 
 
-def _check(summary: ResponseSummary, path: str | Path) -> None:
+def check_summary(summary: ResponseSummary) -> None:
+    """Raise FusionError unless the summary is consistent: a known prompt style, one response and
+    offset per probe prompt, offsets rising strictly from 0 to the number of positions, target ids
+    [positions] and log-probs [positions, k], log-probs <= 0 sorted most likely first, and a token
+    string for every id used."""
     if summary.prompt_style not in PROMPT_STYLES:
-        raise FusionError(f"expected a prompt style among {', '.join(PROMPT_STYLES)} in {path}, got another")
+        raise FusionError(
+            f"expected a prompt style among {', '.join(PROMPT_STYLES)}, got {summary.prompt_style[:40]!r}"
+        )
     offsets, positions = summary.offsets, summary.token_ids.shape[0]
     if len(summary.responses) != len(summary.probe.prompts) or offsets.numel() != len(summary.responses) + 1:
-        raise FusionError(f"expected one response and offset per probe prompt in {path}, got other counts")
-    if int(offsets[0]) != 0 or int(offsets[-1]) != positions or bool((offsets[1:] <= offsets[:-1]).any()):
-        raise FusionError(f"expected offsets rising from 0 to {positions} in {path}, got others")
-    if summary.target_ids.shape != (positions,) or summary.logprobs.shape != summary.token_ids.shape:
         raise FusionError(
-            f"expected target ids [positions] and log-probs [positions, k] in {path}, got others"
+            f"expected one response and offset per probe prompt ({len(summary.probe.prompts)}), "
+            f"got {len(summary.responses)} responses and {offsets.numel()} offsets"
         )
+    if int(offsets[0]) != 0 or int(offsets[-1]) != positions or bool((offsets[1:] <= offsets[:-1]).any()):
+        raise FusionError(f"expected offsets rising from 0 to {positions}, got others")
+    if summary.target_ids.shape != (positions,) or summary.logprobs.shape != summary.token_ids.shape:
+        raise FusionError("expected target ids [positions] and log-probs [positions, k], got other shapes")
     logprobs = summary.logprobs
-    if bool((logprobs > 0).any()) or bool((logprobs[:, 1:] > logprobs[:, :-1]).any()):
-        raise FusionError(f"expected log-probs <= 0 sorted most likely first in {path}, got others")
+    if not bool((logprobs <= 0).all()) or bool((logprobs[:, 1:] > logprobs[:, :-1]).any()):
+        raise FusionError("expected log-probs <= 0 sorted most likely first, got others")
     used = torch.unique(torch.cat([summary.target_ids, summary.token_ids.flatten()])).tolist()
     missing = [i for i in used if i not in summary.vocabulary.strings]
     if missing:
-        raise FusionError(
-            f"expected a token string for every id used in {path}, got none for id {missing[0]}"
-        )
+        raise FusionError(f"expected a token string for every id used, got none for id {missing[0]}")

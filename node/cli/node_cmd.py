@@ -263,8 +263,25 @@ def _run_node(data_dir: Path, **options) -> None:
 @click.option(
     "--k", "k", default=10, show_default=True, help="Top-k of a distribution summary (other architectures)."
 )
+@click.option(
+    "--max-new-tokens",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Longest greedy response of a distribution summary (other architectures).",
+)
 def contribute_command(
-    expert_dir, data_dir, network_id, base_dir, codec, name, domains, license_, round_number, k
+    expert_dir,
+    data_dir,
+    network_id,
+    base_dir,
+    codec,
+    name,
+    domains,
+    license_,
+    round_number,
+    k,
+    max_new_tokens,
 ) -> None:
     """Sign and store an expert's deltas; the node in --data-dir announces them.
 
@@ -297,6 +314,8 @@ def contribute_command(
         license=license_,
         round_number=round_number,
         k=k,
+        max_new_tokens=max_new_tokens,
+        progress=True,
     )
     what = "manifest" if done.kind == "delta" else "distribution summary"
     size = format_bytes(done.total_bytes)

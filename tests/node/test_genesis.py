@@ -6,8 +6,9 @@ import re
 from types import SimpleNamespace
 
 import pytest
+import torch
 from click.testing import CliRunner
-from node_models import make_base
+from node_models import VOCAB, make_base
 
 from node.cli import cli
 from node.genesis import GenesisError, create_genesis, open_genesis, read_base_manifest
@@ -211,6 +212,8 @@ PROBES = ["t1 t2 t3", "t4 t5", "t6 t7 t8 t9"]
 
 
 def test_an_expert_of_another_architecture_publishes_a_distribution_summary(base_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+
     from node.contribute import contribute
     from protocol.envelope import open_envelope
     from protocol.messages import DistributionSummary
@@ -224,7 +227,7 @@ def test_an_expert_of_another_architecture_publishes_a_distribution_summary(base
         genesis, record = create_genesis("unit-net", base_dir, creator, store, probe_set=PROBES)
         state.set("genesis", record)
     assert genesis.probe_set_fingerprint == probe_set_fingerprint(PROBES)
-    done = contribute(data, other, k=4)
+    done = contribute(data, other, k=4, max_new_tokens=6, name="wider")
     assert (done.kind, done.round) == ("summary", 0)
     with ContentStore(data / "store") as store, NodeState(data) as state:
         assert state.get("summary/0")["summary"] == done.manifest_id
@@ -233,10 +236,19 @@ def test_an_expert_of_another_architecture_publishes_a_distribution_summary(base
             store.get(done.manifest_id), DistributionSummary, network_id=genesis.network_id
         )
         assert (summary.message.k, summary.message.num_examples) == (4, 3)
-        distribution, strings = decode_summary(summary.message, store.get)
-    assert distribution.token_ids.shape[1] == 4
-    assert int(distribution.offsets[-1]) == distribution.token_ids.shape[0]
-    assert set(strings) >= set(distribution.token_ids.flatten().tolist())
+        response_summary = decode_summary(summary.message, store.get, PROBES)
+    assert response_summary.probe.prompts == tuple(PROBES) and len(response_summary.responses) == 3
+    assert response_summary.model_name == "wider" and response_summary.k == 4
+    # the first position's top-4 is the expert's own next-token distribution after the prompt
+    model = LlamaForCausalLM.from_pretrained(other).eval()
+    prompt = [VOCAB.index(word) for word in PROBES[0].split()]
+    targets, top_ids, top_logprobs = response_summary.example(0)
+    assert 1 <= len(targets) <= 7  # at most 6 response tokens and the end-of-sequence token
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + targets.tolist()])).logits[0, len(prompt) - 1]
+    expected = torch.log_softmax(logits.double(), dim=-1).topk(4)
+    assert top_ids[0].tolist() == expected.indices.tolist()
+    assert top_logprobs[0].tolist() == pytest.approx(expected.values.tolist(), abs=1e-5)
 
 
 def test_another_architecture_without_a_probe_set_is_refused(base_dir, tmp_path):

@@ -47,6 +47,7 @@ pytestmark = [pytest.mark.network, pytest.mark.slow]
 NODES = ("n1", "n2", "n3", "n4", "n5", "n6")
 HONEST = ("n1", "n2", "n3", "n4", "n5")
 POISONED = "n6"
+PROBES = ("t1 t2 t3", "t4 t5 t6")
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +65,14 @@ def network(tmp_path_factory):
             network_name="tiny",
             method="ties",
             min_contributions=len(NODES),  # the default quorum: a majority, 4 of the 6 contributors
-            probe_set=["t1 t2 t3", "t4 t5 t6"],
+            probe_set=list(PROBES),
             settle_seconds=1.0,
         )
         net.start_all(NODES)
         for name in NODES:
             net.contribute(name, root / f"expert-{name}", codec="bf16")
-        net.contribute("n3", root / "wider", k=3, name="wider")  # another architecture: a summary
+        # another architecture: a response summary
+        net.contribute("n3", root / "wider", k=3, max_new_tokens=6, name="wider")
         net.converged = net.wait_converged(NODES)
         yield net
 
@@ -335,6 +337,21 @@ def test_restart_keeps_store_and_state(network, name):
     if name == "n1":  # its new address is the one later pulls and status calls bootstrap from
         assert network.bootstrap != bootstrap_before
         assert network.bootstrap == network.maddrs["n1"][0]
+
+
+def test_the_other_architecture_published_a_response_summary_on_the_probe_set(network):
+    from protocol.messages import DistributionSummary
+    from protocol.summary import decode_summary
+
+    with ContentStore(network.root / "n3" / "store") as store, NodeState(network.root / "n3") as state:
+        summary_id = state.get("summary/0")["summary"]
+        signed = open_envelope(store.get(summary_id), DistributionSummary, network_id=network.network_id)
+        summary = decode_summary(signed.message, store.get, PROBES)
+    assert signed.message.k == 3 and summary.k == 3
+    assert summary.probe.prompts == PROBES and len(summary.responses) == len(PROBES)
+    assert summary.model_name == "wider"
+    lengths = (summary.offsets[1:] - summary.offsets[:-1]).tolist()
+    assert all(1 <= n <= 7 for n in lengths)  # at most 6 response tokens and the end-of-sequence token
 
 
 def test_status_lists_peers_cards_and_attestations(network):

@@ -199,3 +199,36 @@ def test_every_failure_is_a_protocol_error(f, alice):
     for cut in range(0, len(good.raw), 97):
         with pytest.raises(ProtocolError):
             open_envelope(good.raw[:cut], DeltaManifest, network_id=f.NETWORK)
+
+
+def test_a_card_with_fused_from_round_trips(f, alice):
+    ids = ("0a" * 32, "1b" * 32)
+    signed = f.sign(f.card(alice, fused_from=ids), alice)
+    opened = open_envelope(signed.raw, ExpertCard, network_id=f.NETWORK, now=f.NOW)
+    assert opened.message.fused_from == ids
+    payload = unpack(unpack(signed.raw, max_size=1 << 24)["payload"], max_size=1 << 24)
+    assert payload["fused_from"] == ["0a" * 32, "1b" * 32]
+    assert f.card(alice).fused_from == () and f.card(alice).to_dict()["fused_from"] == []
+
+
+@pytest.mark.parametrize(
+    ("fused_from", "match"),
+    [
+        (["1b" * 32, "0a" * 32], "fused_from to be sorted without duplicates"),
+        (["0a" * 32, "0a" * 32], "fused_from to be sorted without duplicates"),
+        (["0A" * 32], r"fused_from\[0\] to be a lower-case hex sha256"),
+        (["0a" * 31], r"fused_from\[0\] to be a lower-case hex sha256"),
+        ([f"{i:064x}" for i in range(65)], r"fused_from to be a list of 0\.\.64 items"),
+        ("0a" * 32, "fused_from to be a list"),
+    ],
+)
+def test_a_card_with_bad_fused_from_is_refused(f, alice, fused_from, match):
+    payload = {**f.card(alice).to_dict(), "fused_from": fused_from}
+    with pytest.raises(SchemaError, match=match):
+        open_envelope(envelope(payload, "expert_card", alice), network_id=f.NETWORK)
+
+
+def test_a_card_without_fused_from_is_refused(f, alice):
+    payload = {k: v for k, v in f.card(alice).to_dict().items() if k != "fused_from"}
+    with pytest.raises(SchemaError, match="expected field 'fused_from'"):
+        open_envelope(envelope(payload, "expert_card", alice), network_id=f.NETWORK)
