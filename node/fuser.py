@@ -8,7 +8,8 @@ Each poll, for its current round `r`, unless it already has a contribution for `
    ``pending`` record, node.settle: the round waits for it up to ``PENDING_SECONDS``);
 2. in the background it fetches and decodes them, writes the base as a model folder, and
    distills them into a copy of it (`merging.fusion.pipeline.fuse_summaries`: MinCE fusion, the
-   held-out prompts left out, the node's `FuserSettings`);
+   held-out prompts left out, the node's `FuserSettings`, with its replay prompts if it has some:
+   the base's own responses on other domains, so the copy keeps them);
 3. if the copy lowers the held-out cross-entropy to the fused distributions by at least
    `LOCAL_MARGIN` (twice the peers' `DEFAULT_MARGIN`, so that the delta codec's rounding cannot
    tip a copy a peer recomputes below the peers' bar), it contributes the copy
@@ -27,10 +28,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from merging.errors import UmmError
 from node.fusion_summaries import SummaryRef, load_summaries, round_summaries
 from node.lookups import RecordReader
+from node.model_folders import exclusive_model_job
 from node.round_context import RoundContext
 from node.settle import SettleClock
 
@@ -50,6 +53,7 @@ class FuserSettings:
     seed: int = 0
     threads: int = 1
     codec: str = "bf16"
+    replay: Any = None  # a merging.fusion.summary.ProbeSet of other domains' prompts, or None
 
 
 def local_margin() -> float:
@@ -97,7 +101,7 @@ class Fuser:
             ids = sorted(refs)
             sources = await load_summaries(self.ctx, ids, {ref.holder for ref in refs.values()})
             logger.info("round %d: fusing %d distribution summaries into a copy of the base", r, len(ids))
-            out = await asyncio.to_thread(self._distill, r, sources)
+            out = await asyncio.to_thread(exclusive_model_job, self._distill, r, sources)
             if out is None:
                 return
             prepared = await asyncio.to_thread(self._contribute, r, out, refs)
@@ -111,6 +115,8 @@ class Fuser:
             )
         except (UmmError, OSError) as exc:
             logger.warning("round %d: fusion failed, no fused contribution: %s", r, exc)
+        except Exception:  # a background task's failure must reach the log, whatever it is
+            logger.exception("round %d: fusion failed, no fused contribution", r)
         finally:
             if self.ctx.rounds.contribution(r) is None:
                 self.ctx.rounds.set_pending(r, None)
@@ -141,6 +147,7 @@ class Fuser:
             digests={sid: sid for sid, _ in sources},
             spec=spec,
             margin=local_margin(),
+            replay=s.replay,
             progress=False,
         )
         check = report.check

@@ -30,6 +30,7 @@ from pathlib import Path
 from merging.errors import UmmError
 from node.errors import NodeError
 from node.fusion_summaries import load_summaries
+from node.model_folders import ensure_base_folder, exclusive_model_job
 from node.records import fusion_key, make_record
 from node.round_context import RoundContext
 from node.rounds import Contribution
@@ -124,13 +125,12 @@ class FusionChecks:
         sources = await load_summaries(self.ctx, fused_from(c))
         digests = [d for t in c.manifest.message.tensors for d in t.chunks]
         await self.ctx.fetch(digests, [])
-        return await asyncio.to_thread(self._cross_entropies, c, sources)
+        return await asyncio.to_thread(exclusive_model_job, self._cross_entropies, c, sources)
 
     def _cross_entropies(self, c: Contribution, sources) -> FusionVerdict:
         from merging.fusion.pipeline import held_out_targets
         from merging.fusion.refusal import DEFAULT_MARGIN, check_fused
         from merging.testbed.models import load_pretrained
-        from node.model_folders import ensure_base_folder
 
         base_dir = ensure_base_folder(self.ctx, self.folder)
         pivot, tokenizer = load_pretrained(base_dir)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -20,7 +21,17 @@ from node.round_context import RoundContext
 from protocol.chunks import decode_tensors
 
 COMPLETE = "complete"  # marker: the folder is written in full
+T = TypeVar("T")
 _WRITING = threading.Lock()  # the fuser and the fusion check may ask for the base at once
+# One model job (load, distill, score) at a time per process: transformers builds a model on the
+# meta device while it loads, which corrupts another thread's tensors and gradients meanwhile.
+MODEL_WORK = threading.Lock()
+
+
+def exclusive_model_job(job: Callable[..., T], *args: Any) -> T:
+    """`job(*args)` while no other model job of this process runs (for `asyncio.to_thread`)."""
+    with MODEL_WORK:
+        return job(*args)
 
 
 def base_state(ctx: RoundContext) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from merging.errors import UmmError
 from node.errors import NodeError
 from node.lookups import RecordReader
+from node.model_folders import exclusive_model_job
 from node.records import make_record, parse_record, proposal_key, verdict_key
 from node.round_context import RoundContext
 from node.rounds import Contribution, RoundPlan, admit
@@ -181,7 +182,8 @@ class SearchRound:
         if not admission.admitted:
             return None
         folder = self.folder / str(r)
-        inputs = await asyncio.to_thread(_Inputs, self.ctx, folder, plan.candidates, deltas)
+        candidates = plan.candidates
+        inputs = await asyncio.to_thread(exclusive_model_job, _Inputs, self.ctx, folder, candidates, deltas)
         logger.info(
             "round %d: search inputs of %d admitted contributions ready in %.1f s (evaluator loaded)",
             r,
@@ -196,7 +198,7 @@ class SearchRound:
         ctx = self.ctx
         seed = searcher_seed(ctx.identity.public_key, r)
         started = time.monotonic()
-        parameters, fitness = await asyncio.to_thread(self._search, r, inputs, seed)
+        parameters, fitness = await asyncio.to_thread(exclusive_model_job, self._search, r, inputs, seed)
         proposal = sign_message(
             SearchProposal(
                 v=SCHEMA_VERSION,
@@ -276,7 +278,7 @@ class SearchRound:
             if (members is not None and proposal.signer not in members) or not book.accepts(proposal):
                 continue
             started = time.monotonic()
-            check = await asyncio.to_thread(self._check, proposal, inputs)
+            check = await asyncio.to_thread(exclusive_model_job, self._check, proposal, inputs)
             self._judged.setdefault(r, set()).add(record["proposal"])
             book.update_checked(proposal, check)
             self._keep_verdict(r, proposal, check, time.monotonic() - started)

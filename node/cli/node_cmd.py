@@ -137,6 +137,12 @@ def _read_maddrs_file(path: Path, timeout: float) -> list[str]:
 @click.option(
     "--fuse-threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads."
 )
+@click.option(
+    "--fuse-replay",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Prompts of other domains (probe-file format) on which the copy keeps the base's own "
+    "answers, so that it merges without erasing the other experts.",
+)
 @log_level_option()
 def start(
     data_dir,
@@ -158,6 +164,7 @@ def start(
     fuse_batch_size,
     fuse_lambda,
     fuse_threads,
+    fuse_replay,
     log_level,
 ) -> None:
     """Start a node: DHT, chunk server, store and rounds, until SIGINT/SIGTERM.
@@ -179,10 +186,16 @@ def start(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     fuser = None
     if fuse:
+        from merging.fusion.summary import read_probe_file
         from node.fuser import FuserSettings
 
         fuser = FuserSettings(
-            steps=fuse_steps, lr=fuse_lr, batch_size=fuse_batch_size, lam=fuse_lambda, threads=fuse_threads
+            steps=fuse_steps,
+            lr=fuse_lr,
+            batch_size=fuse_batch_size,
+            lam=fuse_lambda,
+            threads=fuse_threads,
+            replay=read_probe_file(fuse_replay) if fuse_replay is not None else None,
         )
 
     def ready(service) -> None:

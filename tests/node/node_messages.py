@@ -53,9 +53,11 @@ def signed_contribution(
     scale: float = 0.01,
     seed: int = 0,
     manifest_changes: Mapping[str, Any] | None = None,
+    fused_from: tuple[str, ...] = (),
 ) -> tuple[Signed, Signed, dict[str, bytes]]:
     """(card, manifest, chunks) of an expert `who` whose deltas are `scale` x normal noise of `seed`,
-    encoded in chunks of `chunk_size`; `manifest_changes` replace manifest fields."""
+    encoded in chunks of `chunk_size`; `manifest_changes` replace manifest fields; `fused_from`
+    makes it a fused copy of those summaries."""
     card = sign_message(
         ExpertCard(
             v=SCHEMA_VERSION,
@@ -68,6 +70,7 @@ def signed_contribution(
             tokenizer_fingerprint=genesis.tokenizer_fingerprint,
             domains=("math",),
             license="mit",
+            fused_from=fused_from,
         ),
         who,
     )

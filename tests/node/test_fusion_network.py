@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from merging.engine import merge
 from merging.search.scores import proxy_scores, teacher_forced_batches
@@ -30,7 +31,6 @@ from merging.testbed.training import TrainSpec
 from merging.testbed.zoo import RECIPES, HeteroSpec, build_zoo
 from node.genesis import read_base_manifest
 from node.local import LocalNetwork
-from node.state import NodeState
 from node.store import ContentStore
 from protocol.chunks import decode_tensors
 from protocol.envelope import open_envelope
@@ -99,16 +99,18 @@ def _offline_merge(net: LocalNetwork, contributions, out, recipe):
     owners = {net.state(n, "contribution/0")["manifest"]: n for n in (EXPERT, FUSER, BOGUS)}
     genesis = net.genesis
     with ContentStore(net.root / EXPERT / "store") as store:
-        base = decode_tensors(read_base_manifest(store.get(genesis.base_manifest)), store.get, genesis.chunk_size)
+        base = decode_tensors(
+            read_base_manifest(store.get(genesis.base_manifest)), store.get, genesis.chunk_size
+        )
     models = []
     for contribution in contributions:
         with ContentStore(net.root / owners[contribution] / "store") as store:
-            manifest = open_envelope(store.get(contribution), DeltaManifest, network_id=net.network_id).message
+            manifest = open_envelope(
+                store.get(contribution), DeltaManifest, network_id=net.network_id
+            ).message
             deltas = decode_tensors(manifest.tensors, store.get, manifest.chunk_size)
         folder = out.parent / f"{out.name}-{contribution[:12]}"
         shutil.copytree(net.zoo.base, folder)
-        from safetensors.torch import save_file
-
         save_file({k: (base[k].float() + deltas[k]).contiguous() for k in base}, folder / "model.safetensors")
         models.append({"model": str(folder)})
     config = {
@@ -159,7 +161,9 @@ def test_the_pulled_model_is_the_merge_with_the_fused_copy_and_gains_on_lists(fu
     (recipe,) = {r.recipe.id: r.recipe for r in _results(fused, EXPERT)}.values()
     offline = _offline_merge(fused, recipe.contributions, tmp_path / "offline", recipe)
     assert weights_fingerprint(tmp_path / "pulled") == weights_fingerprint(offline)
-    without = _offline_merge(fused, [fused.expert], tmp_path / "without", fused.genesis.recipe(0, [fused.expert]))
+    without = _offline_merge(
+        fused, [fused.expert], tmp_path / "without", fused.genesis.recipe(0, [fused.expert])
+    )
     pulled, alone, base = (_lists_loglik(f) for f in (offline, without, fused.zoo.base))
     assert pulled > alone + 0.1 and pulled > base + 0.1, (pulled, alone, base)
 
