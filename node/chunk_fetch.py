@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol, TypeVar
 
 from node.errors import ChunkHashMismatchError, ErrorCode, FetchError, TransportError
-from node.fetch_schedule import FetchReport, FetchSchedule, ScheduleRule
+from node.fetch_schedule import FetchReport, FetchSchedule, PeerWindow, ScheduleRule
 from node.framing import BufferPool
 from node.store import check_digest, verified_digest
 
@@ -60,14 +60,16 @@ async def fetch_over_streams(
     writers: int = 4,
     max_busy_retries: int = 5,
     rule: ScheduleRule | None = None,
+    windows: dict[str, PeerWindow] | None = None,
 ) -> FetchReport:
     """Fetch every chunk of `digests` the sink lacks from `peers` (named by `str(peer)`), verified.
 
     The arguments are as `node.transport.fetch_chunks` checks them; `open_stream(peer)` opens a
     stream to a peer. `rule` defaults to windows from one `batch` up to
-    `streams_per_peer * depth * batch` chunks per peer. Raises FetchError (with `.missing`) if
-    some chunks could not be had from any peer; the chunks that did arrive stay in the sink, so
-    calling again resumes.
+    `streams_per_peer * depth * batch` chunks per peer; `windows` (peer -> window) carries
+    what earlier fetches learnt of each peer's window into this one and out of it. Raises
+    FetchError (with `.missing`) if some chunks could not be had from any peer; the chunks that
+    did arrive stay in the sink, so calling again resumes.
     """
     wanted = list(dict.fromkeys(check_digest(d) for d in digests))
     todo = sink.missing(wanted)
@@ -79,7 +81,7 @@ async def fetch_over_streams(
             f"expected at least one peer to fetch {len(todo)} chunks from, got none", tuple(todo)
         )
     rule = rule or ScheduleRule(start=batch, largest=streams_per_peer * depth * batch)
-    schedule = FetchSchedule(todo, report, rule)
+    schedule = FetchSchedule(todo, report, rule, windows=windows)
     loop = asyncio.get_running_loop()
     put_slots = asyncio.Semaphore(2 * writers)  # received chunks waiting for a writer: bounds memory
     stores: set[asyncio.Task] = set()

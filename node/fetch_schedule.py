@@ -5,8 +5,10 @@ over all its streams. The window starts at one batch and follows each chunk's ti
 to bytes received, which includes the wait behind the chunks queued before it at the peer: a chunk
 within `ScheduleRule.target_seconds` grows the window by one chunk (up to `largest`), a later one
 halves it (down to one chunk), at most once per window (chunks asked before the last cut do not
-cut it again). So a peer's window settles near what it delivers within the target time: a slow
-uplink is asked for about one target time of chunks by each fetcher, not for a fixed share.
+cut it again); a chunk given up on (an error answer, a broken stream, the fetch's end) past the
+target time counts as late too. So a peer's window settles near what it delivers within the
+target time: a slow uplink is asked for about one target time of chunks by each fetcher, not
+for a fixed share.
 
 Hedging: once nothing is left to hand out to a peer, it may ask for a chunk that one other peer
 alone was asked for longer than `hedge_factor` times the median chunk time of this fetch (the
@@ -67,7 +69,7 @@ class PeerWindow:
 
     On time (within `target_seconds`): one chunk more, up to `largest`. Late: half (rounded down,
     at least one), unless the late chunk was asked before the last cut (it queued behind the
-    window that was cut already).
+    window that was cut already). `FetchSchedule.release` also reports chunks given up on late.
     """
 
     def __init__(self, rule: ScheduleRule) -> None:
@@ -88,7 +90,8 @@ class FetchSchedule:
 
     Workers (one per stream) `take` chunks for their peer, report each answer (`received`,
     `release`) and each store's outcome (`stored`, `unstored`); `complete` is set once every
-    chunk is stored. Times come from `clock` (the event loop's by default).
+    chunk is stored. Times come from `clock` (the event loop's by default). `windows` (peer ->
+    window) carries what earlier fetches learnt of each peer; new peers start at `rule.start`.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class FetchSchedule:
         report: FetchReport,
         rule: ScheduleRule = ScheduleRule(),
         clock: Callable[[], float] | None = None,
+        windows: dict[str, PeerWindow] | None = None,
     ) -> None:
         self.rule = rule
         self.clock = clock or asyncio.get_running_loop().time
@@ -107,7 +111,7 @@ class FetchSchedule:
         self.storing: set[str] = set()
         self.completed: set[str] = set()
         self.outstanding: collections.Counter[str] = collections.Counter()  # peer -> chunks unanswered
-        self.windows: dict[str, PeerWindow] = {}
+        self.windows = {} if windows is None else windows  # may outlive the fetch (`Fetcher`)
         self.latencies: collections.deque[float] = collections.deque(maxlen=rule.samples)
         self.dead_peers: set[str] = set()
         self.report = report
@@ -208,8 +212,12 @@ class FetchSchedule:
         return keep
 
     def release(self, digest: str, peer: str, *, failed: bool) -> None:
-        """`peer` will not deliver `digest` (it answered an error, or its stream ended)."""
-        self._unask(digest, peer)
+        """`peer` will not deliver `digest` (it answered an error, or its stream or the fetch
+        ended); unanswered past the target time, it counts as late for the peer's window."""
+        asked_at = self._unask(digest, peer)
+        now = self.clock()
+        if asked_at is not None and now - asked_at > self.rule.target_seconds:
+            self.window(peer).arrived(asked_at, now)
         if failed and digest in self.failed:
             self.failed[digest].add(peer)
         self._repend(digest)

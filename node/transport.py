@@ -39,7 +39,7 @@ from node.errors import (
     StoreError,
     TransportError,
 )
-from node.fetch_schedule import FetchReport, ScheduleRule
+from node.fetch_schedule import FetchReport, PeerWindow, ScheduleRule
 from node.framing import FrameStream, read_frame, write_frame
 from node.store import check_digest
 
@@ -307,6 +307,7 @@ async def fetch_chunks(
     max_chunk_bytes: int = 64 << 20,
     max_busy_retries: int = 5,
     rule: ScheduleRule | None = None,
+    windows: dict[str, PeerWindow] | None = None,
 ) -> FetchReport:
     """Fetch every chunk of `digests` the sink lacks from `peers` in parallel, verified, into `sink`.
 
@@ -314,7 +315,8 @@ async def fetch_chunks(
     flight, within the peer's window (node.fetch_schedule: one batch at first, sized by what the
     peer delivers within the target time, at most `streams_per_peer * depth * batch` chunks);
     received chunks go to `sink.put` (which hashes and stores them) on `writers` threads while the
-    streams go on receiving. Raises FetchError (with `.missing`) if some chunks could not be had
+    streams go on receiving; `windows` carries each peer's window from fetch to fetch (`Fetcher`
+    keeps one). Raises FetchError (with `.missing`) if some chunks could not be had
     from any peer; the chunks that did arrive stay in the sink, so calling again resumes.
     """
     if not 1 <= batch <= MAX_BATCH:
@@ -338,4 +340,5 @@ async def fetch_chunks(
         writers=writers,
         max_busy_retries=max_busy_retries,
         rule=rule,
+        windows=windows,
     )

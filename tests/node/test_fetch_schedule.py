@@ -200,6 +200,25 @@ def test_a_slow_holder_of_the_same_chunks_is_asked_for_few_of_them():
     assert report.raced_bytes == (served - 120) * size  # every copy read beyond the first is raced
 
 
+def test_a_window_learnt_in_one_fetch_starts_the_next():
+    first, second = make_chunks(120), {d: c for d, c in make_chunks(240).items() if d not in make_chunks(120)}
+    fast = FakeHolder("fast", {**first, **second}, seconds_per_chunk=0.01)
+    slow = FakeHolder("slow", {**first, **second}, seconds_per_chunk=2.0)
+    windows = {}
+
+    async def both():
+        await fetch_over_streams(open_fake, list(first), [slow, fast], CountingSink(), windows=windows)
+        learnt = windows["slow"].size
+        asked_before = sum(slow.asked.values())
+        await fetch_over_streams(open_fake, list(second), [slow, fast], CountingSink(), windows=windows)
+        return learnt, sum(slow.asked.values()) - asked_before
+
+    learnt, asked_in_second = run_virtual(both())
+    # every slow chunk of the first fetch is late (2 s > the 1 s target): halved from 4 to 2
+    assert learnt == 2
+    assert asked_in_second == 2  # not a fresh batch of 4
+
+
 def test_a_chunk_stuck_at_a_stalled_holder_comes_from_another_before_the_timeout():
     chunks = make_chunks(40)
     stalled = FakeHolder("stalled", chunks, seconds_per_chunk=0.01, stalled=chunks)
