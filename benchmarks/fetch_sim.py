@@ -185,9 +185,7 @@ def main() -> None:
     args = parser.parse_args()
     mixed = [args.slow_rate] * args.slow + [args.fast_rate] * (args.nodes - args.slow)
     print(f"{args.nodes} nodes, {args.slow} at {args.slow_rate:g} Mbit/s, the rest at {args.fast_rate:g}")
-    print(
-        "| scheduling | links | fast nodes' last input (s) | slow nodes' last input (s) | chunks sent by each slow node |"
-    )
+    print("| scheduling | links | fast nodes' last input (s) | slow nodes' (s) | chunks each slow sent |")
     print("|---|---|---|---|---|")
     for label, rule in (("fixed shares", FIXED_SHARES), ("windows + hedging", None)):
         for links, rates in (("mixed", mixed), ("all fast", [args.fast_rate] * args.nodes)):

@@ -10,60 +10,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import selectors
 
 import pytest
 
+from benchmarks.fetch_sim import run_virtual
 from node.chunk_fetch import fetch_over_streams
 from node.errors import ErrorCode, FetchError, RemoteTimeoutError
 from node.fetch_schedule import FetchReport, FetchSchedule, PeerWindow, ScheduleRule
 from node.store import verified_digest
 
 TIMEOUT = 60.0  # a fake stream's read timeout, in virtual seconds
-
-
-class _VirtualSelector(selectors.DefaultSelector):
-    """Polls without waiting; a wait for the next timer moves the virtual clock there instead."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 0.0
-
-    def select(self, timeout: float | None = None):
-        ready = super().select(0)
-        if ready or (timeout is not None and timeout <= 0):
-            return ready
-        if timeout is None:
-            raise RuntimeError("every task waits and no timer is set: the fetch is stuck")
-        self.now += timeout
-        return []
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop on a virtual clock that runs executor jobs inline (deterministic)."""
-
-    def __init__(self) -> None:
-        self._virtual = _VirtualSelector()
-        super().__init__(self._virtual)
-
-    def time(self) -> float:
-        return self._virtual.now
-
-    def run_in_executor(self, executor, func, *args):
-        future = self.create_future()
-        try:
-            future.set_result(func(*args))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-
-def run_virtual(coroutine):
-    loop = VirtualTimeLoop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
 
 
 class FakeHolder:
