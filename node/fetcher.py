@@ -5,7 +5,8 @@ from the peers `find_peers` names plus the `holders` a record named, and on fail
 after `FetchPolicy.retry_delay` with the peers named anew, up to `attempts` times. Every timeout
 and count is a named field of `FetchPolicy`. A peer dropped from a fetch (it stalled past
 `request_timeout`, broke its stream or served corrupt bytes) is benched with a doubling penalty
-(`PeerPenalties`); holders race for chunks in flight at a slow peer (node.transport).
+(`PeerPenalties`); holders race for chunks late at a slow peer, and each peer's window of chunks
+in flight (node.fetch_schedule) carries over from one fetch to the next.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from hivemind.p2p import P2P, PeerID
 
 from node.errors import FetchError
+from node.fetch_schedule import PeerWindow
 from node.transport import ChunkSink, FetchReport, fetch_chunks
 from protocol.envelope import MAX_ENVELOPE_SIZE
 
@@ -108,6 +110,7 @@ class Fetcher:
         self.exclude = exclude
         self.bytes_received = 0
         self.penalties = PeerPenalties(policy)
+        self.windows: dict[str, PeerWindow] = {}  # peer -> chunks it may have in flight, as learnt
 
     async def fetch(
         self, digests: Sequence[str], holders: Iterable[str] = (), *, attempts: int | None = None
@@ -132,6 +135,7 @@ class Fetcher:
                     self.sink,
                     timeout=self.policy.request_timeout,
                     max_chunk_bytes=self.policy.max_chunk_bytes,
+                    windows=self.windows,
                 )
             except FetchError as exc:
                 self.bytes_received += exc.bytes_received

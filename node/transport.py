@@ -8,40 +8,39 @@ Wire protocol on the stream handler `umm.chunks/1`, in frames of `node.framing`:
 A stream carries any number of requests; after a bad request the server answers, waits (bounded)
 for the peer to close, and closes.
 
-The fetcher pulls different chunks from several peers at once (a few streams per peer, each
-pipelining a batch of chunks), verifies every chunk's sha256 before it reaches the sink, retries a
-chunk on another peer when a peer lacks it, dies, times out or serves corrupt bytes (such a peer is
-dropped), and skips chunks the sink already holds — so an interrupted fetch resumes where it stopped.
+The fetcher (`fetch_chunks`, run by node.chunk_fetch, scheduled by node.fetch_schedule) pulls
+different chunks from several peers at once (a few streams per peer, each pipelining batches of
+chunks within a window sized by what the peer delivers), verifies every chunk's sha256 before it
+reaches the sink, retries a chunk on another peer when a peer lacks it, dies, times out or serves
+corrupt bytes (such a peer is dropped), asks a second holder for a chunk late at a slow one once
+nothing else is left, and skips chunks the sink already holds — so an interrupted fetch resumes
+where it stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import contextlib
-import dataclasses
 import enum
-import itertools
 import logging
 import socket
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from hivemind.p2p import P2P, PeerID
 
+from node.chunk_fetch import ChunkSink, fetch_over_streams
 from node.errors import (
-    ChunkHashMismatchError,
     ChunkNotFoundError,
     ErrorCode,
-    FetchError,
     FramingError,
     RemoteError,
     RemoteTimeoutError,
     StoreError,
     TransportError,
 )
-from node.framing import BufferPool, FrameStream, read_frame, write_frame
+from node.fetch_schedule import FetchReport, PeerWindow, ScheduleRule
+from node.framing import FrameStream, read_frame, write_frame
 from node.store import check_digest
 
 logger = logging.getLogger(__name__)
@@ -65,18 +64,6 @@ class ChunkSource(Protocol):
     """What a server serves from (a `ContentStore` is one)."""
 
     def get(self, digest: str) -> bytes: ...
-
-
-class ChunkSink(Protocol):
-    """What a fetch writes into (a `ContentStore` is one): `put` must verify the digest.
-
-    `put` may run on several threads at once and must not keep `data` after it returns (the
-    fetch reuses the buffer for a later chunk).
-    """
-
-    def missing(self, digests: Iterable[str]) -> list[str]: ...
-
-    def put(self, data: bytes | bytearray | memoryview, digest: str | None = None) -> str: ...
 
 
 def pack_digests(digests: Sequence[str]) -> bytes:
@@ -306,110 +293,6 @@ class ChunkStream:
         return await self._read_response(allocate)
 
 
-@dataclasses.dataclass
-class FetchReport:
-    """What a fetch did: chunks and bytes per peer, peers dropped and why."""
-
-    requested: int = 0
-    already_held: int = 0
-    fetched: int = 0
-    bytes_by_peer: dict[str, int] = dataclasses.field(default_factory=dict)
-    dropped_peers: dict[str, str] = dataclasses.field(default_factory=dict)
-    raced_bytes: int = 0  # bytes of second copies of chunks raced between holders (not counted above)
-
-    @property
-    def bytes_received(self) -> int:
-        return sum(self.bytes_by_peer.values())
-
-
-class _FetchState:
-    """Shared bookkeeping of one fetch: which chunks wait, which peer failed which chunk.
-
-    Holders race: a peer with nothing left to take asks for a chunk another peer has in flight
-    (`raceable`), so a stalled peer delays no chunk that someone else holds; the first copy that
-    arrives completes it, later copies are ignored, and the fetch ends once every chunk is
-    complete (`complete`) without waiting for the stalled peer's timeout.
-    """
-
-    def __init__(self, digests: list[str], report: FetchReport) -> None:
-        self.pending: dict[str, None] = dict.fromkeys(digests)  # an ordered set
-        self.failed: dict[str, set[str]] = {d: set() for d in digests}  # digest -> peers that failed it
-        self.in_flight: dict[str, set[str]] = {}  # digest -> peers it is asked of
-        self.completed: set[str] = set()
-        self.dead_peers: set[str] = set()
-        self.report = report
-        self.sink_error: Exception | None = None
-        self.complete = asyncio.Event()
-        self._changed = asyncio.Event()
-
-    def servable_by(self, peer: str, limit: int) -> list[str]:
-        return list(itertools.islice((d for d in self.pending if peer not in self.failed[d]), limit))
-
-    def raceable_by(self, peer: str, limit: int) -> list[str]:
-        """Chunks in flight at other peers only, that `peer` has not failed (to race them)."""
-        found = (d for d, at in self.in_flight.items() if peer not in at and peer not in self.failed[d])
-        return list(itertools.islice(found, limit))
-
-    def finished_for(self, peer: str) -> bool:
-        """Nothing left that `peer` could ever serve in this fetch."""
-        return (
-            peer in self.dead_peers
-            or self.sink_error is not None
-            or (not self.in_flight and not self.servable_by(peer, 1))
-        )
-
-    def notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
-        if not self.pending and not self.in_flight:
-            self.complete.set()
-
-    async def take(self, peer: str, count: int, *, wait: bool) -> list[str]:
-        """Up to `count` chunks `peer` may serve, now in flight; [] when none (after waiting, if `wait`).
-        An idle peer (`wait`) with nothing pending to take races chunks in flight elsewhere."""
-        while True:
-            if peer in self.dead_peers or self.sink_error is not None:
-                return []
-            choice = self.servable_by(peer, count)
-            for digest in choice:
-                del self.pending[digest]
-            if not choice and wait:
-                choice = self.raceable_by(peer, count)
-            if choice or not wait or self.finished_for(peer):
-                for digest in choice:
-                    self.in_flight.setdefault(digest, set()).add(peer)
-                return choice
-            await self._changed.wait()
-
-    def give_back(self, digest: str, peer: str, *, failed: bool) -> None:
-        if failed and digest in self.failed:
-            self.failed[digest].add(peer)
-        at = self.in_flight.get(digest)
-        if at is not None:
-            at.discard(peer)
-            if not at:
-                del self.in_flight[digest]
-                if digest not in self.completed:
-                    self.pending[digest] = None
-        self.notify()
-
-    def done(self, digest: str, peer: str, size: int) -> None:
-        if digest in self.completed:  # a raced copy that lost
-            self.report.raced_bytes += size
-        else:
-            self.completed.add(digest)
-            self.report.fetched += 1
-            self.report.bytes_by_peer[peer] = self.report.bytes_by_peer.get(peer, 0) + size
-        self.in_flight.pop(digest, None)
-        self.pending.pop(digest, None)
-        self.notify()
-
-    def drop(self, peer: str, reason: str) -> None:
-        self.dead_peers.add(peer)
-        self.report.dropped_peers.setdefault(peer, reason)
-        self.notify()
-
-
 async def fetch_chunks(
     p2p: P2P,
     digests: Sequence[str],
@@ -423,12 +306,17 @@ async def fetch_chunks(
     timeout: float = DEFAULT_TIMEOUT,
     max_chunk_bytes: int = 64 << 20,
     max_busy_retries: int = 5,
+    rule: ScheduleRule | None = None,
+    windows: dict[str, PeerWindow] | None = None,
 ) -> FetchReport:
     """Fetch every chunk of `digests` the sink lacks from `peers` in parallel, verified, into `sink`.
 
-    Each of `streams_per_peer` streams per peer keeps `depth` requests of `batch` chunks in flight;
+    Each of `streams_per_peer` streams per peer keeps up to `depth` requests of `batch` chunks in
+    flight, within the peer's window (node.fetch_schedule: one batch at first, sized by what the
+    peer delivers within the target time, at most `streams_per_peer * depth * batch` chunks);
     received chunks go to `sink.put` (which hashes and stores them) on `writers` threads while the
-    streams go on receiving. Raises FetchError (with `.missing`) if some chunks could not be had
+    streams go on receiving; `windows` carries each peer's window from fetch to fetch (`Fetcher`
+    keeps one). Raises FetchError (with `.missing`) if some chunks could not be had
     from any peer; the chunks that did arrive stay in the sink, so calling again resumes.
     """
     if not 1 <= batch <= MAX_BATCH:
@@ -437,113 +325,20 @@ async def fetch_chunks(
         raise ValueError(
             f"expected depth, writers and streams_per_peer >= 1, got {depth}, {writers}, {streams_per_peer}"
         )
-    wanted = list(dict.fromkeys(check_digest(d) for d in digests))
-    todo = sink.missing(wanted)
-    report = FetchReport(requested=len(wanted), already_held=len(wanted) - len(todo))
-    if not todo:
-        return report
-    if not peers:
-        raise FetchError(
-            f"expected at least one peer to fetch {len(todo)} chunks from, got none", tuple(todo)
-        )
-    state = _FetchState(todo, report)
-    loop = asyncio.get_running_loop()
-    put_slots = asyncio.Semaphore(2 * writers)  # received chunks waiting for a writer: bounds memory
-    stores: set[asyncio.Task] = set()
-    buffers = BufferPool()
 
-    async def store(digest: str, payload: bytes, peer: str) -> None:
-        try:
-            await loop.run_in_executor(pool, sink.put, payload, digest)
-        except ChunkHashMismatchError as exc:
-            state.give_back(digest, peer, failed=True)
-            state.drop(peer, f"served a corrupt chunk: {exc}")
-        except asyncio.CancelledError:
-            state.give_back(digest, peer, failed=False)
-            raise
-        except Exception as exc:  # the sink itself failed (disk full, closed store): stop the fetch
-            state.give_back(digest, peer, failed=False)
-            state.sink_error = exc
-            state.notify()
-        else:
-            state.done(digest, peer, len(payload))
-        finally:
-            buffers.give(payload)
-            put_slots.release()
+    async def open_stream(peer_id: PeerID) -> ChunkStream:
+        return await ChunkStream(p2p, peer_id, timeout=timeout, max_chunk_bytes=max_chunk_bytes).open()
 
-    async def worker(peer_id: PeerID) -> None:
-        peer = str(peer_id)
-        asked: collections.deque[str] = collections.deque()  # requested on the stream, answers unread
-        stream: ChunkStream | None = None
-        busy = 0
-        try:
-            while True:
-                while len(asked) < depth * batch:
-                    idle = not asked
-                    if idle and stream is not None:  # a server closes idle streams; open anew when needed
-                        await stream.close()
-                        stream = None
-                    choice = await state.take(peer, batch, wait=idle)
-                    if not choice:
-                        break
-                    asked.extend(choice)  # before the request, so a failure gives them back
-                    if stream is None:
-                        stream = ChunkStream(p2p, peer_id, timeout=timeout, max_chunk_bytes=max_chunk_bytes)
-                        await stream.open()
-                    await stream.request_get(choice)
-                if not asked:
-                    return
-                code, payload = await stream.read_chunk(buffers.take)
-                digest = asked.popleft()
-                if code is ErrorCode.OK:
-                    await put_slots.acquire()
-                    task = asyncio.create_task(store(digest, payload, peer))
-                    stores.add(task)
-                    task.add_done_callback(stores.discard)
-                elif code is ErrorCode.BUSY:
-                    state.give_back(digest, peer, failed=False)
-                    busy += 1
-                    if busy > max_busy_retries:
-                        state.drop(peer, f"busy more than {max_busy_retries} times")
-                    await asyncio.sleep(0.05 * busy)
-                else:
-                    state.give_back(digest, peer, failed=True)
-                if peer in state.dead_peers or state.sink_error is not None:
-                    return
-        except (TransportError, ConnectionError, OSError) as exc:
-            state.drop(peer, f"{type(exc).__name__}: {exc}")
-        finally:
-            for digest in asked:
-                state.give_back(digest, peer, failed=peer in state.dead_peers)
-            if stream is not None:
-                await stream.close()
-
-    with concurrent.futures.ThreadPoolExecutor(writers, thread_name_prefix="umm-fetch-put") as pool:
-        workers = [asyncio.create_task(worker(p)) for p in peers for _ in range(streams_per_peer)]
-        try:
-            everyone = asyncio.gather(*workers, return_exceptions=True)
-            finished = asyncio.ensure_future(state.complete.wait())
-            await asyncio.wait([everyone, finished], return_when=asyncio.FIRST_COMPLETED)
-            finished.cancel()
-            if everyone.done():  # a worker's unexpected error surfaces as before
-                for outcome in everyone.result():
-                    if isinstance(outcome, Exception):
-                        raise outcome
-            while stores:
-                await asyncio.gather(*list(stores))
-        finally:
-            for task in [*workers, *stores]:
-                task.cancel()
-            await asyncio.gather(*workers, *stores, return_exceptions=True)
-    if state.sink_error is not None:
-        raise state.sink_error
-    missing = tuple(d for d in todo if d in state.pending)
-    if missing:
-        raise FetchError(
-            f"expected all {len(todo)} chunks from {len(peers)} peers, got {len(todo) - len(missing)}; "
-            f"peers dropped: {report.dropped_peers or 'none'}",
-            missing,
-            report.bytes_received,
-            report.dropped_peers,
-        )
-    return report
+    return await fetch_over_streams(
+        open_stream,
+        digests,
+        peers,
+        sink,
+        streams_per_peer=streams_per_peer,
+        batch=batch,
+        depth=depth,
+        writers=writers,
+        max_busy_retries=max_busy_retries,
+        rule=rule,
+        windows=windows,
+    )
