@@ -168,15 +168,15 @@ class RoundMachine:
     async def aggregate(self, r: int) -> None:
         """Steps 1-3 of the module docstring."""
         ctx = self.ctx
-        contributions = await collect_contributions(ctx, self.board, r, self.manifests)
-        checking: set[bytes] = set()
+        selected = await collect_contributions(ctx, self.board, r, self.manifests)
+        contributions, checking = selected, set()
         if self.fusion is not None:  # fused contributions count once checked (node.fusion_check)
-            contributions, checking = await self.fusion.filter(r, contributions)
+            contributions, checking = await self.fusion.filter(r, selected)
         if len(contributions) < ctx.genesis.min_contributions:
             return
-        pending = checking | pending_signers(
+        pending = checking | pending_signers(  # a refused contribution is no longer on its way
             (await self.board.aread(pending_key(ctx.network_id, r))).values(),
-            {c.signer for c in contributions},
+            {c.signer for c in selected},
             now=time.time(),
             members=ctx.genesis.allowed_signers,
         )
