@@ -143,9 +143,12 @@ def fetch_again(
 
 def carry_over(ctx: RoundContext, r: int, candidates: tuple[str, ...]) -> None:
     """Re-sign our contribution for round r + 1 if round r was decided without it as a candidate
-    (it arrived late); one that was a candidate and that admission rejected is not offered again."""
+    (it arrived late); one that was a candidate and that admission rejected, or a fused copy this
+    node's own check refused (node.fusion_check), is not offered again."""
     own = ctx.rounds.contribution(r)
     if own is None or own.manifest in candidates or ctx.rounds.contribution(r + 1) is not None:
+        return
+    if ctx.rounds.fused_refusal(own.manifest) is not None:
         return
     try:
         old = verify_message(ctx.store.get(own.manifest), DeltaManifest, network_id=ctx.network_id)

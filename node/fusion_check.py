@@ -110,6 +110,8 @@ class FusionChecks:
         finally:
             self._running.pop(c.id, None)
         self.verdicts[c.id] = verdict
+        if not verdict.accepted and c.signer == self.ctx.identity.public_key:
+            self.ctx.rounds.set_fused_refusal(c.id, verdict.reason)  # not offered again (node.decided)
         if verdict.accepted:
             logger.info(
                 "round %d: fused contribution %s accepted: held-out cross-entropy %.4f -> %.4f",

@@ -12,6 +12,7 @@ Each dataclass encodes to (and decodes from) exactly the msgpack value kept unde
     refused/<r>           [result id, ...]: results its spot checks refused
     view/<r>              `RoundView`: [candidates, shard count] of the round it merged or checked
     faults/<r>            [ContributionFault envelope, ...]: the faults this node found (node.faults)
+    fusion/refused/<id>   str: why this node's check refused its own fused contribution (node.fusion_check)
     latest                `LatestRound`: the last decided round and what the node announces for it
     stats                 {"bytes_sent", "bytes_received"}
 """
@@ -226,6 +227,13 @@ class RoundState:
 
     def set_spot(self, r: int, j: int, value: SpotVerdict) -> None:
         self.state.set(f"spot/{r}/{j}", value.encode())
+
+    def fused_refusal(self, manifest_id: str) -> str | None:
+        """Why this node's check refused its own fused contribution `manifest_id` (None: it did not)."""
+        return self.state.get(f"fusion/refused/{manifest_id}")
+
+    def set_fused_refusal(self, manifest_id: str, reason: str) -> None:
+        self.state.set(f"fusion/refused/{manifest_id}", reason)
 
     def refused(self, r: int) -> frozenset[str]:
         return frozenset(self.state.get(f"refused/{r}", []))

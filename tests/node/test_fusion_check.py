@@ -32,13 +32,20 @@ def _contribution(seed: int, fused_from: tuple[str, ...] = ()) -> Contribution:
 class Checks(FusionChecks):
     """The checks with `_measure` answering from a script: a verdict, or an exception to raise."""
 
-    def __init__(self, answers: list) -> None:
+    def __init__(self, answers: list, own_seed: int = 99) -> None:
         self.published: dict[str, bytes] = {}
+        self.own_refusals: dict[str, str] = {}
 
         async def publish(key: str, value: bytes) -> None:
             self.published[key] = value
 
-        super().__init__(SimpleNamespace(network_id=GENESIS.network_id, publish=publish), None)
+        ctx = SimpleNamespace(
+            network_id=GENESIS.network_id,
+            publish=publish,
+            identity=Identity.from_seed(bytes([own_seed]) * 32),
+            rounds=SimpleNamespace(set_fused_refusal=self.own_refusals.__setitem__),
+        )
+        super().__init__(ctx, None)
         self.answers = answers
         self.measured = 0
 
@@ -81,6 +88,7 @@ def test_a_refused_fused_contribution_is_left_out_and_not_waited_for():
     checks = Checks([FusionVerdict(2.0, 1.99, "held-out cross-entropy 1.9900 is not at most 0.95 x ...")])
     kept, checking = asyncio.run(_filter_until_settled(checks, [fused]))
     assert kept == [] and checking == set()
+    assert checks.own_refusals == {}  # another node's contribution
     record = parse_record("fusion", checks.published[fusion_key(GENESIS.network_id, 0, fused.id)])
     assert record["reason"].startswith("held-out cross-entropy 1.9900")
 
@@ -91,3 +99,12 @@ def test_summaries_that_stay_unreachable_refuse_the_contribution_after_the_last_
     kept, checking = asyncio.run(_filter_until_settled(checks, [fused], polls=4 * FETCH_TRIES))
     assert kept == [] and checking == set() and checks.measured == FETCH_TRIES
     assert checks.verdicts[fused.id].reason.startswith("its summaries or delta could not be fetched")
+
+
+def test_a_node_remembers_that_its_own_fused_contribution_was_refused():
+    own = _contribution(5, (SUMMARY,))
+    checks = Checks(
+        [FusionVerdict(2.0, 2.5, "held-out cross-entropy 2.5000 is not at most 0.95 x ...")], own_seed=5
+    )
+    asyncio.run(_filter_until_settled(checks, [own]))
+    assert checks.own_refusals == {own.id: "held-out cross-entropy 2.5000 is not at most 0.95 x ..."}

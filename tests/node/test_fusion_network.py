@@ -70,7 +70,9 @@ def fused(tmp_path_factory):
         )
         net.start_all(NODES, timeout=600.0, args={FUSER: FUSE_ARGS})
         net.expert = net.contribute(EXPERT, zoo.experts["arithmetic"]).manifest_id
-        summary = net.contribute(SOURCE, zoo.heterogeneous["gpt2-lists"], max_new_tokens=64)
+        summary = net.contribute(
+            SOURCE, zoo.heterogeneous["gpt2-lists"], max_new_tokens=64, domains=("lists",)
+        )
         assert summary.kind == "summary"
         net.summary = summary.manifest_id
         net.bogus = net.contribute(
@@ -153,6 +155,7 @@ def test_every_node_admits_the_honest_fused_copy_and_refuses_the_other(fused):
         log = (fused.root / f"{name}.log").read_text()
         assert f"fused contribution {fuser[:16]} accepted" in log, name
         assert f"fused contribution {fused.bogus[:16]} refused: held-out cross-entropy" in log, name
+    assert fused.state(BOGUS, "contribution/1") is None  # its own check refused it: not offered again
 
 
 def test_the_pulled_model_is_the_merge_with_the_fused_copy_and_gains_on_lists(fused, tmp_path):
