@@ -27,7 +27,7 @@ from protocol.schema import (
     text,
 )
 
-SCHEMA_VERSION = 2  # 2: attestations say whether they are full or sampled (spot checks)
+SCHEMA_VERSION = 3  # 2: attestations say what they checked; 3: summaries carry responses, cards fused_from
 KiB = 1024
 MiB = 1024 * KiB
 CHUNK_SIZE_LIMIT = 4 * MiB

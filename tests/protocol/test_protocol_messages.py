@@ -77,8 +77,8 @@ def test_unknown_missing_and_mistyped_fields_are_rejected(f, alice):
 
 def test_versions(f, alice):
     good = f.card(alice).to_dict()
-    for old in (1, 3):  # version 1 attestations did not say what they checked
-        with pytest.raises(VersionError, match=f"schema version 2, got {old}"):
+    for old in (2, 4):  # version 2 summaries carried no responses
+        with pytest.raises(VersionError, match=f"schema version 3, got {old}"):
             open_envelope(envelope({**good, "v": old}, "expert_card", alice), network_id=f.NETWORK)
     with pytest.raises(VersionError, match="envelope version 1, got 2"):
         open_envelope(envelope(good, "expert_card", alice, v=2), network_id=f.NETWORK)
