@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.netsim import scenarios
 from benchmarks.netsim.links import NetsimError, cleanup_leftovers, namespaces_unavailable
+from node.cli.options import quiet_third_parties
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    quiet_third_parties(verbose=False)  # transformers' "Writing model shards" bar per model written
     reason = namespaces_unavailable()
     if reason is not None:
         print(f"Error: the simulator cannot run here: {reason}.", file=sys.stderr)
