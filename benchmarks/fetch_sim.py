@@ -7,7 +7,9 @@ node's uplink and downlink are first-come-first-served queues at its rate (1 MiB
 20 Mbit/s, 0.042 s at 200 Mbit/s); a peer that lacks a chunk answers at once. The event loop's
 clock jumps to the next timer and sink writes run inline, so a run is deterministic and takes
 seconds of CPU. "fixed shares" stands in for the scheduling before windows: 16 chunks in flight
-per peer from the start, and an idle peer asks again for any chunk in flight elsewhere at once.
+per peer from the start, and an idle peer asks again for any chunk in flight elsewhere at once;
+"windows + hedging" is commit c72f3ee's (no rechecks, every node in delta order); the last row is
+today's: each node asks in its own order and asks again a peer that lacked a chunk.
 
     python -m benchmarks.fetch_sim [--slow-rate 20] [--fast-rate 200] [--slow 2] [--nodes 8]
 """
@@ -26,7 +28,11 @@ from node.fetch_schedule import ScheduleRule
 from node.store import verified_digest
 
 MIB = 1 << 20
-FIXED_SHARES = ScheduleRule(start=16, largest=16, target_seconds=1e9, hedge_factor=1e-9)
+NEVER = 1e9
+FIXED_SHARES = ScheduleRule(
+    start=16, largest=16, target_seconds=NEVER, hedge_factor=1e-9, recheck_seconds=NEVER
+)
+WINDOWS = ScheduleRule(recheck_seconds=NEVER)  # commit c72f3ee: windows and hedging, no rechecks
 
 
 class _VirtualSelector(selectors.DefaultSelector):
@@ -148,8 +154,11 @@ def _delta(node: int, shards: int) -> list[tuple[int, str, bytes]]:
     return out
 
 
-async def round_fetch(rates: list[float], rule: ScheduleRule | None) -> list[tuple[float, int]]:
-    """(seconds to its last input, chunks its uplink sent) per node."""
+async def round_fetch(
+    rates: list[float], rule: ScheduleRule | None, own_order: bool = True
+) -> list[tuple[float, int]]:
+    """(seconds to its last input, chunks its uplink sent) per node; `own_order`: each node asks
+    for its chunks in its own order (its name as the fetch's order key), else in delta order."""
     count = len(rates)
     nodes = [SimNode(f"n{i}", MIB * 8 / (rate * 1e6)) for i, rate in enumerate(rates)]
     wanted: list[list[str]] = [[] for _ in nodes]
@@ -169,7 +178,8 @@ async def round_fetch(rates: list[float], rule: ScheduleRule | None) -> list[tup
             return SimStream(node, server)
 
         peers = [p for p in nodes if p is not node]
-        await fetch_over_streams(open_stream, wanted[i], peers, node, rule=rule)
+        order_key = node.name if own_order else ""
+        await fetch_over_streams(open_stream, wanted[i], peers, node, rule=rule, order_key=order_key)
         done[i] = loop.time()
 
     await asyncio.gather(*(fetch(i) for i in range(count)))
@@ -187,9 +197,14 @@ def main() -> None:
     print(f"{args.nodes} nodes, {args.slow} at {args.slow_rate:g} Mbit/s, the rest at {args.fast_rate:g}")
     print("| scheduling | links | fast nodes' last input (s) | slow nodes' (s) | chunks each slow sent |")
     print("|---|---|---|---|---|")
-    for label, rule in (("fixed shares", FIXED_SHARES), ("windows + hedging", None)):
+    schedulings = (
+        ("fixed shares", FIXED_SHARES, False),
+        ("windows + hedging", WINDOWS, False),
+        ("+ own order, rechecks", None, True),
+    )
+    for label, rule, own_order in schedulings:
         for links, rates in (("mixed", mixed), ("all fast", [args.fast_rate] * args.nodes)):
-            result = run_virtual(round_fetch(rates, rule))
+            result = run_virtual(round_fetch(rates, rule, own_order))
             fast = max(t for (t, _), r in zip(result, rates, strict=True) if r == args.fast_rate)
             slow = [f"{t:.2f}" for (t, _), r in zip(result, rates, strict=True) if r != args.fast_rate]
             sent = [str(s) for (_, s), r in zip(result, rates, strict=True) if r != args.fast_rate]

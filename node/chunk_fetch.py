@@ -61,13 +61,15 @@ async def fetch_over_streams(
     max_busy_retries: int = 5,
     rule: ScheduleRule | None = None,
     windows: dict[str, PeerWindow] | None = None,
+    order_key: str = "",
 ) -> FetchReport:
     """Fetch every chunk of `digests` the sink lacks from `peers` (named by `str(peer)`), verified.
 
     The arguments are as `node.transport.fetch_chunks` checks them; `open_stream(peer)` opens a
     stream to a peer. `rule` defaults to windows from one `batch` up to
     `streams_per_peer * depth * batch` chunks per peer; `windows` (peer -> window) carries
-    what earlier fetches learnt of each peer's window into this one and out of it. Raises
+    what earlier fetches learnt of each peer's window into this one and out of it; `order_key`
+    (the fetching peer's name) gives this fetch its own order of the chunks. Raises
     FetchError (with `.missing`) if some chunks could not be had from any peer; the chunks that
     did arrive stay in the sink, so calling again resumes.
     """
@@ -81,7 +83,9 @@ async def fetch_over_streams(
             f"expected at least one peer to fetch {len(todo)} chunks from, got none", tuple(todo)
         )
     rule = rule or ScheduleRule(start=batch, largest=streams_per_peer * depth * batch)
-    schedule = FetchSchedule(todo, report, rule, windows=windows)
+    schedule = FetchSchedule(
+        todo, report, rule, windows=windows, peers=[str(p) for p in peers], order_key=order_key
+    )
     loop = asyncio.get_running_loop()
     put_slots = asyncio.Semaphore(2 * writers)  # received chunks waiting for a writer: bounds memory
     stores: set[asyncio.Task] = set()
@@ -156,7 +160,7 @@ async def fetch_over_streams(
                         schedule.drop(peer, f"busy more than {max_busy_retries} times")
                     await asyncio.sleep(0.05 * busy)
                 else:
-                    schedule.release(digest, peer, failed=True)
+                    schedule.release(digest, peer, failed=True, lacking=code is ErrorCode.NOT_FOUND)
                 if peer in schedule.dead_peers or schedule.sink_error is not None:
                     return
         except (TransportError, ConnectionError, OSError) as exc:

@@ -14,6 +14,13 @@ Hedging: once nothing is left to hand out to a peer, it may ask for a chunk that
 alone was asked for longer than `hedge_factor` times the median chunk time of this fetch (the
 target time until a chunk has arrived). The first copy to arrive is stored; a later copy is only
 verified against its digest, counted in `FetchReport.raced_bytes`, and dropped.
+
+Rechecks: a peer that answered that it lacks a chunk may be asked for it again
+`ScheduleRule.recheck_seconds` later, while some other peer may still hold it (one has not said
+it lacks it): a chunk that only a slow peer had at first is then taken from a fast one that copied
+it meanwhile. Each fetch asks for its chunks in its own order (`order_key`: sha256 of the key and
+the digest), so fetchers that want the same chunks of one source ask it for different ones first
+and can copy the rest from each other.
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 @dataclasses.dataclass
@@ -53,14 +61,16 @@ class ScheduleRule:
     target_seconds: float = 1.0  # a chunk arriving within this long of its request is on time
     hedge_factor: float = 3.0  # a chunk asked this many median chunk times ago may be asked again
     samples: int = 64  # the median chunk time is over this many latest arrivals
+    recheck_seconds: float = 0.5  # a peer that lacked a chunk may be asked again this long after
 
     def __post_init__(self) -> None:
         if not 1 <= self.start <= self.largest:
             raise ValueError(f"expected 1 <= start <= largest chunks, got {self.start} and {self.largest}")
-        if self.target_seconds <= 0 or self.hedge_factor <= 0 or self.samples < 1:
+        positive = (self.target_seconds, self.hedge_factor, self.recheck_seconds)
+        if min(positive) <= 0 or self.samples < 1:
             raise ValueError(
-                "expected a positive target_seconds and hedge_factor and samples >= 1, got "
-                f"{self.target_seconds}, {self.hedge_factor} and {self.samples}"
+                "expected a positive target_seconds, hedge_factor and recheck_seconds and samples >= 1, "
+                f"got {self.target_seconds}, {self.hedge_factor}, {self.recheck_seconds} and {self.samples}"
             )
 
 
@@ -92,6 +102,8 @@ class FetchSchedule:
     `release`) and each store's outcome (`stored`, `unstored`); `complete` is set once every
     chunk is stored. Times come from `clock` (the event loop's by default). `windows` (peer ->
     window) carries what earlier fetches learnt of each peer; new peers start at `rule.start`.
+    `peers` names every peer of the fetch (rechecks need to know whether another may hold a
+    chunk); `order_key` orders the chunks (the module docstring), empty for the given order.
     """
 
     def __init__(
@@ -101,12 +113,20 @@ class FetchSchedule:
         rule: ScheduleRule = ScheduleRule(),
         clock: Callable[[], float] | None = None,
         windows: dict[str, PeerWindow] | None = None,
+        *,
+        peers: Iterable[str] = (),
+        order_key: str = "",
     ) -> None:
         self.rule = rule
         self.clock = clock or asyncio.get_running_loop().time
         self.total = len(digests)
+        self.peers = set(peers)
+        if order_key:
+            digests = sorted(digests, key=lambda d: hashlib.sha256(f"{order_key}/{d}".encode()).digest())
         self.pending: dict[str, None] = dict.fromkeys(digests)  # an ordered set
         self.failed: dict[str, set[str]] = {d: set() for d in digests}  # digest -> peers that failed it
+        self.lacking: dict[str, dict[str, float]] = {}  # digest -> peer -> when it said it lacks it
+        self.lacked_by: dict[str, dict[str, float]] = {}  # the same by peer, in the order answered
         self.asked: dict[str, dict[str, float]] = {}  # digest -> peer -> when asked (unanswered)
         self.storing: set[str] = set()
         self.completed: set[str] = set()
@@ -130,7 +150,39 @@ class FetchSchedule:
         return max(0, self.window(peer).size - self.outstanding[peer])
 
     def servable_by(self, peer: str, limit: int) -> list[str]:
-        return list(itertools.islice((d for d in self.pending if peer not in self.failed[d]), limit))
+        now = self.clock()
+        return list(itertools.islice((d for d in self.pending if self._may_ask(d, peer, now)), limit))
+
+    def _may_ask(self, digest: str, peer: str, now: float) -> bool:
+        """Whether `peer` may be asked for `digest` now: it has not failed it, and if it said it
+        lacks it, that was `recheck_seconds` ago and another peer may still hold it."""
+        if peer in self.failed[digest]:
+            return False
+        said = self.lacking.get(digest, {}).get(peer)
+        due = said is not None and now - said >= self.rule.recheck_seconds
+        return said is None or (due and self._held_elsewhere(digest, peer))
+
+    def _held_elsewhere(self, digest: str, peer: str) -> bool:
+        """Some peer other than `peer`, alive, has neither failed `digest` nor said it lacks it."""
+        ruled_out = (self.failed[digest], self.lacking.get(digest, {}), self.dead_peers)
+        return any(p != peer and not any(p in r for r in ruled_out) for p in self.peers)
+
+    def next_recheck_in(self, peer: str) -> float | None:
+        """Seconds until `peer` may be asked again for a waiting chunk it lacked (None if never)."""
+        lacked = self.lacked_by.get(peer, {})
+        settled = []
+        due = None
+        for digest, said in lacked.items():  # in the order they were answered: the earliest first
+            if digest not in self.pending:
+                if digest in self.completed:
+                    settled.append(digest)
+                continue
+            if peer not in self.failed[digest] and self._held_elsewhere(digest, peer):
+                due = said + self.rule.recheck_seconds
+                break
+        for digest in settled:
+            del lacked[digest]
+        return None if due is None else max(1e-3, due - self.clock())
 
     def hedge_after(self) -> float:
         """Seconds a chunk stays asked of one peer before another may ask for it too."""
@@ -138,9 +190,10 @@ class FetchSchedule:
         return self.rule.hedge_factor * typical
 
     def _hedge_candidates(self, peer: str):
-        """(digest, when asked) of chunks asked of one other peer only, that `peer` has not failed."""
+        """(digest, when asked) of chunks asked of one other peer only, that `peer` may be asked for."""
+        now = self.clock()
         for digest, at in self.asked.items():
-            alone = len(at) == 1 and peer not in at and peer not in self.failed[digest]
+            alone = len(at) == 1 and peer not in at and self._may_ask(digest, peer, now)
             if alone and digest not in self.completed and digest not in self.storing:
                 yield digest, next(iter(at.values()))
 
@@ -162,7 +215,7 @@ class FetchSchedule:
         if peer in self.dead_peers or self.sink_error is not None:
             return True
         unsettled = self.storing or any(d not in self.completed for d in self.asked)
-        return not unsettled and not self.servable_by(peer, 1)
+        return not unsettled and not self.servable_by(peer, 1) and self.next_recheck_in(peer) is None
 
     # ------------------------------------------------------------------ handing out
     def take(self, peer: str, count: int) -> list[str]:
@@ -185,7 +238,8 @@ class FetchSchedule:
                 self._ask(peer, choice)
             if choice or self.finished_for(peer):
                 return choice
-            delay = self.next_hedge_in(peer) if room > 0 else None
+            due = [self.next_hedge_in(peer), self.next_recheck_in(peer)] if room > 0 else []
+            delay = min((t for t in due if t is not None), default=None)
             changed = self._changed
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
@@ -211,14 +265,20 @@ class FetchSchedule:
         self.notify()
         return keep
 
-    def release(self, digest: str, peer: str, *, failed: bool) -> None:
+    def release(self, digest: str, peer: str, *, failed: bool, lacking: bool = False) -> None:
         """`peer` will not deliver `digest` (it answered an error, or its stream or the fetch
-        ended); unanswered past the target time, it counts as late for the peer's window."""
+        ended); unanswered past the target time, it counts as late for the peer's window.
+        `lacking`: it answered that it does not hold the chunk (it may be asked again later)."""
         asked_at = self._unask(digest, peer)
         now = self.clock()
         if asked_at is not None and now - asked_at > self.rule.target_seconds:
             self.window(peer).arrived(asked_at, now)
-        if failed and digest in self.failed:
+        if lacking and digest in self.failed:
+            self.lacking.setdefault(digest, {})[peer] = now
+            lacked = self.lacked_by.setdefault(peer, {})
+            lacked.pop(digest, None)  # re-inserted last: the dict stays in answer order
+            lacked[digest] = now
+        elif failed and digest in self.failed:
             self.failed[digest].add(peer)
         self._repend(digest)
         self.notify()
@@ -262,6 +322,7 @@ class FetchSchedule:
         self._changed = asyncio.Event()
 
     def missing(self) -> tuple[str, ...]:
+        """Chunks not stored (after the fetch: those no peer could deliver)."""
         return tuple(d for d in self.failed if d not in self.completed)
 
     def _unask(self, digest: str, peer: str) -> float | None:

@@ -136,6 +136,7 @@ class Fetcher:
                     timeout=self.policy.request_timeout,
                     max_chunk_bytes=self.policy.max_chunk_bytes,
                     windows=self.windows,
+                    order_key=self.exclude or "",
                 )
             except FetchError as exc:
                 self.bytes_received += exc.bytes_received

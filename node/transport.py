@@ -308,6 +308,7 @@ async def fetch_chunks(
     max_busy_retries: int = 5,
     rule: ScheduleRule | None = None,
     windows: dict[str, PeerWindow] | None = None,
+    order_key: str = "",
 ) -> FetchReport:
     """Fetch every chunk of `digests` the sink lacks from `peers` in parallel, verified, into `sink`.
 
@@ -316,8 +317,8 @@ async def fetch_chunks(
     peer delivers within the target time, at most `streams_per_peer * depth * batch` chunks);
     received chunks go to `sink.put` (which hashes and stores them) on `writers` threads while the
     streams go on receiving; `windows` carries each peer's window from fetch to fetch (`Fetcher`
-    keeps one). Raises FetchError (with `.missing`) if some chunks could not be had
-    from any peer; the chunks that did arrive stay in the sink, so calling again resumes.
+    keeps one); `order_key` (this peer's id) gives the fetch its own chunk order. Raises
+    FetchError (with `.missing`) if some chunks could not be had from any peer; the chunks that did arrive stay in the sink, so calling again resumes.
     """
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"expected a batch of 1..{MAX_BATCH} chunks, got {batch}")
@@ -341,4 +342,5 @@ async def fetch_chunks(
         max_busy_retries=max_busy_retries,
         rule=rule,
         windows=windows,
+        order_key=order_key,
     )

@@ -242,3 +242,49 @@ def test_no_holder_left_raises_fetch_error_with_the_missing_chunks():
         fetch(chunks, [stalled], sink)
     assert caught.value.missing == tuple(chunks)
     assert "RemoteTimeoutError" in caught.value.dropped["stalled"]
+
+
+def test_a_peer_that_lacked_chunks_is_asked_again_once_it_holds_copies():
+    # Ten chunks exist only at a slow holder at first (1 s each); a fast peer copies all of them
+    # 0.5 s into the fetch (as a fast fetcher of the same source would). Asked again after it said
+    # it lacks them, the fast peer serves what the slow holder has not been asked for yet.
+    chunks = make_chunks(10)
+    slow = FakeHolder("slow", chunks, seconds_per_chunk=1.0)
+    copier = FakeHolder("copier", {}, seconds_per_chunk=0.01)
+    sink = CountingSink()
+
+    async def run():
+        asyncio.get_running_loop().call_later(0.5, copier.chunks.update, chunks)
+        return await fetch_over_streams(open_fake, list(chunks), [slow, copier], sink)
+
+    report = run_virtual(run())
+    assert sink.data == chunks and set(sink.puts.values()) == {1}
+    assert sum(slow.asked.values()) == 4  # its first window, never more
+    assert sum(copier.delivered.values()) >= 6
+    assert report.bytes_received == sum(map(len, chunks.values()))
+
+
+def test_a_chunk_every_peer_lacks_fails_without_endless_rechecks():
+    chunks = make_chunks(3)
+    (absent,) = [d for d in make_chunks(4) if d not in chunks]
+    first = FakeHolder("first", dict(chunks), seconds_per_chunk=0.01)
+    second = FakeHolder("second", dict(chunks), seconds_per_chunk=0.01)
+    sink = CountingSink()
+    with pytest.raises(FetchError) as caught:
+        run_virtual(fetch_over_streams(open_fake, [*chunks, absent], [first, second], sink))
+    assert caught.value.missing == (absent,)
+    assert first.asked[absent] + second.asked[absent] <= 3  # each once, and at most one recheck
+    assert sink.data == chunks
+
+
+def test_fetchers_with_different_order_keys_ask_for_different_chunks_first():
+    digests = list(make_chunks(16))
+    firsts = []
+    for key in ("n1", "n2", "n3"):
+        schedule = FetchSchedule(digests, FetchReport(), ScheduleRule(start=4), lambda: 0.0, order_key=key)
+        taken = schedule.take("source", 4)
+        assert len(taken) == 4 and set(taken) <= set(digests)
+        firsts.append(set(taken))
+    assert len(firsts[0] | firsts[1] | firsts[2]) > 8  # mostly different chunks, not the same four
+    unordered = FetchSchedule(digests, FetchReport(), ScheduleRule(start=4), lambda: 0.0)
+    assert unordered.take("source", 4) == digests[:4]  # no key: the order given
