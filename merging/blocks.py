@@ -38,6 +38,8 @@ class TensorStack:
 
     With `raw`, blocks keep the stored dtype (for kernels that decode the inputs themselves).
     `output_dtype` is the merged tensor's dtype (operators may yield rows in it, see `merging.engine`).
+    `memo`, if given, lets an operator keep what depends only on the inputs (not the parameters)
+    from one merge of the same inputs to the next (`merge_state_dicts(..., memo=...)`).
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class TensorStack:
         raw: bool = False,
         output_dtype: torch.dtype = torch.float32,
         releasers: Sequence[Releaser] = (),
+        memo: dict | None = None,
     ) -> None:
         self.tensor = tensor
+        self.memo = memo  # an operator's per-tensor results that depend only on the inputs
         self.shape = tuple(shape)
         self.inputs = list(inputs)
         self.readers = list(readers)

@@ -47,6 +47,7 @@ def make_stack(
     readers: list[Reader],
     executor: ThreadPoolExecutor | None = None,
     releasers: Sequence[Releaser] = (),
+    memo: dict | None = None,
 ) -> TensorStack:
     """The inputs of one output tensor, ready to be read in row blocks."""
     base = config.base_model if config.base_model in plan.inputs else None
@@ -61,6 +62,7 @@ def make_stack(
         raw=config.merge_method in FUSED_METHODS,
         output_dtype=output_dtype(config, plan),
         releasers=releasers,
+        memo=memo,
     )
 
 
@@ -103,8 +105,13 @@ def merge_state_dicts(
     tensors: Mapping[str, Mapping[str, torch.Tensor]],
     *,
     parameters: ResolvedParameters | None = None,
+    memo: dict[str, dict] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Merge in memory. `tensors` maps each model name of the config to its state dict."""
+    """Merge in memory. `tensors` maps each model name of the config to its state dict.
+
+    `memo` (tensor name -> operator results) lets repeated merges of the same inputs with other
+    parameters (a search) skip work that depends only on the inputs; the bytes are the same.
+    """
     config = load_config(config)
     catalog = {
         model: {name: TensorInfo(tuple(t.shape), dtype_name(t.dtype)) for name, t in state.items()}
@@ -119,7 +126,8 @@ def merge_state_dicts(
     merged = {}
     for plan in plans:
         readers = [_memory_reader(tensors[m][s]) for m, s in zip(plan.inputs, plan.sources, strict=True)]
-        rows = list(merge_stack(config, plan, make_stack(config, plan, readers), parameters))
+        held = None if memo is None else memo.setdefault(plan.name, {})
+        rows = list(merge_stack(config, plan, make_stack(config, plan, readers, memo=held), parameters))
         merged[plan.name] = (
             torch.cat(rows).reshape(plan.shape) if len(rows) > 1 else rows[0].reshape(plan.shape)
         )

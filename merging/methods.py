@@ -85,6 +85,9 @@ METHODS: dict[str, MethodSpec] = {
             "sce", needs_base=True, min_models=1, global_params={"select_topk": 1.0, "int8_mask": False}
         ),
         MethodSpec("varm", needs_base=True, min_models=1),
+        MethodSpec(
+            "tsv", needs_base=True, min_models=1, global_params={"lambda": 1.0}, model_params={"weight": 1.0}
+        ),
         MethodSpec("passthrough", needs_base=False, min_models=1, max_models=1, model_params={"scale": 1.0}),
     )
 }

@@ -22,6 +22,7 @@ from merging.fused import FUSED_SPARSIFY, fused_linear, fused_task_arithmetic, s
 from merging.methods import METHODS
 from merging.parameters import TensorParameters
 from merging.select import WindowMasker, order_statistics, window_from_ranks, window_ranks
+from merging.singular import TaskSingularBasis, task_singular_basis
 
 Operator = Callable[[TensorStack, TensorParameters, int], Iterator[torch.Tensor]]
 SLERP_DOT_THRESHOLD = 0.9995
@@ -312,6 +313,38 @@ def varm(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[to
         yield block[base] + fixed_order_sum(deltas)
 
 
+def tsv(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+    """Task singular vectors (`merging.singular`) of the task vectors, weighted, times `lambda`.
+
+    https://arxiv.org/abs/2412.00081. A tensor with one row or one column (norms, biases) takes
+    the mean of its weighted task vectors, as the paper's code does. The whole tensor is read
+    first; with a `stack.memo` (a search's, for fixed inputs) its basis is computed once.
+    """
+    others, base = stack.others, stack.base_index
+    weights = [params.models[stack.inputs[i]]["weight"] for i in others]
+    held = stack.memo.get("tsv") if stack.memo is not None else None
+    if held is None:
+        bases: list[torch.Tensor] = []
+        parts: list[list[torch.Tensor]] = [[] for _ in others]
+        for _, _, block in stack.blocks():
+            bases.append(block[base].to(torch.float64))
+            for j, i in enumerate(others):
+                parts[j].append((block[i] - block[base]).to(torch.float64))
+        deltas = [torch.cat(p) for p in parts]
+        matrix = min(stack.rows, stack.width) > 1
+        held = (torch.cat(bases), task_singular_basis(deltas) if matrix else deltas)
+        if stack.memo is not None:
+            stack.memo["tsv"] = held
+    base_values, basis = held
+    if isinstance(basis, TaskSingularBasis):
+        merged = basis.combine(weights)
+    else:
+        merged = accumulate([d * w for d, w in zip(basis, weights, strict=True)]) / len(basis)
+    result = (base_values + merged * params.globals["lambda"]).to(torch.float32)
+    for start, end in stack.ranges:
+        yield result[start:end]
+
+
 def _task_arithmetic_operator(name: str) -> Operator:
     spec = METHODS[name]
 
@@ -344,5 +377,6 @@ OPERATORS: dict[str, Operator] = {
     "model_stock": model_stock,
     "sce": sce,
     "varm": varm,
+    "tsv": tsv,
     **{name: _task_arithmetic_operator(name) for name in TASK_ARITHMETIC_FAMILY},
 }

@@ -318,7 +318,8 @@ async def fetch_chunks(
     received chunks go to `sink.put` (which hashes and stores them) on `writers` threads while the
     streams go on receiving; `windows` carries each peer's window from fetch to fetch (`Fetcher`
     keeps one); `order_key` (this peer's id) gives the fetch its own chunk order. Raises
-    FetchError (with `.missing`) if some chunks could not be had from any peer; the chunks that did arrive stay in the sink, so calling again resumes.
+    FetchError (with `.missing`) if some chunks could not be had from any peer; the chunks that
+    did arrive stay in the sink, so calling again resumes.
     """
     if not 1 <= batch <= MAX_BATCH:
         raise ValueError(f"expected a batch of 1..{MAX_BATCH} chunks, got {batch}")

@@ -145,6 +145,7 @@ class MergeEvaluator:
         uniform = merge_state_dicts(config, self.state_dicts, parameters=self.template)
         self._constant = {n: t for n, t in uniform.items() if n not in set(self.searched)}
         self._constant_loaded = False
+        self._memo: dict[str, dict] = {}  # per tensor, what a merge of these fixed inputs can reuse
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Put a whole state dict (an input model's) into the live model."""
@@ -176,7 +177,7 @@ class MergeEvaluator:
 
     def merge(self, parameters: ResolvedParameters) -> dict[str, torch.Tensor]:
         """The searched tensors merged with `parameters` (the others never change)."""
-        merged = merge_state_dicts(self.config, self._inputs, parameters=parameters)
+        merged = merge_state_dicts(self.config, self._inputs, parameters=parameters, memo=self._memo)
         return {name: merged[name] for name in self.searched}
 
     def __call__(self, parameters: ResolvedParameters) -> Fitness:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from merging.config import MergeConfig
 from merging.errors import ConfigError
+from merging.methods import METHODS
 from merging.parameters import LAYER_PATTERN, ResolvedParameters
 
 GRANULARITIES = ("layer", "attn_mlp", "module", "blocks:K")
@@ -112,10 +113,10 @@ class SearchSpace:
     ) -> None:
         spec = config.method
         if "weight" not in spec.model_params:
+            weighted = ", ".join(name for name, m in METHODS.items() if "weight" in m.model_params)
             raise SearchSpaceError(
-                f"merge_method {config.merge_method!r} has no per-model weight to search; use one of "
-                "linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, "
-                "della, della_linear"
+                f"merge_method {config.merge_method!r} has no per-model weight to search; "
+                f"use one of {weighted}"
             )
         if keys is None:
             keys = ["weight"] + (["density"] if "density" in spec.model_params else [])
