@@ -8,8 +8,10 @@ node's uplink and downlink are first-come-first-served queues at its rate (1 MiB
 clock jumps to the next timer and sink writes run inline, so a run is deterministic and takes
 seconds of CPU. "fixed shares" stands in for the scheduling before windows: 16 chunks in flight
 per peer from the start, and an idle peer asks again for any chunk in flight elsewhere at once;
-"windows + hedging" is commit c72f3ee's (no rechecks, every node in delta order); the last row is
-today's: each node asks in its own order and asks again a peer that lacked a chunk.
+"windows + hedging" is commit c72f3ee's (no rechecks, every node in delta order); "+ own order,
+rechecks" is commit 912276a's (each node asks in its own order and asks again a peer that lacked
+a chunk); the last row is today's: servers also answer ELSEWHERE for a chunk they sent to another
+peer moments ago (node.first_copies), and rechecks come after 0.25 s.
 
     python -m benchmarks.fetch_sim [--slow-rate 20] [--fast-rate 200] [--slow 2] [--nodes 8]
 """
@@ -25,6 +27,7 @@ import selectors
 from node.chunk_fetch import fetch_over_streams
 from node.errors import ErrorCode
 from node.fetch_schedule import ScheduleRule
+from node.first_copies import FirstCopies
 from node.store import verified_digest
 
 MIB = 1 << 20
@@ -33,6 +36,7 @@ FIXED_SHARES = ScheduleRule(
     start=16, largest=16, target_seconds=NEVER, hedge_factor=1e-9, recheck_seconds=NEVER
 )
 WINDOWS = ScheduleRule(recheck_seconds=NEVER)  # commit c72f3ee: windows and hedging, no rechecks
+RECHECKS = ScheduleRule(recheck_seconds=0.5)  # commit 912276a: own order, rechecks, every request served
 
 
 class _VirtualSelector(selectors.DefaultSelector):
@@ -95,8 +99,9 @@ class Link:
 class SimNode:
     """A node's store (a sink the others fetch from), its links and what its uplink sent."""
 
-    def __init__(self, name: str, seconds_per_chunk: float) -> None:
+    def __init__(self, name: str, seconds_per_chunk: float, first_copies: FirstCopies | None = None) -> None:
         self.name = name
+        self.first_copies = first_copies  # None: every request is served (the scheduling before it)
         self.data: dict[str, bytes] = {}
         self.up, self.down = Link(seconds_per_chunk), Link(seconds_per_chunk)
         self.sent = 0
@@ -124,18 +129,23 @@ class SimStream:
     async def request_get(self, digests) -> None:
         now = asyncio.get_running_loop().time()
         for digest in digests:
-            held = digest in self.server.data
-            self.last = self.server.up.book(now) if held else max(now, self.last)
-            if held:
+            code = ErrorCode.OK if digest in self.server.data else ErrorCode.NOT_FOUND
+            copies = self.server.first_copies
+            if code is ErrorCode.OK and copies is not None and copies.defer(digest, self.fetcher.name):
+                code = ErrorCode.ELSEWHERE
+            self.last = self.server.up.book(now) if code is ErrorCode.OK else max(now, self.last)
+            if code is ErrorCode.OK:
                 self.server.sent += 1
-            self.queue.append((digest, self.last))
+                if copies is not None:
+                    copies.sent(digest, self.fetcher.name, at=self.last)
+            self.queue.append((digest, self.last, code))
 
     async def read_chunk(self, allocate=bytearray):
-        digest, sent_at = self.queue.popleft()
+        digest, sent_at, code = self.queue.popleft()
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, sent_at - loop.time()))
-        if digest not in self.server.data:
-            return ErrorCode.NOT_FOUND, bytearray(b"no such chunk")
+        if code is not ErrorCode.OK:
+            return code, bytearray(b"not sent")
         await asyncio.sleep(max(0.0, self.fetcher.down.book(sent_at) - loop.time()))
         payload = allocate(MIB)
         payload[:] = self.server.data[digest]
@@ -155,12 +165,17 @@ def _delta(node: int, shards: int) -> list[tuple[int, str, bytes]]:
 
 
 async def round_fetch(
-    rates: list[float], rule: ScheduleRule | None, own_order: bool = True
+    rates: list[float], rule: ScheduleRule | None, own_order: bool = True, first_copies: bool = True
 ) -> list[tuple[float, int]]:
     """(seconds to its last input, chunks its uplink sent) per node; `own_order`: each node asks
-    for its chunks in its own order (its name as the fetch's order key), else in delta order."""
+    for its chunks in its own order (its name as the fetch's order key), else in delta order;
+    `first_copies`: servers answer ELSEWHERE as node.first_copies says, else serve every request."""
     count = len(rates)
-    nodes = [SimNode(f"n{i}", MIB * 8 / (rate * 1e6)) for i, rate in enumerate(rates)]
+    loop = asyncio.get_running_loop()
+    nodes = [
+        SimNode(f"n{i}", MIB * 8 / (rate * 1e6), FirstCopies(clock=loop.time) if first_copies else None)
+        for i, rate in enumerate(rates)
+    ]
     wanted: list[list[str]] = [[] for _ in nodes]
     for owner, node in enumerate(nodes):
         for shard, digest, chunk in _delta(owner, count):
@@ -169,7 +184,6 @@ async def round_fetch(
                 if fetcher != owner and (shard - fetcher) % count < 3:
                     wanted[fetcher].append(digest)
     done = [0.0] * count
-    loop = asyncio.get_running_loop()
 
     async def fetch(i: int) -> None:
         node = nodes[i]
@@ -198,13 +212,14 @@ def main() -> None:
     print("| scheduling | links | fast nodes' last input (s) | slow nodes' (s) | chunks each slow sent |")
     print("|---|---|---|---|---|")
     schedulings = (
-        ("fixed shares", FIXED_SHARES, False),
-        ("windows + hedging", WINDOWS, False),
-        ("+ own order, rechecks", None, True),
+        ("fixed shares", FIXED_SHARES, False, False),
+        ("windows + hedging", WINDOWS, False, False),
+        ("+ own order, rechecks", RECHECKS, True, False),
+        ("+ first copies first", None, True, True),
     )
-    for label, rule, own_order in schedulings:
+    for label, rule, own_order, first_copies in schedulings:
         for links, rates in (("mixed", mixed), ("all fast", [args.fast_rate] * args.nodes)):
-            result = run_virtual(round_fetch(rates, rule, own_order))
+            result = run_virtual(round_fetch(rates, rule, own_order, first_copies))
             fast = max(t for (t, _), r in zip(result, rates, strict=True) if r == args.fast_rate)
             slow = [f"{t:.2f}" for (t, _), r in zip(result, rates, strict=True) if r != args.fast_rate]
             sent = [str(s) for (_, s), r in zip(result, rates, strict=True) if r != args.fast_rate]

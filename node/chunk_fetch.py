@@ -160,7 +160,13 @@ async def fetch_over_streams(
                         schedule.drop(peer, f"busy more than {max_busy_retries} times")
                     await asyncio.sleep(0.05 * busy)
                 else:
-                    schedule.release(digest, peer, failed=True, lacking=code is ErrorCode.NOT_FOUND)
+                    schedule.release(
+                        digest,
+                        peer,
+                        failed=True,
+                        lacking=code is ErrorCode.NOT_FOUND,
+                        deferred=code is ErrorCode.ELSEWHERE,
+                    )
                 if peer in schedule.dead_peers or schedule.sink_error is not None:
                     return
         except (TransportError, ConnectionError, OSError) as exc:

@@ -51,6 +51,7 @@ class ErrorCode(enum.IntEnum):
     BAD_REQUEST = 2
     BUSY = 3
     INTERNAL = 4
+    ELSEWHERE = 5  # held, but just sent to another peer: ask the others first
 
 
 class RemoteError(TransportError):

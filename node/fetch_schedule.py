@@ -18,9 +18,11 @@ verified against its digest, counted in `FetchReport.raced_bytes`, and dropped.
 Rechecks: a peer that answered that it lacks a chunk may be asked for it again
 `ScheduleRule.recheck_seconds` later, while some other peer may still hold it (one has not said
 it lacks it): a chunk that only a slow peer had at first is then taken from a fast one that copied
-it meanwhile. Each fetch asks for its chunks in its own order (`order_key`: sha256 of the key and
-the digest), so fetchers that want the same chunks of one source ask it for different ones first
-and can copy the rest from each other.
+it meanwhile. A peer that answered ELSEWHERE (it holds the chunk but just sent it to another peer,
+node.first_copies) is asked again the same way, and counts as a holder meanwhile. Each fetch asks
+for its chunks in its own order (`order_key`: sha256 of the key and the digest), so fetchers that
+want the same chunks of one source ask it for different ones first and can copy the rest from
+each other.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class ScheduleRule:
     target_seconds: float = 1.0  # a chunk arriving within this long of its request is on time
     hedge_factor: float = 3.0  # a chunk asked this many median chunk times ago may be asked again
     samples: int = 64  # the median chunk time is over this many latest arrivals
-    recheck_seconds: float = 0.5  # a peer that lacked a chunk may be asked again this long after
+    recheck_seconds: float = 0.25  # a peer that lacked a chunk may be asked again this long after
 
     def __post_init__(self) -> None:
         if not 1 <= self.start <= self.largest:
@@ -127,6 +129,7 @@ class FetchSchedule:
         self.failed: dict[str, set[str]] = {d: set() for d in digests}  # digest -> peers that failed it
         self.lacking: dict[str, dict[str, float]] = {}  # digest -> peer -> when it said it lacks it
         self.lacked_by: dict[str, dict[str, float]] = {}  # the same by peer, in the order answered
+        self.deferring: set[tuple[str, str]] = set()  # (digest, peer): it holds it but sent it elsewhere
         self.asked: dict[str, dict[str, float]] = {}  # digest -> peer -> when asked (unanswered)
         self.storing: set[str] = set()
         self.completed: set[str] = set()
@@ -160,12 +163,22 @@ class FetchSchedule:
             return False
         said = self.lacking.get(digest, {}).get(peer)
         due = said is not None and now - said >= self.rule.recheck_seconds
-        return said is None or (due and self._held_elsewhere(digest, peer))
+        return said is None or (due and self._may_hold(digest, peer))
+
+    def _may_hold(self, digest: str, peer: str) -> bool:
+        """Whether asking `peer` again for `digest` may help: it deferred it, or another may hold it."""
+        return (digest, peer) in self.deferring or self._held_elsewhere(digest, peer)
 
     def _held_elsewhere(self, digest: str, peer: str) -> bool:
         """Some peer other than `peer`, alive, has neither failed `digest` nor said it lacks it."""
-        ruled_out = (self.failed[digest], self.lacking.get(digest, {}), self.dead_peers)
-        return any(p != peer and not any(p in r for r in ruled_out) for p in self.peers)
+        failed, lacking = self.failed[digest], self.lacking.get(digest, {})
+        return any(
+            p != peer
+            and p not in failed
+            and p not in self.dead_peers
+            and (p not in lacking or (digest, p) in self.deferring)
+            for p in self.peers
+        )
 
     def next_recheck_in(self, peer: str) -> float | None:
         """Seconds until `peer` may be asked again for a waiting chunk it lacked (None if never)."""
@@ -177,7 +190,7 @@ class FetchSchedule:
                 if digest in self.completed:
                     settled.append(digest)
                 continue
-            if peer not in self.failed[digest] and self._held_elsewhere(digest, peer):
+            if peer not in self.failed[digest] and self._may_hold(digest, peer):
                 due = said + self.rule.recheck_seconds
                 break
         for digest in settled:
@@ -265,16 +278,24 @@ class FetchSchedule:
         self.notify()
         return keep
 
-    def release(self, digest: str, peer: str, *, failed: bool, lacking: bool = False) -> None:
+    def release(
+        self, digest: str, peer: str, *, failed: bool, lacking: bool = False, deferred: bool = False
+    ) -> None:
         """`peer` will not deliver `digest` (it answered an error, or its stream or the fetch
         ended); unanswered past the target time, it counts as late for the peer's window.
-        `lacking`: it answered that it does not hold the chunk (it may be asked again later)."""
+        `lacking`: it answered that it does not hold the chunk (it may be asked again later);
+        `deferred`: it holds it but is sending it to another peer (asked again later, like `lacking`,
+        but still counted as a holder)."""
         asked_at = self._unask(digest, peer)
         now = self.clock()
         if asked_at is not None and now - asked_at > self.rule.target_seconds:
             self.window(peer).arrived(asked_at, now)
-        if lacking and digest in self.failed:
+        if (lacking or deferred) and digest in self.failed:
             self.lacking.setdefault(digest, {})[peer] = now
+            if deferred:
+                self.deferring.add((digest, peer))
+            else:
+                self.deferring.discard((digest, peer))
             lacked = self.lacked_by.setdefault(peer, {})
             lacked.pop(digest, None)  # re-inserted last: the dict stays in answer order
             lacked[digest] = now

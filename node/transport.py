@@ -3,7 +3,8 @@
 Wire protocol on the stream handler `umm.chunks/1`, in frames of `node.framing`:
     request  kind 1 GET   payload: 1..MAX_BATCH raw 32-byte sha256 digests
              kind 2 HAVE  payload: 1..MAX_BATCH raw 32-byte sha256 digests
-    response kind = an `ErrorCode`; GET: one frame per digest, in order, OK carrying the chunk's bytes;
+    response kind = an `ErrorCode`; GET: one frame per digest, in order, OK carrying the chunk's bytes
+             (ELSEWHERE: held, but sent to another peer moments ago, node.first_copies);
              HAVE: one OK frame with one byte (0 or 1) per digest; errors carry a UTF-8 message.
 A stream carries any number of requests; after a bad request the server answers, waits (bounded)
 for the peer to close, and closes.
@@ -40,6 +41,7 @@ from node.errors import (
     TransportError,
 )
 from node.fetch_schedule import FetchReport, PeerWindow, ScheduleRule
+from node.first_copies import FirstCopies
 from node.framing import FrameStream, read_frame, write_frame
 from node.store import check_digest
 
@@ -50,6 +52,7 @@ DIGEST_BYTES = 32
 MAX_BATCH = 256
 DEFAULT_TIMEOUT = 30.0
 SEND_BUFFER_BYTES = 4 << 20  # Linux caps it at net.core.wmem_max
+ELSEWHERE_MESSAGE = b"sent to another peer moments ago: ask the others, then ask again"
 LINGER_SECONDS = 5.0  # how long a server waits for the peer to close after a final error reply
 
 
@@ -97,7 +100,8 @@ async def _await_peer_close(reader: asyncio.StreamReader, timeout: float) -> Non
 class ChunkServer:
     """Serves chunks of a `ChunkSource` to any peer, with at most `max_concurrent` chunk reads at once.
 
-    Each stream reads up to `read_ahead` chunks beyond the one it is sending.
+    Each stream reads up to `read_ahead` chunks beyond the one it is sending. A chunk sent to one
+    peer moments ago is answered ELSEWHERE to another (`first_copies`, node.first_copies).
     """
 
     def __init__(
@@ -108,8 +112,10 @@ class ChunkServer:
         timeout: float = DEFAULT_TIMEOUT,
         busy_timeout: float = 10.0,
         read_ahead: int = 1,
+        first_copies: FirstCopies | None = None,
     ) -> None:
         self.source = source
+        self.first_copies = FirstCopies() if first_copies is None else first_copies
         self.read_ahead = read_ahead
         self.timeout = timeout
         self.busy_timeout = busy_timeout
@@ -124,8 +130,9 @@ class ChunkServer:
         """Unregister the handler."""
         await p2p.remove_binary_stream_handler(HANDLER_NAME)
 
-    async def rpc_chunks(self, _info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def rpc_chunks(self, info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests on one stream until the peer closes it or breaks the protocol."""
+        peer = str(getattr(info, "peer_id", ""))  # a StreamInfo from the daemon
         sock = writer.get_extra_info("socket")
         if sock is not None:  # a socket buffer that takes a whole chunk spares the event loop a copy
             with contextlib.suppress(OSError):
@@ -150,7 +157,7 @@ class ChunkServer:
                 if request is RequestKind.HAVE:
                     await self._answer_have(writer, digests)
                 else:
-                    await self._answer_gets(writer, digests)
+                    await self._answer_gets(writer, digests, peer)
         except (TransportError, ConnectionError) as exc:
             logger.debug("chunk stream ended: %s", exc)
         finally:
@@ -172,16 +179,27 @@ class ChunkServer:
             return False
         return True
 
-    async def _answer_gets(self, writer: asyncio.StreamWriter, digests: list[str]) -> None:
-        """Answer a GET in order, reading the next chunk from the source while the current one is sent."""
+    async def _answer_gets(self, writer: asyncio.StreamWriter, digests: list[str], peer: str) -> None:
+        """Answer a GET in order, reading the next chunk from the source while the current one is
+        sent; a chunk another peer was sent moments ago is answered ELSEWHERE."""
         loads = [asyncio.ensure_future(self._load(d)) for d in digests[: self.read_ahead + 1]]
         try:
             for index in range(len(digests)):
                 code, data = await loads[index]
                 loads[index] = None  # type: ignore[call-overload]  # let the bytes go once sent
+                first = code is ErrorCode.OK and not self.first_copies.defer(digests[index], peer)
+                if code is ErrorCode.OK and not first:
+                    code, data = ErrorCode.ELSEWHERE, ELSEWHERE_MESSAGE
                 if index + self.read_ahead + 1 < len(digests):
                     loads.append(asyncio.ensure_future(self._load(digests[index + self.read_ahead + 1])))
-                await self._send(writer, code, data)
+                try:
+                    await self._send(writer, code, data)
+                except BaseException:
+                    if first:
+                        self.first_copies.failed(digests[index], peer)
+                    raise
+                if first:
+                    self.first_copies.sent(digests[index], peer)
         finally:
             for load in loads:
                 if load is not None:

@@ -25,9 +25,9 @@ class FaultyServer(ChunkServer):
 
     mode = "honest"
 
-    async def _answer_gets(self, writer, digests):
+    async def _answer_gets(self, writer, digests, peer):
         if self.mode == "honest":
-            return await super()._answer_gets(writer, digests)
+            return await super()._answer_gets(writer, digests, peer)
         for digest in digests:
             data = self.source.get(digest)
             if self.mode == "corrupt":
@@ -317,3 +317,23 @@ def test_a_failing_sink_stops_the_fetch_with_its_error(servers, loop):
 
     with pytest.raises(OSError, match="No space left"):
         loop.run_until_complete(fetch_chunks(client, [_digest(c) for c in chunks], [p0.peer_id], FullDisk()))
+
+
+def test_a_chunk_just_sent_to_one_peer_is_answered_elsewhere_to_another(servers, loop):
+    (p0, p1, client), stores, _ = servers
+    chunk = os.urandom(1024)
+    digest = stores[0].put(chunk)
+
+    async def get(p2p):
+        async with ChunkStream(p2p, p0.peer_id, timeout=10) as stream:
+            await stream.request_get([digest])
+            code, data = await stream.read_chunk()
+            return code, bytes(data)
+
+    async def three_asks():
+        return await get(p1), await get(client), await get(p1)
+
+    first, other, again = loop.run_until_complete(three_asks())
+    assert first == (ErrorCode.OK, chunk)  # peer 1 asks first: served
+    assert other[0] is ErrorCode.ELSEWHERE  # the client, moments later: ask the others
+    assert again == (ErrorCode.OK, chunk)  # peer 1 again: served (it may have lost its copy)
