@@ -61,7 +61,7 @@ def test_config_error_is_one_line_and_exit_code_2(config_file, tmp_path):
     assert result.stderr == (
         "Error: unknown merge_method 'lineer'; valid methods: breadcrumbs, breadcrumbs_ties, dare_linear, "
         "dare_ties, della, della_linear, linear, model_stock, passthrough, sce, slerp, task_arithmetic, "
-        "ties, varm\n"
+        "ties, tsv, varm\n"
     )
     assert not (tmp_path / "m").exists()
 
