@@ -76,11 +76,3 @@ def task_singular_basis(deltas: Sequence[torch.Tensor]) -> TaskSingularBasis:
     u_perp = polar_factor(torch.cat(lefts, dim=1))
     v_perp = polar_factor(torch.cat(rights, dim=1))
     return TaskSingularBasis(shape, u_perp, v_perp, tuple(values))
-
-
-def task_singular_merge(
-    deltas: Sequence[torch.Tensor], weights: Sequence[float] | None = None
-) -> torch.Tensor:
-    """The TSV merge of same-shape 2-D task matrices with per-task weights (default 1), float64."""
-    basis = task_singular_basis(deltas)
-    return basis.combine([1.0] * len(deltas) if weights is None else weights)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from merging.errors import ConfigError
-from merging.singular import task_singular_merge
+from merging.singular import task_singular_basis
 from tests.merging.merge_helpers import merge_one
 
 
@@ -28,7 +28,7 @@ def test_each_task_keeps_its_top_rank_over_task_count_directions():
     # 4 x 4, two tasks: each keeps its top 2 singular directions; a's third (2.0) is cut
     a = torch.diag(torch.tensor([4.0, 3.0, 2.0, 0.0], dtype=torch.float64))
     b = 5.0 * outer([0, 0, 0, 1], [0, 0, 0, 1])
-    merged = task_singular_merge([a, b])
+    merged = task_singular_basis([a, b]).combine([1.0, 1.0])
     expected = torch.diag(torch.tensor([4.0, 3.0, 0.0, 5.0], dtype=torch.float64))
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-12)
 
@@ -44,7 +44,7 @@ def test_overlapping_directions_are_symmetrically_orthogonalized():
     pa = (a_coef + b_coef) / 2 * ua + (a_coef - b_coef) / 2 * ub
     pb = (a_coef - b_coef) / 2 * ua + (a_coef + b_coef) / 2 * ub
     expected = 2.0 * torch.outer(pa, va) + 1.5 * torch.outer(pb, vb)
-    merged = task_singular_merge([2.0 * torch.outer(ua, va), 1.5 * torch.outer(ub, vb)])
+    merged = task_singular_basis([2.0 * torch.outer(ua, va), 1.5 * torch.outer(ub, vb)]).combine([1.0, 1.0])
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-12)
     assert abs(float(pa @ pb)) < 1e-12  # the directions it used are orthogonal
 
