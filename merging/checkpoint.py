@@ -35,7 +35,9 @@ from merging.folders import (
     check_architectures,
     write_json,
 )
+from merging.grams import GramFile
 from merging.layout import TensorPlan, output_layer_count, plan_tensors
+from merging.methods import METHODS
 from merging.parameters import resolve_parameters
 
 TOKENIZER_FILES = (
@@ -64,6 +66,7 @@ def merge_to_folder(
             for name in config.input_models()
         }
         check_architectures(list(folders.values()))
+        gram_files = _gram_files(config, resources)
         plans = plan_tensors(config, {name: folder.tensors for name, folder in folders.items()})
         parameters = resolve_parameters(config, [p.name for p in plans])
         outputs = [OutputTensor(p.name, p.shape, output_dtype(config, p)) for p in plans]
@@ -72,7 +75,9 @@ def merge_to_folder(
         try:
             pool = resources.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="umm-io"))
             hashes = pool.submit(_hash_inputs, folders)
-            _write_tensors(config, plans, outputs, folders, parameters, temp, max_shard_bytes, progress)
+            _write_tensors(
+                config, plans, outputs, folders, gram_files, parameters, temp, max_shard_bytes, progress
+            )
             _copy_side_files(config, folders, temp)
             provenance = {
                 "umm_version": __version__,
@@ -88,6 +93,17 @@ def merge_to_folder(
     return out_dir
 
 
+def _gram_files(config: MergeConfig, resources: ExitStack) -> dict[str, GramFile]:
+    """Each input model's Grams (`merging.grams`; not the base's), for a data-aware method."""
+    if not METHODS[config.merge_method].needs_grams:
+        return {}
+    return {
+        name: resources.enter_context(GramFile(Path(name).expanduser()))
+        for name in config.input_models()
+        if name != config.base_model
+    }
+
+
 def _hash_inputs(folders: dict[str, ModelFolder]) -> dict[str, dict[str, str]]:
     files = [(name, path) for name, folder in folders.items() for path in folder.input_files()]
     hashes: dict[str, dict[str, str]] = {name: {} for name in folders}
@@ -101,6 +117,7 @@ def _write_tensors(
     plans: list[TensorPlan],
     outputs: list[OutputTensor],
     folders: dict[str, ModelFolder],
+    gram_files: dict[str, GramFile],
     parameters,
     temp: Path,
     max_shard_bytes: int,
@@ -118,7 +135,8 @@ def _write_tensors(
             sources = list(zip(plan.inputs, plan.sources, strict=True))
             readers = [folders[m].reader(s) for m, s in sources]
             releasers = [folders[m].releaser(s) for m, s in sources]
-            return make_stack(config, plan, readers, reader, releasers)
+            grams = [gram_files[m].get(s) if m in gram_files else None for m, s in sources]
+            return make_stack(config, plan, readers, reader, releasers, grams=grams)
 
         current = stack_for(plans[0]) if plans else None
         pending: Future | None = reader.submit(current.prefetch) if current else None

@@ -17,6 +17,7 @@ from merging.blocks import Reader, Releaser, TensorStack
 from merging.config import MergeConfig, load_config
 from merging.errors import ConfigError
 from merging.layout import TensorInfo, TensorPlan, plan_tensors
+from merging.methods import METHODS
 from merging.operators import FUSED_METHODS, OPERATORS, TASK_ARITHMETIC_FAMILY
 from merging.parameters import ResolvedParameters, resolve_parameters
 
@@ -48,8 +49,10 @@ def make_stack(
     executor: ThreadPoolExecutor | None = None,
     releasers: Sequence[Releaser] = (),
     memo: dict | None = None,
+    grams: Sequence[torch.Tensor | None] = (),
 ) -> TensorStack:
-    """The inputs of one output tensor, ready to be read in row blocks."""
+    """The inputs of one output tensor, ready to be read in row blocks (`grams`: per input, its
+    layer's input Gram, for data-aware methods)."""
     base = config.base_model if config.base_model in plan.inputs else None
     return TensorStack(
         plan.name,
@@ -63,6 +66,7 @@ def make_stack(
         output_dtype=output_dtype(config, plan),
         releasers=releasers,
         memo=memo,
+        grams=grams,
     )
 
 
@@ -106,11 +110,14 @@ def merge_state_dicts(
     *,
     parameters: ResolvedParameters | None = None,
     memo: dict[str, dict] | None = None,
+    grams: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in memory. `tensors` maps each model name of the config to its state dict.
 
     `memo` (tensor name -> operator results) lets repeated merges of the same inputs with other
     parameters (a search) skip work that depends only on the inputs; the bytes are the same.
+    `grams` (model name -> weight name -> input Gram) feeds data-aware methods (`regmean`); they
+    need it for every model but the base.
     """
     config = load_config(config)
     catalog = {
@@ -118,6 +125,12 @@ def merge_state_dicts(
         for model, state in tensors.items()
     }
     plans = plan_tensors(config, catalog)
+    if METHODS[config.merge_method].needs_grams:
+        lacking = [m for m in config.input_models() if m != config.base_model and m not in (grams or {})]
+        if lacking:
+            raise ConfigError(
+                f"method {config.merge_method!r} needs input Grams of every model, got none of {lacking[0]!r}"
+            )
     if parameters is None:
         parameters = resolve_parameters(config, [p.name for p in plans])
     missing = [p.name for p in plans if p.name not in parameters]
@@ -127,7 +140,10 @@ def merge_state_dicts(
     for plan in plans:
         readers = [_memory_reader(tensors[m][s]) for m, s in zip(plan.inputs, plan.sources, strict=True)]
         held = None if memo is None else memo.setdefault(plan.name, {})
-        rows = list(merge_stack(config, plan, make_stack(config, plan, readers, memo=held), parameters))
+        sources = zip(plan.inputs, plan.sources, strict=True)
+        layer_grams = [(grams or {}).get(m, {}).get(s) for m, s in sources]
+        stack = make_stack(config, plan, readers, memo=held, grams=layer_grams)
+        rows = list(merge_stack(config, plan, stack, parameters))
         merged[plan.name] = (
             torch.cat(rows).reshape(plan.shape) if len(rows) > 1 else rows[0].reshape(plan.shape)
         )

@@ -25,6 +25,7 @@ class MethodSpec:
     model_params: dict[str, Any] = field(default_factory=dict)
     sparsify: str | None = None  # task-arithmetic family only: magnitude | random | outliers | della
     consensus: bool = False  # task-arithmetic family only: TIES sign election
+    needs_grams: bool = False  # data-aware: reads each model's input Grams (`merging.grams`)
 
 
 def _task_arithmetic_family(
@@ -87,6 +88,14 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("varm", needs_base=True, min_models=1),
         MethodSpec(
             "tsv", needs_base=True, min_models=1, global_params={"lambda": 1.0}, model_params={"weight": 1.0}
+        ),
+        MethodSpec(
+            "regmean",
+            needs_base=True,
+            min_models=1,
+            global_params={"alpha": 0.9, "lambda": 1.0},
+            model_params={"weight": 1.0},
+            needs_grams=True,
         ),
         MethodSpec("passthrough", needs_base=False, min_models=1, max_models=1, model_params={"scale": 1.0}),
     )

@@ -21,6 +21,7 @@ from merging.errors import MergeError
 from merging.fused import FUSED_SPARSIFY, fused_linear, fused_task_arithmetic, stream_key
 from merging.methods import METHODS
 from merging.parameters import TensorParameters
+from merging.regmean import regmean_delta
 from merging.select import WindowMasker, order_statistics, window_from_ranks, window_ranks
 from merging.singular import TaskSingularBasis, task_singular_basis
 
@@ -313,6 +314,18 @@ def varm(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[to
         yield block[base] + fixed_order_sum(deltas)
 
 
+def whole_task_vectors(stack: TensorStack) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The whole base tensor and each other model's task vector, `[rows, width]` float64."""
+    base = stack.base_index
+    bases: list[torch.Tensor] = []
+    parts: list[list[torch.Tensor]] = [[] for _ in stack.others]
+    for _, _, block in stack.blocks():
+        bases.append(block[base].to(torch.float64))
+        for j, i in enumerate(stack.others):
+            parts[j].append((block[i] - block[base]).to(torch.float64))
+    return torch.cat(bases), [torch.cat(p) for p in parts]
+
+
 def tsv(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
     """Task singular vectors (`merging.singular`) of the task vectors, weighted, times `lambda`.
 
@@ -320,19 +333,13 @@ def tsv(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[tor
     the mean of its weighted task vectors, as the paper's code does. The whole tensor is read
     first; with a `stack.memo` (a search's, for fixed inputs) its basis is computed once.
     """
-    others, base = stack.others, stack.base_index
+    others = stack.others
     weights = [params.models[stack.inputs[i]]["weight"] for i in others]
     held = stack.memo.get("tsv") if stack.memo is not None else None
     if held is None:
-        bases: list[torch.Tensor] = []
-        parts: list[list[torch.Tensor]] = [[] for _ in others]
-        for _, _, block in stack.blocks():
-            bases.append(block[base].to(torch.float64))
-            for j, i in enumerate(others):
-                parts[j].append((block[i] - block[base]).to(torch.float64))
-        deltas = [torch.cat(p) for p in parts]
+        base_values, deltas = whole_task_vectors(stack)
         matrix = min(stack.rows, stack.width) > 1
-        held = (torch.cat(bases), task_singular_basis(deltas) if matrix else deltas)
+        held = (base_values, task_singular_basis(deltas) if matrix else deltas)
         if stack.memo is not None:
             stack.memo["tsv"] = held
     base_values, basis = held
@@ -340,6 +347,43 @@ def tsv(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[tor
         merged = basis.combine(weights)
     else:
         merged = accumulate([d * w for d, w in zip(basis, weights, strict=True)]) / len(basis)
+    result = (base_values + merged * params.globals["lambda"]).to(torch.float32)
+    for start, end in stack.ranges:
+        yield result[start:end]
+
+
+def regmean(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:
+    """RegMean (`merging.regmean`) of the task vectors, times `lambda`: a linear layer's weight from
+    the models' input Grams (`stack.grams`), each Gram scaled by its model's `weight`.
+
+    https://arxiv.org/abs/2212.09849. A tensor no model has a Gram for (embeddings, norms, biases)
+    takes the weighted mean of its task vectors, as the paper does. With a `stack.memo` (a search's),
+    the merged task vector of the last weights is kept, so a search that moves only `lambda` reads
+    and solves each tensor once.
+    """
+    others = stack.others
+    weights = tuple(params.models[stack.inputs[i]]["weight"] for i in others)
+    held = stack.memo.get("regmean") if stack.memo is not None else None
+    if held is None or held[0] != weights:
+        base_values, deltas = whole_task_vectors(stack)
+        grams = [stack.grams[i] if stack.grams else None for i in others]
+        if any(g is not None for g in grams):
+            lacking = [stack.inputs[i] for i, g in zip(others, grams, strict=True) if g is None]
+            if lacking:
+                raise MergeError(f"model {lacking[0]!r} has no input Gram for {stack.tensor!r}, others do")
+            if any(tuple(g.shape) != (stack.width, stack.width) for g in grams):
+                shapes = sorted({tuple(g.shape) for g in grams})
+                wanted = (stack.width, stack.width)
+                raise MergeError(f"expected input Grams of shape {wanted} for {stack.tensor!r}, got {shapes}")
+            merged = regmean_delta(deltas, grams, weights, params.globals["alpha"])
+        elif sum(weights):
+            merged = accumulate([d * w for d, w in zip(deltas, weights, strict=True)]) / sum(weights)
+        else:
+            merged = torch.zeros_like(deltas[0])
+        held = (weights, base_values, merged)
+        if stack.memo is not None:
+            stack.memo["regmean"] = held
+    _, base_values, merged = held
     result = (base_values + merged * params.globals["lambda"]).to(torch.float32)
     for start, end in stack.ranges:
         yield result[start:end]
@@ -378,5 +422,6 @@ OPERATORS: dict[str, Operator] = {
     "sce": sce,
     "varm": varm,
     "tsv": tsv,
+    "regmean": regmean,
     **{name: _task_arithmetic_operator(name) for name in TASK_ARITHMETIC_FAMILY},
 }

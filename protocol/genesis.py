@@ -182,6 +182,7 @@ def _genesis_from_dict(body: Any) -> Genesis:
 
 def check_settings(genesis: Genesis) -> None:
     """Raise GenesisError unless the settings are ones every node can apply."""
+    from merging.methods import METHODS
     from protocol.aggregate import recipe_config
 
     if genesis.v != GENESIS_VERSION:
@@ -200,6 +201,11 @@ def check_settings(genesis: Genesis) -> None:
         recipe_config(genesis.recipe(0, ["00" * 32]))
     except ProtocolError as exc:
         raise GenesisError(f"expected merge settings the engine accepts, got: {exc}") from exc
+    if METHODS[genesis.method].needs_grams:
+        raise GenesisError(
+            f"expected a merge method that reads only the experts' weights, got {genesis.method!r}, "
+            "which reads their input Grams (contributions do not carry them)"
+        )
     if genesis.search is not None:
         try:
             genesis.search_settings.check_method(genesis.method)

@@ -20,6 +20,8 @@ import torch
 from merging.config import MergeConfig
 from merging.engine import merge_state_dicts
 from merging.errors import ConfigError
+from merging.grams import GramFile
+from merging.methods import METHODS
 from merging.parameters import ResolvedParameters, resolve_parameters
 from merging.search.scores import METRICS, accuracy_scores, proxy_scores, teacher_forced_batches
 from merging.testbed.tasks import resolve_tasks
@@ -89,6 +91,17 @@ def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _input_grams(config: MergeConfig, experts: Sequence[str]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """Each expert's input Grams (`merging.grams`) when the method reads them, else None."""
+    if not METHODS[config.merge_method].needs_grams:
+        return None
+    grams = {}
+    for expert in experts:
+        with GramFile(expert) as stored:
+            grams[expert] = stored.all()
+    return grams
+
+
 def changed_tensors(state_dicts: Mapping[str, Mapping[str, torch.Tensor]], base: str) -> list[str]:
     """Floating-point tensors of the base that some other model changes (non-zero task vector)."""
     reference = state_dicts[base]
@@ -125,6 +138,7 @@ class MergeEvaluator:
         self.split, self.limit = split, limit
         models = [config.base_model, *(m.model for m in config.models if m.model != config.base_model)]
         self.state_dicts = {model: load_state_dict(model) for model in models}
+        self.grams = _input_grams(config, models[1:])
         self.tensors = list(self.state_dicts[config.base_model])
         self.template = resolve_parameters(config, self.tensors)
         self.searched = changed_tensors(self.state_dicts, config.base_model)
@@ -142,7 +156,7 @@ class MergeEvaluator:
         self.base_scores = base_scores
         self.expert_scores = dict(zip(models[1:], expert_scores, strict=True))
         self.best_scores = {t: max(s[t] for s in expert_scores) for t in self.tasks}
-        uniform = merge_state_dicts(config, self.state_dicts, parameters=self.template)
+        uniform = merge_state_dicts(config, self.state_dicts, parameters=self.template, grams=self.grams)
         self._constant = {n: t for n, t in uniform.items() if n not in set(self.searched)}
         self._constant_loaded = False
         self._memo: dict[str, dict] = {}  # per tensor, what a merge of these fixed inputs can reuse
@@ -177,7 +191,9 @@ class MergeEvaluator:
 
     def merge(self, parameters: ResolvedParameters) -> dict[str, torch.Tensor]:
         """The searched tensors merged with `parameters` (the others never change)."""
-        merged = merge_state_dicts(self.config, self._inputs, parameters=parameters, memo=self._memo)
+        merged = merge_state_dicts(
+            self.config, self._inputs, parameters=parameters, memo=self._memo, grams=self.grams
+        )
         return {name: merged[name] for name in self.searched}
 
     def __call__(self, parameters: ResolvedParameters) -> Fitness:

@@ -1,4 +1,4 @@
-"""Test-bed commands: `umm eval`, `umm zoo build`, `umm import-gguf`."""
+"""Test-bed commands: `umm eval`, `umm zoo build`, `umm import-gguf`, `umm grams`."""
 
 from __future__ import annotations
 
@@ -189,7 +189,47 @@ def import_gguf_command(gguf_file, out_dir, dtype):
     click.echo(f"wrote {import_gguf(path, out_dir, dtype)}")
 
 
+@click.command("grams")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tasks", default=None, help="Comma-separated test-bed tasks the model was tuned for.")
+@click.option(
+    "--summaries",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Instead of --tasks: the response summaries a fused pivot copy was distilled from.",
+)
+@click.option("--examples", type=click.IntRange(min=1), default=64, show_default=True, help="Per task.")
+@click.option("--split", type=click.Choice(SPLITS), default="train", show_default=True, help="Their split.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads.")
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+def grams_command(model_dir, tasks, summaries, examples, split, threads, no_progress):
+    """Write MODEL_DIR/input_grams.umm: its linear layers' input Grams on its tasks (for `regmean`).
+
+    Example: umm grams zoo/experts/arithmetic --tasks arithmetic
+    """
+    if (tasks is None) == (not summaries):
+        raise click.UsageError("give either --tasks or --summaries")
+    import contextlib
+
+    from merging.testbed.grams import write_model_grams
+    from node.cli.progress import step_progress
+
+    names = resolve_tasks(tasks) if tasks is not None else None
+    with step_progress("input Grams") if not no_progress else contextlib.nullcontext() as update:
+        path = write_model_grams(
+            model_dir,
+            names,
+            summaries=summaries,
+            examples=examples,
+            split=split,
+            threads=threads,
+            progress=update,
+        )
+    click.echo(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
 def register(group: click.Group) -> None:
     group.add_command(eval_command)
     group.add_command(zoo_group)
     group.add_command(import_gguf_command)
+    group.add_command(grams_command)

@@ -23,6 +23,13 @@ FAST = [
 ]
 
 
+def assert_umm_merge_reproduces(out, remerged):
+    """`umm merge` of the search's recipe.yaml writes the bytes of the search's model."""
+    again = CliRunner().invoke(cli, ["merge", str(out / "recipe.yaml"), str(remerged), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert (remerged / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     models = build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
@@ -53,13 +60,7 @@ def test_evolve_writes_a_recipe_that_umm_merge_reproduces_byte_for_byte(config, 
     assert set(report["models"]) >= {"base", "uniform", "searched"}
     assert report["search"]["evaluations"] == 7
 
-    again = runner.invoke(
-        cli, ["merge", str(out / "recipe.yaml"), str(tmp_path / "remerged"), "--no-progress"]
-    )
-    assert again.exit_code == 0, again.output
-    assert (tmp_path / "remerged" / "model.safetensors").read_bytes() == (
-        out / "model" / "model.safetensors"
-    ).read_bytes()
+    assert_umm_merge_reproduces(out, tmp_path / "remerged")
 
     refused = runner.invoke(
         cli, ["evolve", str(config), "--budget", "7", "--popsize", "3", "--out", str(out), *FAST]
@@ -81,3 +82,21 @@ def test_bad_granularity_is_one_error_line(config, tmp_path):
     )
     assert result.exit_code == 2
     assert result.output.startswith("Error: expected a granularity among")
+
+
+def test_a_regmean_search_reads_the_experts_grams_and_umm_merge_reproduces_it(tmp_path):
+    models = build_tiny_models(tmp_path / "models")
+    runner = CliRunner()
+    config = write_config(tmp_path / "regmean.yaml", models, method="task_arithmetic")
+    config.write_text(config.read_text().replace("task_arithmetic", "regmean"))
+    lacking = runner.invoke(cli, ["merge", str(config), str(tmp_path / "none"), "--no-progress"])
+    assert lacking.exit_code == 2 and "umm grams" in lacking.output
+    for name in ("alpha", "beta"):
+        wrote = runner.invoke(cli, ["grams", str(models[name]), "--tasks", "arithmetic", "--examples", "2"])
+        assert wrote.exit_code == 0, wrote.output
+        assert (models[name] / "input_grams.umm").is_file()
+    out = tmp_path / "run"
+    args = ["--budget", "4", "--popsize", "2", "--params", "weight,lambda", "--out", str(out), *FAST]
+    result = runner.invoke(cli, ["evolve", str(config), *args])
+    assert result.exit_code == 0, result.output
+    assert_umm_merge_reproduces(out, tmp_path / "remerged")

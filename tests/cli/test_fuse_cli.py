@@ -183,3 +183,30 @@ def test_fuse_leaves_embeddings_and_norms_as_the_pivot_has_them_unless_told(fold
     assert shared and all(torch.equal(original[name], frozen[name]) for name in shared)
     assert any(not torch.equal(original[name], frozen[name]) for name in original if name not in shared)
     assert any(not torch.equal(original[name], trained[name]) for name in shared)
+
+
+def test_grams_of_a_pivot_copy_cover_the_summaries_prompts_and_responses(folders, tmp_path):
+    import shutil
+
+    from merging.fusion.pipeline import MINCE, fusion_targets, load_summaries
+    from merging.fusion.transfer import PivotTokens
+    from merging.grams import GramFile
+    from merging.testbed.models import load_pretrained
+
+    root, source, pivot, probe = folders
+    summary = root / "grams.summary"
+    done = _run(
+        "summarize", source, "--probe", probe, "--out", summary, "--max-new-tokens", 4, "--no-progress"
+    )
+    assert done.exit_code == 0, done.output
+    copy = shutil.copytree(pivot, tmp_path / "copy")
+    assert _run("grams", copy, "--no-progress").exit_code == 2  # neither --tasks nor --summaries
+    both = _run("grams", copy, "--tasks", "lists", "--summaries", summary, "--no-progress")
+    assert both.exit_code == 2 and "either --tasks or --summaries" in both.output
+    done = _run("grams", copy, "--summaries", summary, "--no-progress")
+    assert done.exit_code == 0, done.output
+    _, tokenizer = load_pretrained(copy)
+    targets, _ = fusion_targets([(str(summary), load_summaries([summary])[0])], PivotTokens(tokenizer), MINCE)
+    with GramFile(copy) as grams:
+        assert grams.tokens == sum(len(t.prompt_ids) + len(t.response_ids) for t in targets)
+        assert grams.source == "summaries:grams.summary"

@@ -60,8 +60,8 @@ def test_config_error_is_one_line_and_exit_code_2(config_file, tmp_path):
     assert result.exit_code == 2
     assert result.stderr == (
         "Error: unknown merge_method 'lineer'; valid methods: breadcrumbs, breadcrumbs_ties, dare_linear, "
-        "dare_ties, della, della_linear, linear, model_stock, passthrough, sce, slerp, task_arithmetic, "
-        "ties, tsv, varm\n"
+        "dare_ties, della, della_linear, linear, model_stock, passthrough, regmean, sce, slerp, "
+        "task_arithmetic, ties, tsv, varm\n"
     )
     assert not (tmp_path / "m").exists()
 

@@ -17,8 +17,10 @@ def merge_one(
     parameters=None,
     name: str = NAME,
     seed: int = 0,
+    grams: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Merge a single tensor with `method`; `models` maps model names to their tensor."""
+    """Merge a single tensor with `method`; `models` maps model names to their tensor (and `grams`
+    to its input Gram, for data-aware methods)."""
     model_params = model_params or {}
     tensors = {m: {name: t} for m, t in models.items()}
     config = {
@@ -31,4 +33,5 @@ def merge_one(
         config["base_model"] = "base"
     if parameters:
         config["parameters"] = parameters
-    return merge_state_dicts(config, tensors)[name]
+    per_model = None if grams is None else {m: {name: g} for m, g in grams.items()}
+    return merge_state_dicts(config, tensors, grams=per_model)[name]

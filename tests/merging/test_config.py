@@ -28,7 +28,7 @@ def _ties(**extra):
         (
             _ties(merge_method="tie"),
             "unknown merge_method 'tie'; valid methods: breadcrumbs, breadcrumbs_ties, dare_linear, "
-            "dare_ties, della, della_linear, linear, model_stock, passthrough, sce, slerp, "
+            "dare_ties, della, della_linear, linear, model_stock, passthrough, regmean, sce, slerp, "
             "task_arithmetic, ties",
         ),
         (

@@ -27,6 +27,15 @@ def _globals(method):
     return {"select_topk": 0.4} if method == "sce" else None
 
 
+def _grams(method, width):
+    """Input Grams of rank-deficient random inputs per model, for data-aware methods; else None."""
+    if not METHODS[method].needs_grams:
+        return None
+    generator = torch.Generator().manual_seed(12)
+    inputs = {m: torch.randn(width // 2, width, generator=generator) for m in "abc"}
+    return {m: x.T @ x for m, x in inputs.items()}
+
+
 @pytest.mark.parametrize("method", [*METHOD_NAMES, "slerp"])
 def test_row_blocks_give_the_same_bytes_as_one_block(method, monkeypatch):
     base, models = _inputs()
@@ -34,7 +43,8 @@ def test_row_blocks_give_the_same_bytes_as_one_block(method, monkeypatch):
         models = {"a": models["a"]}
         run = lambda: merge_one("slerp", base, models, parameters={"t": 0.3})  # noqa: E731
     else:
-        run = lambda: merge_one(method, base, models, _params(method), _globals(method))  # noqa: E731
+        grams = _grams(method, base.shape[1])
+        run = lambda: merge_one(method, base, models, _params(method), _globals(method), grams=grams)  # noqa: E731
     whole = run()
     monkeypatch.setattr(merging.blocks, "BLOCK_ELEMENTS", 40)  # 3 rows per block, 14 blocks
     blocked = run()
@@ -42,15 +52,16 @@ def test_row_blocks_give_the_same_bytes_as_one_block(method, monkeypatch):
     assert torch.equal(whole.view(torch.int16), blocked.view(torch.int16))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "sce", "model_stock", "linear"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "sce", "model_stock", "linear", "regmean"])
 def test_thread_count_does_not_change_the_bytes(method):
     base, models = _inputs(shape=(128, 1024), dtype=torch.float32)  # above torch's parallel grain
+    grams = _grams(method, 1024)
     before = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append(merge_one(method, base, models, _params(method), _globals(method)))
+            results.append(merge_one(method, base, models, _params(method), _globals(method), grams=grams))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0].view(torch.int32), results[1].view(torch.int32))

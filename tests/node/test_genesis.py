@@ -73,6 +73,8 @@ def test_genesis_settings_are_checked(base_dir, tmp_path):
     with ContentStore(tmp_path / "store") as store:
         with pytest.raises(GenesisError, match="merge settings the engine accepts"):
             create_genesis("unit-net", base_dir, creator, store, method="no_such_method")
+        with pytest.raises(GenesisError, match="reads their input Grams"):
+            create_genesis("unit-net", base_dir, creator, store, method="regmean", parameters={})
         with pytest.raises(GenesisError, match="network name matching"):
             create_genesis("Bad Name", base_dir, creator, store)
         with pytest.raises(GenesisError, match=r"outlier factor > 1\.0, got 0\.5"):
