@@ -74,7 +74,7 @@ def merge_to_folder(
         temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.umm-tmp-", dir=out_dir.parent))
         try:
             pool = resources.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="umm-io"))
-            hashes = pool.submit(_hash_inputs, folders)
+            hashes = pool.submit(_hash_inputs, folders, gram_files)
             _write_tensors(
                 config, plans, outputs, folders, gram_files, parameters, temp, max_shard_bytes, progress
             )
@@ -104,8 +104,9 @@ def _gram_files(config: MergeConfig, resources: ExitStack) -> dict[str, GramFile
     }
 
 
-def _hash_inputs(folders: dict[str, ModelFolder]) -> dict[str, dict[str, str]]:
+def _hash_inputs(folders: dict[str, ModelFolder], gram_files: dict[str, GramFile]) -> dict[str, dict]:
     files = [(name, path) for name, folder in folders.items() for path in folder.input_files()]
+    files += [(name, grams.path) for name, grams in gram_files.items()]  # they shape the output too
     hashes: dict[str, dict[str, str]] = {name: {} for name in folders}
     for (name, path), digest in zip(files, file_digests([path for _, path in files]), strict=True):
         hashes[name][path.name] = digest

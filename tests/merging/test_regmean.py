@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -205,6 +207,9 @@ def test_a_folder_merge_reads_each_model_s_gram_file(tmp_path: Path):
         "parameters": {"lambda": 1.2},
     }
     out = merge(config, tmp_path / "out", progress=False)
+    record = json.loads((out / "umm_merge.json").read_text())
+    digest = hashlib.sha256((folders["b"] / GRAMS_FILE).read_bytes()).hexdigest()
+    assert record["inputs"][str(folders["b"])][GRAMS_FILE] == digest
     from safetensors.torch import load_file
 
     on_disk = load_file(out / "model.safetensors")
