@@ -35,9 +35,8 @@ from merging.folders import (
     check_architectures,
     write_json,
 )
-from merging.grams import GramFile
+from merging.grams import GramFile, open_gram_files
 from merging.layout import TensorPlan, output_layer_count, plan_tensors
-from merging.methods import METHODS
 from merging.parameters import resolve_parameters
 
 TOKENIZER_FILES = (
@@ -66,7 +65,7 @@ def merge_to_folder(
             for name in config.input_models()
         }
         check_architectures(list(folders.values()))
-        gram_files = _gram_files(config, resources)
+        gram_files = open_gram_files(config, resources)
         plans = plan_tensors(config, {name: folder.tensors for name, folder in folders.items()})
         parameters = resolve_parameters(config, [p.name for p in plans])
         outputs = [OutputTensor(p.name, p.shape, output_dtype(config, p)) for p in plans]
@@ -91,17 +90,6 @@ def merge_to_folder(
             shutil.rmtree(temp, ignore_errors=True)
             raise
     return out_dir
-
-
-def _gram_files(config: MergeConfig, resources: ExitStack) -> dict[str, GramFile]:
-    """Each input model's Grams (`merging.grams`; not the base's), for a data-aware method."""
-    if not METHODS[config.merge_method].needs_grams:
-        return {}
-    return {
-        name: resources.enter_context(GramFile(Path(name).expanduser()))
-        for name in config.input_models()
-        if name != config.base_model
-    }
 
 
 def _hash_inputs(folders: dict[str, ModelFolder], gram_files: dict[str, GramFile]) -> dict[str, dict]:

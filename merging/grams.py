@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -22,6 +24,10 @@ from safetensors.torch import save
 
 from merging.atomic import write_atomic
 from merging.errors import UmmError
+from merging.methods import METHODS
+
+if TYPE_CHECKING:
+    from merging.config import MergeConfig
 
 GRAMS_FILE = "input_grams.umm"
 GRAMS_FORMAT = 1
@@ -99,3 +105,15 @@ class GramFile:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         self._file = None
+
+
+def open_gram_files(config: MergeConfig, resources: ExitStack) -> dict[str, GramFile]:
+    """Each input model's Gram file but the base's, if the config's method reads Grams (else none);
+    closed with `resources`."""
+    if not METHODS[config.merge_method].needs_grams:
+        return {}
+    return {
+        name: resources.enter_context(GramFile(Path(name).expanduser()))
+        for name in config.input_models()
+        if name != config.base_model
+    }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +21,7 @@ import torch
 from merging.config import MergeConfig
 from merging.engine import merge_state_dicts
 from merging.errors import ConfigError
-from merging.grams import GramFile
-from merging.methods import METHODS
+from merging.grams import open_gram_files
 from merging.parameters import ResolvedParameters, resolve_parameters
 from merging.search.scores import METRICS, accuracy_scores, proxy_scores, teacher_forced_batches
 from merging.testbed.tasks import resolve_tasks
@@ -91,15 +91,10 @@ def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _input_grams(config: MergeConfig, experts: Sequence[str]) -> dict[str, dict[str, torch.Tensor]] | None:
-    """Each expert's input Grams (`merging.grams`) when the method reads them, else None."""
-    if not METHODS[config.merge_method].needs_grams:
-        return None
-    grams = {}
-    for expert in experts:
-        with GramFile(expert) as stored:
-            grams[expert] = stored.all()
-    return grams
+def _input_grams(config: MergeConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """Each expert's input Grams (`merging.grams`) when the method reads them, else none."""
+    with ExitStack() as resources:
+        return {model: stored.all() for model, stored in open_gram_files(config, resources).items()}
 
 
 def changed_tensors(state_dicts: Mapping[str, Mapping[str, torch.Tensor]], base: str) -> list[str]:
@@ -138,7 +133,7 @@ class MergeEvaluator:
         self.split, self.limit = split, limit
         models = [config.base_model, *(m.model for m in config.models if m.model != config.base_model)]
         self.state_dicts = {model: load_state_dict(model) for model in models}
-        self.grams = _input_grams(config, models[1:])
+        self.grams = _input_grams(config)
         self.tensors = list(self.state_dicts[config.base_model])
         self.template = resolve_parameters(config, self.tensors)
         self.searched = changed_tensors(self.state_dicts, config.base_model)
