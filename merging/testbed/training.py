@@ -32,9 +32,12 @@ class TrainSpec:
     weight_decay: float = 0.0
     easy: bool = False  # train on the tasks' easier variants (the base model's curriculum)
     frozen: tuple[str, ...] = ()  # parameters whose name contains one of these stay as they are
+    anchor: float = 0.0  # decoupled decay toward the starting weights (L2-SP), per unit of lr
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"anchor": self.anchor} if self.anchor else {}  # older recipes keep their digests
         return {
+            **extra,
             "steps": self.steps,
             "lr": self.lr,
             "batch_size": self.batch_size,
@@ -130,6 +133,13 @@ def warmup_cosine(step: int, warmup: int, steps: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+@torch.no_grad()
+def _pull_toward(params: list[torch.Tensor], start: list[torch.Tensor], rate: float) -> None:
+    """Move every parameter ``rate`` of the way back to its starting value (decoupled L2-SP)."""
+    for param, origin in zip(params, start, strict=True):
+        param.sub_(param - origin, alpha=rate)
+
+
 def train(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -156,6 +166,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, spec.warmup, spec.steps)
     )
+    start = [param.detach().clone() for param in trained] if spec.anchor else []
     model.train()
     losses: list[float] = []
     batches = _batches(tokenizer, spec, rng, seed, encode)
@@ -167,6 +178,8 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
+        if spec.anchor:
+            _pull_toward(trained, start, optimizer.param_groups[0]["lr"] * spec.anchor)
         scheduler.step()
         losses.append(loss.item())
         if on_step is not None:

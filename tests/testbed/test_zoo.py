@@ -114,3 +114,28 @@ def test_frozen_parameters_keep_their_values():
     assert held and all(torch.equal(after[k], before[k]) for k in held)
     assert all(not torch.equal(after[k], before[k]) for k in after if k not in held)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_anchor_pulls_each_step_back_toward_the_start():
+    tok = char_tokenizer()
+    spec = TrainSpec(steps=1, lr=1e-2, batch_size=4, mixture=(("logic@easy", 1.0),), warmup=1)
+    start = _make_model(ModelSpec("llama", hidden=16, layers=1, heads=2, intermediate=32), tok, seed=0)
+    free, anchored = (
+        _make_model(ModelSpec("llama", hidden=16, layers=1, heads=2, intermediate=32), tok, seed=0)
+        for _ in "ab"
+    )
+    train(free, tok, spec, seed=0)
+    # one step at the full rate: the anchored model goes 30 % of the way back from where it stepped
+    train(anchored, tok, replace(spec, anchor=0.3 / spec.lr), seed=0)
+    origin, stepped = start.state_dict(), free.state_dict()
+    for name, value in anchored.state_dict().items():
+        expected = stepped[name] - 0.3 * (stepped[name] - origin[name])
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-7)
+    assert any(not torch.equal(stepped[k], origin[k]) for k in origin)
+
+
+def test_a_recipe_without_anchor_keeps_its_digest():
+    spec = TrainSpec(steps=1, lr=1e-2, batch_size=4, mixture=(("logic@easy", 1.0),))
+    assert "anchor" not in spec.to_dict()
+    assert replace(spec, anchor=2.0).to_dict()["anchor"] == 2.0
+    assert RECIPES["micro"].digest().startswith("2644d72e77f27b97")  # its cached folder keeps its name
