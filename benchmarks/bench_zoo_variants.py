@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from zoo_report import uniform_config
 
 from merging.engine import merge_state_dicts
 from merging.testbed import zoo as zoo_module
@@ -75,15 +76,12 @@ def _train_experts(out: Path, base: Path, recipe: ZooRecipe) -> None:
 
 
 def _merges() -> dict[str, dict]:
-    def config(method: str, **params: float) -> dict:
-        models = [{"model": d, "parameters": dict(params)} for d in DOMAINS]
-        return {"merge_method": method, "base_model": "base", "models": models}
-
+    experts = list(DOMAINS)
     return {
-        "average": config("task_arithmetic", weight=1 / len(DOMAINS)),
-        "ties (0.7)": config("ties", weight=1.0, density=0.7),
-        "task arithmetic (0.5)": config("task_arithmetic", weight=0.5),
-        "task arithmetic (1.0)": config("task_arithmetic", weight=1.0),
+        "average": uniform_config("task_arithmetic", experts, weight=1 / len(experts)),
+        "ties (0.7)": uniform_config("ties", experts, density=0.7),
+        "task arithmetic (0.5)": uniform_config("task_arithmetic", experts, weight=0.5),
+        "task arithmetic (1.0)": uniform_config("task_arithmetic", experts, weight=1.0),
     }
 
 

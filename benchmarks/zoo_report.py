@@ -45,7 +45,9 @@ def _row(name: str, acc: dict[str, float]) -> str:
     return f"| {name} | " + " | ".join(cells) + f" | {mean:.2f} |"
 
 
-def _config(method: str, experts: list[str], *, weight: float = 1.0, density: float | None = None) -> dict:
+def uniform_config(
+    method: str, experts: list[str], *, weight: float = 1.0, density: float | None = None
+) -> dict:
     """A merge of ``experts`` onto ``base`` with one weight (and density) for every expert."""
     params = {"weight": weight} if density is None else {"weight": weight, "density": density}
     return {
@@ -120,12 +122,12 @@ def main() -> None:
     for domain in experts:
         tensors[domain] = _float32(load_file(zoo.experts[domain] / "model.safetensors"))
     merges = {
-        "average": _config("task_arithmetic", experts, weight=1.0 / len(experts)),
-        "ties (0.5)": _config("ties", experts, density=0.5),
-        "ties (0.7)": _config("ties", experts, density=0.7),
-        "task arithmetic (0.5)": _config("task_arithmetic", experts, weight=0.5),
-        "task arithmetic (1.0)": _config("task_arithmetic", experts, weight=1.0),
-        "dare_ties (0.5)": _config("dare_ties", experts, density=0.5),
+        "average": uniform_config("task_arithmetic", experts, weight=1.0 / len(experts)),
+        "ties (0.5)": uniform_config("ties", experts, density=0.5),
+        "ties (0.7)": uniform_config("ties", experts, density=0.7),
+        "task arithmetic (0.5)": uniform_config("task_arithmetic", experts, weight=0.5),
+        "task arithmetic (1.0)": uniform_config("task_arithmetic", experts, weight=1.0),
+        "dare_ties (0.5)": uniform_config("dare_ties", experts, density=0.5),
     }
     for label, config in merges.items():
         merged = merge_state_dicts(config, tensors)

@@ -119,11 +119,8 @@ def test_frozen_parameters_keep_their_values():
 def test_anchor_pulls_each_step_back_toward_the_start():
     tok = char_tokenizer()
     spec = TrainSpec(steps=1, lr=1e-2, batch_size=4, mixture=(("logic@easy", 1.0),), warmup=1)
-    start = _make_model(ModelSpec("llama", hidden=16, layers=1, heads=2, intermediate=32), tok, seed=0)
-    free, anchored = (
-        _make_model(ModelSpec("llama", hidden=16, layers=1, heads=2, intermediate=32), tok, seed=0)
-        for _ in "ab"
-    )
+    shape = ModelSpec("llama", hidden=16, layers=1, heads=2, intermediate=32)
+    start, free, anchored = (_make_model(shape, tok, seed=0) for _ in range(3))
     train(free, tok, spec, seed=0)
     # one step at the full rate: the anchored model goes 30 % of the way back from where it stepped
     train(anchored, tok, replace(spec, anchor=0.3 / spec.lr), seed=0)
