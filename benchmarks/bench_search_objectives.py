@@ -79,7 +79,7 @@ def main() -> None:
     per_model: dict[str, dict[str, dict[str, float]]] = {}
     for name, state in evaluator.state_dicts.items():
         evaluator.load_state(state)
-        scores = proxy_scores(evaluator.model, evaluator._batches)
+        scores = proxy_scores(evaluator.model, evaluator.batches)
         scores["accuracy"] = accuracy_scores(
             evaluator.model, evaluator.tokenizer, DOMAINS, "dev", args.acc_limit
         )
@@ -98,7 +98,7 @@ def main() -> None:
         x = start if number == 0 else [min(1.0, max(0.0, s + rng.gauss(0, args.spread))) for s in start]
         evaluator.load_merge(space.apply(x))
         t0 = time.perf_counter()
-        scores = proxy_scores(evaluator.model, evaluator._batches)
+        scores = proxy_scores(evaluator.model, evaluator.batches)
         t1 = time.perf_counter()
         scores["accuracy"] = accuracy_scores(
             evaluator.model, evaluator.tokenizer, DOMAINS, "dev", args.acc_limit

@@ -228,6 +228,7 @@ class SearchRound:
 
     def _search(self, r: int, inputs: _Inputs, seed: int) -> tuple[dict, float]:
         from merging.search.driver import CmaSettings, run_cma
+        from merging.search.gradient import GradientFitness, GradientSettings, run_gradient
         from merging.search.journal import Journal
         from merging.search.recipe import recipe_mapping
         from merging.search.space import SearchSpace
@@ -243,20 +244,31 @@ class SearchRound:
         )
         out = self.folder / f"{r}-journal"
         cma = CmaSettings(seed=seed)
-        header = {
-            "search": self.settings.to_dict(),
-            "cma": cma.to_dict(),
-            "candidates": list(inputs.candidates),
-        }
+        optimizer = {"cma": cma.to_dict()} if self.settings.optimizer == "cma" else {}
+        header = {"search": self.settings.to_dict(), **optimizer, "candidates": list(inputs.candidates)}
         journal = Journal.open(out, header, resume=(out / "journal.jsonl").exists())
         try:
-            result = run_cma(
-                space.start(), lambda x: evaluator(space.apply(x)), journal, self.settings.budget, cma
-            )
+            if self.settings.optimizer == "gradient":
+                result = run_gradient(
+                    space.start(),
+                    GradientFitness(space, evaluator),
+                    journal,
+                    self.settings.budget,
+                    GradientSettings(),
+                )
+            else:
+                result = run_cma(
+                    space.start(), lambda x: evaluator(space.apply(x)), journal, self.settings.budget, cma
+                )
         finally:
             journal.close()
         best = result.best
-        return proposal_parameters(recipe_mapping(space, best.x)), best.fitness
+        # the claim is the engine's merge scored, as every verifier recomputes it (the gradient
+        # search scores its own differentiable merge, equal to the last bits only)
+        fitness = (
+            evaluator(space.apply(best.x)).value if self.settings.optimizer == "gradient" else best.fitness
+        )
+        return proposal_parameters(recipe_mapping(space, best.x)), fitness
 
     async def _verify_published(self, r: int, inputs: _Inputs) -> None:
         ctx, book = self.ctx, self.book(r)

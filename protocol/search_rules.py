@@ -14,6 +14,9 @@ those of a network without it):
     aggregate       how per-task gains combine (mean, min, softmin)
     wait_seconds    how long after the round's candidates settle nodes wait for proposals before
                     they adopt the best verified one, or the genesis recipe if none is verified
+    optimizer       optional: "gradient" has searchers fit the weights by Adam on the fitness's
+                    gradient (task_arithmetic with loglik or seqprob; merging.search.gradient);
+                    absent, CMA-ES (and the genesis bytes are those of a network before the key)
 
 A round whose recipe comes from proposal P merges with P's method and its parameters in the
 structured form ``{"proposal": P's id, "global": {...}, "models": {contribution id: {...}}}``
@@ -48,6 +51,8 @@ SEARCH_KEYS = (
     "aggregate",
     "wait_seconds",
 )
+OPTIONAL_SEARCH_KEYS = ("optimizer",)
+OPTIMIZERS = ("cma", "gradient")
 STRUCTURED_KEYS = frozenset({"proposal", "global", "models"})
 MAX_BUDGET = 100_000
 MAX_WAIT_SECONDS = 86_400.0
@@ -72,13 +77,20 @@ class SearchSettings:
     metric: str
     aggregate: str
     wait_seconds: float
+    optimizer: str = "cma"
 
     @classmethod
     def from_dict(cls, value: Any) -> SearchSettings:
         """The settings of a ``search`` map; SearchSettingsError naming the first problem."""
-        if not isinstance(value, dict) or set(value) != set(SEARCH_KEYS):
+        if not isinstance(value, dict) or not set(SEARCH_KEYS) <= set(value) <= {
+            *SEARCH_KEYS,
+            *OPTIONAL_SEARCH_KEYS,
+        }:
             got = sorted(value) if isinstance(value, dict) else type(value).__name__
-            raise SearchSettingsError(f"expected search settings with keys {list(SEARCH_KEYS)}, got {got}")
+            raise SearchSettingsError(
+                f"expected search settings with keys {list(SEARCH_KEYS)} (and optionally "
+                f"{list(OPTIONAL_SEARCH_KEYS)}), got {got}"
+            )
         settings = cls(
             tasks=tuple(value["tasks"]) if isinstance(value["tasks"], list) else (),
             limit=value["limit"],
@@ -89,6 +101,7 @@ class SearchSettings:
             metric=value["metric"],
             aggregate=value["aggregate"],
             wait_seconds=value["wait_seconds"],
+            optimizer=value.get("optimizer", "cma"),
         )
         settings.check()
         return settings
@@ -107,10 +120,19 @@ class SearchSettings:
             raise SearchSettingsError(
                 f"expected searched keys that merge method {method!r} has, got {odd[0]!r}"
             )
+        if self.optimizer == "gradient":
+            from merging.search.space import SearchSpaceError, check_gradient_search
+
+            try:
+                check_gradient_search(method, self.metric, self.keys)
+            except SearchSpaceError as exc:
+                raise SearchSettingsError(str(exc)) from exc
 
     def to_dict(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
         fields["tasks"], fields["keys"] = list(self.tasks), list(self.keys)
+        if self.optimizer == "cma":
+            del fields["optimizer"]  # CMA-ES is what a search map without the key means
         return fields
 
     def check(self) -> None:
@@ -146,6 +168,10 @@ class SearchSettings:
             raise SearchSettingsError(
                 f"expected an aggregate among {', '.join(AGGREGATES)}, got {self.aggregate!r}"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise SearchSettingsError(
+                f"expected a search optimizer among {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
         wait = self.wait_seconds
         if not isinstance(wait, float) or not math.isfinite(wait) or not 0.0 <= wait <= MAX_WAIT_SECONDS:
             raise SearchSettingsError(f"expected wait_seconds in [0, {MAX_WAIT_SECONDS:g}], got {wait!r}")
@@ -175,6 +201,7 @@ def make_search_settings(
     metric: str = "loglik",
     aggregate: str = "mean",
     wait_seconds: float = 120.0,
+    optimizer: str = "cma",
 ) -> SearchSettings:
     """Checked settings with the dev fingerprint computed (what `umm network create --search` stores)."""
     settings = SearchSettings(
@@ -187,6 +214,7 @@ def make_search_settings(
         metric,
         aggregate,
         float(wait_seconds),
+        optimizer,
     )
     settings.check()
     return settings

@@ -15,15 +15,17 @@ from typing import Any
 from merging.config import MergeConfig, load_config
 from merging.search.driver import CmaSettings, Progress, SearchResult, run_cma
 from merging.search.fitness import MergeEvaluator, Objective
+from merging.search.gradient import GradientFitness, GradientSettings, run_gradient
 from merging.search.journal import Journal
 from merging.search.recipe import write_recipe
 from merging.search.report import build_report, fitness_plot, write_report
-from merging.search.space import SearchSpace
+from merging.search.space import SearchSpace, SearchSpaceError, check_gradient_search
 from merging.testbed.tasks import COMPOSITIONAL, DOMAINS
 from merging.testbed.zoo import model_meta
 
 RECIPE_NAME = "recipe.yaml"
 MODEL_DIR = "model"
+OPTIMIZERS = ("cma", "gradient")
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,21 @@ class EvolveSettings:
     objective: Objective = field(default_factory=Objective)
     limit: int | None = 100  # dev prompts per task
     cma: CmaSettings = field(default_factory=CmaSettings)
+    optimizer: str = "cma"  # or "gradient" (`merging.search.gradient`)
+    gradient: GradientSettings = field(default_factory=GradientSettings)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SearchSpaceError(
+                f"expected an optimizer among {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
+            )
 
     def to_dict(self, config: MergeConfig, space: SearchSpace) -> dict[str, Any]:
+        optimizer = (
+            {"cma": self.cma.to_dict()}
+            if self.optimizer == "cma"  # the only optimizer of older journals, which keep resuming
+            else {"optimizer": self.optimizer, "gradient": self.gradient.to_dict()}
+        )
         return {
             "config": config.to_dict(),
             "tasks": list(self.tasks),
@@ -50,7 +65,7 @@ class EvolveSettings:
                 "temperature": self.objective.temperature,
             },
             "limit": self.limit,
-            "cma": self.cma.to_dict(),
+            **optimizer,
         }
 
 
@@ -83,6 +98,8 @@ class Search:
     @classmethod
     def prepare(cls, config: MergeConfig | str | Path, settings: EvolveSettings) -> Search:
         config = absolute_paths(load_config(config))
+        if settings.optimizer == "gradient":
+            check_gradient_search(config.merge_method, settings.objective.metric, settings.keys)
         evaluator = MergeEvaluator(config, settings.tasks, settings.objective, limit=settings.limit)
         space = SearchSpace(
             config,
@@ -99,6 +116,11 @@ class Search:
         """Search (or resume) under `out_dir` until `budget` candidates are scored."""
         journal = Journal.open(out_dir, self.settings.to_dict(self.config, self.space), resume=resume)
         try:
+            if self.settings.optimizer == "gradient":
+                fitness = GradientFitness(self.space, self.evaluator)
+                return run_gradient(
+                    self.space.start(), fitness, journal, budget, self.settings.gradient, progress
+                )
             return run_cma(
                 self.space.start(),
                 lambda x: self.evaluator(self.space.apply(x)),

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,15 +47,17 @@ class Objective:
         if not self.temperature > 0:
             raise ConfigError(f"expected a positive softmin temperature, got {self.temperature}")
 
-    def combine(self, gains: Mapping[str, float]) -> float:
+    def combine(self, gains: Mapping[str, Any]) -> Any:
+        """One fitness from the per-task gain shares: floats, or 0-d tensors (then differentiable)."""
         values = list(gains.values())
         if self.aggregate == "mean":
             return sum(values) / len(values)
         if self.aggregate == "min":
             return min(values)
+        exp, log = (torch.exp, torch.log) if isinstance(values[0], torch.Tensor) else (math.exp, math.log)
         low = min(values)  # shifted for a stable log-sum-exp
-        mean_exp = sum(math.exp(-(v - low) / self.temperature) for v in values) / len(values)
-        return low - self.temperature * math.log(mean_exp)
+        mean_exp = sum(exp(-(v - low) / self.temperature) for v in values) / len(values)
+        return low - self.temperature * log(mean_exp)
 
 
 def normalized_gains(
@@ -144,8 +147,9 @@ class MergeEvaluator:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_source or config.base_model)
         self.model = AutoModelForCausalLM.from_pretrained(config.base_model)
         self.model.eval()
+        self.model.requires_grad_(False)  # a gradient search differentiates the merge, never the model
         self._targets = self.model.state_dict()
-        self._batches = teacher_forced_batches(self.tokenizer, self.tasks, split, limit, batch_size)
+        self.batches = teacher_forced_batches(self.tokenizer, self.tasks, split, limit, batch_size)
         base_scores = self.score_state(self.state_dicts[config.base_model])
         expert_scores = [self.score_state(self.state_dicts[m]) for m in models[1:]]
         self.base_scores = base_scores
@@ -182,7 +186,7 @@ class MergeEvaluator:
     def _metric(self) -> dict[str, float]:
         if self.objective.metric == "accuracy":
             return accuracy_scores(self.model, self.tokenizer, self.tasks, self.split, self.limit)
-        return proxy_scores(self.model, self._batches)[self.objective.metric]
+        return proxy_scores(self.model, self.batches)[self.objective.metric]
 
     def merge(self, parameters: ResolvedParameters) -> dict[str, torch.Tensor]:
         """The searched tensors merged with `parameters` (the others never change)."""

@@ -14,7 +14,7 @@ One forward pass per batch over `prompt + reference response` gives, per task:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from merging.testbed.harness import evaluate
 from merging.testbed.tasks import generate
 
 PROXY_METRICS = ("loglik", "seqprob", "tf_exact")
+SUM_NAMES = (*PROXY_METRICS, "tokens", "rows")  # what `proxy_sums` returns, in this order
 METRICS = (*PROXY_METRICS, "accuracy")
 
 
@@ -66,31 +67,49 @@ def teacher_forced_batches(
     return batches
 
 
-@torch.inference_mode()
-def proxy_scores(model: Any, batches: Sequence[TaskBatch]) -> dict[str, dict[str, float]]:
-    """`{metric: {task: value}}` for the teacher-forced metrics (see the module docstring)."""
-    sums: dict[str, dict[str, float]] = {m: {} for m in (*PROXY_METRICS, "tokens", "rows")}
-    for batch in batches:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        on = batch.targets != -100
-        safe = batch.targets.clamp(min=0)
-        token_lp = logprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * on  # [rows, width - 1]
-        hit = (logits.argmax(-1) == safe) | ~on
-        add = {
-            "loglik": float(token_lp.sum(dtype=torch.float64)),
-            "seqprob": float(token_lp.sum(-1, dtype=torch.float64).exp().sum()),
-            "tf_exact": float(hit.all(-1).sum()),
-            "tokens": float(on.sum()),
-            "rows": float(len(batch.targets)),
-        }
-        for metric, value in add.items():
-            sums[metric][batch.task] = sums[metric].get(batch.task, 0.0) + value
-    out: dict[str, dict[str, float]] = {}
+def proxy_sums(logits: torch.Tensor, batch: TaskBatch) -> dict[str, torch.Tensor]:
+    """One batch's sums of the teacher-forced metrics, from its logits `[rows, width - 1, vocab]`
+    (differentiable in the logits for `loglik` and `seqprob`), with the counts they are divided by."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    on = batch.targets != -100
+    safe = batch.targets.clamp(min=0)
+    token_lp = logprobs.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * on  # [rows, width - 1]
+    hit = (logits.argmax(-1) == safe) | ~on
+    return {
+        "loglik": token_lp.sum(dtype=torch.float64),
+        "seqprob": token_lp.sum(-1, dtype=torch.float64).exp().sum(),
+        "tf_exact": hit.all(-1).sum(dtype=torch.float64),
+        "tokens": on.sum(dtype=torch.float64),
+        "rows": torch.tensor(float(len(batch.targets)), dtype=torch.float64),
+    }
+
+
+def proxy_metrics(
+    per_batch: Iterable[tuple[str, dict[str, torch.Tensor]]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """`{metric: {task: value}}` from `(task, proxy_sums(...))` of every batch (see the module docstring)."""
+    sums: dict[str, dict[str, torch.Tensor]] = {}
+    for task, batch_sums in per_batch:
+        for name, value in batch_sums.items():
+            task_sums = sums.setdefault(name, {})
+            task_sums[task] = task_sums[task] + value if task in task_sums else value
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for metric in PROXY_METRICS:
         denominator = sums["tokens"] if metric == "loglik" else sums["rows"]
         out[metric] = {task: value / denominator[task] for task, value in sums[metric].items()}
     return out
+
+
+def batch_logits(model: Any, batch: TaskBatch, **kwargs: Any) -> torch.Tensor:
+    """The model's next-token logits over a batch, the last position left out."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits[:, :-1]
+
+
+@torch.inference_mode()
+def proxy_scores(model: Any, batches: Sequence[TaskBatch]) -> dict[str, dict[str, float]]:
+    """`{metric: {task: value}}` for the teacher-forced metrics (see the module docstring)."""
+    metrics = proxy_metrics((batch.task, proxy_sums(batch_logits(model, batch), batch)) for batch in batches)
+    return {metric: {task: float(v) for task, v in values.items()} for metric, values in metrics.items()}
 
 
 def accuracy_scores(

@@ -34,6 +34,9 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "lambda": (0.5, 2.0),
 }
 GLOBAL_KEYS = frozenset({"lambda"})  # searched per group, shared by all experts
+GRADIENT_METHODS = ("task_arithmetic",)
+GRADIENT_METRICS = ("loglik", "seqprob")
+GRADIENT_KEYS = frozenset({"weight", "lambda"})
 
 
 class SearchSpaceError(ConfigError):
@@ -59,6 +62,23 @@ class Dimension:
         if self.high == self.low:
             return 0.0
         return min(1.0, max(0.0, (value - self.low) / (self.high - self.low)))
+
+
+def check_gradient_search(method: str, metric: str, keys: Sequence[str] | None) -> None:
+    """Raise unless the fitness is differentiable in the searched values (see the module docstring)."""
+    if method not in GRADIENT_METHODS:
+        raise SearchSpaceError(
+            f"the gradient search needs a merge linear in its weights ({', '.join(GRADIENT_METHODS)}), "
+            f"got merge_method {method!r}; use the cma optimizer"
+        )
+    if metric not in GRADIENT_METRICS:
+        raise SearchSpaceError(
+            f"the gradient search needs a differentiable metric ({', '.join(GRADIENT_METRICS)}), "
+            f"got {metric!r}"
+        )
+    extra = sorted(set(keys or ()) - GRADIENT_KEYS)
+    if extra:
+        raise SearchSpaceError(f"the gradient search fits weight and lambda only, not {', '.join(extra)}")
 
 
 def parse_granularity(text: str) -> tuple[str, int]:

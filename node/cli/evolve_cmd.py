@@ -1,4 +1,4 @@
-"""`umm evolve CONFIG.yaml --out DIR`: search per-layer-group merge parameters with CMA-ES."""
+"""`umm evolve CONFIG.yaml --out DIR`: search per-layer-group merge parameters (CMA-ES or gradient)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,23 @@ DEFAULT_TASKS = "arithmetic,lists,logic,tracing"
     "--limit", default=100, show_default=True, type=click.IntRange(min=1), help="Dev prompts per task."
 )
 @click.option(
+    "--optimizer",
+    default="cma",
+    show_default=True,
+    type=click.Choice(["cma", "gradient"]),
+    help="CMA-ES, or Adam on the fitness's gradient (task_arithmetic with loglik or seqprob).",
+)
+@click.option(
+    "--lr", default=0.03, show_default=True, type=float, help="Gradient step size, in units of each range."
+)
+@click.option(
+    "--patience",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Gradient steps without a rise of the best fitness before stopping (0: the whole budget).",
+)
+@click.option(
     "--seed",
     default=0,
     show_default=True,
@@ -86,7 +103,8 @@ DEFAULT_TASKS = "arithmetic,lists,logic,tracing"
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
 @verbose_option()
 def evolve_command(config: Path, out_dir: Path, **options: Any) -> None:
-    """Search the merge parameters of CONFIG per layer group with CMA-ES on the dev split.
+    """Search the merge parameters of CONFIG per layer group on the dev split: CMA-ES, or (for
+    task_arithmetic with a teacher-forced likelihood metric) Adam on the fitness's gradient.
 
     Every candidate is merged in memory and scored; the journal in --out makes the search
     resumable (--resume continues to the same result). At the end --out holds recipe.yaml (which
@@ -95,6 +113,8 @@ def evolve_command(config: Path, out_dir: Path, **options: Any) -> None:
     \b
     Example:
       umm evolve ties.yaml --budget 150 --out runs/ties
+      umm evolve ta.yaml --optimizer gradient --metric loglik --aggregate mean \
+          --granularity module --budget 100 --out runs/ta
     """
     quiet_third_parties(options["verbose"])
     import torch
@@ -106,6 +126,7 @@ def evolve_command(config: Path, out_dir: Path, **options: Any) -> None:
     from merging.search.driver import CmaSettings
     from merging.search.evolve import EvolveSettings, Search
     from merging.search.fitness import Objective
+    from merging.search.gradient import GradientSettings
 
     torch.set_num_threads(options["threads"])
     keys = tuple(k.strip() for k in options["keys"].split(",")) if options["keys"] else None
@@ -116,6 +137,8 @@ def evolve_command(config: Path, out_dir: Path, **options: Any) -> None:
         objective=Objective(options["metric"], options["aggregate"], options["temperature"]),
         limit=options["limit"],
         cma=CmaSettings(options["seed"], options["sigma0"], options["popsize"]),
+        optimizer=options["optimizer"],
+        gradient=GradientSettings(lr=options["lr"], patience=options["patience"]),
     )
     show = not options["no_progress"]
     say = _sayer(show)
@@ -123,7 +146,7 @@ def evolve_command(config: Path, out_dir: Path, **options: Any) -> None:
     search = Search.prepare(config, settings)
     space = search.space
     say(f"{space.size} dimensions over {len(space.groups)} groups, {len(search.evaluator.searched)} tensors")
-    with _progress(show, options["budget"]) as progress:
+    with _progress(show, options["budget"], options["optimizer"]) as progress:
         result = search.run(out_dir, options["budget"], resume=options["resume"], progress=progress)
     report = search.write_outputs(out_dir, result, report_limit=options["report_limit"], say=say)
     searched, uniform = report["models"]["searched"], report["models"]["uniform"]
@@ -148,10 +171,12 @@ def _sayer(show: bool):
 
 
 class _progress:
-    """A rich progress bar fed by the search's callback: generation, evaluations, best, sigma, ETA."""
+    """A rich progress bar fed by the search's callback: generation (or gradient step), evaluations,
+    best fitness, sigma (or the gradient's norm), ETA."""
 
-    def __init__(self, show: bool, budget: int) -> None:
+    def __init__(self, show: bool, budget: int, optimizer: str) -> None:
         self.show, self.budget = show, budget
+        self.labels = ("generation", "sigma") if optimizer == "cma" else ("step", "|gradient|")
         self.bar: Any = None
 
     def __enter__(self):
@@ -177,12 +202,14 @@ class _progress:
         self.bar.start()
         task = self.bar.add_task("search", total=self.budget)
 
+        step_label, spread_label = self.labels
+
         def update(result, generation: int, sigma: float) -> None:
             best = result.best.fitness
             self.bar.update(
                 task,
                 completed=len(result.evaluations),
-                description=f"generation {generation}  best {best:.4f}  sigma {sigma:.3f}",
+                description=f"{step_label} {generation}  best {best:.4f}  {spread_label} {sigma:.3f}",
             )
 
         return update

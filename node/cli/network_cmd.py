@@ -124,6 +124,13 @@ def network() -> None:
 @click.option("--search-metric", default="loglik", show_default=True, help="Teacher-forced fitness metric.")
 @click.option("--search-aggregate", default="mean", show_default=True, help="How task gains combine.")
 @click.option(
+    "--search-optimizer",
+    default="cma",
+    show_default=True,
+    type=click.Choice(["cma", "gradient"]),
+    help="How searchers search: CMA-ES, or Adam on the fitness's gradient (task_arithmetic, loglik/seqprob).",
+)
+@click.option(
     "--search-wait",
     default=120.0,
     show_default=True,
@@ -155,6 +162,7 @@ def create(
     search_keys,
     search_metric,
     search_aggregate,
+    search_optimizer,
     search_wait,
     out,
 ):
@@ -209,6 +217,7 @@ def create(
             metric=search_metric,
             aggregate=search_aggregate,
             wait_seconds=search_wait,
+            optimizer=search_optimizer,
         )
         search.check_method(method)
     check_writable_target(data_dir / "state", "--data-dir")

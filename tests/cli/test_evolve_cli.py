@@ -100,3 +100,22 @@ def test_a_regmean_search_reads_the_experts_grams_and_umm_merge_reproduces_it(tm
     result = runner.invoke(cli, ["evolve", str(config), *args])
     assert result.exit_code == 0, result.output
     assert_umm_merge_reproduces(out, tmp_path / "remerged")
+
+
+def test_a_gradient_search_writes_a_recipe_umm_merge_reproduces(tmp_path):
+    models = build_tiny_models(tmp_path / "models")
+    runner = CliRunner()
+    ties = write_config(tmp_path / "ties.yaml", models)
+    refused = runner.invoke(
+        cli, ["evolve", str(ties), "--optimizer", "gradient", "--out", str(tmp_path / "x"), *FAST]
+    )
+    assert refused.exit_code == 2
+    assert refused.output.startswith("Error: the gradient search needs a merge linear in its weights")
+    config = write_config(tmp_path / "ta.yaml", models, method="task_arithmetic")
+    out = tmp_path / "run"
+    args = ["--optimizer", "gradient", "--budget", "4", "--granularity", "module", "--out", str(out), *FAST]
+    result = runner.invoke(cli, ["evolve", str(config), *args])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
+    assert [r["number"] for r in records if r["type"] == "eval"] == [0, 1, 2, 3]
+    assert_umm_merge_reproduces(out, tmp_path / "remerged")

@@ -123,11 +123,27 @@ def test_a_genesis_with_search_round_trips_and_its_settings_are_checked(settings
         ({"keys": ["temperature"]}, "keys"),
         ({"wait_seconds": 5}, "wait_seconds"),
         ({"limit": 4}, "dev_fingerprint"),  # another dev set than the fingerprint names
+        ({"optimizer": "sgd"}, "search optimizer"),
+        ({"seed": 3}, "optionally"),
     ],
 )
 def test_bad_search_settings_are_one_clear_error(settings, change, words):
     with pytest.raises(SearchSettingsError, match=words):
         SearchSettings.from_dict({**settings.to_dict(), **change})
+
+
+def test_the_gradient_optimizer_is_named_in_the_genesis_only_when_chosen(settings):
+    assert "optimizer" not in settings.to_dict() and settings.optimizer == "cma"
+    gradient = make_search_settings(["arithmetic", "logic"], limit=3, budget=5, optimizer="gradient")
+    assert gradient.to_dict()["optimizer"] == "gradient"
+    g = genesis(gradient.to_dict(), method="task_arithmetic", parameters={"weight": 0.5})
+    assert open_genesis(sign_genesis(g, identity(1))).search_settings == gradient
+    with pytest.raises(GenesisError, match="linear in its weights"):  # TIES elects signs: no gradient
+        open_genesis(sign_genesis(genesis(gradient.to_dict()), identity(1)))
+    with pytest.raises(SearchSettingsError, match="differentiable metric"):
+        make_search_settings(["arithmetic"], limit=3, metric="tf_exact", optimizer="gradient").check_method(
+            "task_arithmetic"
+        )
 
 
 def test_the_dev_fingerprint_names_the_tasks_and_the_prompt_count():

@@ -1,0 +1,153 @@
+"""Gradient search: the differentiable merge is the engine's, its slope is the evaluator's, and the
+journaled search is deterministic, resumable and stops by its rule."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from merging.search.evolve import EvolveSettings, Search
+from merging.search.fitness import Objective
+from merging.search.gradient import GradientFitness, GradientSettings, LinearMerge, run_gradient
+from merging.search.journal import JOURNAL_NAME, Journal, JournalError
+from merging.search.space import SearchSpaceError
+from tests.search.tiny_models import write_config
+
+
+def prepare(tiny_models, tmp_path, *, aggregate="mean", keys=("weight",), normalize=False, name="cfg"):
+    extra = {"parameters": {"normalize": True}} if normalize else {}
+    config = write_config(tmp_path / f"{name}.yaml", tiny_models, method="task_arithmetic", **extra)
+    settings = EvolveSettings(
+        tasks=("arithmetic", "lists"),
+        limit=3,
+        objective=Objective("loglik", aggregate),
+        granularity="attn_mlp",
+        keys=keys,
+        optimizer="gradient",
+        gradient=GradientSettings(lr=0.05, patience=0),
+    )
+    return Search.prepare(config, settings)
+
+
+def random_candidate(size: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.random() for _ in range(size)]
+
+
+@pytest.mark.parametrize(("keys", "normalize"), [(("weight",), False), (("weight", "lambda"), True)])
+def test_the_differentiable_merge_is_the_engines(tiny_models, tmp_path, keys, normalize):
+    search = prepare(tiny_models, tmp_path, keys=keys, normalize=normalize)
+    merge = LinearMerge(search.space, search.evaluator)
+    for seed in range(3):
+        x = random_candidate(search.space.size, seed)
+        engine = search.evaluator.merge(search.space.apply(x))
+        ours = merge.tensors(torch.tensor(x, dtype=torch.float64))
+        assert set(ours) == set(engine)
+        for name, tensor in engine.items():
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-6, atol=1e-6)
+
+
+def test_the_slope_is_the_evaluators_by_central_differences(tiny_models, tmp_path):
+    search = prepare(tiny_models, tmp_path, aggregate="softmin")
+    fitness = GradientFitness(search.space, search.evaluator)
+    x = random_candidate(search.space.size, 7)
+    point = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    value, _, _ = fitness(point)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(search.evaluator(search.space.apply(x)).value, abs=1e-6)
+    step = 1e-3
+    for i in range(search.space.size):
+        up, down = list(x), list(x)
+        up[i] += step
+        down[i] -= step
+        slope = (
+            search.evaluator(search.space.apply(up)).value - search.evaluator(search.space.apply(down)).value
+        ) / (2 * step)
+        assert float(point.grad[i]) == pytest.approx(slope, rel=2e-2, abs=2e-3), i
+
+
+def trace(result):
+    return [(e.number, e.x, e.fitness) for e in result.evaluations]
+
+
+def test_the_search_is_deterministic_and_climbs(tiny_models, tmp_path):
+    search = prepare(tiny_models, tmp_path)
+    first = search.run(tmp_path / "a", 6)
+    second = search.run(tmp_path / "b", 6)
+    assert trace(first) == trace(second)
+    assert first.evaluations[0].x == search.space.start()
+    assert first.best.fitness > first.evaluations[0].fitness
+    records = [json.loads(line) for line in (tmp_path / "a" / JOURNAL_NAME).read_text().splitlines()]
+    assert records[0]["settings"]["optimizer"] == "gradient"
+    assert [r["x"] for r in records[2:]] == [r["next"]["x"] for r in records[1:-1]]
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tiny_models, tmp_path):
+    search = prepare(tiny_models, tmp_path)
+    whole = search.run(tmp_path / "whole", 7)
+
+    class Killed(Exception):
+        pass
+
+    fitness = GradientFitness(search.space, search.evaluator)
+    calls = 0
+
+    def dies_after_three(x):
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise Killed
+        return fitness(x)
+
+    journal = Journal.open(tmp_path / "run", {"settings": "same"}, resume=False)
+    with pytest.raises(Killed):
+        run_gradient(search.space.start(), dies_after_three, journal, 7, search.settings.gradient)
+    journal.close()
+    journal = Journal.open(tmp_path / "run", {"settings": "same"}, resume=True)
+    resumed = run_gradient(search.space.start(), fitness, journal, 7, search.settings.gradient)
+    journal.close()
+    assert trace(resumed) == trace(whole)
+
+
+def bowl(x: torch.Tensor):
+    """Fitness peaking at x = 0.3 in every coordinate (computed here, not by the code under test)."""
+    value = -((x - 0.3) ** 2).sum()
+    return value, {"bowl": value}, {"bowl": value}
+
+
+def test_projected_adam_reaches_the_peak_and_stops_by_its_rule(tmp_path):
+    journal = Journal.open(tmp_path / "run", {"problem": "bowl"}, resume=False)
+    settings = GradientSettings(lr=0.02, patience=10, tolerance=1e-6)
+    result = run_gradient([0.9, 0.0, 1.0], bowl, journal, 2000, settings)
+    journal.close()
+    assert result.stop.startswith("no rise")
+    assert len(result.evaluations) < 2000
+    assert result.best.x == pytest.approx([0.3] * 3, abs=3 * settings.lr)  # Adam's steps are about lr long
+    assert all(0.0 <= v <= 1.0 for e in result.evaluations for v in e.x)
+
+
+def test_a_journal_of_another_optimizer_is_refused(tmp_path):
+    journal = Journal.open(tmp_path / "run", {"problem": "bowl"}, resume=False)
+    journal.append({"type": "eval", "number": 0, "generation": 0, "member": 0, "x": [0.5], "fitness": 0.0})
+    with pytest.raises(JournalError, match="not written by a gradient search"):
+        run_gradient([0.5], bowl, journal, 3, GradientSettings())
+    journal.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "metric", "message"),
+    [("ties", "loglik", "linear in its weights"), ("task_arithmetic", "accuracy", "differentiable metric")],
+)
+def test_a_fitness_without_a_slope_is_refused_before_any_model_loads(tmp_path, method, metric, message):
+    config = tmp_path / "c.yaml"
+    density = ", density: 0.5" if method == "ties" else ""
+    config.write_text(
+        f"merge_method: {method}\nbase_model: /nowhere/base\nmodels:\n"
+        f"  - model: /nowhere/a\n    parameters: {{weight: 0.5{density}}}\n"
+    )
+    settings = EvolveSettings(objective=Objective(metric), optimizer="gradient")
+    with pytest.raises(SearchSpaceError, match=message):
+        Search.prepare(config, settings)
