@@ -52,7 +52,6 @@ SEARCH_KEYS = (
     "wait_seconds",
 )
 OPTIONAL_SEARCH_KEYS = ("optimizer",)
-OPTIMIZERS = ("cma", "gradient")
 STRUCTURED_KEYS = frozenset({"proposal", "global", "models"})
 MAX_BUDGET = 100_000
 MAX_WAIT_SECONDS = 86_400.0
@@ -168,6 +167,8 @@ class SearchSettings:
             raise SearchSettingsError(
                 f"expected an aggregate among {', '.join(AGGREGATES)}, got {self.aggregate!r}"
             )
+        from merging.search.space import OPTIMIZERS
+
         if self.optimizer not in OPTIMIZERS:
             raise SearchSettingsError(
                 f"expected a search optimizer among {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"

@@ -19,13 +19,12 @@ from merging.search.gradient import GradientFitness, GradientSettings, run_gradi
 from merging.search.journal import Journal
 from merging.search.recipe import write_recipe
 from merging.search.report import build_report, fitness_plot, write_report
-from merging.search.space import SearchSpace, SearchSpaceError, check_gradient_search
+from merging.search.space import OPTIMIZERS, SearchSpace, SearchSpaceError, check_gradient_search
 from merging.testbed.tasks import COMPOSITIONAL, DOMAINS
 from merging.testbed.zoo import model_meta
 
 RECIPE_NAME = "recipe.yaml"
 MODEL_DIR = "model"
-OPTIMIZERS = ("cma", "gradient")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "lambda": (0.5, 2.0),
 }
 GLOBAL_KEYS = frozenset({"lambda"})  # searched per group, shared by all experts
+OPTIMIZERS = ("cma", "gradient")  # merging.search.driver, merging.search.gradient
 GRADIENT_METHODS = ("task_arithmetic",)
 GRADIENT_METRICS = ("loglik", "seqprob")
 GRADIENT_KEYS = frozenset({"weight", "lambda"})

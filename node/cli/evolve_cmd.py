@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from merging.search.space import OPTIMIZERS
 from node.cli.options import quiet_third_parties, verbose_option
 
 DEFAULT_TASKS = "arithmetic,lists,logic,tracing"
@@ -66,7 +67,7 @@ DEFAULT_TASKS = "arithmetic,lists,logic,tracing"
     "--optimizer",
     default="cma",
     show_default=True,
-    type=click.Choice(["cma", "gradient"]),
+    type=click.Choice(OPTIMIZERS),
     help="CMA-ES, or Adam on the fitness's gradient (task_arithmetic with loglik or seqprob).",
 )
 @click.option(

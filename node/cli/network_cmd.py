@@ -11,6 +11,7 @@ import click
 from merging.atomic import write_atomic
 from merging.config import DTYPES
 from merging.methods import METHODS
+from merging.search.space import OPTIMIZERS
 from node.cli.options import check_writable_target, format_bytes, removed_on_failure
 from node.errors import NodeError
 from node.settings import MADDRS_FILE_WAIT
@@ -127,7 +128,7 @@ def network() -> None:
     "--search-optimizer",
     default="cma",
     show_default=True,
-    type=click.Choice(["cma", "gradient"]),
+    type=click.Choice(OPTIMIZERS),
     help="How searchers search: CMA-ES, or Adam on the fitness's gradient (task_arithmetic, loglik/seqprob).",
 )
 @click.option(

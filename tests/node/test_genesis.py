@@ -506,3 +506,15 @@ def test_network_create_with_search_writes_the_settings_into_the_genesis(base_di
     assert bad.exit_code == 2
     assert bad.output.startswith("Error: expected a teacher-forced metric among loglik, seqprob, tf_exact")
     assert len(bad.output.splitlines()) == 1
+    ties = CliRunner().invoke(cli, [*args, "--search-optimizer", "gradient"])  # the default method
+    assert ties.exit_code == 2 and "linear in its weights" in ties.output
+    assert len(ties.output.splitlines()) == 1
+    search = args[7:]  # the --search-* options above, for a second network in another folder
+    gradient = ["network", "create", "cli-gradient", "--base", str(base_dir)]
+    gradient += ["--data-dir", str(tmp_path / "n2")]
+    gradient += [*search, "--search-optimizer", "gradient", "--method", "task_arithmetic"]
+    result = CliRunner().invoke(
+        cli, [*gradient, "--params", "{weight: 0.5}", "--out", str(tmp_path / "g2.bin")]
+    )
+    assert result.exit_code == 0, result.output
+    assert open_genesis((tmp_path / "g2.bin").read_bytes()).search_settings.optimizer == "gradient"
