@@ -64,10 +64,11 @@ class LinearMerge:
 
     def __init__(self, space: SearchSpace, evaluator: MergeEvaluator) -> None:
         base_state = evaluator.state_dicts[evaluator.config.base_model]
+        live = evaluator.model.state_dict()  # the scored model's dtypes (bfloat16 for the real zoo)
         index = {(d.group, d.key, d.model): i for i, d in enumerate(space.dimensions)}
         self.lows = torch.tensor([d.low for d in space.dimensions], dtype=torch.float64)
         self.spans = torch.tensor([d.high - d.low for d in space.dimensions], dtype=torch.float64)
-        self.terms: list[tuple[str, torch.Tensor, torch.Tensor, list, Any, bool]] = []
+        self.terms: list[tuple[str, torch.Tensor, torch.Tensor, list, Any, bool, torch.dtype]] = []
         for group, tensors in space.groups.items():
             for name in tensors:
                 params = space.template[name]
@@ -77,23 +78,25 @@ class LinearMerge:
                     index.get((group, "weight", m), float(params.models[m]["weight"])) for m in space.experts
                 ]
                 scale = index.get((group, "lambda", None), float(params.globals["lambda"]))
-                self.terms.append((name, base, deltas, weights, scale, bool(params.globals["normalize"])))
+                normalize = bool(params.globals["normalize"])
+                self.terms.append((name, base, deltas, weights, scale, normalize, live[name].dtype))
 
     def tensors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The searched tensors merged at candidate `x` (coordinates in [0, 1], float64)."""
+        """The searched tensors merged at candidate `x` (coordinates in [0, 1], float64), in the
+        live model's dtypes."""
         values = (self.lows + x.clamp(0.0, 1.0) * self.spans).float()
 
         def pick(entry: int | float) -> torch.Tensor:
             return values[entry] if isinstance(entry, int) else torch.tensor(entry, dtype=torch.float32)
 
         out = {}
-        for name, base, deltas, weights, scale, normalize in self.terms:
+        for name, base, deltas, weights, scale, normalize, dtype in self.terms:
             w = torch.stack([pick(entry) for entry in weights])
             mixed = torch.tensordot(w, deltas, dims=1)
             if normalize:
                 total = w.sum()
                 mixed = mixed / torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
-            out[name] = base + pick(scale) * mixed
+            out[name] = (base + pick(scale) * mixed).to(dtype)  # what loading the engine's merge does
         return out
 
 

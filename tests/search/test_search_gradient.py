@@ -151,3 +151,26 @@ def test_a_fitness_without_a_slope_is_refused_before_any_model_loads(tmp_path, m
     settings = EvolveSettings(objective=Objective(metric), optimizer="gradient")
     with pytest.raises(SearchSpaceError, match=message):
         Search.prepare(config, settings)
+
+
+def test_a_bfloat16_model_is_merged_into_its_own_dtype(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    halves = {}
+    for name, folder in tiny_models.items():
+        model = AutoModelForCausalLM.from_pretrained(folder).to(torch.bfloat16)
+        model.save_pretrained(tmp_path / name)
+        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp_path / name)
+        halves[name] = tmp_path / name
+    search = prepare(halves, tmp_path)
+    assert next(search.evaluator.model.parameters()).dtype == torch.bfloat16
+    fitness = GradientFitness(search.space, search.evaluator)
+    x = random_candidate(search.space.size, 2)
+    assert {t.dtype for t in fitness.merge.tensors(torch.tensor(x, dtype=torch.float64)).values()} == {
+        torch.bfloat16
+    }
+    point = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    value, _, _ = fitness(point)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(search.evaluator(search.space.apply(x)).value, abs=1e-3)
+    assert torch.isfinite(point.grad).all() and point.grad.abs().sum() > 0
