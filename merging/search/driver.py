@@ -92,7 +92,8 @@ def state_digest(es: Any) -> str:
     return h.hexdigest()
 
 
-Progress = Callable[[SearchResult, int, float], None]  # (result so far, generation, sigma)
+# (result so far, generation or gradient step, sigma or gradient norm)
+Progress = Callable[[SearchResult, int, float], None]
 
 
 def run_cma(

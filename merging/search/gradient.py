@@ -24,13 +24,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from merging.errors import UmmError
-from merging.search.driver import Evaluation, SearchResult
+from merging.search.driver import Evaluation, Progress, SearchResult
 from merging.search.fitness import Fitness, MergeEvaluator, normalized_gains
 from merging.search.journal import Journal, JournalError
 from merging.search.scores import SUM_NAMES, TaskBatch, batch_logits, proxy_metrics, proxy_sums
 from merging.search.space import SearchSpace, SearchSpaceError, check_gradient_search
-
-Progress = Callable[[SearchResult, int, float], None]  # (result so far, step, gradient norm)
 
 
 class GradientError(UmmError):
@@ -197,10 +195,8 @@ def run_gradient(
     return result
 
 
-def _detached(values: dict[str, Any]) -> dict[str, float]:
-    return {
-        task: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for task, v in values.items()
-    }
+def _detached(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {task: float(v.detach()) for task, v in values.items()}
 
 
 def _stalled(result: SearchResult, settings: GradientSettings) -> bool:

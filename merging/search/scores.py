@@ -100,9 +100,9 @@ def proxy_metrics(
     return out
 
 
-def batch_logits(model: Any, batch: TaskBatch, **kwargs: Any) -> torch.Tensor:
+def batch_logits(model: Any, batch: TaskBatch) -> torch.Tensor:
     """The model's next-token logits over a batch, the last position left out."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits[:, :-1]
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
 
 
 @torch.inference_mode()

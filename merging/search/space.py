@@ -66,7 +66,7 @@ class Dimension:
 
 
 def check_gradient_search(method: str, metric: str, keys: Sequence[str] | None) -> None:
-    """Raise unless the fitness is differentiable in the searched values (see the module docstring)."""
+    """Raise unless the fitness is differentiable in the searched values (`merging.search.gradient`)."""
     if method not in GRADIENT_METHODS:
         raise SearchSpaceError(
             f"the gradient search needs a merge linear in its weights ({', '.join(GRADIENT_METHODS)}), "

@@ -90,7 +90,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tiny_models, tmp_pat
     whole = search.run(tmp_path / "whole", 7)
 
     class Killed(Exception):
-        pass
+        """The search process dying mid-step."""
 
     fitness = GradientFitness(search.space, search.evaluator)
     calls = 0
