@@ -40,7 +40,8 @@ class TensorStack:
     `output_dtype` is the merged tensor's dtype (operators may yield rows in it, see `merging.engine`).
     `memo`, if given, lets an operator keep what depends only on the inputs (not the parameters)
     from one merge of the same inputs to the next (`merge_state_dicts(..., memo=...)`).
-    `grams`, if given, holds per input the Gram of the tensor's layer inputs (or None).
+    `grams`, if given, holds per input the Gram of the tensor's layer inputs (or None);
+    `row_weights`, per input, its weight of each row (`merging.row_weights`), or None.
     """
 
     def __init__(
@@ -57,10 +58,12 @@ class TensorStack:
         releasers: Sequence[Releaser] = (),
         memo: dict | None = None,
         grams: Sequence[torch.Tensor | None] = (),
+        row_weights: Sequence[torch.Tensor | None] = (),
     ) -> None:
         self.tensor = tensor
         self.memo = memo  # an operator's per-tensor results that depend only on the inputs
         self.grams = list(grams)  # per input, its layer's input Gram (`merging.grams`), or None
+        self.row_weights = list(row_weights) if any(w is not None for w in row_weights) else []
         self.shape = tuple(shape)
         self.inputs = list(inputs)
         self.readers = list(readers)

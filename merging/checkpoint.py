@@ -24,7 +24,7 @@ import torch
 from merging import __version__
 from merging.atomic import fsync_dir
 from merging.config import MergeConfig
-from merging.engine import make_stack, merge_stack, output_dtype
+from merging.engine import make_stack, merge_stack, output_dtype, plan_row_weights
 from merging.errors import MergeError
 from merging.filehash import file_digests
 from merging.folders import (
@@ -68,14 +68,23 @@ def merge_to_folder(
         gram_files = open_gram_files(config, resources)
         plans = plan_tensors(config, {name: folder.tensors for name, folder in folders.items()})
         parameters = resolve_parameters(config, [p.name for p in plans])
+        row_weights = plan_row_weights(config, plans)
         outputs = [OutputTensor(p.name, p.shape, output_dtype(config, p)) for p in plans]
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.umm-tmp-", dir=out_dir.parent))
         try:
             pool = resources.enter_context(ThreadPoolExecutor(max_workers=2, thread_name_prefix="umm-io"))
-            hashes = pool.submit(_hash_inputs, folders, gram_files)
+            hashes = pool.submit(_hash_inputs, config, folders, gram_files)
             _write_tensors(
-                config, plans, outputs, folders, gram_files, parameters, temp, max_shard_bytes, progress
+                config,
+                plans,
+                outputs,
+                folders,
+                (gram_files, row_weights),
+                parameters,
+                temp,
+                max_shard_bytes,
+                progress,
             )
             _copy_side_files(config, folders, temp)
             provenance = {
@@ -92,10 +101,14 @@ def merge_to_folder(
     return out_dir
 
 
-def _hash_inputs(folders: dict[str, ModelFolder], gram_files: dict[str, GramFile]) -> dict[str, dict]:
+def _hash_inputs(
+    config: MergeConfig, folders: dict[str, ModelFolder], gram_files: dict[str, GramFile]
+) -> dict[str, dict]:
     files = [(name, path) for name, folder in folders.items() for path in folder.input_files()]
     files += [(name, grams.path) for name, grams in gram_files.items()]  # they shape the output too
-    hashes: dict[str, dict[str, str]] = {name: {} for name in folders}
+    if config.row_weights is not None:
+        files.append((config.row_weights, Path(config.row_weights).expanduser()))
+    hashes: dict[str, dict[str, str]] = {name: {} for name, _ in files}
     for (name, path), digest in zip(files, file_digests([path for _, path in files]), strict=True):
         hashes[name][path.name] = digest
     return hashes
@@ -106,12 +119,13 @@ def _write_tensors(
     plans: list[TensorPlan],
     outputs: list[OutputTensor],
     folders: dict[str, ModelFolder],
-    gram_files: dict[str, GramFile],
+    side_inputs: tuple[dict[str, GramFile], dict[str, list]],
     parameters,
     temp: Path,
     max_shard_bytes: int,
     progress: bool,
 ) -> None:
+    gram_files, row_weights = side_inputs  # per model its Grams; per tensor its inputs' row weights
     writer = ShardWriter(temp, outputs, max_shard_bytes)
     total_bytes = sum(t.nbytes for t in outputs)
     with (
@@ -125,7 +139,8 @@ def _write_tensors(
             readers = [folders[m].reader(s) for m, s in sources]
             releasers = [folders[m].releaser(s) for m, s in sources]
             grams = [gram_files[m].get(s) if m in gram_files else None for m, s in sources]
-            return make_stack(config, plan, readers, reader, releasers, grams=grams)
+            rows = row_weights.get(plan.name, ())
+            return make_stack(config, plan, readers, reader, releasers, grams=grams, row_weights=rows)
 
         current = stack_for(plans[0]) if plans else None
         pending: Future | None = reader.submit(current.prefetch) if current else None

@@ -1,8 +1,9 @@
 """Merge configurations: mergekit-style YAML, validated before any tensor data is read.
 
 Accepted top-level keys: `merge_method`, `models`, `base_model`, `parameters`, `dtype`, `out_dtype`,
-`tokenizer_source`, `slices` (passthrough only), `seed` (umm's addition: seeds random dropping) and
-`name`. Anything else is rejected naming the key and listing the valid ones.
+`tokenizer_source`, `slices` (passthrough only), `seed` (umm's addition: seeds random dropping),
+`row_weights` (umm's addition: a file of per-row weights, `merging.row_weights`) and `name`.
+Anything else is rejected naming the key and listing the valid ones.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import yaml
 
 from merging.errors import ConfigError
-from merging.methods import METHODS, REQUIRED, MethodSpec
+from merging.methods import METHODS, REQUIRED, ROW_WEIGHT_METHODS, MethodSpec
 
 TOP_LEVEL_KEYS = (
     "merge_method",
@@ -28,6 +29,7 @@ TOP_LEVEL_KEYS = (
     "tokenizer_source",
     "slices",
     "seed",
+    "row_weights",
     "name",
 )
 MODEL_KEYS = ("model", "parameters")
@@ -74,6 +76,7 @@ class MergeConfig:
     slices: tuple[tuple[SliceSource, ...], ...] = ()
     seed: int = 0
     name: str | None = None
+    row_weights: str | None = None  # path of a `merging.row_weights` file
 
     @property
     def method(self) -> MethodSpec:
@@ -141,6 +144,7 @@ class MergeConfig:
             slices=slices,
             seed=_seed(data.get("seed", 0)),
             name=data.get("name"),
+            row_weights=_row_weights(data.get("row_weights"), method_name),
         )
         _check_inputs(config, spec)
         _check_parameter_names(config, spec)
@@ -168,7 +172,7 @@ class MergeConfig:
                 }
                 for sources in self.slices
             ]
-        for key in ("base_model", "dtype", "out_dtype", "tokenizer_source", "name"):
+        for key in ("base_model", "dtype", "out_dtype", "tokenizer_source", "name", "row_weights"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -336,6 +340,16 @@ def _tokenizer_source(value: Any) -> str | None:
         return None
     if not isinstance(value, str) or value == "union":
         raise ConfigError(f"expected tokenizer_source to be 'base' or an input model, got {value!r}")
+    return value
+
+
+def _row_weights(value: Any, method: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"expected row_weights to be a file path, got {value!r}")
+    if method not in ROW_WEIGHT_METHODS:
+        raise ConfigError(f"row_weights need merge_method {' or '.join(ROW_WEIGHT_METHODS)}, got {method!r}")
     return value
 
 

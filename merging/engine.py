@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from merging.blocks import Reader, Releaser, TensorStack
+from merging.blocks import Reader, Releaser, TensorStack, matrix_shape
 from merging.config import MergeConfig, load_config
 from merging.errors import ConfigError
 from merging.layout import TensorInfo, TensorPlan, plan_tensors
 from merging.methods import METHODS
 from merging.operators import FUSED_METHODS, OPERATORS, TASK_ARITHMETIC_FAMILY
 from merging.parameters import ResolvedParameters, resolve_parameters
+from merging.row_weights import RowWeights, check_row_weights, load_row_weights
 
 __all__ = ["merge", "merge_state_dicts", "resolve_parameters"]
 
@@ -50,10 +51,12 @@ def make_stack(
     releasers: Sequence[Releaser] = (),
     memo: dict | None = None,
     grams: Sequence[torch.Tensor | None] = (),
+    row_weights: Sequence[torch.Tensor | None] = (),
 ) -> TensorStack:
     """The inputs of one output tensor, ready to be read in row blocks (`grams`: per input, its
-    layer's input Gram, for data-aware methods)."""
+    layer's input Gram, for data-aware methods; `row_weights`: per input, its weight of each row)."""
     base = config.base_model if config.base_model in plan.inputs else None
+    rowwise = any(w is not None for w in row_weights)  # merged in torch (the kernels take scalars)
     return TensorStack(
         plan.name,
         plan.shape,
@@ -62,12 +65,30 @@ def make_stack(
         base=base,
         executor=executor,
         check_inputs=config.merge_method not in PROPAGATES_NON_FINITE,
-        raw=config.merge_method in FUSED_METHODS,
+        raw=config.merge_method in FUSED_METHODS and not rowwise,
         output_dtype=output_dtype(config, plan),
         releasers=releasers,
         memo=memo,
         grams=grams,
+        row_weights=row_weights,
     )
+
+
+def plan_row_weights(
+    config: MergeConfig, plans: Sequence[TensorPlan], given: RowWeights | None = None
+) -> dict[str, list[torch.Tensor | None]]:
+    """Per tensor with row weights, each input's row weights (or None): `given`, else the file the
+    config names; checked against the tensors' row counts."""
+    if given is None:
+        if config.row_weights is None:
+            return {}
+        given = load_row_weights(config.row_weights, [m.model for m in config.models])
+    check_row_weights(given, {p.name: matrix_shape(p.shape) for p in plans})
+    return {
+        plan.name: [given.get(model, {}).get(plan.name) for model in plan.inputs]
+        for plan in plans
+        if any(plan.name in given.get(model, {}) for model in plan.inputs)
+    }
 
 
 def merge_stack(
@@ -111,13 +132,15 @@ def merge_state_dicts(
     parameters: ResolvedParameters | None = None,
     memo: dict[str, dict] | None = None,
     grams: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    row_weights: RowWeights | None = None,
 ) -> dict[str, torch.Tensor]:
     """Merge in memory. `tensors` maps each model name of the config to its state dict.
 
     `memo` (tensor name -> operator results) lets repeated merges of the same inputs with other
     parameters (a search) skip work that depends only on the inputs; the bytes are the same.
     `grams` (model name -> weight name -> input Gram) feeds data-aware methods (`regmean`); they
-    need it for every model but the base.
+    need it for every model but the base. `row_weights` (`merging.row_weights`) stand in for the
+    file the config names, if any.
     """
     config = load_config(config)
     catalog = {
@@ -136,13 +159,16 @@ def merge_state_dicts(
     missing = [p.name for p in plans if p.name not in parameters]
     if missing:
         raise ConfigError(f"the given parameters have no entry for tensor {missing[0]!r}")
+    rows_of = plan_row_weights(config, plans, row_weights)
     merged = {}
     for plan in plans:
         readers = [_memory_reader(tensors[m][s]) for m, s in zip(plan.inputs, plan.sources, strict=True)]
         held = None if memo is None else memo.setdefault(plan.name, {})
         sources = zip(plan.inputs, plan.sources, strict=True)
         layer_grams = [(grams or {}).get(m, {}).get(s) for m, s in sources]
-        stack = make_stack(config, plan, readers, memo=held, grams=layer_grams)
+        stack = make_stack(
+            config, plan, readers, memo=held, grams=layer_grams, row_weights=rows_of.get(plan.name, ())
+        )
         rows = list(merge_stack(config, plan, stack, parameters))
         merged[plan.name] = (
             torch.cat(rows).reshape(plan.shape) if len(rows) > 1 else rows[0].reshape(plan.shape)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REQUIRED = object()  # marks a parameter without a default
+ROW_WEIGHT_METHODS = ("task_arithmetic",)  # methods that read per-row weights (`merging.row_weights`)
 
 
 @dataclass(frozen=True)

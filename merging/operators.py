@@ -134,6 +134,9 @@ def generalized_task_arithmetic(
     DARE https://arxiv.org/abs/2311.03099, breadcrumbs https://arxiv.org/abs/2312.06795,
     DELLA https://arxiv.org/abs/2406.11617.
     """
+    if stack.row_weights:
+        yield from row_weighted_task_arithmetic(stack, params)
+        return
     if sparsify in FUSED_SPARSIFY:
         yield from fused_task_arithmetic(stack, params, seed, sparsify, consensus)
         return
@@ -162,6 +165,34 @@ def generalized_task_arithmetic(
             if glob["lambda"] != 1.0:  # x * 1.0 == x, so skipping it changes no bit
                 mixed = mixed.mul_(glob["lambda"])
             yield torch.add(mixed, block[base])  # a fresh tensor: the scratch is reused next block
+
+
+def row_weighted_task_arithmetic(stack: TensorStack, params: TensorParameters) -> Iterator[torch.Tensor]:
+    """Task arithmetic where some models weigh each row of their task vector on its own
+    (`merging.row_weights`): base + lambda * sum_j w_j * (model_j - base), with `w_j` a column of
+    row weights or the model's scalar `weight`, divided by sum_j w_j (per row) if `normalize`."""
+    others, base = stack.others, stack.base_index
+    glob = params.globals
+    for start, end, block in stack.blocks():
+        weights = [_row_weight(stack, params, i, start, end) for i in others]
+        mixed = accumulate(
+            [torch.sub(block[i], block[base]).mul_(w) for i, w in zip(others, weights, strict=True)]
+        )
+        if glob["normalize"]:
+            total = accumulate([w.expand(end - start, 1).clone() for w in weights], copy=False)
+            mixed = mixed.div_(torch.where(total.abs() < 1e-8, torch.ones_like(total), total))
+        if glob["lambda"] != 1.0:
+            mixed = mixed.mul_(glob["lambda"])
+        yield torch.add(mixed, block[base])
+
+
+def _row_weight(stack: TensorStack, params: TensorParameters, i: int, start: int, end: int) -> torch.Tensor:
+    """Input `i`'s weights of rows `[start, end)` as a float32 column (its scalar weight repeated if it
+    has no row weights)."""
+    rows = stack.row_weights[i]
+    if rows is None:
+        return torch.full((end - start, 1), params.models[stack.inputs[i]]["weight"], dtype=torch.float32)
+    return rows[start:end, None]
 
 
 def slerp(stack: TensorStack, params: TensorParameters, seed: int) -> Iterator[torch.Tensor]:

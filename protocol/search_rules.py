@@ -139,16 +139,21 @@ class SearchSettings:
         from merging.errors import UmmError
         from merging.search.fitness import AGGREGATES
         from merging.search.scores import PROXY_METRICS
-        from merging.search.space import DEFAULT_RANGES, parse_granularity
+        from merging.search.space import DEFAULT_RANGES, LOCAL_GRANULARITIES, parse_granularity
         from merging.testbed.tasks import resolve_tasks
 
         if not self.tasks or not all(isinstance(t, str) for t in self.tasks):
             raise SearchSettingsError("expected search tasks to be a non-empty list of task names")
         try:
             resolve_tasks(list(self.tasks))
-            parse_granularity(self.granularity)
+            kind = parse_granularity(self.granularity)[0]
         except UmmError as exc:
             raise SearchSettingsError(f"expected valid search settings, got: {exc}") from exc
+        if kind in LOCAL_GRANULARITIES:
+            raise SearchSettingsError(
+                f"the {kind} granularity is for local searches only: a network's proposals carry a recipe,"
+                " not a file of row weights"
+            )
         if type(self.limit) is not int or not 1 <= self.limit <= 10_000:
             raise SearchSettingsError(
                 f"expected a dev limit in [1, 10000] prompts per task, got {self.limit!r}"

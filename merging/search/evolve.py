@@ -1,7 +1,8 @@
 """`evolve`: the whole local search, from a merge config to a searched recipe, model and report.
 
 Files written under `out_dir`: `journal.jsonl` (every candidate, appended as it is scored),
-`recipe.yaml` (the best candidate as a mergekit-style config), `model/` (that recipe merged by
+`recipe.yaml` (the best candidate as a mergekit-style config; with the `row` granularity it names
+`recipe.rows.safetensors`, its row weights), `model/` (that recipe merged by
 the same engine `umm merge` runs), `report.json` / `report.md` (test split) and `fitness.png`.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merging.blocks import matrix_shape
 from merging.config import MergeConfig, load_config
 from merging.search.driver import CmaSettings, Progress, SearchResult, run_cma
 from merging.search.fitness import MergeEvaluator, Objective
@@ -19,7 +21,14 @@ from merging.search.gradient import GradientFitness, GradientSettings, run_gradi
 from merging.search.journal import Journal
 from merging.search.recipe import write_recipe
 from merging.search.report import build_report, fitness_plot, write_report
-from merging.search.space import OPTIMIZERS, SearchSpace, SearchSpaceError, check_gradient_search
+from merging.search.space import (
+    LOCAL_GRANULARITIES,
+    OPTIMIZERS,
+    SearchSpace,
+    SearchSpaceError,
+    check_gradient_search,
+    parse_granularity,
+)
 from merging.testbed.tasks import COMPOSITIONAL, DOMAINS
 from merging.testbed.zoo import model_meta
 
@@ -99,13 +108,17 @@ class Search:
         config = absolute_paths(load_config(config))
         if settings.optimizer == "gradient":
             check_gradient_search(config.merge_method, settings.objective.metric, settings.keys)
+        elif parse_granularity(settings.granularity)[0] in LOCAL_GRANULARITIES:
+            raise SearchSpaceError(f"the {settings.granularity} granularity needs the gradient optimizer")
         evaluator = MergeEvaluator(config, settings.tasks, settings.objective, limit=settings.limit)
+        base = evaluator.state_dicts[config.base_model]
         space = SearchSpace(
             config,
             evaluator.template,
             evaluator.searched,
             granularity=settings.granularity,
             keys=settings.keys,
+            rows={name: matrix_shape(base[name].shape)[0] for name in evaluator.searched},
         )
         return cls(config, settings, evaluator, space)
 
@@ -173,8 +186,12 @@ class Search:
         for name, model in [("base", self.config.base_model), *((Path(m).name, m) for m in experts)]:
             evaluator.load_state(evaluator.state_dicts[model])
             accuracy[name] = accuracy_scores(evaluator.model, evaluator.tokenizer, tasks, "test", limit)
-        for name, params in (("uniform", evaluator.template), ("searched", self.space.apply(x))):
-            evaluator.load_merge(params)
+        merges = (
+            ("uniform", evaluator.template, None),
+            ("searched", self.space.apply(x), self.space.row_weights(x)),
+        )
+        for name, params, rows in merges:
+            evaluator.load_merge(params, rows)
             accuracy[name] = accuracy_scores(evaluator.model, evaluator.tokenizer, tasks, "test", limit)
         search = {
             "evaluations": len(result.evaluations),

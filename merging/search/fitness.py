@@ -24,6 +24,7 @@ from merging.engine import merge_state_dicts
 from merging.errors import ConfigError
 from merging.grams import open_gram_files
 from merging.parameters import ResolvedParameters, resolve_parameters
+from merging.row_weights import RowWeights
 from merging.search.scores import METRICS, accuracy_scores, proxy_scores, teacher_forced_batches
 from merging.testbed.tasks import resolve_tasks
 
@@ -165,12 +166,12 @@ class MergeEvaluator:
         self._load(state)
         self._constant_loaded = False
 
-    def load_merge(self, parameters: ResolvedParameters) -> None:
-        """Put the merge of `parameters` into the live model."""
+    def load_merge(self, parameters: ResolvedParameters, row_weights: RowWeights | None = None) -> None:
+        """Put the merge of `parameters` (and `row_weights`, `merging.row_weights`) into the live model."""
         if not self._constant_loaded:
             self._load(self._constant)
             self._constant_loaded = True
-        self._load(self.merge(parameters))
+        self._load(self.merge(parameters, row_weights))
 
     def _load(self, tensors: Mapping[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
@@ -188,10 +189,17 @@ class MergeEvaluator:
             return accuracy_scores(self.model, self.tokenizer, self.tasks, self.split, self.limit)
         return proxy_scores(self.model, self.batches)[self.objective.metric]
 
-    def merge(self, parameters: ResolvedParameters) -> dict[str, torch.Tensor]:
-        """The searched tensors merged with `parameters` (the others never change)."""
+    def merge(
+        self, parameters: ResolvedParameters, row_weights: RowWeights | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The searched tensors merged with `parameters` and `row_weights` (the others never change)."""
         merged = merge_state_dicts(
-            self.config, self._inputs, parameters=parameters, memo=self._memo, grams=self.grams
+            self.config,
+            self._inputs,
+            parameters=parameters,
+            memo=self._memo,
+            grams=self.grams,
+            row_weights=row_weights,
         )
         return {name: merged[name] for name in self.searched}
 

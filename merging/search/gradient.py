@@ -63,18 +63,25 @@ class LinearMerge:
     def __init__(self, space: SearchSpace, evaluator: MergeEvaluator) -> None:
         base_state = evaluator.state_dicts[evaluator.config.base_model]
         live = evaluator.model.state_dict()  # the scored model's dtypes (bfloat16 for the real zoo)
-        index = {(d.group, d.key, d.model): i for i, d in enumerate(space.dimensions)}
+        index: dict[tuple[str, str, str | None], int] = {}  # a `row` space: the first row's coordinate
+        for i, d in enumerate(space.dimensions):
+            index.setdefault((d.group, d.key, d.model), i)
         self.lows = torch.tensor([d.low for d in space.dimensions], dtype=torch.float64)
         self.spans = torch.tensor([d.high - d.low for d in space.dimensions], dtype=torch.float64)
+        self.rowwise = space.rowwise
         self.terms: list[tuple[str, torch.Tensor, torch.Tensor, list, Any, bool, torch.dtype]] = []
         for group, tensors in space.groups.items():
             for name in tensors:
                 params = space.template[name]
                 base = base_state[name].float()
                 deltas = torch.stack([evaluator.state_dicts[m][name].float() - base for m in space.experts])
-                weights = [
-                    index.get((group, "weight", m), float(params.models[m]["weight"])) for m in space.experts
-                ]
+                rows = base.shape[0] if base.dim() > 1 else 1
+                weights: list[int | float | slice] = []
+                for m in space.experts:
+                    entry = index.get((group, "weight", m), float(params.models[m]["weight"]))
+                    weights.append(
+                        slice(entry, entry + rows) if self.rowwise and isinstance(entry, int) else entry
+                    )
                 scale = index.get((group, "lambda", None), float(params.globals["lambda"]))
                 normalize = bool(params.globals["normalize"])
                 self.terms.append((name, base, deltas, weights, scale, normalize, live[name].dtype))
@@ -84,15 +91,23 @@ class LinearMerge:
         live model's dtypes."""
         values = (self.lows + x.clamp(0.0, 1.0) * self.spans).float()
 
-        def pick(entry: int | float) -> torch.Tensor:
-            return values[entry] if isinstance(entry, int) else torch.tensor(entry, dtype=torch.float32)
+        def pick(entry: int | float | slice) -> torch.Tensor:
+            if isinstance(entry, float):
+                return torch.tensor(entry, dtype=torch.float32)
+            return values[entry]
 
         out = {}
         for name, base, deltas, weights, scale, normalize, dtype in self.terms:
-            w = torch.stack([pick(entry) for entry in weights])
-            mixed = torch.tensordot(w, deltas, dims=1)
+            if self.rowwise:  # one weight per output row: [experts, rows, 1, ...] against the deltas
+                w = torch.stack(
+                    [pick(e).reshape(-1).expand(base.shape[0] if base.dim() > 1 else 1) for e in weights]
+                )
+                w = w.reshape(*w.shape[: 1 + (base.dim() > 0)], *([1] * max(0, base.dim() - 1)))
+                mixed, total = (w * deltas).sum(0), w.sum(0)
+            else:
+                w = torch.stack([pick(entry) for entry in weights])
+                mixed, total = torch.tensordot(w, deltas, dims=1), w.sum()
             if normalize:
-                total = w.sum()
                 mixed = mixed / torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
             out[name] = (base + pick(scale) * mixed).to(dtype)  # what loading the engine's merge does
         return out

@@ -3,7 +3,8 @@
 Each searched parameter becomes a filter list whose entries name the groups' tensors (`layers.3.mlp.`);
 the config's own setting follows as the last entry, so tensors outside the search keep it. The
 recipe is checked on the way out: resolving it gives exactly the candidate's parameters for every
-tensor, so `umm merge RECIPE.yaml` rebuilds the searched model byte for byte.
+tensor, so `umm merge RECIPE.yaml` rebuilds the searched model byte for byte. A `row` space's
+candidate is a file of row weights (`merging.row_weights`) beside the recipe, which names it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from merging.config import load_config
 from merging.parameters import ResolvedParameters, resolve_parameters
 from merging.search.space import SearchSpace
 
+ROWS_SUFFIX = ".rows.safetensors"
+
 
 def _with_fallback(entries: list[dict[str, Any]], original: Any) -> list[dict[str, Any]]:
     if original is None:
@@ -32,8 +35,13 @@ def _with_fallback(entries: list[dict[str, Any]], original: Any) -> list[dict[st
 
 
 def recipe_mapping(space: SearchSpace, x: Sequence[float], name: str | None = None) -> dict[str, Any]:
-    """The config of `space` with candidate `x`'s values written in (model paths made absolute)."""
+    """The config of `space` with candidate `x`'s values written in (model paths made absolute; a
+    `row` space's values go to a row-weights file, see `write_recipe`)."""
     data = space.config.to_dict()
+    if name is not None:
+        data["name"] = name
+    if space.rowwise:
+        return data
     entries: dict[tuple[str, str | None], list[dict[str, Any]]] = {}
     for dim, value in zip(space.dimensions, space.values(x), strict=True):
         target = entries.setdefault((dim.key, dim.model), [])
@@ -49,8 +57,6 @@ def recipe_mapping(space: SearchSpace, x: Sequence[float], name: str | None = No
             top[key] = _with_fallback(entries[(key, None)], top.get(key))
     if not top:
         del data["parameters"]
-    if name is not None:
-        data["name"] = name
     return data
 
 
@@ -69,7 +75,20 @@ def write_recipe(
     tensors: Sequence[str],
     name: str | None = None,
 ) -> Path:
-    """Write candidate `x` as a YAML recipe (atomically), after checking that it reproduces `x`."""
+    """Write candidate `x` as a YAML recipe (atomically), after checking that it reproduces `x`; a
+    `row` space's row weights go first to `<recipe>.rows.safetensors`, which the recipe names."""
     data = recipe_mapping(space, x, name)
+    rows = space.row_weights(x)
+    if rows is not None:
+        import torch
+
+        from merging.row_weights import load_row_weights, save_row_weights
+
+        models = [entry["model"] for entry in data["models"]]
+        target = Path(path).with_suffix(ROWS_SUFFIX).resolve()
+        data["row_weights"] = str(save_row_weights(target, models, rows))
+        saved = load_row_weights(target, models)
+        if any(not torch.equal(saved[m][t], v) for m, ts in rows.items() for t, v in ts.items()):
+            raise RuntimeError("the written row weights do not reproduce the candidate")
     check_recipe(data, space.apply(x), tensors)
     return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False, width=120))

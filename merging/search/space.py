@@ -8,7 +8,10 @@ granularities:
 * `layer`: every transformer layer is a group;
 * `attn_mlp` (the default): each layer's attention and MLP are two groups;
 * `module`: each projection of each layer (`q_proj`, `up_proj`, ...) is a group;
-* `blocks:K`: the layers split into K contiguous blocks of (nearly) equal size.
+* `blocks:K`: the layers split into K contiguous blocks of (nearly) equal size;
+* `row`: every output row of every tensor, a weight per expert (the gradient search only: too
+  many coordinates for CMA-ES; written as a `merging.row_weights` file beside the recipe, which
+  mergekit cannot read, and not offered to networks, whose proposals carry a recipe alone).
 
 Tensors outside the layers (embeddings, final norm, output head) are one group each. Tensors
 that no expert changed (a zero task vector, e.g. frozen embeddings) are left out: no value of
@@ -21,13 +24,18 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from merging.config import MergeConfig
 from merging.errors import ConfigError
-from merging.methods import METHODS
+from merging.methods import METHODS, ROW_WEIGHT_METHODS
 from merging.parameters import LAYER_PATTERN, ResolvedParameters
 
-GRANULARITIES = ("layer", "attn_mlp", "module", "blocks:K")
+if TYPE_CHECKING:
+    import torch
+
+GRANULARITIES = ("layer", "attn_mlp", "module", "blocks:K", "row")
+LOCAL_GRANULARITIES = ("row",)  # a recipe plus a row-weights file: `umm evolve` only, not networks
 DEFAULT_RANGES: dict[str, tuple[float, float]] = {
     "weight": (0.0, 1.0),
     "density": (0.1, 1.0),
@@ -53,6 +61,7 @@ class Dimension:
     model: str | None
     low: float
     high: float
+    row: int | None = None  # `row` granularity: the output row of the group's one tensor
 
     def value(self, unit: float) -> float:
         """The parameter value at coordinate `unit` in [0, 1] (clipped into the range)."""
@@ -87,7 +96,7 @@ def parse_granularity(text: str) -> tuple[str, int]:
     kind, _, count = text.partition(":")
     if kind == "blocks" and count.isdigit() and int(count) > 0:
         return "blocks", int(count)
-    if kind in ("layer", "attn_mlp", "module") and not count:
+    if kind in ("layer", "attn_mlp", "module", "row") and not count:
         return kind, 0
     raise SearchSpaceError(f"expected a granularity among {', '.join(GRANULARITIES)}, got {text!r}")
 
@@ -99,7 +108,7 @@ def group_filter(tensor: str, granularity: str, num_layers: int, blocks: int) ->
     `layers.3.`), so a tensor of the layer left out of the search (an unchanged norm) keeps the
     config's own value in a written recipe."""
     match = LAYER_PATTERN.search(tensor)
-    if match is None:
+    if match is None or granularity == "row":
         return tensor, tensor
     index = int(match.group(1))
     start = match.start(0) + (1 if tensor[match.start(0)] == "." else 0)
@@ -131,7 +140,9 @@ class SearchSpace:
         granularity: str = "attn_mlp",
         keys: Sequence[str] | None = None,
         ranges: Mapping[str, tuple[float, float]] | None = None,
+        rows: Mapping[str, int] | None = None,
     ) -> None:
+        """`rows`: each tensor's row count, which the `row` granularity needs."""
         spec = config.method
         if "weight" not in spec.model_params:
             weighted = ", ".join(name for name, m in METHODS.items() if "weight" in m.model_params)
@@ -147,6 +158,10 @@ class SearchSpace:
             if key not in {**DEFAULT_RANGES, **(ranges or {})}:
                 raise SearchSpaceError(f"no search range for parameter {key!r}; give one")
         kind, blocks = parse_granularity(granularity)
+        if kind == "row" and (tuple(keys) != ("weight",) or config.merge_method not in ROW_WEIGHT_METHODS):
+            raise SearchSpaceError(
+                f"the row granularity searches the weight of {' or '.join(ROW_WEIGHT_METHODS)} only"
+            )
         self.config = config
         self.granularity = granularity
         self.keys = tuple(keys)
@@ -166,7 +181,15 @@ class SearchSpace:
             for key in self.keys:
                 low, high = self.ranges[key]
                 owners: Sequence[str | None] = [None] if key in GLOBAL_KEYS else self.experts
-                self.dimensions.extend(Dimension(group, key, model, low, high) for model in owners)
+                for model in owners:
+                    if kind != "row":
+                        self.dimensions.append(Dimension(group, key, model, low, high))
+                        continue
+                    count = (rows or {}).get(group)
+                    if count is None:
+                        raise SearchSpaceError(f"the row granularity needs the row count of {group!r}")
+                    self.dimensions.extend(Dimension(group, key, model, low, high, r) for r in range(count))
+        self.rowwise = kind == "row"
         self.template = template
 
     @property
@@ -188,8 +211,12 @@ class SearchSpace:
         return [dim.value(u) for dim, u in zip(self.dimensions, x, strict=True)]
 
     def apply(self, x: Sequence[float]) -> ResolvedParameters:
-        """A copy of the config's resolved parameters with candidate `x`'s group values set."""
+        """A copy of the config's resolved parameters with candidate `x`'s group values set (the
+        config's own for a `row` space, whose values are `row_weights(x)`)."""
         resolved = copy.deepcopy(self.template)
+        if self.rowwise:
+            self._check(x)
+            return resolved
         for dim, value in zip(self.dimensions, self.values(x), strict=True):
             for tensor in self.groups[dim.group]:
                 params = resolved[tensor]
@@ -197,9 +224,29 @@ class SearchSpace:
                 target[dim.key] = value
         return resolved
 
+    def row_weights(self, x: Sequence[float]) -> dict[str, dict[str, torch.Tensor]] | None:
+        """Candidate `x` as `merging.row_weights` (expert -> tensor -> float32 [rows]); None unless
+        the granularity is `row`."""
+        import torch
+
+        if not self.rowwise:
+            return None
+        out: dict[str, dict[str, list[float]]] = {}
+        for dim, value in zip(self.dimensions, self.values(x), strict=True):
+            out.setdefault(dim.model, {}).setdefault(dim.group, []).append(value)
+        return {m: {t: torch.tensor(v, dtype=torch.float32) for t, v in ts.items()} for m, ts in out.items()}
+
     def describe(self, x: Sequence[float]) -> dict[str, dict[str, float]]:
-        """`{group: {"weight[expert]": value, ...}}` for reports."""
+        """`{group: {"weight[expert]": value, ...}}` for reports (a `row` space: each expert's
+        mean, lowest and highest row weight)."""
         out: dict[str, dict[str, float]] = {}
+        if self.rowwise:
+            for model, tensors in (self.row_weights(x) or {}).items():
+                for tensor, rows in tensors.items():
+                    entry = out.setdefault(tensor, {})
+                    for label, value in (("mean", rows.mean()), ("min", rows.min()), ("max", rows.max())):
+                        entry[f"weight[{model}] {label}"] = float(value)
+            return out
         for dim, value in zip(self.dimensions, self.values(x), strict=True):
             label = dim.key if dim.model is None else f"{dim.key}[{dim.model}]"
             out.setdefault(dim.group, {})[label] = value

@@ -37,7 +37,7 @@ DEFAULT_TASKS = "arithmetic,lists,logic,tracing"
     "--granularity",
     default="attn_mlp",
     show_default=True,
-    help="Layer groups: layer, attn_mlp, module or blocks:K.",
+    help="Layer groups: layer, attn_mlp, module, blocks:K, or row (a weight per output row; gradient only).",
 )
 @click.option(
     "--params",

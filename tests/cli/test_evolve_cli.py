@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
 from node.cli import cli
 from tests.search.tiny_models import build_tiny_models, write_config
@@ -118,4 +120,28 @@ def test_a_gradient_search_writes_a_recipe_umm_merge_reproduces(tmp_path):
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()]
     assert [r["number"] for r in records if r["type"] == "eval"] == [0, 1, 2, 3]
+    assert_umm_merge_reproduces(out, tmp_path / "remerged")
+
+
+def test_a_row_search_writes_its_row_weights_beside_the_recipe(tmp_path):
+    models = build_tiny_models(tmp_path / "models")
+    runner = CliRunner()
+    config = write_config(tmp_path / "ta.yaml", models, method="task_arithmetic")
+    cma = runner.invoke(
+        cli, ["evolve", str(config), "--granularity", "row", "--out", str(tmp_path / "x"), *FAST]
+    )
+    assert cma.exit_code == 2
+    assert cma.output.startswith("Error: the row granularity needs the gradient optimizer")
+    out = tmp_path / "run"
+    args = ["--optimizer", "gradient", "--budget", "3", "--granularity", "row", "--out", str(out), *FAST]
+    result = runner.invoke(cli, ["evolve", str(config), *args])
+    assert result.exit_code == 0, result.output
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["row_weights"] == str((out / "recipe.rows.safetensors").resolve())
+    rows = load_file(out / "recipe.rows.safetensors")
+    # every changed matrix of the two experts: 2 layers x 7 projections, one weight per output row
+    assert len(rows) == 2 * 2 * 7
+    assert rows["models.0.model.layers.0.mlp.down_proj.weight"].shape == (16,)
+    assert rows["models.1.model.layers.1.mlp.up_proj.weight"].shape == (32,)
+    assert len({tuple(v.tolist()) for v in rows.values()}) > 1  # the steps moved rows apart
     assert_umm_merge_reproduces(out, tmp_path / "remerged")

@@ -120,6 +120,7 @@ def test_a_genesis_with_search_round_trips_and_its_settings_are_checked(settings
         ({"metric": "accuracy"}, "teacher-forced"),
         ({"tasks": ["no-such-task"]}, "no-such-task"),
         ({"granularity": "rows"}, "granularity"),
+        ({"granularity": "row"}, "local searches only"),  # proposals carry no row-weights file
         ({"keys": ["temperature"]}, "keys"),
         ({"wait_seconds": 5}, "wait_seconds"),
         ({"limit": 4}, "dev_fingerprint"),  # another dev set than the fingerprint names

@@ -17,14 +17,23 @@ from merging.search.space import SearchSpaceError
 from tests.search.tiny_models import write_config
 
 
-def prepare(tiny_models, tmp_path, *, aggregate="mean", keys=("weight",), normalize=False, name="cfg"):
+def prepare(
+    tiny_models,
+    tmp_path,
+    *,
+    aggregate="mean",
+    keys=("weight",),
+    normalize=False,
+    name="cfg",
+    granularity="attn_mlp",
+):
     extra = {"parameters": {"normalize": True}} if normalize else {}
     config = write_config(tmp_path / f"{name}.yaml", tiny_models, method="task_arithmetic", **extra)
     settings = EvolveSettings(
         tasks=("arithmetic", "lists"),
         limit=3,
         objective=Objective("loglik", aggregate),
-        granularity="attn_mlp",
+        granularity=granularity,
         keys=keys,
         optimizer="gradient",
         gradient=GradientSettings(lr=0.05, patience=0),
@@ -174,3 +183,34 @@ def test_a_bfloat16_model_is_merged_into_its_own_dtype(tiny_models, tmp_path):
     value.backward()
     assert float(value.detach()) == pytest.approx(search.evaluator(search.space.apply(x)).value, abs=1e-3)
     assert torch.isfinite(point.grad).all() and point.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_the_differentiable_row_merge_is_the_engines(tiny_models, tmp_path, normalize):
+    search = prepare(tiny_models, tmp_path, granularity="row", normalize=normalize)
+    # 2 experts x (2 layers x (3 x 16 attention rows + 16 o_proj rows + 2 x 32 + 16 MLP rows))
+    assert search.space.size == 2 * 2 * (4 * 16 + 2 * 32 + 16)
+    merge = LinearMerge(search.space, search.evaluator)
+    for seed in range(2):
+        x = random_candidate(search.space.size, seed)
+        rows = search.space.row_weights(x)
+        engine = search.evaluator.merge(search.space.apply(x), rows)
+        ours = merge.tensors(torch.tensor(x, dtype=torch.float64))
+        assert set(ours) == set(engine)
+        for name, tensor in engine.items():
+            torch.testing.assert_close(ours[name], tensor, rtol=1e-6, atol=1e-6)
+        name = "model.layers.0.self_attn.q_proj.weight"
+        experts = search.space.experts
+        base = search.evaluator.state_dicts[search.config.base_model][name]
+        deltas = [search.evaluator.state_dicts[m][name] - base for m in experts]
+        weights = [rows[m][name][:, None] for m in experts]
+        mixed = weights[0] * deltas[0] + weights[1] * deltas[1]
+        expected = base + (mixed / (weights[0] + weights[1]) if normalize else mixed)
+        torch.testing.assert_close(engine[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_row_space_searches_task_arithmetic_weights_only(tiny_models, tmp_path):
+    with pytest.raises(
+        SearchSpaceError, match="the row granularity searches the weight of task_arithmetic only"
+    ):
+        prepare(tiny_models, tmp_path, granularity="row", keys=("weight", "lambda"))
