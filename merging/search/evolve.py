@@ -1,6 +1,7 @@
 """`evolve`: the whole local search, from a merge config to a searched recipe, model and report.
 
-Files written under `out_dir`: `journal.jsonl` (every candidate, appended as it is scored),
+Files written under `out_dir`: `journal.jsonl` (every candidate, appended as it is scored;
+a gradient search keeps its optimizer's state in `gradient_state.json`),
 `recipe.yaml` (the best candidate as a mergekit-style config; with the `row` granularity it names
 `recipe.rows.safetensors`, its row weights), `model/` (that recipe merged by
 the same engine `umm merge` runs), `report.json` / `report.md` (test split) and `fitness.png`.

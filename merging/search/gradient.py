@@ -8,27 +8,37 @@ candidate's coordinates, and one backward pass gives its slope in every dimensio
 
 Each step merges the current candidate in memory, scores it on the dev batches (the forward pass
 the gradient needs), and moves it by projected Adam inside the unit cube. The journal gets one
-record per step, fsynced: the candidate, its fitness, and the optimizer's state after the move;
-resuming restores that state exactly (floats are written with `repr`), so a resumed search
-continues to the result of an uninterrupted one (same thread count). The search stops at the
+record per step, fsynced: the candidate and its fitness. The optimizer's state after the move
+(Adam's moments: three candidates' worth of floats) is needed only to go on from the last step, so
+it is not journaled but kept in `gradient_state.json`, replaced atomically before the step's
+record is appended, together with that record: a kill between the two leaves the state one step
+ahead, and resuming journals the record the state holds. Resuming restores the state exactly
+(floats are written with `repr`), so a resumed search continues to the result of an uninterrupted
+one (same thread count). The search stops at the
 budget, or when the best fitness has not risen by `tolerance` for `patience` steps.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from merging.atomic import write_text_atomic
 from merging.errors import UmmError
 from merging.search.driver import Evaluation, Progress, SearchResult
 from merging.search.fitness import Fitness, MergeEvaluator, normalized_gains
 from merging.search.journal import Journal, JournalError
 from merging.search.scores import SUM_NAMES, TaskBatch, batch_logits, proxy_metrics, proxy_sums
 from merging.search.space import SearchSpace, SearchSpaceError, check_gradient_search
+
+STATE_NAME = "gradient_state.json"
 
 
 class GradientError(UmmError):
@@ -165,15 +175,15 @@ def run_gradient(
     x = torch.tensor(list(start), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([x], lr=settings.lr)
     result = SearchResult()
-    records = list(journal.evaluations())
-    for number, record in enumerate(records):
-        if record.get("number") != number or "next" not in record:
+    state_path, header = journal.path.parent / STATE_NAME, _header_digest(journal)
+    for number, record in enumerate(_journaled_steps(journal, state_path)):
+        if record.get("number") != number or "gradient_norm" not in record:
             raise JournalError("the search journal was not written by a gradient search")
         result.evaluations.append(
             Evaluation(number, number, 0, record["x"], record["fitness"], record["scores"], record["gains"])
         )
-    if records:
-        _restore(x, optimizer, records[-1]["next"])
+    if result.evaluations:
+        _restore(x, optimizer, _last_state(journal, state_path, len(result.evaluations) - 1))
     while len(result.evaluations) < budget and not _stalled(result, settings):
         step = len(result.evaluations)
         candidate = _floats(x)
@@ -187,20 +197,20 @@ def run_gradient(
         with torch.no_grad():
             x.clamp_(0.0, 1.0)
         fit = Fitness(float(value.detach()), _detached(scores), _detached(gains))
-        journal.append(
-            {
-                "type": "eval",
-                "number": step,
-                "generation": step,
-                "member": 0,
-                "x": candidate,
-                "fitness": fit.value,
-                "scores": fit.scores,
-                "gains": fit.gains,
-                "gradient_norm": gradient_norm,
-                "next": _state(x, optimizer),
-            }
-        )
+        record = {
+            "type": "eval",
+            "number": step,
+            "generation": step,
+            "member": 0,
+            "x": candidate,
+            "fitness": fit.value,
+            "scores": fit.scores,
+            "gains": fit.gains,
+            "gradient_norm": gradient_norm,
+        }
+        state = {"journal": header, "number": step, "record": record, "next": _state(x, optimizer)}
+        write_text_atomic(state_path, json.dumps(state, separators=(",", ":")))
+        journal.append(record)
         result.evaluations.append(Evaluation(step, step, 0, candidate, fit.value, fit.scores, fit.gains))
         result.sigma = gradient_norm
         if progress:
@@ -208,6 +218,48 @@ def run_gradient(
     if _stalled(result, settings) and len(result.evaluations) < budget:
         result.stop = f"no rise of {settings.tolerance:g} in {settings.patience} steps"
     return result
+
+
+def _journaled_steps(journal: Journal, state_path: Path) -> list[dict[str, Any]]:
+    """The journal's step records, after journaling the one a kill kept out of it (the state file
+    is written first, so it may be one step ahead of the journal, never more)."""
+    records = list(journal.evaluations())
+    saved = _read_state(state_path, journal)
+    if saved is not None and saved["number"] == len(records):
+        journal.append(saved["record"])
+        records.append(saved["record"])
+    return records
+
+
+def _last_state(journal: Journal, state_path: Path, number: int) -> dict[str, Any]:
+    """Adam's state after step `number`, the journal's last (older journals hold it in the record)."""
+    last = journal.records[-1]
+    if "next" in last:
+        return last["next"]
+    saved = _read_state(state_path, journal)
+    if saved is None or saved["number"] != number:
+        raise JournalError(
+            f"{str(state_path)!r} does not hold the optimizer's state after step {number}, the journal's last"
+        )
+    return saved["next"]
+
+
+def _header_digest(journal: Journal) -> str:
+    """Ties a state file to its journal: a state left by another search is not this one's."""
+    header = journal.records[0] if journal.records else {}
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
+def _read_state(path: Path, journal: Journal) -> dict[str, Any] | None:
+    """The state file's content, or None where there is none or it belongs to another journal."""
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        int(saved["number"]), saved["record"], saved["next"], saved["journal"]
+    except (ValueError, KeyError, TypeError):
+        raise JournalError(f"the gradient search's state file {str(path)!r} cannot be read") from None
+    return saved if saved["journal"] == _header_digest(journal) else None
 
 
 def _detached(values: dict[str, torch.Tensor]) -> dict[str, float]:

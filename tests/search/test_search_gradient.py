@@ -11,7 +11,7 @@ import torch
 
 from merging.search.evolve import EvolveSettings, Search
 from merging.search.fitness import Objective
-from merging.search.gradient import GradientFitness, GradientSettings, LinearMerge, run_gradient
+from merging.search.gradient import STATE_NAME, GradientFitness, GradientSettings, LinearMerge, run_gradient
 from merging.search.journal import JOURNAL_NAME, Journal, JournalError
 from merging.search.space import SearchSpaceError
 from tests.search.tiny_models import write_config
@@ -91,7 +91,37 @@ def test_the_search_is_deterministic_and_climbs(tiny_models, tmp_path):
     assert first.best.fitness > first.evaluations[0].fitness
     records = [json.loads(line) for line in (tmp_path / "a" / JOURNAL_NAME).read_text().splitlines()]
     assert records[0]["settings"]["optimizer"] == "gradient"
-    assert [r["x"] for r in records[2:]] == [r["next"]["x"] for r in records[1:-1]]
+    assert all("next" not in r for r in records)  # Adam's moments live in the state file only
+    state = json.loads((tmp_path / "a" / STATE_NAME).read_text())
+    assert state["number"] == 5 and state["record"] == records[-1]
+    assert state["next"]["x"] != records[-1]["x"]  # the state after the last step's move
+
+
+def test_a_kill_between_the_state_file_and_the_journal_loses_no_step(tiny_models, tmp_path):
+    search = prepare(tiny_models, tmp_path)
+    whole = search.run(tmp_path / "whole", 6)
+    search.run(tmp_path / "run", 3)
+    path = tmp_path / "run" / JOURNAL_NAME
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(b"\n".join(lines[:-2]) + b"\n")  # step 2 reached the state file, not the journal
+    assert json.loads(lines[-3])["number"] == 1
+    resumed = search.run(tmp_path / "run", 6, resume=True)
+    assert trace(resumed) == trace(whole)
+
+
+def test_a_state_file_behind_the_journal_is_refused_and_another_searchs_is_ignored(tiny_models, tmp_path):
+    search = prepare(tiny_models, tmp_path)
+    search.run(tmp_path / "run", 2)
+    state_path = tmp_path / "run" / STATE_NAME
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "number": 0}))
+    with pytest.raises(JournalError, match="does not hold the optimizer's state after step 1"):
+        search.run(tmp_path / "run", 4, resume=True)
+    stale = {**state, "journal": "another search"}  # left by a search whose journal was deleted
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / STATE_NAME).write_text(json.dumps({**stale, "number": 0}))
+    fresh = search.run(tmp_path / "fresh", 2)
+    assert trace(fresh) == trace(search.run(tmp_path / "again", 2))
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tiny_models, tmp_path):
