@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -63,12 +63,25 @@ class GradientSettings:
         return {"lr": self.lr, "patience": self.patience, "tolerance": self.tolerance}
 
 
+class _Term(NamedTuple):
+    """One searched tensor of a `LinearMerge`: where its weights come from, and its inputs."""
+
+    name: str
+    base: torch.Tensor
+    deltas: torch.Tensor  # [experts, *shape]
+    weights: list[int | float | slice]  # per expert: a coordinate, the config's value, or a row range
+    weight_shape: tuple[int, ...]  # [experts] (one weight each), or [experts, rows, 1, ...] (`row`)
+    scale: int | float  # lambda: a coordinate or the config's value
+    normalize: bool
+    dtype: torch.dtype
+
+
 class LinearMerge:
     """The searched tensors of a task-arithmetic merge as a differentiable function of a candidate.
 
-    Same formula as the engine's `task_arithmetic` (`merging.operators`): base + lambda * sum_j
-    w_j (expert_j - base), divided by sum_j w_j where `normalize` is set; values the space does not
-    search keep the config's."""
+    Same formula as the engine's `task_arithmetic` (`merging.operators`; with row weights
+    `row_weighted_task_arithmetic`): base + lambda * sum_j w_j (expert_j - base), divided by sum_j
+    w_j where `normalize` is set; values the space does not search keep the config's."""
 
     def __init__(self, space: SearchSpace, evaluator: MergeEvaluator) -> None:
         base_state = evaluator.state_dicts[evaluator.config.base_model]
@@ -78,23 +91,27 @@ class LinearMerge:
             index.setdefault((d.group, d.key, d.model), i)
         self.lows = torch.tensor([d.low for d in space.dimensions], dtype=torch.float64)
         self.spans = torch.tensor([d.high - d.low for d in space.dimensions], dtype=torch.float64)
-        self.rowwise = space.rowwise
-        self.terms: list[tuple[str, torch.Tensor, torch.Tensor, list, Any, bool, torch.dtype]] = []
+        self.terms: list[_Term] = []
         for group, tensors in space.groups.items():
             for name in tensors:
                 params = space.template[name]
                 base = base_state[name].float()
                 deltas = torch.stack([evaluator.state_dicts[m][name].float() - base for m in space.experts])
-                rows = base.shape[0] if base.dim() > 1 else 1
+                count = len(space.experts)
+                shape: tuple[int, ...] = (count,)
+                if space.rowwise:  # [experts, rows, 1, ...]; a 1-D tensor is one row (`matrix_shape`)
+                    ones = [1] * (base.dim() - 1)
+                    shape = (count, base.shape[0], *ones) if base.dim() > 1 else (count, *[1] * base.dim())
                 weights: list[int | float | slice] = []
                 for m in space.experts:
                     entry = index.get((group, "weight", m), float(params.models[m]["weight"]))
-                    weights.append(
-                        slice(entry, entry + rows) if self.rowwise and isinstance(entry, int) else entry
-                    )
+                    rowwise = space.rowwise and isinstance(entry, int)
+                    weights.append(slice(entry, entry + space.rows[group]) if rowwise else entry)
                 scale = index.get((group, "lambda", None), float(params.globals["lambda"]))
                 normalize = bool(params.globals["normalize"])
-                self.terms.append((name, base, deltas, weights, scale, normalize, live[name].dtype))
+                self.terms.append(
+                    _Term(name, base, deltas, weights, shape, scale, normalize, live[name].dtype)
+                )
 
     def tensors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The searched tensors merged at candidate `x` (coordinates in [0, 1], float64), in the
@@ -107,19 +124,17 @@ class LinearMerge:
             return values[entry]
 
         out = {}
-        for name, base, deltas, weights, scale, normalize, dtype in self.terms:
-            if self.rowwise:  # one weight per output row: [experts, rows, 1, ...] against the deltas
-                w = torch.stack(
-                    [pick(e).reshape(-1).expand(base.shape[0] if base.dim() > 1 else 1) for e in weights]
-                )
-                w = w.reshape(*w.shape[: 1 + (base.dim() > 0)], *([1] * max(0, base.dim() - 1)))
-                mixed, total = (w * deltas).sum(0), w.sum(0)
+        for term in self.terms:
+            w = torch.stack([pick(e).reshape(-1) for e in term.weights]).reshape(term.weight_shape)
+            if len(term.weight_shape) > 1:  # one weight per output row (a `row` space)
+                mixed, total = (w * term.deltas).sum(0), w.sum(0)
             else:
-                w = torch.stack([pick(entry) for entry in weights])
-                mixed, total = torch.tensordot(w, deltas, dims=1), w.sum()
-            if normalize:
+                mixed, total = torch.tensordot(w, term.deltas, dims=1), w.sum()
+            if term.normalize:
                 mixed = mixed / torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
-            out[name] = (base + pick(scale) * mixed).to(dtype)  # what loading the engine's merge does
+            out[term.name] = (term.base + pick(term.scale) * mixed).to(
+                term.dtype
+            )  # as the engine's merge loads
         return out
 
 

@@ -190,6 +190,7 @@ class SearchSpace:
                         raise SearchSpaceError(f"the row granularity needs the row count of {group!r}")
                     self.dimensions.extend(Dimension(group, key, model, low, high, r) for r in range(count))
         self.rowwise = kind == "row"
+        self.rows = dict(rows or {})
         self.template = template
 
     @property
@@ -231,10 +232,13 @@ class SearchSpace:
 
         if not self.rowwise:
             return None
-        out: dict[str, dict[str, list[float]]] = {}
+        out: dict[str, dict[str, torch.Tensor]] = {}
         for dim, value in zip(self.dimensions, self.values(x), strict=True):
-            out.setdefault(dim.model, {}).setdefault(dim.group, []).append(value)
-        return {m: {t: torch.tensor(v, dtype=torch.float32) for t, v in ts.items()} for m, ts in out.items()}
+            rows = out.setdefault(dim.model, {})
+            if dim.group not in rows:
+                rows[dim.group] = torch.zeros(self.rows[dim.group], dtype=torch.float32)
+            rows[dim.group][dim.row] = value
+        return out
 
     def describe(self, x: Sequence[float]) -> dict[str, dict[str, float]]:
         """`{group: {"weight[expert]": value, ...}}` for reports (a `row` space: each expert's
