@@ -111,11 +111,15 @@ def evolve_command(config: Path, out_dir: Path, **options: Any) -> None:
     resumable (--resume continues to the same result). At the end --out holds recipe.yaml (which
     `umm merge` turns into the same model), model/, report.md/json (test split) and fitness.png.
 
+    With --granularity row (gradient only) the recipe names recipe.rows.safetensors, a weight per
+    output row of every tensor and expert.
+
     \b
     Example:
       umm evolve ties.yaml --budget 150 --out runs/ties
-      umm evolve ta.yaml --optimizer gradient --metric loglik --aggregate mean \
-          --granularity module --budget 100 --out runs/ta
+      umm evolve ta.yaml --optimizer gradient --metric loglik --aggregate mean --out runs/ta
+      umm evolve ta.yaml --optimizer gradient --metric loglik --aggregate mean \\
+          --granularity row --budget 150 --limit 200 --out runs/row
     """
     quiet_third_parties(options["verbose"])
     import torch
