@@ -506,6 +506,9 @@ def test_network_create_with_search_writes_the_settings_into_the_genesis(base_di
     assert bad.exit_code == 2
     assert bad.output.startswith("Error: expected a teacher-forced metric among loglik, seqprob, tf_exact")
     assert len(bad.output.splitlines()) == 1
+    rows = CliRunner().invoke(cli, [*args, "--search-granularity", "row"])
+    assert rows.exit_code == 2 and "the row granularity is for local searches only" in rows.output
+    assert len(rows.output.splitlines()) == 1
     ties = CliRunner().invoke(cli, [*args, "--search-optimizer", "gradient"])  # the default method
     assert ties.exit_code == 2 and "linear in its weights" in ties.output
     assert len(ties.output.splitlines()) == 1
