@@ -175,11 +175,10 @@ def row_weighted_task_arithmetic(stack: TensorStack, params: TensorParameters) -
     glob = params.globals
     for start, end, block in stack.blocks():
         weights = [_row_weight(stack, params, i, start, end) for i in others]
-        mixed = accumulate(
-            [torch.sub(block[i], block[base]).mul_(w) for i, w in zip(others, weights, strict=True)]
-        )
+        deltas = [torch.sub(block[i], block[base]).mul_(w) for i, w in zip(others, weights, strict=True)]
+        mixed = accumulate(deltas, copy=False)  # fresh tensors: the first one takes the sum
         if glob["normalize"]:
-            total = accumulate([w.expand(end - start, 1).clone() for w in weights], copy=False)
+            total = accumulate(weights)  # a copy: the first column may be a view of the row weights
             mixed = mixed.div_(torch.where(total.abs() < 1e-8, torch.ones_like(total), total))
         if glob["lambda"] != 1.0:
             mixed = mixed.mul_(glob["lambda"])

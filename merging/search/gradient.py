@@ -191,14 +191,15 @@ def run_gradient(
     optimizer = torch.optim.Adam([x], lr=settings.lr)
     result = SearchResult()
     state_path, header = journal.path.parent / STATE_NAME, _header_digest(journal)
-    for number, record in enumerate(_journaled_steps(journal, state_path)):
+    saved = _read_state(state_path, journal)
+    for number, record in enumerate(_journaled_steps(journal, saved)):
         if record.get("number") != number or "gradient_norm" not in record:
             raise JournalError("the search journal was not written by a gradient search")
         result.evaluations.append(
             Evaluation(number, number, 0, record["x"], record["fitness"], record["scores"], record["gains"])
         )
     if result.evaluations:
-        _restore(x, optimizer, _last_state(journal, state_path, len(result.evaluations) - 1))
+        _restore(x, optimizer, _last_state(journal, saved, state_path, len(result.evaluations) - 1))
     while len(result.evaluations) < budget and not _stalled(result, settings):
         step = len(result.evaluations)
         candidate = _floats(x)
@@ -235,23 +236,24 @@ def run_gradient(
     return result
 
 
-def _journaled_steps(journal: Journal, state_path: Path) -> list[dict[str, Any]]:
+def _journaled_steps(journal: Journal, saved: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The journal's step records, after journaling the one a kill kept out of it (the state file
-    is written first, so it may be one step ahead of the journal, never more)."""
+    `saved` is written first, so it may be one step ahead of the journal, never more)."""
     records = list(journal.evaluations())
-    saved = _read_state(state_path, journal)
     if saved is not None and saved["number"] == len(records):
         journal.append(saved["record"])
         records.append(saved["record"])
     return records
 
 
-def _last_state(journal: Journal, state_path: Path, number: int) -> dict[str, Any]:
-    """Adam's state after step `number`, the journal's last (older journals hold it in the record)."""
+def _last_state(
+    journal: Journal, saved: dict[str, Any] | None, state_path: Path, number: int
+) -> dict[str, Any]:
+    """Adam's state after step `number`, the journal's last: from the state file `saved` (older
+    journals hold it in the record)."""
     last = journal.records[-1]
     if "next" in last:
         return last["next"]
-    saved = _read_state(state_path, journal)
     if saved is None or saved["number"] != number:
         raise JournalError(
             f"{str(state_path)!r} does not hold the optimizer's state after step {number}, the journal's last"
